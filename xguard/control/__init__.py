@@ -1,0 +1,1 @@
+"""The privileged AMP control channel and its command-line client."""

@@ -1,0 +1,1 @@
+"""Per-VM domain sockets: varstored's XML-RPC and swtpm's REST, one VM each."""

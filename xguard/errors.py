@@ -1,0 +1,63 @@
+"""Exceptions that cross module boundaries. Upstream errors fall in two
+classes, because the cache retries one and quarantines the other."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = [
+    "UpstreamError",
+    "TransientUpstreamError",
+    "PermanentUpstreamError",
+    "PathInUse",
+    "InvalidUUID",
+    "InvalidPath",
+    "BadRequest",
+    "NoVtpm",
+]
+
+
+class UpstreamError(Exception):
+    """The upstream store did not do what was asked. ``codes`` is xapi's
+    ErrorDescription list (first item the error code)."""
+
+    def __init__(self, codes: Sequence[str], message: str = "") -> None:
+        self.codes = [str(c) for c in codes]
+        super().__init__(message or " ".join(self.codes))
+
+
+class TransientUpstreamError(UpstreamError):
+    """Upstream unreachable or not ready (connection refused/reset, timeout,
+    HTTP 5xx, HOST_STILL_BOOTING …): retrying later may succeed."""
+
+
+class PermanentUpstreamError(UpstreamError):
+    """Upstream answered with an API error (UUID_INVALID, HANDLE_INVALID …):
+    retrying the same call will fail the same way."""
+
+
+class NoVtpm(PermanentUpstreamError):
+    """The VM has no vTPM."""
+
+    def __init__(self, vm_uuid: str) -> None:
+        super().__init__(["VM_HAS_NO_VTPM", vm_uuid])
+
+
+class PathInUse(Exception):
+    """A domain socket path is already served (by us or a live listener)."""
+
+
+class InvalidUUID(ValueError):
+    """Not a canonical UUID."""
+
+
+class InvalidPath(ValueError):
+    """A socket path that is not absolute (or otherwise unusable)."""
+
+
+class BadRequest(Exception):
+    """A domain client's request is malformed; ``code`` is the HTTP status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        self.code = code
+        super().__init__(message)

@@ -1,0 +1,112 @@
+"""The seams between xguard's components, in one module (zope and mypy get
+along best that way). Every method returning a Deferred says so."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+__all__ = ["IUpstream", "IItemSink", "IItemWriter", "ISocketRegistry", "IStatusSource"]
+
+
+class IUpstream(Interface):
+    """The store VM state lives in: xapi, or the embedded SQLite store.
+
+    Every call is about one VM or vTPM named by uuid; callers are trusted
+    (the domain sockets already pinned the VM). Failures are
+    :class:`xguard.errors.TransientUpstreamError` or
+    :class:`xguard.errors.PermanentUpstreamError`.
+    """
+
+    description = Attribute("Human readable target, e.g. 'xapi unix:/var/lib/xcp/xapi'")
+
+    def ensure_vm(vm_uuid):  # type: ignore[no-untyped-def]
+        """Deferred[None]: make sure the VM's record exists (the local store
+        creates it; xapi needs nothing)."""
+
+    def vtpm_for_vm(vm_uuid):  # type: ignore[no-untyped-def]
+        """Deferred[str]: the uuid of the VM's (first) vTPM; NoVtpm if none.
+        The local store creates one on first use."""
+
+    def get_vtpm_contents(vtpm_uuid):  # type: ignore[no-untyped-def]
+        """Deferred[str]: the vTPM's whole contents string."""
+
+    def set_vtpm_contents(vtpm_uuid, contents):  # type: ignore[no-untyped-def]
+        """Deferred[None]: replace the vTPM's whole contents string."""
+
+    def get_nvram(vm_uuid):  # type: ignore[no-untyped-def]
+        """Deferred[dict[str, str]]: the VM's NVRAM map ({} on first boot)."""
+
+    def set_nvram_efi_variables(vm_uuid, value, update):  # type: ignore[no-untyped-def]
+        """Deferred[None]: set NVRAM's EFI-variables. ``update`` is 'yes',
+        'no' or 'unspecified' (then xapi's 3-argument call is used)."""
+
+    def get_secureboot_certificates_state(vm_uuid):  # type: ignore[no-untyped-def]
+        """Deferred[str]: 'ok', 'update_available' or 'update_on_boot'."""
+
+    def create_message(vm_uuid, name, priority, body):  # type: ignore[no-untyped-def]
+        """Deferred[str]: create a message of class VM about the VM; its ref."""
+
+    def forget(vm_uuid):  # type: ignore[no-untyped-def]
+        """Drop cached handles of a VM (its sockets were destroyed)."""
+
+    def status():  # type: ignore[no-untyped-def]
+        """dict: JSON-able reachability summary (kind, target, last error)."""
+
+    def close():  # type: ignore[no-untyped-def]
+        """Deferred[None]: release connections/threads; no call after it."""
+
+
+class IItemSink(Interface):
+    """How one service's items reach upstream: the seam the write-back cache
+    delivers through. An item is (vm_uuid, key); its content is bytes exactly
+    as the cache stores it."""
+
+    service = Attribute("xguard.model.Service this sink delivers for")
+
+    def deliver(vm_uuid, items):  # type: ignore[no-untyped-def]
+        """Deferred[None]: write ``items`` (Mapping[int, bytes]) of one VM
+        upstream in one serialized read-modify-write."""
+
+
+class IItemWriter(Interface):
+    """What domain sockets write through: straight upstream (no cache) or
+    the durable write-back cache."""
+
+    service = Attribute("xguard.model.Service")
+
+    def write(vm_uuid, key, content):  # type: ignore[no-untyped-def]
+        """Deferred[None]: fires once the write is durable (upstream or disk);
+        fails with PermanentUpstreamError, or TransientUpstreamError only
+        when no cache is in use."""
+
+    def pending(vm_uuid, key):  # type: ignore[no-untyped-def]
+        """Deferred[bytes | None]: the latest acknowledged version not yet
+        delivered upstream, or None."""
+
+
+class ISocketRegistry(Interface):
+    """The per-VM domain sockets and the active-sockets file."""
+
+    def create(service, vm_uuid, gid, path):  # type: ignore[no-untyped-def]
+        """Deferred[None]: listen on ``path`` (0660 root:gid) and record it.
+        PathInUse, InvalidUUID, InvalidPath on bad input."""
+
+    def destroy(service, gid, path):  # type: ignore[no-untyped-def]
+        """Deferred[None]: stop serving ``path`` and unlink it; unknown
+        paths succeed with a warning."""
+
+    def entries():  # type: ignore[no-untyped-def]
+        """list[dict]: {path, vm_uuid, gid, service} for every socket."""
+
+    def resume():  # type: ignore[no-untyped-def]
+        """Deferred[None]: listen again on every socket of the active file."""
+
+    def stop_accepting():  # type: ignore[no-untyped-def]
+        """Deferred[None]: stop listening on every socket (files stay)."""
+
+
+class IStatusSource(Interface):
+    """Something that contributes to the control channel's Status."""
+
+    def status():  # type: ignore[no-untyped-def]
+        """dict: a JSON-able document."""

@@ -1,0 +1,134 @@
+# -*- test-case-name: tests.unit.test_model -*-
+"""Pure domain types shared by every layer: services, vTPM keys, the vTPM
+contents string, NVRAM writes. Nothing here does I/O."""
+
+from __future__ import annotations
+
+import enum
+import json
+import uuid as _uuid
+from typing import Mapping
+
+import attrs
+
+__all__ = [
+    "Service",
+    "TpmKey",
+    "TpmState",
+    "NvramWrite",
+    "NVRAM_EFI_VARIABLES",
+    "is_valid_uuid",
+    "normalise_update",
+]
+
+
+class Service(enum.Enum):
+    """The two kinds of domain socket; values are the upstream daemon's names
+    (used in the cache layout and the active-sockets file)."""
+
+    SWTPM = "Swtpm"
+    VARSTORED = "Varstored"
+
+
+class TpmKey(enum.IntEnum):
+    """The three pieces of swtpm state. Values are the cache-layout keys."""
+
+    PERMALL = 0
+    SAVESTATE = 1
+    VOLATILESTATE = 2
+
+    @property
+    def path(self) -> str:
+        """The swtpm HTTP backend's resource path for this key."""
+        return "/tpm2-00." + self.name.lower()
+
+    @classmethod
+    def from_path(cls, path: str) -> "TpmKey | None":
+        """The key served at ``path``, or None when the path is not one."""
+        for key in cls:
+            if key.path == path:
+                return key
+        return None
+
+
+@attrs.frozen
+class TpmState:
+    """xapi keeps a vTPM's three keys in one string, joined by single
+    spaces; a value without a space is a bare permall (older format)."""
+
+    permall: str = ""
+    savestate: str = ""
+    volatilestate: str = ""
+
+    @classmethod
+    def deserialize(cls, contents: str) -> "TpmState":
+        """Parse xapi's contents string. Extra fields (never written by us)
+        are refused rather than silently dropped."""
+        if contents == "":
+            return cls()
+        parts = contents.split(" ")
+        if len(parts) == 1:
+            return cls(permall=parts[0])
+        if len(parts) != 3:
+            raise ValueError(f"vTPM contents has {len(parts)} fields, expected 1 or 3")
+        return cls(*parts)
+
+    def serialize(self) -> str:
+        """The contents string xapi stores."""
+        if self.savestate == "" and self.volatilestate == "":
+            return self.permall
+        return " ".join((self.permall, self.savestate, self.volatilestate))
+
+    def get(self, key: TpmKey) -> str:
+        return (self.permall, self.savestate, self.volatilestate)[key]
+
+    def update(self, changes: Mapping[TpmKey, str]) -> "TpmState":
+        """A copy with ``changes`` applied. A value holding the separator
+        would corrupt the other keys, so it is refused."""
+        values = [self.permall, self.savestate, self.volatilestate]
+        for key, value in changes.items():
+            if " " in value:
+                raise ValueError("a vTPM key's value cannot contain a space")
+            values[TpmKey(key)] = value
+        return TpmState(*values)
+
+
+NVRAM_EFI_VARIABLES = "EFI-variables"
+
+_UPDATE_VALUES = ("yes", "no")
+
+
+def normalise_update(update: str | None) -> str:
+    """``set_NVRAM_EFI_variables_v2``'s ``update`` flag: ``yes``/``no``;
+    anything else (or absent) is ``unspecified``."""
+    return update if update in _UPDATE_VALUES else "unspecified"
+
+
+@attrs.frozen
+class NvramWrite:
+    """One write of a VM's ``EFI-variables`` plus xapi's ``update`` flag,
+    which must travel with it through the disk cache."""
+
+    value: str
+    update: str = "unspecified"
+
+    def encode(self) -> bytes:
+        """The cache file's content (the flag is kept with the value)."""
+        return json.dumps({"value": self.value, "update": self.update}).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "NvramWrite":
+        doc = json.loads(data.decode())
+        if not isinstance(doc, dict) or not isinstance(doc.get("value"), str):
+            raise ValueError("not an NVRAM cache record")
+        return cls(value=doc["value"], update=normalise_update(doc.get("update")))
+
+
+def is_valid_uuid(text: str) -> bool:
+    """True for a canonical (hyphenated, 36 characters) UUID string."""
+    if not isinstance(text, str) or len(text) != 36:
+        return False
+    try:
+        return str(_uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False

@@ -1,0 +1,1 @@
+"""Upstream stores: xapi over JSON-RPC, or the embedded SQLite store."""
