@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import uuid as _uuid
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from zope.interface import implementer

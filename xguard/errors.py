@@ -3,7 +3,7 @@ classes, because the cache retries one and quarantines the other."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = [
     "UpstreamError",

@@ -14,7 +14,7 @@ reads see the latest pending version first.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from zope.interface import implementer

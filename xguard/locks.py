@@ -4,7 +4,8 @@ read-modify-write of it, whoever asks (domain socket, flusher, control)."""
 
 from __future__ import annotations
 
-from typing import Awaitable, Callable, Hashable, TypeVar
+from collections.abc import Awaitable, Callable, Hashable
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock, ensureDeferred
 

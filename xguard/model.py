@@ -7,7 +7,7 @@ from __future__ import annotations
 import enum
 import json
 import uuid as _uuid
-from typing import Mapping
+from collections.abc import Mapping
 
 import attrs
 
