@@ -1,0 +1,305 @@
+"""xguard-ctl against an in-process daemon side (xguard.control.ctl)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.protocols import amp
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.fakes import FakeUpstream
+from tests.unit.test_control import VM, MemoryRegistry
+from xguard.control.ctl import DEFAULT_CONTROL, format_sockets, format_status, run
+from xguard.control.server import control_factory
+from xguard.items import VtpmSink
+from xguard.locks import KeyedLocks
+from xguard.model import Service
+
+MiB = 1024 * 1024
+
+
+class CtlTestCase(SynchronousTestCase):
+    """Runs xguard-ctl's core with a fake connector handing it one end of an
+    in-memory AMP connection to a real ControlLocator."""
+
+    def setUp(self) -> None:
+        self.registry = MemoryRegistry()
+        self.upstream = FakeUpstream()
+        self.vtpm = self.upstream.add_vm(VM)
+        self.status: dict[str, Any] = {
+            "upstream": {"kind": "xapi", "target": "xapi unix:/var/lib/xcp/xapi",
+                         "reachable": True},
+            "sockets": {"Swtpm": 2, "Varstored": 3},
+            "services": {
+                "Swtpm": {"mode": "Engaged", "queue_depth": 4, "pending": {VM: 2, "x": 1},
+                          "quarantined": ["a", "b"], "last_error": None,
+                          "outage_since": None},
+                "Varstored": {"mode": "Direct", "queue_depth": 0, "pending": {},
+                              "quarantined": [], "last_error": None, "outage_since": None},
+            },
+        }
+        self.factory = control_factory(self.registry, self.upstream,
+                                       VtpmSink(self.upstream, KeyedLocks()), lambda: self.status)
+        self.connected_to: list[str] = []
+        self.servers: list[amp.AMP] = []
+        self.pumps: list[iosim.IOPump] = []
+
+    def connect(self, reactor: Any, path: str) -> "Deferred[amp.AMP]":
+        """A new in-memory connection per run, as a real connect would be."""
+        self.connected_to.append(path)
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: self.factory.buildProtocol(None), amp.AMP)
+        self.servers.append(server)
+        self.pumps.append(pump)
+        return succeed(client)
+
+    def flush(self) -> None:
+        for pump in self.pumps:
+            pump.flush()
+
+    def ctl(self, *argv: str, stdin: str = "", environ: dict[str, str] | None = None
+            ) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        d = run(Clock(), argv, out, err, stdin=io.StringIO(stdin), environ=environ or {},
+                connect=self.connect)
+        self.flush()
+        return self.successResultOf(d), out.getvalue(), err.getvalue()
+
+
+class CommandTests(CtlTestCase):
+    def test_varstore_create_and_destroy(self) -> None:
+        self.assertEqual(self.ctl("varstore_create", "dbg", VM, "107", "/run/v.sock"),
+                         (0, "", ""))
+        self.assertTrue(self.pumps[-1].clientIO.disconnecting)  # ctl hung up
+        entry = self.registry.sockets["/run/v.sock"]
+        self.assertEqual((entry["vm_uuid"], entry["gid"], entry["service"]),
+                         (VM, 107, Service.VARSTORED))
+        self.assertEqual(self.ctl("varstore_destroy", "dbg", "107", "/run/v.sock"), (0, "", ""))
+        self.assertEqual(self.registry.sockets, {})
+
+    def test_vtpm_create_and_destroy(self) -> None:
+        self.assertEqual(self.ctl("vtpm_create", "dbg", VM, "108", "/run/t.sock")[0], 0)
+        self.assertIs(self.registry.sockets["/run/t.sock"]["service"], Service.SWTPM)
+        self.assertEqual(self.ctl("vtpm_destroy", "dbg", "108", "/run/t.sock")[0], 0)
+        self.assertEqual(self.registry.sockets, {})
+
+    def test_daemon_error_exits_1_naming_the_path(self) -> None:
+        self.ctl("vtpm_create", "dbg", VM, "1", "/run/t.sock")
+        code, out, err = self.ctl("varstore_create", "dbg", VM, "1", "/run/t.sock")
+        self.assertEqual((code, out), (1, ""))
+        self.assertIn("PATH_IN_USE", err)
+        self.assertIn("/run/t.sock", err)
+
+    def test_invalid_uuid_exits_1(self) -> None:
+        code, _, err = self.ctl("vtpm_create", "dbg", "nope", "1", "/run/t.sock")
+        self.assertEqual(code, 1)
+        self.assertIn("INVALID_UUID", err)
+        self.assertIn("nope", err)
+
+    def test_relative_path_exits_1(self) -> None:
+        code, _, err = self.ctl("vtpm_destroy", "dbg", "1", "t.sock")
+        self.assertEqual(code, 1)
+        self.assertIn("INVALID_PATH", err)
+
+    def test_set_and_get_contents(self) -> None:
+        self.assertEqual(self.ctl("vtpm_set_contents", "d", self.vtpm, "AA BB CC"), (0, "", ""))
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "AA BB CC")
+        self.assertEqual(self.ctl("vtpm_get_contents", "d", self.vtpm), (0, "AA BB CC\n", ""))
+
+    def test_contents_from_stdin_round_trip(self) -> None:
+        contents = "QUJD" * MiB + " eHl6 "
+        self.assertEqual(self.ctl("vtpm_set_contents", "d", self.vtpm, "-",
+                                  stdin=contents + "\n")[0], 0)
+        self.assertEqual(self.upstream.vtpms[self.vtpm], contents)
+        code, out, _ = self.ctl("vtpm_get_contents", "d", self.vtpm)
+        self.assertEqual((code, out), (0, contents + "\n"))
+
+    def test_upstream_error_exits_1(self) -> None:
+        code, _, err = self.ctl("vtpm_get_contents", "d", VM)
+        self.assertEqual(code, 1)
+        self.assertIn("UPSTREAM_ERROR", err)
+        self.assertIn("UUID_INVALID", err)
+
+    def test_list_table(self) -> None:
+        self.ctl("vtpm_create", "dbg", VM, "108", "/run/t.sock")
+        code, out, _ = self.ctl("list")
+        self.assertEqual(code, 0)
+        header, row = out.splitlines()
+        self.assertEqual(header.split(), ["SERVICE", "VM_UUID", "GID", "PATH"])
+        self.assertEqual(row.split(), ["Swtpm", VM, "108", "/run/t.sock"])
+
+    def test_list_json(self) -> None:
+        self.ctl("vtpm_create", "dbg", VM, "108", "/run/t.sock")
+        code, out, _ = self.ctl("list", "--json")
+        self.assertEqual(json.loads(out), [{"path": "/run/t.sock", "vm_uuid": VM, "gid": 108,
+                                            "service": "Swtpm"}])
+
+    def test_status_json_is_the_raw_document(self) -> None:
+        code, out, _ = self.ctl("status", "--json")
+        self.assertEqual((code, json.loads(out)), (0, self.status))
+
+    def test_status_table(self) -> None:
+        code, out, _ = self.ctl("status")
+        self.assertEqual(code, 0)
+        rows = {line.split()[0]: line.split() for line in out.splitlines()}
+        self.assertEqual(rows["SERVICE"], ["SERVICE", "MODE", "QUEUE", "PENDING",
+                                           "QUARANTINED", "UPSTREAM", "SOCKETS"])
+        self.assertEqual(rows["Swtpm"], ["Swtpm", "Engaged", "4", "3", "2", "reachable", "2"])
+        self.assertEqual(rows["Varstored"], ["Varstored", "Direct", "0", "0", "0", "reachable",
+                                             "3"])
+        self.assertIn("xapi unix:/var/lib/xcp/xapi", out)
+
+
+class ControlPathTests(CtlTestCase):
+    def test_default(self) -> None:
+        self.ctl("list")
+        self.assertEqual(self.connected_to, [DEFAULT_CONTROL])
+
+    def test_environment(self) -> None:
+        self.ctl("list", environ={"XGUARD_CONTROL": "/tmp/env.sock"})
+        self.assertEqual(self.connected_to, ["/tmp/env.sock"])
+
+    def test_option_wins(self) -> None:
+        self.ctl("--control", "/tmp/opt.sock", "list", environ={"XGUARD_CONTROL": "/x"})
+        self.ctl("--control", "unix:/tmp/u.sock", "list")
+        self.assertEqual(self.connected_to, ["/tmp/opt.sock", "/tmp/u.sock"])
+
+    def test_unreachable(self) -> None:
+        def refuse(reactor: Any, path: str) -> "Deferred[amp.AMP]":
+            return fail(ConnectionRefusedError("no one home"))
+        out, err = io.StringIO(), io.StringIO()
+        d = run(Clock(), ["--control", "/tmp/gone.sock", "status"], out, err, environ={},
+                connect=refuse)
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertIn("cannot reach xguard at /tmp/gone.sock", err.getvalue())
+        self.assertIn("no one home", err.getvalue())
+
+    def test_connection_lost_mid_command(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        d = run(Clock(), ["list"], out, err, environ={}, connect=self.connect)
+        self.servers[-1].transport.loseConnection()
+        self.flush()
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertIn("lost the connection", err.getvalue())
+
+
+class UsageTests(CtlTestCase):
+    def assertUsage(self, *argv: str) -> str:
+        code, out, err = self.ctl(*argv)
+        self.assertEqual((code, out), (2, ""), argv)
+        self.assertEqual(self.connected_to, [])
+        return err
+
+    def test_no_command(self) -> None:
+        self.assertIn("command is required", self.assertUsage())
+
+    def test_unknown_command(self) -> None:
+        self.assertIn("bogus", self.assertUsage("bogus"))
+
+    def test_wrong_argument_count(self) -> None:
+        self.assertUsage("vtpm_create", "dbg", VM, "1")
+        self.assertUsage("vtpm_get_contents", "dbg")
+        self.assertUsage("list", "extra")
+
+    def test_bad_gid(self) -> None:
+        self.assertIn("GID", self.assertUsage("varstore_create", "d", VM, "wheel", "/p"))
+        self.assertIn("GID", self.assertUsage("vtpm_destroy", "d", "1.5", "/p"))
+
+    def test_unknown_option(self) -> None:
+        self.assertUsage("list", "--yaml")
+
+    def test_help(self) -> None:
+        code, out, err = self.ctl("--help")
+        self.assertEqual(code, 0)
+        for name in ["varstore_create", "varstore_destroy", "vtpm_create", "vtpm_destroy",
+                     "vtpm_set_contents", "vtpm_get_contents", "list", "status"]:
+            self.assertIn(name, out)
+        code, out, _ = self.ctl("vtpm_create", "--help")
+        self.assertEqual(code, 0)
+        self.assertIn("DBG VM_UUID GID PATH", out)
+
+
+class FormatTests(SynchronousTestCase):
+    def test_status_missing_fields_show_dash(self) -> None:
+        lines = format_status({}).splitlines()
+        self.assertEqual(lines[1].split(), ["Swtpm", "-", "-", "-", "-", "-", "-"])
+        self.assertEqual(lines[2].split(), ["Varstored", "-", "-", "-", "-", "-", "-"])
+
+    def test_status_outage_and_errors(self) -> None:
+        text = format_status({
+            "upstream": {"target": "xapi", "reachable": False, "last_error": "refused"},
+            "services": {"Swtpm": {"mode": "Engaged", "queue_depth": 1, "pending": 7,
+                                   "quarantined": 0, "outage_since": 12.5,
+                                   "last_error": "CONNECTION_REFUSED"}},
+        })
+        self.assertIn("down since 12.5", text)
+        self.assertIn("Swtpm last error: CONNECTION_REFUSED", text)
+        varstored = [line for line in text.splitlines() if line.startswith("Varstored")][0]
+        self.assertIn("unreachable", varstored)
+
+    def test_pending_lists_per_vm(self) -> None:
+        text = format_status({"services": {"Swtpm": {"pending": {"a": [1, 2], "b": [3]}}}})
+        self.assertEqual(text.splitlines()[1].split()[3], "3")
+
+    def test_sockets_empty(self) -> None:
+        self.assertEqual(format_sockets([]).split(), ["SERVICE", "VM_UUID", "GID", "PATH"])
+
+
+# -- over a real UNIX socket, in pytest-twisted's reactor ---------------------
+@pytest_twisted.ensureDeferred
+async def test_real_unix_socket(short_tmp: str) -> None:
+    from twisted.internet import reactor
+
+    registry = MemoryRegistry()
+    upstream = FakeUpstream()
+    factory = control_factory(registry, upstream, VtpmSink(upstream, KeyedLocks()),
+                              lambda: {"sockets": {"Swtpm": len(registry.sockets)}})
+    path = os.path.join(short_tmp, "c.sock")
+    port = reactor.listenUNIX(path, factory)
+    try:
+        out, err = io.StringIO(), io.StringIO()
+        code = await run(reactor, ["--control", path, "vtpm_create", "d", VM, "7", "/run/s"],
+                         out, err, environ={})
+        assert (code, err.getvalue()) == (0, "")
+        assert registry.sockets["/run/s"]["gid"] == 7
+        code = await run(reactor, ["--control", path, "status", "--json"], out, err,
+                         environ={})
+        assert code == 0
+        assert json.loads(out.getvalue()) == {"sockets": {"Swtpm": 1}}
+    finally:
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_unreachable_socket(short_tmp: str) -> None:
+    from twisted.internet import reactor
+
+    path = os.path.join(short_tmp, "none.sock")
+    out, err = io.StringIO(), io.StringIO()
+    code = await run(reactor, ["--control", path, "list"], out, err, environ={})
+    assert code == 1
+    assert f"cannot reach xguard at {path}" in err.getvalue()
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["--control", "/nonexistent/xg.sock", "list"], 1, "cannot reach xguard"),
+    (["vtpm_destroy", "d", "gid", "/p"], 2, "GID"),
+    (["--help"], 0, "vtpm_set_contents"),
+])
+def test_main_exit_status(argv: list[str], code: int, needle: str) -> None:
+    """The console script's exit status, in a real process."""
+    proc = subprocess.run([sys.executable, "-c", "from xguard.control.ctl import main; main()",
+                           *argv], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == code, proc.stderr
+    assert needle in proc.stdout + proc.stderr
