@@ -1,0 +1,167 @@
+# -*- test-case-name: tests.unit.test_swtpm -*-
+"""The swtpm socket: the REST state backend of XenServer's swtpm, for the
+socket's own VM only.
+
+Protocol: ``GET``/``PUT``/``DELETE``/``HEAD`` on ``/tpm2-00.permall``,
+``/tpm2-00.savestate`` and ``/tpm2-00.volatilestate``; bodies are base64
+text, stored and returned exactly as received.
+
+Status codes are chosen for swtpm, which fails the TPM at once on any 4xx
+and retries 5xx and broken connections:
+
+- 4xx only for requests swtpm never sends: unknown path (404), other
+  methods (405), a body that is not strict base64 (400), too large (413,
+  from :class:`~xguard.domain.site.DomainSite`), and HEAD of an empty key
+  (404, which swtpm expects);
+- a transient upstream failure (upstream unreachable and nothing pending
+  locally; a PUT can only fail so without the disk cache) → 503, retried;
+- a permanent upstream error (e.g. the VM has no vTPM) → 500: it is the
+  server side that is wrong, not the request.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from klein import Klein
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
+from werkzeug.exceptions import MethodNotAllowed
+
+from ..errors import PermanentUpstreamError, TransientUpstreamError
+from ..items import TpmStore
+from ..model import TpmKey
+from .site import plain_response
+
+__all__ = ["SwtpmSocket", "HTTPError"]
+
+_METHODS = ["GET", "PUT", "DELETE", "HEAD"]
+# Strict base64: whole quanta of the alphabet, padding only at the end, no
+# whitespace of any kind (b64decode(validate=True) lets "QUJD=" through).
+_BASE64 = re.compile(rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
+
+
+class HTTPError(Exception):
+    """Answer the request with ``code`` and a short text."""
+
+    def __init__(self, code: int, text: str) -> None:
+        super().__init__(text)
+        self.code = code
+        self.text = text
+
+
+def _check_base64(body: bytes) -> None:
+    if not _BASE64.fullmatch(body):
+        raise HTTPError(400, "body is not base64")
+    try:
+        base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPError(400, "body is not base64") from None
+
+
+class SwtpmSocket:
+    """The REST app of one VM's swtpm socket.
+
+    :param vm_uuid: the VM whose vTPM every request acts on.
+    :param store: reads (latest pending version first) and durable writes.
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, vm_uuid: str, store: TpmStore) -> None:
+        self.vm_uuid = vm_uuid
+        self.store = store
+        # One request at a time, in arrival order (SPEC §4.2).
+        self._lock = DeferredLock()
+
+    def resource(self) -> IResource:
+        """The Klein resource to serve (wrap it in a DomainSite)."""
+        return self.app.resource()
+
+    @app.route(TpmKey.PERMALL.path, methods=_METHODS, endpoint="permall")
+    @app.route(TpmKey.SAVESTATE.path, methods=_METHODS, endpoint="savestate")
+    @app.route(TpmKey.VOLATILESTATE.path, methods=_METHODS, endpoint="volatilestate")
+    def key_request(self, request: IRequest) -> "Deferred[bytes]":
+        key = TpmKey.from_path(request.path.decode("ascii"))
+        assert key is not None  # only the three routes lead here
+        method = request.method
+        body = b""
+        if method == b"PUT":
+            body = request.content.read()
+            _check_base64(body)
+        # Shielded from Klein's cancellation when the client hangs up: an
+        # accepted write completes, and later requests keep their order.
+        d: Deferred[bytes] = Deferred()
+        self._lock.run(self._handle, request, method, key, body).chainDeferred(d)
+        return d
+
+    async def _handle(self, request: IRequest, method: bytes, key: TpmKey, body: bytes) -> bytes:
+        if method == b"PUT":
+            await self._put(key, body)
+            return self._no_content(request)
+        if method == b"DELETE":
+            await self._put(key, b"")
+            return self._no_content(request)
+        content = await self._get(key)
+        if method == b"HEAD":
+            # No body and a zero length, whatever the content's size.
+            request.setResponseCode(200 if content else 404)
+            request.setHeader(b"content-length", b"0")
+            return b""
+        request.setResponseCode(200)
+        request.setHeader(b"content-type", b"application/octet-stream")
+        request.setHeader(b"content-length", b"%d" % len(content))
+        return content
+
+    async def _get(self, key: TpmKey) -> bytes:
+        try:
+            return await self.store.get(self.vm_uuid, key)
+        except Exception as e:  # noqa: BLE001 - mapped to a status swtpm retries
+            raise self._upstream_failed("GET", key, e) from None
+
+    async def _put(self, key: TpmKey, body: bytes) -> None:
+        try:
+            await self.store.put(self.vm_uuid, key, body)
+        except Exception as e:  # noqa: BLE001 - mapped to a status swtpm retries
+            raise self._upstream_failed("PUT", key, e) from None
+        self.log.debug("Stored {key} of VM {vm} ({size} bytes)",
+                       key=key.name.lower(), vm=self.vm_uuid, size=len(body))
+
+    def _upstream_failed(self, what: str, key: TpmKey, e: Exception) -> HTTPError:
+        name = key.name.lower()
+        if isinstance(e, TransientUpstreamError):
+            self.log.info("{what} {key} of VM {vm}: upstream unavailable ({codes})",
+                          what=what, key=name, vm=self.vm_uuid, codes=e.codes)
+            return HTTPError(503, "upstream unavailable, retry later")
+        if isinstance(e, PermanentUpstreamError):
+            self.log.warn("{what} {key} of VM {vm}: upstream refused ({codes})",
+                          what=what, key=name, vm=self.vm_uuid, codes=e.codes)
+            return HTTPError(500, "upstream error: " + " ".join(e.codes)[:200])
+        self.log.failure("{what} {key} of VM {vm} failed", Failure(e),
+                         what=what, key=name, vm=self.vm_uuid)
+        return HTTPError(500, "internal error")
+
+    @staticmethod
+    def _no_content(request: IRequest) -> bytes:
+        request.setResponseCode(204)
+        return b""
+
+    @app.handle_errors(HTTPError)
+    def http_error(self, request: IRequest, failure: Failure) -> bytes:
+        error = failure.value
+        return plain_response(request, error.code, error.text)
+
+    @app.handle_errors(WerkzeugHTTPException)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        """404 for unknown paths, 405 (with Allow) for other methods."""
+        error = failure.value
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
+        return plain_response(request, error.code or 500, error.name)

@@ -1,0 +1,228 @@
+# -*- test-case-name: tests.unit.test_varstored -*-
+"""The varstored socket: xapi's XML-RPC, reduced to the calls varstored
+makes, always about the socket's own VM.
+
+Protocol: ``POST`` (any path) of an XML-RPC ``methodCall`` with positional
+params; the answer is xapi's ``{Status, Value}`` / ``{Status,
+ErrorDescription}`` struct (see :mod:`xguard.domain.xmlrpc`).
+
+Error mapping, chosen among what SPEC §4.1 allows:
+
+- a body that cannot be decoded as a ``methodCall`` (bad XML, DTD or entity
+  declarations, malformed values) → HTTP 400, since there is no call to
+  answer;
+- a decoded call that is not acceptable (unknown method, wrong parameter
+  count, wrong parameter type) → ``Failure`` with xapi's codes
+  (``MESSAGE_METHOD_UNKNOWN``, ``MESSAGE_PARAMETER_COUNT_MISMATCH``,
+  ``FIELD_TYPE_ERROR``), without any upstream call;
+- upstream errors (transient or permanent) → ``Failure`` with the error's
+  code list.
+
+The VM a call targets is never taken from the request: handles and uuids
+sent by the client are checked for type and ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
+from werkzeug.exceptions import MethodNotAllowed
+
+from ..errors import UpstreamError
+from ..interfaces import IUpstream
+from ..items import NvramStore
+from ..model import normalise_update
+from .site import plain_response
+from .xmlrpc import XmlRpcError, encode_failure, encode_success, parse_method_call
+
+__all__ = ["VarstoredSocket", "SESSION_HANDLE", "VM_HANDLE", "MESSAGE_NAME"]
+
+#: What login answers; never checked (the socket is the credential).
+SESSION_HANDLE = "OpaqueRef:xguard-session"
+#: What VM.get_by_uuid answers, whatever uuid was asked for.
+VM_HANDLE = "OpaqueRef:xguard-vm"
+#: The only message varstored may raise.
+MESSAGE_NAME = "VM_SECURE_BOOT_FAILED"
+
+_STR = "string"
+_INT = "int"
+
+# method -> parameter (name, type) list, positional as varstored sends them.
+_SIGNATURES: dict[str, tuple[tuple[str, str], ...]] = {
+    "session.login_with_password": (
+        ("uname", _STR), ("pwd", _STR), ("version", _STR), ("originator", _STR)),
+    "session.logout": (("session", _STR),),
+    "VM.get_by_uuid": (("session", _STR), ("uuid", _STR)),
+    "VM.get_NVRAM": (("session", _STR), ("vm", _STR)),
+    "VM.set_NVRAM_EFI_variables": (("session", _STR), ("vm", _STR), ("value", _STR)),
+    "VM.set_NVRAM_EFI_variables_v2": (
+        ("session", _STR), ("vm", _STR), ("value", _STR), ("update", _STR)),
+    "VM.get_secureboot_certificates_state": (("session", _STR), ("vm", _STR)),
+    "message.create": (
+        ("session", _STR), ("name", _STR), ("priority", _INT), ("class", _STR),
+        ("obj_uuid", _STR), ("body", _STR)),
+}
+
+
+class _CallRefused(Exception):
+    """A decoded call we will not run; ``codes`` is the Failure to answer."""
+
+    def __init__(self, codes: list[str]) -> None:
+        super().__init__(codes[0])
+        self.codes = codes
+
+
+def _check(method: str, params: list[Any]) -> list[Any]:
+    """The params, type-checked (priority as an int), or _CallRefused."""
+    signature = _SIGNATURES.get(method)
+    if signature is None:
+        raise _CallRefused(["MESSAGE_METHOD_UNKNOWN", method])
+    if len(params) != len(signature):
+        raise _CallRefused(
+            ["MESSAGE_PARAMETER_COUNT_MISMATCH", method, str(len(signature)), str(len(params))])
+    checked: list[Any] = []
+    for (name, kind), value in zip(signature, params):
+        if kind == _STR and isinstance(value, str):
+            checked.append(value)
+        elif kind == _INT and isinstance(value, int) and not isinstance(value, bool):
+            checked.append(value)
+        elif kind == _INT and isinstance(value, str) and _is_decimal(value):
+            # xapi's XML-RPC carries int64 as a string: varstored sends "0".
+            checked.append(int(value.strip()))
+        else:
+            raise _CallRefused(["FIELD_TYPE_ERROR", name])
+    return checked
+
+
+def _is_decimal(text: str) -> bool:
+    text = text.strip()
+    digits = text[1:] if text[:1] in ("-", "+") else text
+    return 0 < len(digits) <= 19 and digits.isascii() and digits.isdigit()
+
+
+class VarstoredSocket:
+    """The XML-RPC app of one VM's varstored socket.
+
+    :param vm_uuid: the VM every call acts on.
+    :param upstream: for the calls that do not touch NVRAM.
+    :param nvram: NVRAM reads and writes (through the write-back cache).
+    """
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, vm_uuid: str, upstream: IUpstream, nvram: NvramStore) -> None:
+        self.vm_uuid = vm_uuid
+        self.upstream = upstream
+        self.nvram = nvram
+        # One call at a time, in arrival order, like xapi-guard's per-VM mutex.
+        self._lock = DeferredLock()
+        self._handlers: dict[str, Callable[[list[Any]], Awaitable[Any]]] = {
+            "session.login_with_password": self._login,
+            "session.logout": self._logout,
+            "VM.get_by_uuid": self._get_by_uuid,
+            "VM.get_NVRAM": self._get_nvram,
+            "VM.set_NVRAM_EFI_variables": self._set_nvram,
+            "VM.set_NVRAM_EFI_variables_v2": self._set_nvram_v2,
+            "VM.get_secureboot_certificates_state": self._get_sb_state,
+            "message.create": self._create_message,
+        }
+
+    def resource(self) -> IResource:
+        """The Klein resource to serve (wrap it in a DomainSite)."""
+        return self.app.resource()
+
+    @app.route("/", methods=["POST"], branch=True)
+    def rpc(self, request: IRequest) -> "Deferred[bytes]":
+        body = request.content.read()
+        request.setHeader(b"content-type", b"text/xml")
+        try:
+            method, params = parse_method_call(body)
+        except XmlRpcError as e:
+            self.log.info("Refused an undecodable XML-RPC request for VM {vm}: {why}",
+                          vm=self.vm_uuid, why=str(e))
+            return plain_response(request, 400, "not an XML-RPC methodCall")
+        # Shielded: a client hanging up must not cancel a write half-way,
+        # and the calls queued behind it keep their order.
+        d = Deferred()
+        self._lock.run(self._answer, method, params).chainDeferred(d)
+        return d.addCallback(lambda answer: _fixed_length(request, answer))
+
+    async def _answer(self, method: str, params: list[Any]) -> bytes:
+        try:
+            checked = _check(method, params)
+            value = await self._handlers[method](checked)
+        except _CallRefused as e:
+            self.log.info("Refused {method} for VM {vm}: {code}",
+                          method=method[:80], vm=self.vm_uuid, code=e.codes[0])
+            return encode_failure(e.codes)
+        except UpstreamError as e:
+            self.log.info("{method} for VM {vm} failed upstream: {codes}",
+                          method=method, vm=self.vm_uuid, codes=e.codes)
+            return encode_failure(e.codes)
+        except Exception:  # noqa: BLE001 - a bug must not kill the socket
+            self.log.failure("{method} for VM {vm} failed", Failure(),
+                             method=method, vm=self.vm_uuid)
+            return encode_failure(["INTERNAL_ERROR", "xguard"])
+        try:
+            return encode_success(value)
+        except (TypeError, ValueError):
+            self.log.failure("Cannot encode the answer to {method} for VM {vm}", Failure(),
+                             method=method, vm=self.vm_uuid)
+            return encode_failure(["INTERNAL_ERROR", "xguard"])
+
+    @app.handle_errors(WerkzeugHTTPException)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        """405 (with Allow) for methods other than POST."""
+        error = failure.value
+        if isinstance(error, MethodNotAllowed) and error.valid_methods:
+            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
+        return plain_response(request, error.code or 500, error.name)
+
+    # -- the calls; params are checked, the VM is always self.vm_uuid -------
+
+    async def _login(self, params: list[Any]) -> str:
+        return SESSION_HANDLE
+
+    async def _logout(self, params: list[Any]) -> None:
+        return None
+
+    async def _get_by_uuid(self, params: list[Any]) -> str:
+        return VM_HANDLE
+
+    async def _get_nvram(self, params: list[Any]) -> dict[str, str]:
+        return await self.nvram.get(self.vm_uuid)
+
+    async def _set_nvram(self, params: list[Any]) -> None:
+        _session, _vm, value = params
+        await self.nvram.set_efi_variables(self.vm_uuid, value, normalise_update(None))
+        self.log.debug("Set NVRAM of VM {vm} ({size} bytes)", vm=self.vm_uuid, size=len(value))
+
+    async def _set_nvram_v2(self, params: list[Any]) -> None:
+        _session, _vm, value, update = params
+        await self.nvram.set_efi_variables(self.vm_uuid, value, normalise_update(update))
+        self.log.debug("Set NVRAM of VM {vm} ({size} bytes, update={update})",
+                       vm=self.vm_uuid, size=len(value), update=normalise_update(update))
+
+    async def _get_sb_state(self, params: list[Any]) -> str:
+        return await self.upstream.get_secureboot_certificates_state(self.vm_uuid)
+
+    async def _create_message(self, params: list[Any]) -> None:
+        _session, _name, priority, _class, _obj_uuid, body = params
+        await self.upstream.create_message(self.vm_uuid, MESSAGE_NAME, priority, body)
+        # xapi-guard answers unit here (the samples show <nil/>), not the ref.
+        return None
+
+
+def _fixed_length(request: IRequest, body: bytes) -> bytes:
+    """Clients (varstored) expect a Content-Length, not a chunked answer."""
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return body
