@@ -1,0 +1,410 @@
+"""The domain socket registry on real UNIX sockets.
+
+Listening, connecting and closing a port need a running reactor, so those
+tests use pytest-twisted (the global reactor is imported inside the tests
+only); input validation and the unknown-destroy path are synchronous."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.logger import capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+from zope.interface.verify import verifyObject
+
+from xguard import activefile
+from xguard.activefile import Entry
+from xguard.domain.sockets import KEEP_SUFFIX, SocketRegistry
+from xguard.errors import InvalidPath, InvalidUUID, PathInUse
+from xguard.interfaces import ISocketRegistry
+from xguard.model import Service
+
+VM1 = "6c9d5f3e-8e1a-4a4f-9d63-0a6b4c1f7d21"
+VM2 = "0f2a6b1c-3d4e-4f50-8a6b-7c8d9e0f1a2b"
+GID = 4242
+
+
+class Whoami(Resource):
+    """Answers every GET with the socket's service and VM."""
+
+    isLeaf = True
+
+    def __init__(self, answer: bytes) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def render_GET(self, request: object) -> bytes:
+        return self.answer
+
+
+def site_factory(service: Service, vm_uuid: str) -> Site:
+    site = Site(Whoami(f"{service.value} {vm_uuid}".encode()))
+    site.noisy = False
+    return site
+
+
+def read_file(path: str) -> list[dict[str, Any]]:
+    with open(path) as f:
+        doc: list[dict[str, Any]] = json.load(f)
+    return doc
+
+
+async def http_get(reactor: Any, path: str) -> bytes:
+    """One HTTP/1.0 GET over the socket at ``path``; the whole answer."""
+
+    class Get(Protocol):
+        def __init__(self) -> None:
+            self.data = b""
+            self.done: Deferred[bytes] = Deferred()
+
+        def connectionMade(self) -> None:
+            self.transport.write(b"GET / HTTP/1.0\r\n\r\n")
+
+        def dataReceived(self, data: bytes) -> None:
+            self.data += data
+
+        def connectionLost(self, reason: object) -> None:
+            self.done.callback(self.data)
+
+    proto = Get()
+    await connectProtocol(UNIXClientEndpoint(reactor, path, timeout=5), proto)
+    return await proto.done
+
+
+def accepts(path: str) -> bool:
+    """Does a listener answer at ``path``? (non-blocking probe)"""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect(path)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+    return True
+
+
+def stale_socket(path: str) -> None:
+    """Leave a socket file nobody listens on (as a crashed daemon does)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.close()
+
+
+class HeldRunner:
+    """A runner whose blocking calls wait until the test releases them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Deferred[Any], Callable[[], Any]]] = []
+        self.count = 0
+        self.failing = False
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        self.count += 1
+        if f is not activefile.save:
+            return succeed(f(*args))
+        d: Deferred[Any] = Deferred()
+        self.calls.append((d, lambda: f(*args)))
+        return d
+
+    def release(self) -> None:
+        calls, self.calls = self.calls, []
+        for d, run in calls:
+            if self.failing:
+                d.errback(OSError("disk full"))
+            else:
+                d.callback(run())
+
+
+@pytest.fixture
+def env(short_tmp: str) -> Any:
+    from twisted.internet import reactor
+
+    class Env:
+        dir = short_tmp
+        active = os.path.join(short_tmp, "run", "active.json")
+        forgotten: list[str] = []
+        registries: list[SocketRegistry] = []
+
+        def path(self, name: str) -> str:
+            return os.path.join(short_tmp, name)
+
+        def registry(self, **kwargs: Any) -> SocketRegistry:
+            r = SocketRegistry(reactor, self.active, site_factory,
+                               on_forget=self.forgotten.append, **kwargs)
+            self.registries.append(r)
+            return r
+
+    e = Env()
+    e.forgotten = []
+    e.registries = []
+    yield e
+    for r in e.registries:
+        pytest_twisted.blockon(r.stop_accepting())
+
+
+# -- create -------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_create_listens_secures_and_records(env: Any) -> None:
+    from twisted.internet import reactor
+
+    registry = env.registry()
+    path = env.path("vtpm.sock")
+    await registry.create(Service.SWTPM, VM1, GID, path)
+    st = os.stat(path)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert (st.st_uid, st.st_gid) == (0, GID)
+    assert read_file(env.active) == [
+        {"vm_uuid": VM1, "path": path, "gid": GID, "typ": "Swtpm"}]
+    answer = await http_get(reactor, path)
+    assert answer.startswith(b"HTTP/1.")
+    assert answer.endswith(f"Swtpm {VM1}".encode())
+    assert registry.entries() == [
+        {"path": path, "vm_uuid": VM1, "gid": GID, "service": "Swtpm"}]
+    assert registry.count_by_service() == {"Swtpm": 1, "Varstored": 0}
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_same_path_twice_is_path_in_use(env: Any) -> None:
+    registry = env.registry()
+    path = env.path("dup.sock")
+    await registry.create(Service.VARSTORED, VM1, GID, path)
+    with pytest.raises(PathInUse, match=path):
+        await registry.create(Service.SWTPM, VM2, GID, path)
+    # The first socket is untouched.
+    assert accepts(path)
+    assert [e["vm_uuid"] for e in registry.entries()] == [VM1]
+    assert len(read_file(env.active)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_same_path_concurrently_one_wins(env: Any) -> None:
+    registry = env.registry(runner=HeldRunner())
+    path = env.path("race.sock")
+    first = registry.create(Service.SWTPM, VM1, GID, path)
+    with pytest.raises(PathInUse, match=path):
+        await registry.create(Service.SWTPM, VM2, GID, path)
+    assert not first.called  # still waiting for its file write
+
+
+@pytest_twisted.ensureDeferred
+async def test_live_foreign_listener_is_path_in_use(env: Any) -> None:
+    path = env.path("foreign.sock")
+    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    foreign.bind(path)
+    foreign.listen(1)
+    try:
+        registry = env.registry()
+        with pytest.raises(PathInUse, match=path):
+            await registry.create(Service.SWTPM, VM1, GID, path)
+        assert os.path.exists(path), "a foreign listener's socket file was removed"
+        assert registry.entries() == []
+        assert not os.path.exists(env.active)
+    finally:
+        foreign.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_non_socket_file_is_left_alone(env: Any) -> None:
+    path = env.path("plain")
+    with open(path, "w") as f:
+        f.write("data")
+    with pytest.raises(PathInUse, match=path):
+        await env.registry().create(Service.SWTPM, VM1, GID, path)
+    with open(path) as f:
+        assert f.read() == "data"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stale_socket_file_is_replaced(env: Any) -> None:
+    from twisted.internet import reactor
+
+    path = env.path("stale.sock")
+    stale_socket(path)
+    assert not accepts(path)
+    await env.registry().create(Service.VARSTORED, VM1, GID, path)
+    assert (await http_get(reactor, path)).endswith(f"Varstored {VM1}".encode())
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_parent_directory(env: Any) -> None:
+    path = env.path("nodir/x.sock")
+    with pytest.raises(InvalidPath, match="does not exist"):
+        await env.registry().create(Service.SWTPM, VM1, GID, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_failed_file_write_undoes_the_socket(env: Any) -> None:
+    runner = HeldRunner()
+    registry = env.registry(runner=runner)
+    path = env.path("undo.sock")
+    d = registry.create(Service.SWTPM, VM1, GID, path)
+    runner.failing = True
+    runner.release()
+    with pytest.raises(OSError, match="disk full"):
+        await d
+    assert not os.path.exists(path)
+    assert registry.entries() == []
+    # The path is free again.
+    runner.failing = False
+    d = registry.create(Service.SWTPM, VM1, GID, path)
+    runner.release()
+    await d
+    assert accepts(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_creates_are_all_recorded(env: Any) -> None:
+    runner = HeldRunner()
+    registry = env.registry(runner=runner)
+    paths = [env.path(f"c{i}.sock") for i in range(10)]
+    creates = [registry.create(Service.SWTPM, VM1, GID, p) for p in paths]
+    while runner.calls:
+        runner.release()
+    for d in creates:
+        await d
+    assert sorted(e["path"] for e in read_file(env.active)) == sorted(paths)
+    # The nine creates that waited for the first write shared one rewrite.
+    assert runner.count == 2
+
+
+# -- destroy ------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_destroy_removes_socket_and_entry(env: Any) -> None:
+    registry = env.registry()
+    swtpm, varstored = env.path("t.sock"), env.path("v.sock")
+    await registry.create(Service.SWTPM, VM1, GID, swtpm)
+    await registry.create(Service.VARSTORED, VM1, GID, varstored)
+    await registry.destroy(Service.SWTPM, GID, swtpm)
+    assert not os.path.exists(swtpm)
+    assert [e["path"] for e in read_file(env.active)] == [varstored]
+    assert registry.count_by_service() == {"Swtpm": 0, "Varstored": 1}
+    assert env.forgotten == []  # the VM still has a socket
+    await registry.destroy(Service.VARSTORED, GID, varstored)
+    assert not os.path.exists(varstored)
+    assert read_file(env.active) == []
+    assert env.forgotten == [VM1]
+    # The path can be served again.
+    await registry.create(Service.SWTPM, VM2, GID, swtpm)
+    assert accepts(swtpm)
+
+
+# -- resume / stop ------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_resume_listens_again_and_skips_bad_entries(env: Any) -> None:
+    from twisted.internet import reactor
+
+    fresh, stale, bad = env.path("f.sock"), env.path("s.sock"), env.path("gone/b.sock")
+    stale_socket(stale)
+    activefile.save(env.active, [
+        Entry(VM1, fresh, GID, Service.SWTPM),
+        Entry(VM1, bad, GID, Service.SWTPM),
+        Entry(VM2, stale, GID + 1, Service.VARSTORED),
+    ])
+    registry = env.registry()
+    with capturedLogs() as events:
+        await registry.resume()
+    assert any(e["log_level"].name == "error" and e.get("path") == bad for e in events)
+    assert (await http_get(reactor, fresh)).endswith(f"Swtpm {VM1}".encode())
+    assert (await http_get(reactor, stale)).endswith(f"Varstored {VM2}".encode())
+    st = os.stat(stale)
+    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, GID + 1)
+    assert [e["path"] for e in read_file(env.active)] == [fresh, stale]
+    assert [e["path"] for e in registry.entries()] == [fresh, stale]
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_without_file_is_empty(env: Any) -> None:
+    registry = env.registry()
+    await registry.resume()
+    assert registry.entries() == []
+    assert not os.path.exists(env.active)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_accepting_keeps_files_and_restart_resumes(env: Any) -> None:
+    from twisted.internet import reactor
+
+    registry = env.registry()
+    paths = [env.path("k1.sock"), env.path("k2.sock")]
+    for p in paths:
+        await registry.create(Service.SWTPM, VM1, GID, p)
+    before = read_file(env.active)
+    await registry.stop_accepting()
+    for p in paths:
+        st = os.stat(p)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert not accepts(p)
+        assert not os.path.exists(p + KEEP_SUFFIX)
+    assert read_file(env.active) == before
+    with pytest.raises(RuntimeError):
+        await registry.create(Service.SWTPM, VM2, GID, env.path("late.sock"))
+    # The restart.
+    again = env.registry()
+    await again.resume()
+    for p in paths:
+        assert (await http_get(reactor, p)).endswith(f"Swtpm {VM1}".encode())
+    assert read_file(env.active) == before
+
+
+# -- synchronous ---------------------------------------------------------------
+
+class SynchronousTests(SynchronousTestCase):
+    """What needs no listening socket (the reactor is never touched)."""
+
+    def setUp(self) -> None:
+        self.registry = SocketRegistry(object(), "/nonexistent/active.json", site_factory)
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(ISocketRegistry, self.registry))
+
+    def test_invalid_uuid(self) -> None:
+        f = self.failureResultOf(self.registry.create(Service.SWTPM, "nope", GID, "/x/a.sock"),
+                                 InvalidUUID)
+        self.assertIn("'nope'", str(f.value))
+
+    def test_relative_path(self) -> None:
+        f = self.failureResultOf(self.registry.create(Service.SWTPM, VM1, GID, "x/a.sock"),
+                                 InvalidPath)
+        self.assertIn("x/a.sock", str(f.value))
+
+    def test_too_long_path(self) -> None:
+        self.failureResultOf(self.registry.create(Service.SWTPM, VM1, GID, "/" + "x" * 200),
+                             InvalidPath)
+
+    def test_bad_gid(self) -> None:
+        for gid in (-1, "5", True):
+            self.failureResultOf(self.registry.create(Service.SWTPM, VM1, gid, "/x/a.sock"),
+                                 ValueError)
+
+    def test_destroy_unknown_succeeds_with_warning(self) -> None:
+        with capturedLogs() as events:
+            self.successResultOf(self.registry.destroy(Service.SWTPM, GID, "/x/none.sock"))
+        self.assertEqual([e["log_level"].name for e in events], ["warn"])
+
+    def test_nothing_listed_initially(self) -> None:
+        self.assertEqual(self.registry.entries(), [])
+        self.assertEqual(self.registry.count_by_service(), {"Swtpm": 0, "Varstored": 0})
+
+    def test_resume_fails_when_the_file_cannot_be_read(self) -> None:
+        registry = SocketRegistry(object(), "/x/active.json", site_factory,
+                                  runner=lambda f, *a: fail(OSError("EIO")))
+        self.failureResultOf(registry.resume(), OSError)

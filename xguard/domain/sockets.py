@@ -1,0 +1,410 @@
+# -*- test-case-name: tests.unit.test_sockets -*-
+"""The per-VM domain sockets and the active-sockets file (SPEC §3, §7, §8).
+
+Listeners are created directly (not through StreamServerEndpointService) so
+the control channel sees "path in use" as an error rather than a log line,
+and so shutdown can stop accepting while keeping the socket files and the
+active list: a restart resumes exactly what was served (SPEC §2).
+
+Twisted's UNIX ``Port`` unlinks its socket file when it stops listening;
+:meth:`SocketRegistry.stop_accepting` keeps the file by holding a second
+hard link to it across ``stopListening`` and renaming it back afterwards.
+The kept file is stale (nobody listens on it), which resume replaces.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    ensureDeferred,
+    fail,
+    gatherResults,
+    maybeDeferred,
+    succeed,
+)
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from .. import activefile
+from ..activefile import Entry
+from ..durable import safe_unlink
+from ..errors import InvalidPath, InvalidUUID, PathInUse
+from ..interfaces import ISocketRegistry
+from ..model import Service, is_valid_uuid
+
+__all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES"]
+
+#: The upstream daemon uses 2 ("one client per socket"), but a client that
+#: opens a connection per request (varstored does) bursts past that and gets
+#: EAGAIN while the reactor is busy; 16 costs nothing and absorbs bursts.
+BACKLOG = 16
+SOCKET_MODE = 0o660
+#: sun_path is 108 bytes including the terminating NUL (Linux).
+MAX_PATH_BYTES = 107
+#: Suffix of the temporary second link that keeps a socket file on shutdown.
+KEEP_SUFFIX = ".xg-keep"
+
+Runner = Callable[..., "Deferred[Any]"]
+SiteFactory = Callable[[Service, str], IProtocolFactory]
+
+
+def _inline_runner(f: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
+    """Run blocking work in place (the default: the file is small)."""
+    return maybeDeferred(f, *args, **kwargs)
+
+
+@attrs.define(eq=False)
+class _Socket:
+    """A registry slot. It exists from the moment a create reserves the
+    path until a destroy has unlinked the file, so two operations on one
+    path can never interleave. Only ``open`` slots are listed and saved."""
+
+    entry: Entry
+    port: IListeningPort | None = None
+    state: str = "opening"  # opening -> open -> closing
+
+
+def _probe(path: str) -> str:
+    """What is at ``path``: 'absent', 'stale' (a socket file nobody listens
+    on), 'live' (a listener accepts or its backlog is full) or 'other'."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return "absent"
+    if not stat.S_ISSOCK(st.st_mode):
+        return "other"
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.setblocking(False)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        return "stale"
+    except FileNotFoundError:
+        return "absent"
+    except OSError:
+        # EAGAIN (backlog full), EACCES …: someone owns it; never steal it.
+        return "live"
+    finally:
+        probe.close()
+    return "live"
+
+
+@implementer(ISocketRegistry)
+class SocketRegistry:
+    """Every domain socket this daemon serves, keyed by path.
+
+    :param reactor: an ``IReactorUNIX`` (and time) provider.
+    :param active_file: the active-sockets file (SPEC §7).
+    :param site_factory: builds the protocol factory serving one socket,
+        from its service and VM uuid.
+    :param on_forget: called with a VM uuid once its last socket is gone
+        (the upstream drops cached handles).
+    :param runner: runs blocking file I/O (``runner(f, *args)`` ->
+        Deferred); inline by default.
+    :param backlog: listen backlog of each socket.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, active_file: str, site_factory: SiteFactory, *,
+                 on_forget: Callable[[str], None] | None = None,
+                 runner: Runner | None = None, backlog: int = BACKLOG) -> None:
+        self._reactor = reactor
+        self._active_file = active_file
+        self._site_factory = site_factory
+        self._on_forget = on_forget
+        self._runner = runner or _inline_runner
+        self._backlog = backlog
+        self._sockets: dict[str, _Socket] = {}
+        self._file_lock = DeferredLock()
+        self._save_waiters: list[Deferred[None]] | None = None
+        self._stopped = False
+
+    # -- queries ---------------------------------------------------------------
+    def _open_sockets(self) -> list[_Socket]:
+        return [s for s in self._sockets.values() if s.state == "open"]
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every served socket as {path, vm_uuid, gid, service}."""
+        return [{"path": s.entry.path, "vm_uuid": s.entry.vm_uuid, "gid": s.entry.gid,
+                 "service": s.entry.service.value} for s in self._open_sockets()]
+
+    def count_by_service(self) -> dict[str, int]:
+        """Socket count per service value, for Status."""
+        counts = {service.value: 0 for service in Service}
+        for s in self._open_sockets():
+            counts[s.entry.service.value] += 1
+        return counts
+
+    # -- create ----------------------------------------------------------------
+    def create(self, service: Service, vm_uuid: str, gid: int, path: str) -> "Deferred[None]":
+        """Listen on ``path`` for ``vm_uuid``, 0660 root:``gid``, and record
+        it. Fails with InvalidUUID, InvalidPath, ValueError (gid) or
+        PathInUse; on failure nothing is left listening or on disk."""
+        try:
+            if self._stopped:
+                raise RuntimeError("xguard is shutting down: no new sockets")
+            entry = _validate(service, vm_uuid, gid, path)
+            if entry.path in self._sockets:
+                raise PathInUse(f"socket path {entry.path} is already in use by xguard")
+        except Exception:
+            return fail()
+        # Reserve the path synchronously: a second create of it now fails.
+        sock = self._sockets[entry.path] = _Socket(entry)
+        return ensureDeferred(self._create(sock))
+
+    async def _create(self, sock: _Socket) -> None:
+        entry = sock.entry
+        try:
+            await self._open(sock)
+            await self._save()
+        except BaseException:
+            # Mark it closing at once (synchronously, while a failed save
+            # still holds the file lock) so no later save records it.
+            sock.state = "closing"
+            await self._close(sock)
+            self._release(sock)
+            raise
+        self.log.info("created {service} socket {path} for VM {vm_uuid} (gid {gid})",
+                      service=entry.service.value, path=entry.path, vm_uuid=entry.vm_uuid,
+                      gid=entry.gid)
+
+    async def _open(self, sock: _Socket) -> None:
+        """Listen on the slot's path (replacing a stale socket file), then
+        set its mode and owner; undo the listen if that fails."""
+        entry = sock.entry
+        found = _probe(entry.path)
+        if found == "live":
+            raise PathInUse(f"socket path {entry.path} is in use by a live listener")
+        if found == "other":
+            raise PathInUse(f"socket path {entry.path} exists and is not a socket")
+        parent = os.path.dirname(entry.path)
+        if not os.path.isdir(parent):
+            raise InvalidPath(f"directory {parent} of socket path {entry.path} does not exist")
+        if found == "stale":
+            self.log.info("replacing stale socket file {path}", path=entry.path)
+            safe_unlink(entry.path)
+        factory = self._site_factory(entry.service, entry.vm_uuid)
+        endpoint = UNIXServerEndpoint(self._reactor, entry.path, backlog=self._backlog,
+                                      mode=SOCKET_MODE, wantPID=False)
+        try:
+            sock.port = await endpoint.listen(factory)
+        except CannotListenError as e:
+            if getattr(e.socketError, "errno", None) == errno.EADDRINUSE:
+                raise PathInUse(f"socket path {entry.path} is already in use") from e
+            raise
+        try:
+            os.chmod(entry.path, SOCKET_MODE)
+            self._chown(entry.path, entry.gid)
+        except BaseException:
+            await self._close(sock)
+            raise
+        sock.state = "open"
+
+    def _chown(self, path: str, gid: int) -> None:
+        """root:gid. Unprivileged (development), keep our uid and set the
+        group if the kernel lets us; else warn: clients of that group then
+        cannot connect."""
+        if os.geteuid() == 0:
+            os.chown(path, 0, gid)
+            return
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            self.log.warn("not root: socket {path} keeps group {current}, not {gid}",
+                          path=path, current=os.getegid(), gid=gid)
+
+    # -- destroy ---------------------------------------------------------------
+    def destroy(self, service: Service, gid: int, path: str) -> "Deferred[None]":
+        """Stop serving ``path``, unlink it and drop it from the file. An
+        unknown path succeeds with a warning (the orchestrator retries
+        destroys)."""
+        key = os.path.normpath(path) if isinstance(path, str) and path else path
+        sock = self._sockets.get(key)
+        if sock is None or sock.state != "open":
+            self.log.warn("destroy of unknown socket {path}: nothing to do", path=path)
+            return succeed(None)
+        return ensureDeferred(self._destroy(sock, service, gid))
+
+    async def _destroy(self, sock: _Socket, service: Service, gid: int) -> None:
+        entry = sock.entry
+        sock.state = "closing"
+        asked = service.value if isinstance(service, Service) else str(service)
+        if asked != entry.service.value or gid != entry.gid:
+            self.log.warn("destroy of {path} as {service} gid {gid}, but it serves "
+                          "{actual} gid {actual_gid}; destroying it",
+                          path=entry.path, service=asked, gid=gid,
+                          actual=entry.service.value, actual_gid=entry.gid)
+        try:
+            await self._close(sock, unlink=True)
+        finally:
+            self._release(sock)
+        try:
+            await self._save()
+        finally:
+            self.log.info("destroyed {service} socket {path} of VM {vm_uuid}",
+                          service=entry.service.value, path=entry.path, vm_uuid=entry.vm_uuid)
+            if self._on_forget is not None and not any(
+                    s.entry.vm_uuid == entry.vm_uuid for s in self._sockets.values()):
+                try:
+                    self._on_forget(entry.vm_uuid)
+                except Exception:
+                    self.log.failure("forgetting VM {vm_uuid} failed", vm_uuid=entry.vm_uuid)
+
+    async def _close(self, sock: _Socket, *, unlink: bool = False) -> None:
+        """Stop listening, then unlink the file if we were listening on it
+        (or ``unlink``): a path we never bound may be someone else's.
+        Unlinking only after the port has closed matters: Twisted's port
+        unlinks the path itself on close and fails if it is already gone."""
+        port, sock.port = sock.port, None
+        if port is not None:
+            try:
+                await maybeDeferred(port.stopListening)
+            except Exception:
+                self.log.failure("closing socket {path} failed", path=sock.entry.path)
+        elif not unlink:
+            return
+        try:
+            safe_unlink(sock.entry.path)
+        except OSError as e:
+            self.log.error("cannot remove socket file {path}: {error}",
+                           path=sock.entry.path, error=str(e))
+
+    def _release(self, sock: _Socket) -> None:
+        if self._sockets.get(sock.entry.path) is sock:
+            del self._sockets[sock.entry.path]
+
+    # -- the file --------------------------------------------------------------
+    def _save(self) -> "Deferred[None]":
+        """Rewrite the active file with every open socket. Rewrites run one
+        at a time; requests made while one waits for the lock share the next
+        rewrite (its snapshot is taken when it runs, so it includes them)."""
+        d: Deferred[None] = Deferred()
+        if self._save_waiters is not None:
+            self._save_waiters.append(d)
+            return d
+        waiters = self._save_waiters = [d]
+
+        def write() -> "Deferred[None]":
+            self._save_waiters = None  # later changes need a later snapshot
+            entries = [s.entry for s in self._open_sockets()]
+            written = maybeDeferred(self._runner, activefile.save, self._active_file, entries)
+            # Tell the waiters while the lock is still held, so a create
+            # whose save failed is marked closing before the next snapshot.
+            return written.addBoth(notify)
+
+        def notify(result: Any) -> None:
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+
+        self._file_lock.run(write)
+        return d
+
+    # -- resume / stop -----------------------------------------------------------
+    def resume(self) -> "Deferred[None]":
+        """Listen again on every socket of the active file. An entry that
+        fails is logged and skipped, and the file is rewritten once, at the
+        end, without it (so a socket that cannot come back is not retried
+        on every restart)."""
+        return ensureDeferred(self._resume())
+
+    async def _resume(self) -> None:
+        entries: list[Entry] = await self._runner(activefile.load, self._active_file)
+        resumed = skipped = 0
+        for loaded in entries:
+            try:
+                entry = _validate(loaded.service, loaded.vm_uuid, loaded.gid, loaded.path)
+                if entry.path in self._sockets:
+                    raise PathInUse(f"socket path {entry.path} is listed twice")
+            except Exception as e:
+                skipped += 1
+                self.log.error("not resuming socket {path}: {error}", path=loaded.path,
+                               error=str(e))
+                continue
+            sock = self._sockets[entry.path] = _Socket(entry)
+            try:
+                await self._open(sock)
+            except Exception as e:
+                self._release(sock)
+                skipped += 1
+                self.log.error("not resuming {service} socket {path} of VM {vm_uuid}: {error}",
+                               service=entry.service.value, path=entry.path,
+                               vm_uuid=entry.vm_uuid, error=str(e))
+                continue
+            resumed += 1
+        if skipped:
+            try:
+                await self._save()
+            except Exception:
+                self.log.failure("rewriting the active sockets file {path} failed",
+                                 path=self._active_file)
+        self.log.info("resumed {resumed} domain sockets, skipped {skipped}",
+                      resumed=resumed, skipped=skipped)
+
+    def stop_accepting(self) -> "Deferred[None]":
+        """Stop listening everywhere for shutdown. The socket files and the
+        active file stay, so a restart resumes every socket; creates are
+        refused from now on."""
+        self._stopped = True
+        stops = [ensureDeferred(self._stop_keeping_file(s)) for s in self._open_sockets()]
+        return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
+
+    async def _stop_keeping_file(self, sock: _Socket) -> None:
+        path = sock.entry.path
+        port, sock.port = sock.port, None
+        if port is None:
+            return
+        keep: str | None = path + KEEP_SUFFIX
+        try:
+            safe_unlink(keep)
+            os.link(path, keep)
+        except OSError as e:
+            self.log.warn("socket file {path} will be recreated on restart, not kept: {error}",
+                          path=path, error=str(e))
+            keep = None
+        try:
+            await maybeDeferred(port.stopListening)
+        except Exception:
+            self.log.failure("closing socket {path} failed", path=path)
+        if keep is not None:
+            try:
+                os.rename(keep, path)
+            except OSError as e:
+                self.log.warn("cannot restore socket file {path}: {error}",
+                              path=path, error=str(e))
+
+
+def _validate(service: Service | str, vm_uuid: str, gid: int, path: str) -> Entry:
+    """The entry to serve, with a normalised path, or the error to report."""
+    try:
+        service = Service(service)
+    except ValueError:
+        raise ValueError(f"unknown service {service!r}") from None
+    if not isinstance(vm_uuid, str) or not is_valid_uuid(vm_uuid):
+        raise InvalidUUID(f"invalid VM uuid {vm_uuid!r}")
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise InvalidPath(f"socket path {path!r} is not absolute")
+    if "\0" in path:
+        raise InvalidPath(f"socket path {path!r} contains a NUL byte")
+    path = os.path.normpath(path)
+    if len(os.fsencode(path)) > MAX_PATH_BYTES:
+        raise InvalidPath(f"socket path {path} is longer than {MAX_PATH_BYTES} bytes")
+    if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
+        raise ValueError(f"invalid gid {gid!r} for socket {path}")
+    return Entry(vm_uuid=vm_uuid, path=path, gid=gid, service=service)
