@@ -1,0 +1,54 @@
+"""Shared builders for the cache tests (not a test module)."""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from typing import Any
+
+from twisted.internet.task import Clock
+
+from tests.fakes import FakeUpstream, sync_runner
+from xguard.cache.cache import WriteBackCache
+from xguard.items import NvramSink, VtpmSink
+from xguard.locks import KeyedLocks
+
+VM1 = "11111111-1111-4111-8111-111111111111"
+VM2 = "22222222-2222-4222-8222-222222222222"
+VM3 = "33333333-3333-4333-8333-333333333333"
+
+
+class Env:
+    """A FakeUpstream, a Clock, a monotonic counter and a temp state dir."""
+
+    def __init__(self, *, nvram: bool = False, **kwargs: Any) -> None:
+        self.upstream = FakeUpstream()
+        for vm in (VM1, VM2, VM3):
+            self.upstream.add_vm(vm)
+        self.locks = KeyedLocks()
+        self.sink = (NvramSink if nvram else VtpmSink)(self.upstream, self.locks)
+        self.clock = Clock()
+        self.ticks = itertools.count(1000, 1000)
+        self.root = tempfile.mkdtemp(prefix="xgc")
+        self.kwargs = dict(queue_size=4, direct_deadline=3.0, backoff=lambda n: min(2.0 ** n, 30.0),
+                           interval=0.5)
+        self.kwargs.update(kwargs)
+        self.cache = self.build()
+
+    def build(self) -> WriteBackCache:
+        return WriteBackCache(self.sink, self.root, clock=self.clock, runner=sync_runner,
+                              monotonic_ns=lambda: next(self.ticks), **self.kwargs)
+
+    def tpm(self, vm: str) -> str:
+        return self.upstream.vtpms[self.upstream.vms[vm]["vtpm"]]
+
+    def settle(self, steps: int = 200) -> None:
+        for _ in range(steps):
+            if not self.clock.getDelayedCalls():
+                return
+            last = max(c.getTime() for c in self.clock.getDelayedCalls())
+            self.clock.advance(last - self.clock.seconds())
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import os
+import stat
+
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from tests.unit.cachehelpers import VM1, VM2, Env
+from xguard.errors import PermanentUpstreamError, TransientUpstreamError
+from xguard.interfaces import IItemWriter, IStatusSource
+from xguard.model import NvramWrite
+
+
+def files(root: str, top: str = "Swtpm") -> list[str]:
+    base = os.path.join(root, top)
+    return sorted(os.path.relpath(os.path.join(d, f), base)
+                  for d, _, fs in os.walk(base) for f in fs)
+
+
+class CacheTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.env = Env()
+        self.addCleanup(self.env.cleanup)
+        self.cache = self.env.cache
+        self.successResultOf(self.cache.recover())
+        self.cache.start()
+        self.addCleanup(self.check_stopped)
+
+    def check_stopped(self) -> None:
+        self.successResultOf(self.cache.stop())
+        self.assertEqual(self.env.clock.getDelayedCalls(), [])
+
+
+class DirectTests(CacheTestCase):
+    def test_interfaces(self) -> None:
+        verifyObject(IItemWriter, self.cache)
+        verifyObject(IStatusSource, self.cache)
+
+    def test_direct_write_does_not_touch_disk(self) -> None:
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        self.assertEqual(self.env.tpm(VM1), "a")
+        self.assertEqual(files(self.env.root), [])
+        self.assertEqual(self.cache.status()["mode"], "Direct")
+        self.assertEqual(self.env.clock.getDelayedCalls(), [])  # no polling while idle
+
+    def test_permanent_error_reaches_client(self) -> None:
+        self.env.upstream.fail_next(PermanentUpstreamError(["HANDLE_INVALID"]))
+        self.failureResultOf(self.cache.write(VM1, 0, b"a"), PermanentUpstreamError)
+        self.assertEqual(self.cache.status()["mode"], "Direct")
+
+    def test_transient_error_engages(self) -> None:
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        (name,) = files(self.env.root)
+        path = os.path.join(self.env.root, "Swtpm", name)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
+        st = self.cache.status()
+        self.assertEqual((st["mode"], st["queue_depth"], st["pending"]), ("Engaged", 1, {VM1: 1}))
+        self.assertEqual(self.successResultOf(self.cache.pending(VM1, 0)), b"a")
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "a")
+        self.assertEqual(files(self.env.root), [])
+        self.assertEqual(self.cache.status()["mode"], "Direct")
+
+    def test_deadline_falls_back_and_late_answer_never_wins(self) -> None:
+        up = self.env.upstream
+        up.hold = True
+        first = self.cache.write(VM1, 0, b"old")
+        self.assertNoResult(first)
+        self.env.clock.advance(3.0)
+        self.successResultOf(first)  # durable on disk, acknowledged
+        self.assertEqual(self.cache.status()["mode"], "Engaged")
+        self.successResultOf(self.cache.write(VM1, 0, b"new"))  # Engaged: disk
+        up.hold = False
+        up.release()
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "new")
+        self.assertEqual(files(self.env.root), [])
+
+    def test_queued_direct_attempt_supersedes_abandoned_one(self) -> None:
+        up = self.env.upstream
+        up.hold = True
+        self.cache.write(VM1, 0, b"old")
+        self.env.clock.advance(1.0)
+        second = self.cache.write(VM1, 0, b"new")  # still Direct: waits for VM1's lock
+        self.env.clock.advance(2.0)  # the first attempt's deadline
+        self.assertNoResult(second)
+        up.hold = False
+        up.release()
+        self.successResultOf(second)
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "new")
+        self.assertEqual(files(self.env.root), [])
+
+    def test_other_vm_not_blocked_by_hung_vm(self) -> None:
+        up = self.env.upstream
+        up.hold = True
+        self.cache.write(VM1, 0, b"a")
+        d2 = self.cache.write(VM2, 0, b"b")
+        self.assertEqual(up.held, 2)  # both in flight: no service lock across upstream
+        up.hold = False
+        up.release()
+        self.successResultOf(d2)
+        self.env.settle()
+
+    def test_stop_persists_in_flight(self) -> None:
+        self.env.upstream.hold = True
+        d = self.cache.write(VM1, 0, b"a")
+        self.successResultOf(self.cache.stop())
+        self.successResultOf(d)
+        self.assertEqual(len(files(self.env.root)), 1)
+        self.assertEqual(self.env.clock.getDelayedCalls(), [])
+
+
+class ModeTests(CacheTestCase):
+    def test_queue_full_disengaged_scan_direct(self) -> None:
+        self.env.upstream.down = True
+        for i in range(6):  # queue_size=4
+            self.successResultOf(self.cache.write(VM1 if i % 2 else VM2, i % 3, b"v%d" % i))
+        self.assertEqual(self.cache.status()["mode"], "Disengaged")
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(self.cache.status()["mode"], "Direct")
+        self.assertEqual(files(self.env.root), [])
+        self.assertEqual(self.env.tpm(VM1), "v3 v1 v5")
+        self.assertEqual(self.env.tpm(VM2), "v0 v4 v2")
+
+    def test_engaged_writes_replace_older_versions(self) -> None:
+        self.env.upstream.down = True
+        for v in (b"1", b"2", b"3"):
+            self.successResultOf(self.cache.write(VM1, 0, v))
+        self.assertEqual(len(files(self.env.root)), 1)
+        self.assertEqual(self.successResultOf(self.cache.pending(VM1, 0)), b"3")
+
+    def test_permanent_failure_quarantines(self) -> None:
+        self.env.upstream.down = True
+        unknown = "44444444-4444-4444-8444-444444444444"
+        self.successResultOf(self.cache.write(unknown, 0, b"x"))
+        self.successResultOf(self.cache.write(VM1, 0, b"y"))
+        self.env.upstream.down = False
+        self.env.settle()
+        st = self.cache.status()
+        self.assertEqual(st["mode"], "Direct")
+        (q,) = st["quarantined"]
+        self.assertEqual((q["vm"], q["key"]), (unknown, 0))
+        self.assertIn("UUID_INVALID", q["reason"])
+        with open(q["file"], "rb") as f:
+            self.assertEqual(f.read(), b"x")
+        self.assertEqual(self.env.tpm(VM1), "y")
+        restarted = self.env.build()
+        self.successResultOf(restarted.recover())
+        self.assertEqual(len(restarted.status()["quarantined"]), 1)  # survives restarts
+
+    def test_disabled_fails_like_direct_writer(self) -> None:
+        enabled = [True]
+        env = Env(enabled=lambda: enabled[0])
+        self.addCleanup(env.cleanup)
+        self.successResultOf(env.cache.recover())
+        env.cache.start()
+        env.upstream.down = True
+        self.successResultOf(env.cache.write(VM1, 0, b"cached"))
+        enabled[0] = False
+        self.failureResultOf(env.cache.write(VM1, 1, b"x"), TransientUpstreamError)
+        env.upstream.down = False
+        self.successResultOf(env.cache.write(VM1, 0, b"newer"))
+        env.settle()  # the older pending version was dropped, never delivered
+        self.assertEqual(env.tpm(VM1), "newer")
+        self.successResultOf(env.cache.stop())
+
+
+class RecoveryTests(SynchronousTestCase):
+    def test_upstream_tree_is_delivered_on_first_start(self) -> None:
+        env = Env()
+        self.addCleanup(env.cleanup)
+        d = os.path.join(env.root, "Swtpm", VM1, "0")
+        os.makedirs(d)
+        for ts, data in ((5, b"old"), (10**15, b"future")):
+            with open(os.path.join(d, str(ts)), "wb") as f:
+                f.write(data)
+        self.successResultOf(env.cache.recover())
+        self.assertEqual(env.cache.status()["mode"], "Engaged")
+        self.assertEqual(self.successResultOf(env.cache.pending(VM1, 0)), b"future")
+        self.successResultOf(env.cache.write(VM1, 0, b"after"))  # newer than the retimed one
+        env.cache.start()
+        env.settle()
+        self.assertEqual(env.tpm(VM1), "after")
+        self.assertEqual(files(env.root), [])
+        self.successResultOf(env.cache.stop())
+        self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_too_many_pending_starts_disengaged(self) -> None:
+        env = Env(queue_size=1)
+        self.addCleanup(env.cleanup)
+        for key in (0, 1):
+            os.makedirs(os.path.join(env.root, "Swtpm", VM1, str(key)))
+            with open(os.path.join(env.root, "Swtpm", VM1, str(key), "7"), "wb") as f:
+                f.write(b"k%d" % key)
+        self.successResultOf(env.cache.recover())
+        self.assertEqual(env.cache.status()["mode"], "Disengaged")
+        env.cache.start()
+        env.settle()
+        self.assertEqual(env.tpm(VM1), "k0 k1 ")
+        self.assertEqual(env.cache.status()["mode"], "Direct")
+        self.successResultOf(env.cache.stop())
+
+
+class NvramTests(SynchronousTestCase):
+    def test_nvram_cached_with_update_flag(self) -> None:
+        env = Env(nvram=True)
+        self.addCleanup(env.cleanup)
+        self.successResultOf(env.cache.recover())
+        env.cache.start()
+        env.upstream.down = True
+        self.successResultOf(env.cache.write(VM1, 0, NvramWrite("AAAA", "yes").encode()))
+        self.assertEqual(files(env.root, "Varstored"), [f"{VM1}/0/2000"])
+        env.upstream.down = False
+        env.settle()
+        self.assertEqual(env.upstream.vms[VM1]["nvram"]["EFI-variables"], "AAAA")
+        self.assertEqual(env.upstream.vms[VM1]["update"], "yes")
+        self.successResultOf(env.cache.stop())

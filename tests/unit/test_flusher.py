@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from twisted.logger import globalLogPublisher
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.cachehelpers import VM1, VM2, VM3, Env
+from xguard.cache.flusher import default_backoff
+from xguard.errors import TransientUpstreamError
+
+
+class FlusherTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.env = Env(queue_size=16)
+        self.addCleanup(self.env.cleanup)
+        self.cache = self.env.cache
+        self.successResultOf(self.cache.recover())
+        self.cache.start()
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def tearDown(self) -> None:
+        self.successResultOf(self.cache.stop())
+        self.assertEqual(self.env.clock.getDelayedCalls(), [])
+
+    def messages(self, word: str) -> list[dict]:
+        return [e for e in self.events if word in e.get("log_format", "")]
+
+    def test_backoff_timing_and_outage_logged_once(self) -> None:
+        up = self.env.upstream
+        up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        calls = up.count("vtpm_for_vm")
+        seen = []
+        for _ in range(16):  # 8 s in 0.5 s steps
+            self.env.clock.advance(0.5)
+            seen.append(up.count("vtpm_for_vm") - calls)
+        # rounds at 0.5; backoff(1)=2 s until 2.5, next tick 3.0; backoff(2)=4 s
+        # until 7.0, next tick 7.5
+        self.assertEqual(seen, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3])
+        self.assertEqual(len(self.messages("unreachable")), 1)
+        self.assertEqual(self.cache.status()["outage_since"], 0.0)
+        up.down = False
+        self.env.settle()
+        (recovered,) = self.messages("recovered")
+        self.assertEqual(recovered["n"], 1)
+        self.assertIsNone(self.cache.status()["outage_since"])
+        self.assertEqual(self.cache.status()["delivered"], 1)
+
+    def test_coalesced_per_vm(self) -> None:
+        up = self.env.upstream
+        up.down = True
+        for key in (0, 1, 2):
+            self.successResultOf(self.cache.write(VM1, key, b"k%d" % key))
+        up.down = False
+        before = up.count("set_vtpm_contents")
+        self.env.settle()
+        self.assertEqual(up.count("set_vtpm_contents"), before + 1)
+        self.assertEqual(self.env.tpm(VM1), "k0 k1 k2")
+
+    def test_parallel_across_vms_bounded(self) -> None:
+        env = Env(queue_size=16, max_concurrency=2)
+        self.addCleanup(env.cleanup)
+        self.successResultOf(env.cache.recover())
+        env.cache.start()
+        env.upstream.down = True
+        for vm in (VM1, VM2, VM3):
+            self.successResultOf(env.cache.write(vm, 0, b"x"))
+        env.upstream.down = False
+        env.upstream.hold = True
+        env.clock.advance(0.5)
+        self.assertEqual(env.upstream.held, 2)  # two VMs at once, not one, not three
+        env.upstream.hold = False
+        while env.upstream.held:
+            env.upstream.release()
+        env.settle()
+        self.assertEqual([env.tpm(vm) for vm in (VM1, VM2, VM3)], ["x"] * 3)
+        self.successResultOf(env.cache.stop())
+
+    def test_transient_error_in_coalesced_push_keeps_items(self) -> None:
+        up = self.env.upstream
+        up.down = True
+        self.successResultOf(self.cache.write(VM2, 0, b"a"))
+        up.down = False
+        up.fail_next(TransientUpstreamError(["HOST_STILL_BOOTING"]))
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM2), "a")
+        self.assertEqual(self.cache.status()["pending"], {})
+
+    def test_default_backoff_is_capped(self) -> None:
+        policy = default_backoff()
+        self.assertLessEqual(policy(100), 61.0)
+        self.assertGreaterEqual(policy(100), 60.0)

@@ -1,0 +1,352 @@
+# -*- test-case-name: tests.unit.test_cache -*-
+"""The durable write-back cache of one service: the :class:`IItemWriter`
+domain sockets write through.
+
+A write is acknowledged only once it is durable: upstream took it (Direct)
+or it is on disk (``.pre``, fsync, rename, directory fsync). Which of the two
+is the machine's decision (:mod:`xguard.cache.machine`); this module holds
+what the machine acts on:
+
+- ``lock``: the service lock. Every machine input runs under it, and so does
+  every disk write decided by the machine; no upstream call runs under it.
+- ``vm_locks``: one delivery lock per VM. Every upstream delivery this cache
+  makes (Direct attempt, flusher) holds it until upstream answers, so an
+  abandoned Direct attempt still blocks newer deliveries of its VM and a late
+  answer can never overwrite a newer version. (VtpmSink also takes the vTPM's
+  RMW lock, shared with the control channel.)
+- ``index``: the versions on disk per item, kept in step with the files; it
+  answers reads and emptiness checks without listing directories.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet.defer import (
+    Deferred,
+    DeferredLock,
+    DeferredQueue,
+    ensureDeferred,
+    gatherResults,
+    maybeDeferred,
+)
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ..errors import TransientUpstreamError
+from ..interfaces import IItemSink, IItemWriter, IStatusSource
+from ..locks import KeyedLocks
+from . import recovery
+from .flusher import Flusher, default_backoff
+from .layout import Item, Version, service_dir
+from .machine import _CacheCore, _CacheInputs, build_machine
+from .store import DiskStore
+
+__all__ = ["WriteBackCache"]
+
+Runner = Callable[..., "Deferred[Any]"]
+
+
+class _Attempt:
+    """A Direct write in flight; abandoned once its deadline passed or it
+    failed transiently (then it is on disk)."""
+
+    def __init__(self, version: Version, content: bytes, done: "Deferred[None]") -> None:
+        self.version = version
+        self.content = content
+        self.done = done
+        self.abandoned = False
+        self.timer: IDelayedCall | None = None
+        self.fallback: Deferred[None] | None = None
+
+
+@implementer(IItemWriter, IStatusSource)
+class WriteBackCache:
+    log = Logger()
+
+    def __init__(self, sink: IItemSink, root: str, *, clock: IReactorTime, runner: Runner,
+                 monotonic_ns: Callable[[], int], queue_size: int = 512,
+                 direct_deadline: float = 3.0, max_concurrency: int = 8,
+                 backoff: Callable[[int], float] | None = None,
+                 enabled: Callable[[], bool] = lambda: True, interval: float = 0.5) -> None:
+        self.sink = sink
+        self.service = sink.service
+        self.root = root
+        self.clock = clock
+        self.runner = runner
+        self.monotonic_ns = monotonic_ns
+        self.direct_deadline = direct_deadline
+        self.enabled = enabled
+        self.store = DiskStore(root, self.service)
+        self.lock = DeferredLock()
+        self.vm_locks = KeyedLocks()
+        self.queue: DeferredQueue[Version] = DeferredQueue(size=queue_size)
+        self.index: dict[Item, list[int]] = {}
+        self.quarantined: list[dict[str, object]] = []
+        self._last_ts: dict[Item, int] = {}
+        self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
+        self._attempts: set[_Attempt] = set()
+        self.flusher = Flusher(self, clock, interval=interval,
+                               backoff=backoff or default_backoff(),
+                               max_concurrency=max_concurrency)
+        self.machine: _CacheInputs = build_machine(
+            _CacheCore(self.service.value, self.queue, self, self.log))
+
+    # -- start / stop ------------------------------------------------------
+    def recover(self) -> "Deferred[None]":
+        """Start-up recovery (before anything listens), then the first mode."""
+        return ensureDeferred(self._recover())
+
+    async def _recover(self) -> None:
+        base = service_dir(self.root, self.service)
+        listing = await self.runner(recovery.scan, base)
+        actions = recovery.plan(self.service, listing, self.monotonic_ns())
+        for a in actions:
+            if isinstance(a, recovery.Warn):
+                self.log.warn("cache recovery: leaving {path} alone: {reason}",
+                              path=os.path.join(base, *a.path), reason=a.reason)
+            elif isinstance(a, recovery.Delete):
+                self.log.info("cache recovery: deleting {path} ({reason})",
+                              path=os.path.join(base, *a.path), reason=a.reason)
+            elif isinstance(a, recovery.Move):
+                self.log.info("cache recovery: retiming {path} to {ts}",
+                              path=os.path.join(base, *a.src), ts=a.version.ts)
+        await self.runner(recovery.apply, base, actions)
+        versions = recovery.kept_versions(actions)
+        for v in versions:
+            self._record(v)
+        self.quarantined = await self.runner(self.store.quarantined)
+        if versions:
+            self.log.info("{service} cache: {n} pending items recovered",
+                          service=self.service.value, n=len(versions))
+            self.machine.start_pending(versions)
+        else:
+            self.machine.start_empty()
+
+    def start(self) -> None:
+        """Let the flusher run (it polls only while something is pending)."""
+        self.flusher.resume()
+        if self.machine.mode() != "Direct":
+            self.flusher.wake()
+
+    def stop(self) -> "Deferred[None]":
+        """Stop flushing; Direct writes in flight are persisted now (and
+        acknowledged), so shutdown never waits for upstream."""
+        self.flusher.stop()
+        pending = [self._give_up(a, "shutting down") for a in list(self._attempts)]
+        return gatherResults([d for d in pending if d is not None],
+                             consumeErrors=True).addCallback(lambda _: None)
+
+    # -- IItemWriter -------------------------------------------------------
+    def write(self, vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
+        version = self._stamp(Item(vm_uuid, key))
+        if not self.enabled():
+            return self.vm_locks.run(vm_uuid, lambda: self._write_through(version, content))
+        done: Deferred[None] = Deferred()
+
+        def failed(f: Any) -> None:
+            if not done.called:
+                done.errback(f)
+
+        self.lock.run(self.machine.write, version, content, done).addErrback(failed)
+        return done
+
+    def pending(self, vm_uuid: str, key: int) -> "Deferred[bytes | None]":
+        return ensureDeferred(self._pending(Item(vm_uuid, key)))
+
+    async def _pending(self, item: Item) -> bytes | None:
+        for _ in range(5):
+            versions = self.index.get(item)
+            if not versions:
+                return None
+            data = await self.runner(self.store.read, Version(item, versions[-1]))
+            if data is not None:
+                return data
+        return None  # pragma: no cover - raced by five newer writes
+
+    def _stamp(self, item: Item) -> Version:
+        """Strictly increasing per item, and later than anything recovered."""
+        ts = max(self.monotonic_ns(), self._last_ts.get(item, 0) + 1)
+        self._last_ts[item] = ts
+        return Version(item, ts)
+
+    # -- what the machine acts on (_CacheOps) --------------------------------
+    def attempt_direct(self, version: Version, content: bytes, done: "Deferred[None]") -> None:
+        attempt = _Attempt(version, content, done)
+        self._attempts.add(attempt)
+        attempt.timer = self.clock.callLater(self.direct_deadline, self._give_up, attempt,
+                                             "no answer within the deadline")
+        self.vm_locks.run(version.item.vm, lambda: self._run_attempt(attempt))
+
+    async def _run_attempt(self, attempt: _Attempt) -> None:
+        if attempt.abandoned:
+            return  # its deadline passed while waiting: it is on disk already
+        version = attempt.version
+        try:
+            await maybeDeferred(self.sink.deliver, version.item.vm,
+                                {version.item.key: attempt.content})
+        except TransientUpstreamError as e:
+            self.flusher.failed(e)
+            fallback = self._give_up(attempt, str(e))
+            if fallback is not None:
+                await fallback  # on disk before this VM's next delivery starts
+            return
+        except Exception as e:
+            if not attempt.abandoned:
+                self._finish(attempt)
+                attempt.done.errback(e)
+            else:
+                self.log.info("late failure of an abandoned write of {vm} key {key}: {error}",
+                              vm=version.item.vm, key=version.item.key, error=str(e))
+            return
+        if not attempt.abandoned:
+            self._finish(attempt)
+            await self._superseded_by(version)
+            attempt.done.callback(None)
+
+    def _finish(self, attempt: _Attempt) -> None:
+        attempt.abandoned = True
+        self._attempts.discard(attempt)
+        if attempt.timer is not None and attempt.timer.active():
+            attempt.timer.cancel()
+
+    def _give_up(self, attempt: _Attempt, reason: str) -> "Deferred[None] | None":
+        """Treat the attempt as a transient failure: durable on disk, queued,
+        Engaged, acknowledged. The upstream call is not cancelled."""
+        if attempt.abandoned:
+            return attempt.fallback
+        self._finish(attempt)
+        self.log.debug("write of {vm} key {key} goes to disk: {reason}",
+                       vm=attempt.version.item.vm, key=attempt.version.item.key, reason=reason)
+        d = self.lock.run(self._engage, attempt.version, attempt.content)
+        d.addCallbacks(lambda _: attempt.done.callback(None), attempt.done.errback)
+        attempt.fallback = d
+        return d
+
+    async def _engage(self, version: Version, content: bytes) -> None:
+        await self.persist(version, content)
+        self.machine.push_failed_transient(version)
+
+    def _write_through(self, version: Version, content: bytes) -> "Deferred[None]":
+        """Cache disabled: upstream or an error, like DirectWriter."""
+        async def run() -> None:
+            await maybeDeferred(self.sink.deliver, version.item.vm, {version.item.key: content})
+            await self._superseded_by(version)
+        return ensureDeferred(run())
+
+    def persist(self, version: Version, content: bytes) -> "Deferred[None]":
+        """Make ``version`` durable, then delete the older versions."""
+        return ensureDeferred(self._persist(version, content))
+
+    async def _persist(self, version: Version, content: bytes) -> None:
+        item = version.item
+        if self._newest.get(item, -1) > version.ts:
+            return  # a newer version is already acknowledged: this one is superseded
+        await self.runner(self.store.write, version, content)
+        self._record(version)
+        for ts in [t for t in self.index[item] if t < version.ts]:
+            await self._forget(Version(item, ts))
+
+    def _record(self, version: Version) -> None:
+        item = version.item
+        versions = self.index.setdefault(item, [])
+        if version.ts not in versions:
+            versions.append(version.ts)
+            versions.sort()
+        self._newest[item] = max(self._newest.get(item, -1), version.ts)
+        self._last_ts[item] = max(self._last_ts.get(item, 0), version.ts)
+
+    async def _forget(self, version: Version) -> None:
+        """Delete ``version``'s file, then drop it from the index."""
+        await self.runner(self.store.delete, version)
+        versions = self.index.get(version.item)
+        if versions is not None and version.ts in versions:
+            versions.remove(version.ts)
+            if not versions:
+                del self.index[version.item]
+
+    async def _superseded_by(self, version: Version) -> None:
+        """``version`` reached upstream: older files of its item must never
+        be delivered (deleted before the write is acknowledged)."""
+        item = version.item
+        self._newest[item] = max(self._newest.get(item, -1), version.ts)
+        for ts in [t for t in self.index.get(item, []) if t < version.ts]:
+            await self._forget(Version(item, ts))
+
+    def wake_flusher(self) -> None:
+        self.flusher.wake()
+
+    def pending_items(self) -> list[Item]:
+        return sorted(self.index)
+
+    def has_work(self) -> bool:
+        return bool(self.index) or self.flusher.has_work()
+
+    def scan(self) -> "Deferred[list[Item]]":
+        """The directory scan of Disengaged mode; the disk is authoritative."""
+        def found(on_disk: dict[Item, list[int]]) -> list[Item]:
+            for item, stamps in on_disk.items():
+                for ts in stamps:
+                    if ts not in self.index.get(item, []):
+                        self._record(Version(item, ts))
+            return sorted(on_disk)
+        return self.runner(self.store.scan).addCallback(found)
+
+    # -- what the flusher uses ---------------------------------------------
+    async def snapshot(self, vm: str, keys: Iterable[int]) -> dict[int, tuple[Version, bytes]]:
+        """The latest version of each of ``keys`` with its content."""
+        out: dict[int, tuple[Version, bytes]] = {}
+        for key in sorted(keys):
+            item = Item(vm, key)
+            for _ in range(5):
+                versions = self.index.get(item)
+                if not versions:
+                    break
+                version = Version(item, versions[-1])
+                data = await self.runner(self.store.read, version)
+                if data is not None:
+                    out[key] = (version, data)
+                    break
+                if self.index.get(item, [])[-1:] == [version.ts]:
+                    self.index[item].remove(version.ts)  # vanished from disk
+                    if not self.index[item]:
+                        del self.index[item]
+        return out
+
+    async def delivered(self, version: Version) -> None:
+        """Upstream confirmed ``version``: its file (and older ones) go."""
+        await self._superseded_by(version)
+        await self._forget(version)
+
+    async def quarantine(self, version: Version, reason: str) -> None:
+        path = await self.runner(self.store.quarantine, version, reason)
+        versions = self.index.get(version.item, [])
+        if version.ts in versions:
+            versions.remove(version.ts)
+            if not versions:
+                del self.index[version.item]
+        entry = {"vm": version.item.vm, "key": version.item.key, "file": path, "reason": reason}
+        self.quarantined.append(entry)
+        self.log.error("{service}: write of {vm} key {key} refused by upstream ({reason}); "
+                       "quarantined as {file}", service=self.service.value, vm=version.item.vm,
+                       key=version.item.key, reason=reason, file=path)
+
+    # -- IStatusSource -----------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        per_vm: dict[str, int] = {}
+        for item in self.index:
+            per_vm[item.vm] = per_vm.get(item.vm, 0) + 1
+        return {
+            "service": self.service.value,
+            "mode": self.machine.mode(),
+            "enabled": bool(self.enabled()),
+            "queue_depth": len(self.queue.pending),
+            "pending": per_vm,
+            "quarantined": list(self.quarantined),
+            "last_error": self.flusher.last_error,
+            "outage_since": self.flusher.outage_since,
+            "delivered": self.flusher.delivered,
+        }

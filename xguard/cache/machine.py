@@ -1,0 +1,235 @@
+# -*- test-case-name: tests.unit.test_machine -*-
+"""The cache's three modes as one Automat machine per service.
+
+The table below is the whole machine (the design diagram of
+reference/000_xapi_guard_design.txt plus the start-up choice); behaviours
+follow it. Inputs that report an asynchronous result (a Direct attempt that
+failed, a full queue, a drained queue, an empty scan) are fed back by the
+core, as ``_client_service`` does with ``_connectionFailed``. Every input is
+delivered while the service lock is held (see :mod:`xguard.cache.cache`),
+so a mode never changes between a check and the action depending on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from automat import TypeMachineBuilder, pep614
+from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
+from twisted.logger import Logger
+
+from .layout import Item, Version
+
+__all__ = ["CacheMachine", "build_machine", "TRANSITIONS"]
+
+
+class _CacheOps(Protocol):
+    """What the behaviours need from the cache (implemented by WriteBackCache)."""
+
+    def attempt_direct(self, version: Version, content: bytes, done: "Deferred[None]") -> None: ...
+    def persist(self, version: Version, content: bytes) -> "Deferred[None]": ...
+    def wake_flusher(self) -> None: ...
+    def pending_items(self) -> list[Item]: ...
+    def scan(self) -> "Deferred[list[Item]]": ...
+    def has_work(self) -> bool: ...
+
+
+class _CacheInputs(Protocol):
+    def mode(self) -> str:
+        "The current mode's name (Status, tests)."
+
+    def start_empty(self) -> None:
+        "Recovery found nothing pending."
+
+    def start_pending(self, versions: Sequence[Version]) -> None:
+        "Recovery found ``versions`` pending delivery."
+
+    def write(self, version: Version, content: bytes, done: "Deferred[None]") -> "Deferred[None]":
+        """A domain write; ``done`` fires once it is durable (upstream or
+        disk). The result fires when the service lock may be released."""
+
+    def push_failed_transient(self, version: Version) -> None:
+        "A Direct attempt failed or missed its deadline; ``version`` is now on disk."
+
+    def queue_overflowed(self) -> None:
+        "A name did not fit the bounded queue."
+
+    def next_batch(self) -> "Deferred[list[Item] | None]":
+        "The flusher asks what to deliver (None: nothing, stop polling)."
+
+    def settle(self) -> "Deferred[None]":
+        "The flusher finished a round: check whether the cache is empty."
+
+    def queue_drained(self) -> None:
+        "The flusher found the queue empty and nothing pending."
+
+    def cache_found_empty(self) -> None:
+        "A scan under the lock found no pending version."
+
+
+@dataclass
+class _CacheCore:
+    service: str
+    queue: DeferredQueue[Version]
+    ops: _CacheOps
+    log: Logger
+
+
+builder = TypeMachineBuilder(_CacheInputs, _CacheCore)
+Starting = builder.state("Starting")
+Direct = builder.state("Direct")
+Engaged = builder.state("Engaged")
+Disengaged = builder.state("Disengaged")
+
+# ---- the table ---------------------------------------------------------
+# (state, input, next state) — behaviours for those without .returns below.
+TRANSITIONS = [
+    ("Starting", "start_empty", "Direct"),
+    ("Starting", "start_pending", "Engaged"),
+    ("Direct", "write", "Direct"),               # sent to xapi
+    ("Direct", "push_failed_transient", "Engaged"),
+    ("Direct", "next_batch", "Direct"),          # reader waits
+    ("Engaged", "write", "Engaged"),             # on disk, name queued
+    ("Engaged", "push_failed_transient", "Engaged"),
+    ("Engaged", "queue_overflowed", "Disengaged"),
+    ("Engaged", "next_batch", "Engaged"),        # reader takes names from the queue
+    ("Engaged", "settle", "Engaged"),
+    ("Engaged", "queue_drained", "Direct"),
+    ("Disengaged", "write", "Disengaged"),       # on disk only
+    ("Disengaged", "push_failed_transient", "Disengaged"),
+    ("Disengaged", "queue_overflowed", "Disengaged"),
+    ("Disengaged", "next_batch", "Disengaged"),  # reader scans the directory
+    ("Disengaged", "settle", "Disengaged"),
+    ("Disengaged", "cache_found_empty", "Direct"),
+]
+
+Starting.upon(_CacheInputs.start_empty).to(Direct).returns(None)
+Direct.upon(_CacheInputs.settle).loop().returns(succeed(None))
+Direct.upon(_CacheInputs.queue_overflowed).loop().returns(None)
+Direct.upon(_CacheInputs.queue_drained).loop().returns(None)
+Direct.upon(_CacheInputs.cache_found_empty).loop().returns(None)
+Engaged.upon(_CacheInputs.cache_found_empty).loop().returns(None)
+Disengaged.upon(_CacheInputs.queue_drained).loop().returns(None)
+for _state in (Starting, Direct, Engaged, Disengaged):
+    _state.upon(_CacheInputs.mode).loop().returns(_state.name)
+
+
+def _enqueue(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
+    try:
+        core.queue.put(version)
+    except QueueOverflow:
+        inputs.queue_overflowed()
+
+
+@pep614(Starting.upon(_CacheInputs.start_pending).to(Engaged))
+def _start_pending(inputs: _CacheInputs, core: _CacheCore, versions: Sequence[Version]) -> None:
+    for version in versions:
+        _enqueue(inputs, core, version)
+    core.ops.wake_flusher()
+
+
+@pep614(Direct.upon(_CacheInputs.write).loop())
+def _direct_write(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+                  done: "Deferred[None]") -> "Deferred[None]":
+    core.ops.attempt_direct(version, content, done)
+    return succeed(None)  # no disk work: release the lock at once
+
+
+def _persist(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+             done: "Deferred[None]", queue: bool) -> "Deferred[None]":
+    d = core.ops.persist(version, content)
+
+    def durable(_: object) -> None:
+        if queue:
+            _enqueue(inputs, core, version)
+        done.callback(None)
+
+    d.addCallbacks(durable, done.errback)
+    return d
+
+
+@pep614(Engaged.upon(_CacheInputs.write).loop())
+def _engaged_write(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+                   done: "Deferred[None]") -> "Deferred[None]":
+    return _persist(inputs, core, version, content, done, queue=True)
+
+
+@pep614(Disengaged.upon(_CacheInputs.write).loop())
+def _disengaged_write(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+                      done: "Deferred[None]") -> "Deferred[None]":
+    return _persist(inputs, core, version, content, done, queue=False)
+
+
+@pep614(Direct.upon(_CacheInputs.push_failed_transient).to(Engaged))
+def _engage(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
+    core.log.info("{service} cache engaged", service=core.service)
+    _enqueue(inputs, core, version)
+    core.ops.wake_flusher()
+
+
+@pep614(Engaged.upon(_CacheInputs.push_failed_transient).loop())
+def _queue_more(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
+    _enqueue(inputs, core, version)
+
+
+@pep614(Disengaged.upon(_CacheInputs.push_failed_transient).loop())
+def _scan_will_find(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
+    """The scan finds it."""
+
+
+@pep614(Engaged.upon(_CacheInputs.queue_overflowed).to(Disengaged))
+@pep614(Disengaged.upon(_CacheInputs.queue_overflowed).loop())
+def _overflowed(inputs: _CacheInputs, core: _CacheCore) -> None:
+    core.log.info("{service} cache queue full: disengaged", service=core.service)
+
+
+@pep614(Direct.upon(_CacheInputs.next_batch).loop())
+def _nothing(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[list[Item] | None]":
+    return succeed(None)
+
+
+@pep614(Engaged.upon(_CacheInputs.next_batch).loop())
+def _from_queue(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[list[Item] | None]":
+    names: list[Version] = []
+    while core.queue.pending:
+        core.queue.get().addCallback(names.append)
+    return succeed(sorted({v.item for v in names}))
+
+
+@pep614(Disengaged.upon(_CacheInputs.next_batch).loop())
+def _from_scan(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[list[Item] | None]":
+    return core.ops.scan()  # type: ignore[return-value]
+
+
+@pep614(Engaged.upon(_CacheInputs.settle).loop())
+def _check_drained(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[None]":
+    if not core.queue.pending and not core.ops.has_work():
+        inputs.queue_drained()
+    return succeed(None)
+
+
+@pep614(Disengaged.upon(_CacheInputs.settle).loop())
+def _check_empty(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[None]":
+    def scanned(items: list[Item]) -> None:
+        if not items and not core.ops.has_work():
+            inputs.cache_found_empty()
+
+    return core.ops.scan().addCallback(scanned)
+
+
+@pep614(Engaged.upon(_CacheInputs.queue_drained).to(Direct))
+@pep614(Disengaged.upon(_CacheInputs.cache_found_empty).to(Direct))
+def _direct_again(inputs: _CacheInputs, core: _CacheCore) -> None:
+    while core.queue.pending:  # stale names: everything is delivered
+        core.queue.get()
+    core.log.info("{service} cache empty: direct", service=core.service)
+
+
+CacheMachine = builder.build()
+
+
+def build_machine(core: _CacheCore) -> _CacheInputs:
+    """A machine in Starting; ``start_empty``/``start_pending`` choose the mode."""
+    return CacheMachine(core)

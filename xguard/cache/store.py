@@ -1,0 +1,137 @@
+# -*- test-case-name: tests.unit.test_cache -*-
+"""The disk side of one service's cache. Every method is blocking and is
+meant to be called through the injected runner (a thread pool in
+production, inline in tests)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from ..durable import atomic_write, fsync_dir, makedirs, safe_unlink
+from ..model import Service
+from .layout import (
+    PRE_SUFFIX,
+    QUARANTINE,
+    Item,
+    Latest,
+    Outdated,
+    Version,
+    classify,
+    is_vm_dir,
+    item_dir,
+    parse_key,
+    parse_timestamp,
+    quarantine_path,
+    service_dir,
+    version_path,
+)
+
+__all__ = ["DiskStore"]
+
+REASON_SUFFIX = ".reason"
+
+
+class DiskStore:
+    """Durable versions of one service's items below ``root``."""
+
+    def __init__(self, root: str, service: Service) -> None:
+        self.root = root
+        self.service = service
+        self.base = service_dir(root, service)
+
+    def write(self, version: Version, content: bytes) -> None:
+        """Durable once this returns: ``.pre``, fsync, rename, fsync dir."""
+        path = version_path(self.root, self.service, version)
+        for _ in range(3):
+            makedirs(os.path.dirname(path), 0o700)
+            try:
+                atomic_write(path, content, mode=0o600, tmp_suffix=PRE_SUFFIX)
+                return
+            except FileNotFoundError:
+                continue  # a concurrent prune removed the empty directory
+        atomic_write(path, content, mode=0o600, tmp_suffix=PRE_SUFFIX)
+
+    def read(self, version: Version) -> bytes | None:
+        """The content of ``version``, or None when it is gone."""
+        try:
+            with open(version_path(self.root, self.service, version), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, version: Version) -> None:
+        """Remove ``version`` durably and prune the directories it leaves
+        empty."""
+        path = version_path(self.root, self.service, version)
+        if safe_unlink(path):
+            fsync_dir(os.path.dirname(path))
+        self._prune(item_dir(self.root, self.service, version.item))
+
+    def _prune(self, directory: str) -> None:
+        for d in (directory, os.path.dirname(directory)):
+            try:
+                os.rmdir(d)
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                    return
+                raise
+
+    def scan(self) -> dict[Item, list[int]]:
+        """Acknowledged versions per item, ascending; ``.pre`` and
+        unrecognised files are not versions."""
+        found: dict[Item, list[int]] = {}
+        if not os.path.isdir(self.base):
+            return found
+        for vm in os.listdir(self.base):
+            vm_dir = os.path.join(self.base, vm)
+            if not is_vm_dir(vm) or not os.path.isdir(vm_dir):
+                continue
+            for key_name in os.listdir(vm_dir):
+                key = parse_key(self.service, key_name)
+                if key is None:
+                    continue
+                try:
+                    names = os.listdir(os.path.join(vm_dir, key_name))
+                except (FileNotFoundError, NotADirectoryError):
+                    continue
+                ts = sorted(e.ts for e in classify(names) if isinstance(e, (Latest, Outdated)))
+                if ts:
+                    found[Item(vm, key)] = ts
+        return found
+
+    def quarantine(self, version: Version, reason: str) -> str:
+        """Move ``version`` out of the cache, durably, with its reason next
+        to it. Returns the quarantined file's path."""
+        src = version_path(self.root, self.service, version)
+        dst = quarantine_path(self.root, self.service, version)
+        makedirs(os.path.dirname(dst), 0o700)
+        atomic_write(dst + REASON_SUFFIX, reason.encode("utf-8", "replace"), mode=0o600)
+        os.rename(src, dst)
+        fsync_dir(os.path.dirname(dst))
+        fsync_dir(os.path.dirname(src))
+        self._prune(os.path.dirname(src))
+        return dst
+
+    def quarantined(self) -> list[dict[str, object]]:
+        """Every quarantined version of this service (survives restarts)."""
+        base = os.path.join(self.root, QUARANTINE, self.service.value)
+        out: list[dict[str, object]] = []
+        if not os.path.isdir(base):
+            return out
+        for top, _dirs, files in os.walk(base):
+            rel = os.path.relpath(top, base).split(os.sep)
+            if len(rel) != 2:
+                continue
+            for name in sorted(files):
+                if parse_timestamp(name) is None:
+                    continue
+                reason_file = os.path.join(top, name + REASON_SUFFIX)
+                try:
+                    with open(reason_file, "rb") as f:
+                        reason = f.read().decode("utf-8", "replace")
+                except FileNotFoundError:
+                    reason = "unknown"
+                out.append({"vm": rel[0], "key": int(rel[1]) if rel[1].isdigit() else rel[1],
+                            "file": os.path.join(top, name), "reason": reason})
+        return sorted(out, key=lambda q: str(q["file"]))
