@@ -14,12 +14,12 @@ which is why the order is written out here.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any, Callable
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
@@ -29,7 +29,7 @@ from twisted.web.server import Site
 from . import __version__, rlimits, sdnotify
 from .cache.cache import WriteBackCache
 from .config import Config
-from .control.server import control_factory
+from .control.server import control_endpoint, control_factory
 from .domain.site import DomainSite
 from .domain.sockets import SocketRegistry
 from .domain.swtpm import SwtpmSocket
@@ -40,7 +40,7 @@ from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
 from .locks import KeyedLocks
 from .logconfig import apply_log_level
 from .model import Service as Kind
-from .upstream.local import LocalStore, threadpool_runner
+from .upstream.local import local_store
 from .upstream.xapi import xapi_upstream
 
 __all__ = ["XguardService", "build_service"]
@@ -67,7 +67,6 @@ class XguardService(Service):
         self.registry: SocketRegistry | None = None
         self.control_port: IListeningPort | None = None
         self._pool: ThreadPool | None = None
-        self._stop_store: Callable[[], Any] | None = None
         self._undo_log_level: Callable[[], None] | None = None
         self._started: Deferred[None] | None = None
         self.ready = False
@@ -80,6 +79,7 @@ class XguardService(Service):
 
     def startService(self) -> None:
         super().startService()
+        self.reactor.callWhenRunning(self._handle_signals)
         self._started = ensureDeferred(self._start())
         self._started.addErrback(self._start_failed)
 
@@ -89,7 +89,7 @@ class XguardService(Service):
         makedirs(cfg.state_dir, 0o700)
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="xguard-io")
         self._pool.start()
-        self.upstream = self._make_upstream()
+        self.upstream = await self._make_upstream()
         self.log.info("upstream: {target}", target=self.upstream.description)
         locks = KeyedLocks()
         vtpm_sink = VtpmSink(self.upstream, locks)
@@ -126,15 +126,18 @@ class XguardService(Service):
                       sockets=len(self.registry.entries()),
                       cache="off" if cfg.no_cache else "on")
 
-    def _make_upstream(self) -> IUpstream:
+    async def _make_upstream(self) -> IUpstream:
+        """xapi when --xapi is given (start-up never waits for it), else
+        the embedded store, opened now so a broken database fails start-up."""
         cfg = self.config
         if cfg.xapi is not None:
             return xapi_upstream(self.reactor, cfg.xapi, cfg.xapi_timeout)
         path = cfg.store_path
         assert path is not None
         makedirs(os.path.dirname(os.path.abspath(path)), 0o700)
-        runner, self._stop_store = threadpool_runner(self.reactor)
-        return LocalStore(path, runner)
+        store = local_store(self.reactor, path)
+        await store.open()
+        return store
 
     def _writer(self, sink: IItemSink) -> IItemWriter:
         cfg = self.config
@@ -166,7 +169,7 @@ class XguardService(Service):
         if path is not None:
             makedirs(os.path.dirname(path), 0o755)
             _remove_stale_socket(path)
-        port: IListeningPort = await serverFromString(self.reactor, description).listen(factory)
+        port: IListeningPort = await control_endpoint(self.reactor, description).listen(factory)
         if path is not None:
             os.chmod(path, 0o600)
         return port
@@ -178,6 +181,18 @@ class XguardService(Service):
         self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         assert IReactorCore.providedBy(self.reactor)
         self.reactor.stop()
+
+    def _handle_signals(self) -> None:
+        """SIGTERM/SIGINT shut down cleanly and exit 0 (SPEC §2). Twisted's
+        own handlers make twistd re-raise the signal after shutdown, which
+        systemd and the orchestrator would see as a crash."""
+
+        def stop(signum: int, frame: object) -> None:
+            self.log.info("received signal {signum}, shutting down", signum=signum)
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
 
     # -- status --------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -215,8 +230,6 @@ class XguardService(Service):
             await cache.stop()
         if self.upstream is not None:
             await self.upstream.close()
-        if self._stop_store is not None:
-            self._stop_store()
         if self._pool is not None:
             self._pool.stop()
         self.log.info("xguard stopped")

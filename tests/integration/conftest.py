@@ -1,0 +1,60 @@
+"""Integration fixtures: a real xapi simulator process and a real daemon."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from typing import Iterator
+
+import pytest
+
+from xguard.testing.daemon import Daemon
+from xguard.testing.simclient import SimProcess
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimProcess]:
+    root = tempfile.mkdtemp(prefix="xs")
+    proc = SimProcess(os.path.join(root, "xapi"), os.path.join(root, "admin"),
+                      log_file=os.path.join(root, "sim.log"))
+    proc.start()
+    yield proc
+    proc.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon(sim: SimProcess) -> Iterator[Daemon]:
+    d = Daemon(xapi="unix:" + sim.socket)
+    d.start()
+    yield d
+    try:
+        assert d.stop() == 0, d.log()
+    finally:
+        d.cleanup()
+
+
+class VmSockets:
+    """One VM seeded in the simulator with both sockets created."""
+
+    def __init__(self, daemon: Daemon, sim: SimProcess | None, gid: int = 0) -> None:
+        self.vm_uuid = str(uuid.uuid4())
+        self.vtpm_uuid = None
+        if sim is not None:
+            ids = sim.client.seed_vm(self.vm_uuid)
+            self.vtpm_uuid = ids["vtpm_uuid"]
+            self.vm_ref = ids["vm_ref"]
+        short = self.vm_uuid[:8]
+        self.tpm = os.path.join(daemon.root, f"{short}.tpm")
+        self.var = os.path.join(daemon.root, f"{short}.var")
+        daemon.ctl("vtpm_create", "t", self.vm_uuid, str(gid), self.tpm)
+        daemon.ctl("varstore_create", "t", self.vm_uuid, str(gid), self.var)
+
+
+@pytest.fixture
+def make_vm(daemon: Daemon, sim: SimProcess):  # type: ignore[no-untyped-def]
+    return lambda gid=0: VmSockets(daemon, sim, gid)
