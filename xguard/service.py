@@ -91,6 +91,9 @@ class XguardService(Service):
         self._pool.start()
         self.upstream = await self._make_upstream()
         self.log.info("upstream: {target}", target=self.upstream.description)
+        if cfg.knobs:
+            self.log.warn("internal benchmark knobs in force: {knobs}",
+                          knobs=",".join(sorted(cfg.knobs)))
         locks = KeyedLocks()
         vtpm_sink = VtpmSink(self.upstream, locks)
         nvram_sink = NvramSink(self.upstream, locks)
@@ -131,7 +134,8 @@ class XguardService(Service):
         the embedded store, opened now so a broken database fails start-up."""
         cfg = self.config
         if cfg.xapi is not None:
-            return xapi_upstream(self.reactor, cfg.xapi, cfg.xapi_timeout)
+            return xapi_upstream(self.reactor, cfg.xapi, cfg.xapi_timeout,
+                                 cache_handles="no-handle-cache" not in cfg.knobs)
         path = cfg.store_path
         assert path is not None
         makedirs(os.path.dirname(os.path.abspath(path)), 0o700)
@@ -157,7 +161,8 @@ class XguardService(Service):
             monotonic_ns=self.monotonic_ns,
             queue_size=cfg.queue_size,
             direct_deadline=cfg.direct_deadline,
-            max_concurrency=cfg.flush_concurrency,
+            max_concurrency=1 if "serial" in cfg.knobs else cfg.flush_concurrency,
+            coalesce="no-coalesce" not in cfg.knobs,
             enabled=lambda: not os.path.exists(cfg.fault_file),
         )
         self.caches[sink.service] = cache

@@ -58,6 +58,21 @@ class FlusherTests(SynchronousTestCase):
         self.assertEqual(up.count("set_vtpm_contents"), before + 1)
         self.assertEqual(self.env.tpm(VM1), "k0 k1 k2")
 
+    def test_no_coalesce_knob_pushes_each_item(self) -> None:
+        env = Env(coalesce=False)
+        self.addCleanup(env.cleanup)
+        self.successResultOf(env.cache.recover())
+        env.cache.start()
+        env.upstream.down = True
+        for key in (0, 1, 2):
+            self.successResultOf(env.cache.write(VM1, key, b"k%d" % key))
+        env.upstream.down = False
+        before = env.upstream.count("set_vtpm_contents")
+        env.settle()
+        self.assertEqual(env.upstream.count("set_vtpm_contents"), before + 3)
+        self.assertEqual(env.tpm(VM1), "k0 k1 k2")
+        self.successResultOf(env.cache.stop())
+
     def test_parallel_across_vms_bounded(self) -> None:
         env = Env(queue_size=16, max_concurrency=2)
         self.addCleanup(env.cleanup)

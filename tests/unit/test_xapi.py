@@ -246,6 +246,15 @@ class XapiUpstreamTests(SynchronousTestCase):
         # The ref learnt through VM.get_VTPMs is reused: no VTPM.get_by_uuid.
         self.assertEqual(self.xapi.count("VTPM.get_by_uuid"), 0)
 
+    def test_no_handle_cache_knob_resolves_every_time(self) -> None:
+        up = XapiUpstream(self.clock, HTTPClient(self.agent), "http://xapi/jsonrpc",
+                          timeout=10, cache_handles=False)
+        for _ in range(3):
+            self.successResultOf(up.get_nvram(VM))
+            self.assertEqual(self.successResultOf(up.vtpm_for_vm(VM)), VTPM)
+        self.assertEqual(self.xapi.count("VM.get_by_uuid"), 6)
+        self.assertEqual(self.xapi.count("VM.get_VTPMs"), 3)
+
     def test_vtpm_ref_resolved_by_uuid(self) -> None:
         self.successResultOf(self.up.set_vtpm_contents(VTPM, "p"))
         self.successResultOf(self.up.get_vtpm_contents(VTPM))

@@ -71,7 +71,8 @@ class WriteBackCache:
                  monotonic_ns: Callable[[], int], queue_size: int = 512,
                  direct_deadline: float = 3.0, max_concurrency: int = 8,
                  backoff: Callable[[int], float] | None = None,
-                 enabled: Callable[[], bool] = lambda: True, interval: float = 0.5) -> None:
+                 enabled: Callable[[], bool] = lambda: True, interval: float = 0.5,
+                 coalesce: bool = True) -> None:
         self.sink = sink
         self.service = sink.service
         self.root = root
@@ -91,7 +92,7 @@ class WriteBackCache:
         self._attempts: set[_Attempt] = set()
         self.flusher = Flusher(self, clock, interval=interval,
                                backoff=backoff or default_backoff(),
-                               max_concurrency=max_concurrency)
+                               max_concurrency=max_concurrency, coalesce=coalesce)
         self.machine: _CacheInputs = build_machine(
             _CacheCore(self.service.value, self.queue, self, self.log))
 

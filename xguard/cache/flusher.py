@@ -49,8 +49,12 @@ class Flusher:
     log = Logger()
 
     def __init__(self, cache: "WriteBackCache", clock: IReactorTime, *, interval: float,
-                 backoff: Callable[[int], float], max_concurrency: int) -> None:
+                 backoff: Callable[[int], float], max_concurrency: int,
+                 coalesce: bool = True) -> None:
         self.cache = cache
+        #: All pending keys of one VM in one upstream read-modify-write.
+        #: False only reproduces the upstream design for the benchmarks.
+        self.coalesce = coalesce
         self.clock = clock
         self.interval = interval
         self.backoff = backoff
@@ -155,7 +159,10 @@ class Flusher:
         per_vm: dict[str, set[int]] = {}
         for item in items:
             per_vm.setdefault(item.vm, set()).add(item.key)
-        ds = [self.semaphore.run(self._deliver_vm, vm, keys) for vm, keys in sorted(per_vm.items())]
+        groups = sorted(per_vm.items())
+        if not self.coalesce:  # the upstream design: one push per item
+            groups = [(vm, {key}) for vm, keys in groups for key in sorted(keys)]
+        ds = [self.semaphore.run(self._deliver_vm, vm, keys) for vm, keys in groups]
         results = await DeferredList(ds, consumeErrors=True)
         transient = False
         for ok, value in results:

@@ -126,6 +126,7 @@ class XapiUpstream:
         pool: HTTPConnectionPool | None = None,
         description: str | None = None,
         max_concurrent: int = MAX_PERSISTENT_PER_HOST,
+        cache_handles: bool = True,
     ) -> None:
         self._reactor = reactor
         self._client = client
@@ -141,6 +142,9 @@ class XapiUpstream:
         self._ids = itertools.count(1)
         self._session: str | None = None
         self._login_waiters: list[Deferred[str]] | None = None
+        # False only for the benchmarks' upstream-design comparison: resolve
+        # the VM and its vTPM again for every operation, as xapi-guard does.
+        self._cache_handles = cache_handles
         self._vm_refs: dict[str, str] = {}
         self._vtpm_of_vm: dict[str, str] = {}
         self._vtpm_refs: dict[str, str] = {}
@@ -273,7 +277,8 @@ class XapiUpstream:
             was_cached = ref is not None
             if ref is None:
                 ref = await resolve()
-                cache[uuid] = ref
+                if self._cache_handles:
+                    cache[uuid] = ref
             try:
                 return await self._call(method, ref, *params)
             except UpstreamError as e:
@@ -302,7 +307,7 @@ class XapiUpstream:
 
     def vtpm_for_vm(self, vm_uuid: str) -> Deferred[str]:
         async def find() -> str:
-            cached = self._vtpm_of_vm.get(vm_uuid)
+            cached = self._vtpm_of_vm.get(vm_uuid) if self._cache_handles else None
             if cached is not None:
                 return cached
             refs = await self._vm_call(vm_uuid, "VM.get_VTPMs")
@@ -366,7 +371,8 @@ def _none(_: object) -> None:
     return None
 
 
-def xapi_upstream(reactor: Any, endpoint: str, timeout: float) -> XapiUpstream:
+def xapi_upstream(reactor: Any, endpoint: str, timeout: float, *,
+                  cache_handles: bool = True) -> XapiUpstream:
     """An XapiUpstream for an endpoint string (``unix:/path``, ``http://…``).
 
     :raises ValueError: for a malformed endpoint.
@@ -374,4 +380,4 @@ def xapi_upstream(reactor: Any, endpoint: str, timeout: float) -> XapiUpstream:
     pool = make_pool(reactor)
     client, url = make_client(reactor, endpoint, pool=pool)
     return XapiUpstream(reactor, client, url, timeout=timeout, pool=pool,
-                        description=f"xapi {endpoint}")
+                        description=f"xapi {endpoint}", cache_handles=cache_handles)
