@@ -7,7 +7,8 @@ component gets the parts it needs from here instead of reading options."""
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import attrs
 
@@ -38,7 +39,8 @@ def _upstream_target(_: object, __: attrs.Attribute[Any], value: str | None) -> 
         if not os.path.isabs(value[len("unix:"):]):
             raise ValueError(f"--xapi unix: needs an absolute socket path, got {value!r}")
     elif not value.startswith(("http://", "https://")):
-        raise ValueError(f"--xapi must be unix:PATH, http://HOST[:PORT] or https://…, got {value!r}")
+        raise ValueError("--xapi must be unix:PATH, http://HOST[:PORT] or https://…, "
+                         f"got {value!r}")
 
 
 @attrs.frozen(kw_only=True)

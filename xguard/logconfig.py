@@ -8,7 +8,7 @@ dbg) and sizes only, never VM contents."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from twisted.logger import (
     FilteringLogObserver,

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 

@@ -78,7 +78,7 @@ class Daemon:
                 try:
                     if b"READY=1" in notify.recv(4096):
                         return self
-                except socket.timeout:
+                except TimeoutError:
                     continue
             raise RuntimeError(f"xguard not ready after {timeout}s:\n{self.log()}")
         finally:
