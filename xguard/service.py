@@ -13,6 +13,7 @@ which is why the order is written out here.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import time
@@ -69,6 +70,7 @@ class XguardService(Service):
         self.control_port: IListeningPort | None = None
         self._pool: ThreadPool | None = None
         self._undo_log_level: Callable[[], None] | None = None
+        self._instance_lock: int | None = None
         self._started: Deferred[None] | None = None
         self.ready = False
 
@@ -88,6 +90,11 @@ class XguardService(Service):
         cfg = self.config
         self.log.info("xguard {version} starting", version=__version__)
         makedirs(cfg.state_dir, 0o700)
+        # Before anything else: a second daemon on the same state would
+        # fight over the cache, the sockets and the active-sockets file.
+        self._instance_lock = _lock_instance(os.path.join(cfg.state_dir, "xguard.lock"))
+        if cfg.control.startswith("unix:"):
+            _remove_stale_socket(cfg.control[len("unix:"):].split(":")[0])
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="xguard-io")
         self._pool.start()
         self.upstream = await self._make_upstream()
@@ -186,7 +193,9 @@ class XguardService(Service):
         # reactor has shut down so systemd sees the failure.
         self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
         assert IReactorCore.providedBy(self.reactor)
-        self.reactor.stop()
+        # The failure may come before the reactor runs (startService is
+        # called first): stop it once it does.
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     def _handle_signals(self) -> None:
         """SIGTERM/SIGINT shut down cleanly and exit 0 (SPEC §2). Twisted's
@@ -238,9 +247,27 @@ class XguardService(Service):
             await self.upstream.close()
         if self._pool is not None:
             self._pool.stop()
+        if self._instance_lock is not None:
+            os.close(self._instance_lock)  # releases the flock
+            self._instance_lock = None
         self.log.info("xguard stopped")
         if self._undo_log_level is not None:
             self._undo_log_level()
+
+
+def _lock_instance(path: str) -> int:
+    """Hold an exclusive flock on ``path`` for the daemon's lifetime (the
+    kernel drops it if the process dies, so a crash never leaves it stale)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(f"another xguard is running on {os.path.dirname(path)} "
+                      f"(it holds {path})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, b"%d\n" % os.getpid())
+    return fd
 
 
 def _remove_stale_socket(path: str) -> None:

@@ -276,3 +276,20 @@ def _local_vtpm(d: Daemon, vm_uuid: str) -> str:
         return vtpm
     finally:
         db.close()
+
+
+def test_second_daemon_on_same_state_refuses_and_harms_nothing(sim: SimProcess) -> None:
+    with Daemon(xapi="unix:" + sim.socket) as first:
+        first.start()
+        vm = VmSockets(first, sim)
+        with open(first.sockets_file, "rb") as f:
+            before = f.read()
+        second = Daemon(first.root, xapi="unix:" + sim.socket)
+        second.log_file = os.path.join(first.root, "second.log")
+        with pytest.raises(RuntimeError, match="exited 1"):
+            second.start()
+        assert "another xguard is running" in second.log()
+        with open(first.sockets_file, "rb") as f:
+            assert f.read() == before
+        assert request(vm.tpm, "PUT", KEYS[0], b"QUFB")[0] == 204
+        assert first.stop() == 0
