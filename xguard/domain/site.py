@@ -26,8 +26,9 @@ from twisted.logger import Logger
 from twisted.web import http
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-__all__ = ["DomainSite", "MAX_BODY", "DEFAULT_TIMEOUT", "plain_response"]
+__all__ = ["DomainSite", "MAX_BODY", "DEFAULT_TIMEOUT", "plain_response", "routing_error_response"]
 
 #: SPEC §4: request bodies (and swtpm's states) are limited to 1 MiB.
 MAX_BODY = 1024 * 1024
@@ -206,3 +207,11 @@ def plain_response(request: http.Request, code: int, text: str) -> bytes:
     request.setHeader(b"content-type", b"text/plain; charset=utf-8")
     request.setHeader(b"content-length", b"%d" % len(body))
     return body
+
+
+def routing_error_response(request: http.Request, error: HTTPException) -> bytes:
+    """werkzeug's routing errors as the domain apps answer them: 404 for an
+    unknown path, 405 with ``Allow`` for a method the route does not take."""
+    if isinstance(error, MethodNotAllowed) and error.valid_methods:
+        request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
+    return plain_response(request, error.code or 500, error.name)

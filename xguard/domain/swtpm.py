@@ -32,12 +32,11 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
-from werkzeug.exceptions import MethodNotAllowed
 
 from ..errors import PermanentUpstreamError, TransientUpstreamError
 from ..items import TpmStore
 from ..model import TpmKey
-from .site import plain_response
+from .site import plain_response, routing_error_response
 
 __all__ = ["SwtpmSocket", "HTTPError"]
 
@@ -161,7 +160,4 @@ class SwtpmSocket:
     @app.handle_errors(WerkzeugHTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
         """404 for unknown paths, 405 (with Allow) for other methods."""
-        error = failure.value
-        if isinstance(error, MethodNotAllowed) and error.valid_methods:
-            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
-        return plain_response(request, error.code or 500, error.name)
+        return routing_error_response(request, failure.value)

@@ -34,13 +34,12 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
-from werkzeug.exceptions import MethodNotAllowed
 
 from ..errors import UpstreamError
 from ..interfaces import IUpstream
 from ..items import NvramStore
 from ..model import normalise_update
-from .site import plain_response
+from .site import plain_response, routing_error_response
 from .xmlrpc import XmlRpcError, encode_failure, encode_success, parse_method_call
 
 __all__ = ["VarstoredSocket", "SESSION_HANDLE", "VM_HANDLE", "MESSAGE_NAME"]
@@ -182,10 +181,7 @@ class VarstoredSocket:
     @app.handle_errors(WerkzeugHTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
         """405 (with Allow) for methods other than POST."""
-        error = failure.value
-        if isinstance(error, MethodNotAllowed) and error.valid_methods:
-            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
-        return plain_response(request, error.code or 500, error.name)
+        return routing_error_response(request, failure.value)
 
     # -- the calls; params are checked, the VM is always self.vm_uuid -------
 
