@@ -1,0 +1,567 @@
+"""The durable write-back cache end to end (issue 3): a real daemon, a real
+simulator process, real files. xapi goes away, every write is still
+acknowledged at once, and when xapi comes back everything is delivered in
+order and the cache empties; a cache tree left by the upstream daemon is
+recovered as SPEC §6 says. Crashes: ``test_cache_crash.py``.
+
+Sockets are created over the control channel with a tiny blocking AMP
+client (:class:`Control`) rather than ``xguard-ctl``: forty interpreter
+start-ups per test would dominate the run time.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import socket
+import stat
+import tempfile
+import time
+import uuid
+import xmlrpc.client
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from xguard.testing.daemon import Daemon, wait_for
+from xguard.testing.simclient import SimProcess
+from xguard.testing.unixhttp import UnixHTTPConnection, request
+
+pytestmark = pytest.mark.integration
+
+KEYS = ("/tpm2-00.permall", "/tpm2-00.savestate", "/tpm2-00.volatilestate")
+SERVICES = ("Swtpm", "Varstored")
+XML = {"Connection": "close", "Content-Type": "text/xml"}
+PROMPT = 5.0  # seconds; the direct deadline is 1 s (a correctness bound)
+DRAIN = 90.0  # the flusher's backoff may have grown during the outage
+
+
+# -- the control channel, without an interpreter per command -----------------
+def _box(pairs: dict[bytes, bytes]) -> bytes:
+    out = bytearray()
+    for key, value in pairs.items():
+        out += len(key).to_bytes(2, "big") + key + len(value).to_bytes(2, "big") + value
+    return bytes(out + b"\0\0")
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("control channel closed mid-box")
+        data += chunk
+    return bytes(data)
+
+
+def _read_box(sock: socket.socket) -> dict[bytes, bytes]:
+    box: dict[bytes, bytes] = {}
+    while True:
+        klen = int.from_bytes(_read_exact(sock, 2), "big")
+        if klen == 0:
+            return box
+        key = _read_exact(sock, klen)
+        box[key] = _read_exact(sock, int.from_bytes(_read_exact(sock, 2), "big"))
+
+
+class Control:
+    """The daemon's AMP control channel over a blocking socket: one box out,
+    one box back (the wire format of doc/control.md)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def call(self, command: str, **args: object) -> dict[bytes, bytes]:
+        box = {b"_command": command.encode(), b"_ask": b"1"}
+        box.update({k.encode(): str(v).encode() for k, v in args.items()})
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(30)
+            s.connect(self.path)
+            s.sendall(_box(box))
+            answer = _read_box(s)
+        if b"_error" in answer:
+            raise AssertionError(f"{command} failed: {answer!r}")
+        return answer
+
+    def vtpm_create(self, vm: str, path: str) -> None:
+        self.call("VtpmCreate", dbg="t", vm_uuid=vm, gid=0, path=path)
+
+    def varstore_create(self, vm: str, path: str) -> None:
+        self.call("VarstoreCreate", dbg="t", vm_uuid=vm, gid=0, path=path)
+
+    def status(self) -> dict[str, Any]:
+        answer = self.call("Status")
+        pieces, n = [answer[b"status"]], 1
+        while f"status.{n}".encode() in answer:
+            pieces.append(answer[f"status.{n}".encode()])
+            n += 1
+        return json.loads(b"".join(pieces))  # type: ignore[no-any-return]
+
+
+# -- values that say which write they are -------------------------------------
+def value(vm: str, key: int | str, rnd: int) -> bytes:
+    """The base64 body of write ``rnd`` of ``(vm, key)``."""
+    return base64.b64encode(f"{vm}-{key}-{rnd}".encode())
+
+
+def round_of(field: str | bytes) -> int:
+    """Which round a stored value is (0: nothing written yet, -1: a value
+    this module did not write, e.g. a seeded one)."""
+    if not field:
+        return 0
+    try:
+        return int(base64.b64decode(field, validate=True).decode().rsplit("-", 1)[1])
+    except (ValueError, IndexError):
+        return -1
+
+
+def vtpm_fields(contents: str) -> list[str]:
+    """xapi's ``permall savestate volatilestate`` string, padded to 3."""
+    fields = contents.split(" ") if contents else []
+    return (fields + ["", "", ""])[:3]
+
+
+def backwards(history: list[int], acked: set[int]) -> list[tuple[int, int]]:
+    """Steps where upstream went from an acknowledged value to an older
+    one: an acknowledged write reordered (or lost) upstream. A step back
+    from a value never acknowledged (in flight at a kill) is allowed."""
+    bad = []
+    high = None  # the newest acknowledged value seen so far
+    for rnd in history:
+        if high is not None and rnd < high:
+            bad.append((high, rnd))
+        if rnd in acked and (high is None or rnd > high):
+            high = rnd
+    return bad
+
+
+def cache_files(state_dir: str, service: str) -> list[str]:
+    """Every file under ``state_dir/service``, relative to it."""
+    base = os.path.join(state_dir, service)
+    out = []
+    for top, _, files in os.walk(base):
+        out += [os.path.relpath(os.path.join(top, f), base) for f in files]
+    return sorted(out)
+
+
+# -- requests -----------------------------------------------------------------
+def put(path: str, key: int, body: bytes) -> tuple[int, float]:
+    started = time.monotonic()
+    status, _, _ = request(path, "PUT", KEYS[key], body,
+                           {"Connection": "close", "Content-Type": "application/octet-stream"})
+    return status, time.monotonic() - started
+
+
+def get(path: str, key: int) -> tuple[int, bytes]:
+    status, _, data = request(path, "GET", KEYS[key], None, {"Connection": "close"})
+    return status, data
+
+
+def rpc(path: str, method: str, *params: object) -> dict[str, Any]:
+    body = xmlrpc.client.dumps(params, method).encode()
+    status, _, data = request(path, "POST", "/", body, XML)
+    assert status == 200, (status, data)
+    (answer,), _ = xmlrpc.client.loads(data)
+    return answer  # type: ignore[no-any-return]
+
+
+def set_nvram(path: str, data: bytes, update: str) -> tuple[dict[str, Any], float]:
+    started = time.monotonic()
+    answer = rpc(path, "VM.set_NVRAM_EFI_variables_v2", "s", "vm", data.decode(), update)
+    return answer, time.monotonic() - started
+
+
+# -- fixtures -------------------------------------------------------------------
+class Host:
+    """A daemon under test plus its control client; ``vm()`` seeds a VM in
+    the simulator and serves both of its sockets."""
+
+    def __init__(self, sim: SimProcess | None, extra: list[str] | None = None) -> None:
+        self.root = tempfile.mkdtemp(prefix="xg")
+        # Our own fault file: the default one in /tmp is shared by the host.
+        self.fault_file = os.path.join(self.root, "fault")
+        self.daemon = Daemon(self.root, xapi="unix:" + sim.socket if sim else None,
+                             extra=["--fault-file", self.fault_file, *(extra or [])])
+        self.sim = sim
+        self.control = Control(self.daemon.control)
+
+    @property
+    def state_dir(self) -> str:
+        return self.daemon.state_dir
+
+    def vm(self, vm_uuid: str | None = None, contents: str | None = None,
+           seed: bool = True) -> dict[str, str]:
+        vm_uuid = vm_uuid or str(uuid.uuid4())
+        ids: dict[str, str] = {"vm_uuid": vm_uuid}
+        if seed and self.sim is not None:
+            ids = self.sim.client.seed_vm(vm_uuid, contents=contents)
+        ids["tpm"] = os.path.join(self.root, vm_uuid[:8] + ".t")
+        ids["var"] = os.path.join(self.root, vm_uuid[:8] + ".v")
+        self.control.vtpm_create(vm_uuid, ids["tpm"])
+        self.control.varstore_create(vm_uuid, ids["var"])
+        return ids
+
+    def status(self, service: str = "Swtpm") -> dict[str, Any]:
+        return self.control.status()["services"][service]  # type: ignore[no-any-return]
+
+    def drained(self, *services: str) -> bool:
+        doc = self.control.status()["services"]
+        return all(doc[s]["mode"] == "Direct" and not doc[s]["pending"]
+                   and doc[s]["queue_depth"] == 0 for s in services or SERVICES)
+
+    def wait_drained(self, *services: str, timeout: float = DRAIN) -> None:
+        try:
+            wait_for(lambda: self.drained(*services), timeout=timeout, interval=0.2,
+                     what="the cache to drain")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {self.control.status()}\n{self.daemon.log()}") from None
+
+    def finish(self) -> None:
+        """Teardown: a running daemon must stop cleanly (exit 0)."""
+        d = self.daemon
+        try:
+            if d.proc is not None and d.proc.poll() is None:
+                code = d.stop()
+                assert code == 0, f"xguard exited {code}:\n{d.log()}"
+        finally:
+            d.cleanup()
+
+
+@pytest.fixture
+def sim_up(sim: SimProcess) -> Iterator[SimProcess]:
+    """The module's simulator, up before and after the test."""
+    sim.client.set_mode("up")
+    sim.client.reset()
+    yield sim
+    sim.client.set_mode("up")
+
+
+@pytest.fixture
+def hosts(sim_up: SimProcess) -> Iterator[Callable[..., Host]]:
+    """Makes daemons; each is stopped (exit 0 checked) and removed after."""
+    made: list[Host] = []
+
+    def make(extra: list[str] | None = None, start: bool = True) -> Host:
+        host = Host(sim_up, extra)
+        made.append(host)
+        if start:
+            host.daemon.start()
+        return host
+
+    yield make
+    errors = []
+    for host in made:
+        try:
+            host.finish()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, errors
+
+
+# -- 1. vTPM writes through an outage ------------------------------------------
+N_VMS = 20
+ROUNDS = 5
+
+
+def _write_vm_keys(vm: dict[str, str], rounds: range) -> list[tuple[int, float]]:
+    """One VM's writes, in order, on one keep-alive connection (as swtpm)."""
+    conn = UnixHTTPConnection(vm["tpm"], timeout=30)
+    out = []
+    try:
+        for rnd in rounds:
+            for key in range(3):
+                started = time.monotonic()
+                conn.request("PUT", KEYS[key], body=value(vm["vm_uuid"], key, rnd),
+                             headers={"Content-Type": "application/octet-stream"})
+                resp = conn.getresponse()
+                resp.read()
+                out.append((resp.status, time.monotonic() - started))
+    finally:
+        conn.close()
+    return out
+
+
+@pytest.mark.parametrize(("queue_size", "mode"), [(None, "Engaged"), ("8", "Disengaged")])
+def test_vtpm_writes_survive_an_outage(hosts: Callable[..., Host], sim_up: SimProcess,
+                                       queue_size: str | None, mode: str) -> None:
+    """With the default queue the cache stays Engaged; a queue smaller than
+    the 60 pending items overflows into Disengaged (directory scans)."""
+    host = hosts(["--queue-size", queue_size] if queue_size else [])
+    vms = [host.vm() for _ in range(N_VMS)]
+    sim_up.client.set_mode("refuse")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda vm: _write_vm_keys(vm, range(1, ROUNDS + 1)), vms))
+    answers = [r for per_vm in results for r in per_vm]
+    assert len(answers) == N_VMS * 3 * ROUNDS
+    assert {status for status, _ in answers} == {204}, answers
+    slowest = max(latency for _, latency in answers)
+    assert slowest < PROMPT, f"slowest PUT took {slowest:.2f}s"
+
+    # On disk, only the latest version of every item, 0600 in 0700 dirs.
+    for vm in vms:
+        for key in range(3):
+            item = os.path.join(host.state_dir, "Swtpm", vm["vm_uuid"], str(key))
+            names = os.listdir(item)
+            assert len(names) == 1, (item, names)
+            assert stat.S_IMODE(os.stat(item).st_mode) == 0o700
+            path = os.path.join(item, names[0])
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            with open(path, "rb") as f:
+                assert f.read() == value(vm["vm_uuid"], key, ROUNDS)
+            # Reads are served from the cache while xapi is down.
+            assert get(vm["tpm"], key) == (200, value(vm["vm_uuid"], key, ROUNDS))
+        assert request(vm["tpm"], "HEAD", KEYS[1])[0] == 200
+
+    status = host.status("Swtpm")
+    assert status["mode"] == mode, status
+    assert status["pending"] == {vm["vm_uuid"]: 3 for vm in vms}, status
+    assert status["outage_since"] is not None and status["last_error"], status
+    assert status["delivered"] == 0, status
+    assert host.status("Varstored")["mode"] == "Direct"
+
+    sim_up.client.set_mode("up")
+    host.wait_drained("Swtpm")
+
+    for vm in vms:
+        state = sim_up.client.vtpm_state(vm["vtpm_uuid"])
+        expected = [value(vm["vm_uuid"], k, ROUNDS).decode() for k in range(3)]
+        assert vtpm_fields(state["contents"]) == expected, vm
+        history = [[round_of(f) for f in vtpm_fields(h)] for h in state["history"]]
+        for key in range(3):
+            rounds = [h[key] for h in history]
+            assert rounds == sorted(rounds), (vm, key, rounds)
+        assert get(vm["tpm"], 0) == (200, value(vm["vm_uuid"], 0, ROUNDS))
+    assert cache_files(host.state_dir, "Swtpm") == []
+    assert not os.path.exists(os.path.join(host.state_dir, "quarantine", "Swtpm"))
+    status = host.status("Swtpm")
+    assert status["outage_since"] is None and status["quarantined"] == [], status
+    assert status["delivered"] == N_VMS * 3, status
+    assert "upstream recovered" in host.daemon.log()
+
+
+# -- 2. NVRAM writes through an outage ------------------------------------------
+def _write_vm_nvram(vm: dict[str, str], rounds: range) -> list[tuple[str, float]]:
+    out = []
+    for rnd in rounds:
+        update = "yes" if rnd == rounds[-1] else "no"
+        answer, latency = set_nvram(vm["var"], value(vm["vm_uuid"], "nv", rnd), update)
+        out.append((answer["Status"], latency))
+    return out
+
+
+def test_nvram_writes_survive_an_outage(hosts: Callable[..., Host], sim_up: SimProcess) -> None:
+    host = hosts()
+    vms = [host.vm() for _ in range(N_VMS)]
+    sim_up.client.set_mode("refuse")
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda vm: _write_vm_nvram(vm, range(1, ROUNDS + 1)), vms))
+    answers = [r for per_vm in results for r in per_vm]
+    assert {s for s, _ in answers} == {"Success"}, answers
+    slowest = max(latency for _, latency in answers)
+    assert slowest < PROMPT, f"slowest NVRAM write took {slowest:.2f}s"
+
+    for vm in vms:
+        last = value(vm["vm_uuid"], "nv", ROUNDS).decode()
+        item = os.path.join(host.state_dir, "Varstored", vm["vm_uuid"], "0")
+        names = os.listdir(item)
+        assert len(names) == 1, (item, names)
+        with open(os.path.join(item, names[0]), "rb") as f:
+            assert json.loads(f.read()) == {"value": last, "update": "yes"}
+        answer = rpc(vm["var"], "VM.get_NVRAM", "s", "vm")
+        assert answer == {"Status": "Success", "Value": {"EFI-variables": last}}
+    status = host.status("Varstored")
+    assert status["mode"] in ("Engaged", "Disengaged"), status
+    assert status["pending"] == {vm["vm_uuid"]: 1 for vm in vms}, status
+    assert status["outage_since"] is not None and status["last_error"], status
+
+    sim_up.client.set_mode("up")
+    host.wait_drained("Varstored")
+
+    for vm in vms:
+        state = sim_up.client.vm_state(vm["vm_uuid"])
+        last = value(vm["vm_uuid"], "nv", ROUNDS).decode()
+        assert state["nvram"] == {"EFI-variables": last}, vm
+        assert state["last_update"] == "yes", vm
+        rounds = [round_of(v) for v in state["nvram_history"]]
+        assert rounds == sorted(rounds) and rounds[-1] == ROUNDS, (vm, rounds)
+    assert cache_files(host.state_dir, "Varstored") == []
+    status = host.status("Varstored")
+    assert status["delivered"] == N_VMS and status["outage_since"] is None, status
+
+
+# -- 5. switches: --no-cache and the fault file ----------------------------------
+def test_no_cache_fails_writes_while_xapi_is_down(hosts: Callable[..., Host],
+                                                 sim_up: SimProcess) -> None:
+    host = hosts(["--no-cache"])
+    vm = host.vm()
+    assert put(vm["tpm"], 0, value(vm["vm_uuid"], 0, 1))[0] == 204
+    sim_up.client.set_mode("refuse")
+    status, latency = put(vm["tpm"], 0, value(vm["vm_uuid"], 0, 2))
+    assert status == 503 and latency < PROMPT
+    assert get(vm["tpm"], 0)[0] == 503  # nothing pending: a retryable answer, never 4xx
+    answer, _ = set_nvram(vm["var"], value(vm["vm_uuid"], "nv", 1), "yes")
+    assert answer["Status"] == "Failure", answer
+    assert cache_files(host.state_dir, "Swtpm") == []
+    assert cache_files(host.state_dir, "Varstored") == []
+    sim_up.client.set_mode("up")
+    assert get(vm["tpm"], 0) == (200, value(vm["vm_uuid"], 0, 1))
+
+
+def test_fault_file_disables_the_cache_while_it_exists(hosts: Callable[..., Host],
+                                                      sim_up: SimProcess) -> None:
+    host = hosts()
+    vm = host.vm()
+    sim_up.client.set_mode("refuse")
+    with open(host.fault_file, "w"):
+        pass
+    assert put(vm["tpm"], 1, value(vm["vm_uuid"], 1, 1))[0] == 503
+    assert set_nvram(vm["var"], value(vm["vm_uuid"], "nv", 1), "yes")[0]["Status"] == "Failure"
+    assert cache_files(host.state_dir, "Swtpm") == []
+    assert host.status("Swtpm")["enabled"] is False
+    os.unlink(host.fault_file)
+    assert put(vm["tpm"], 1, value(vm["vm_uuid"], 1, 2))[0] == 204
+    assert set_nvram(vm["var"], value(vm["vm_uuid"], "nv", 2), "yes")[0]["Status"] == "Success"
+    assert host.status("Swtpm")["enabled"] is True
+    assert len(cache_files(host.state_dir, "Swtpm")) == 1
+    sim_up.client.set_mode("up")
+    host.wait_drained()
+    contents = sim_up.client.vtpm_state(vm["vtpm_uuid"])["contents"]
+    assert vtpm_fields(contents)[1] == value(vm["vm_uuid"], 1, 2).decode()
+    state = sim_up.client.vm_state(vm["vm_uuid"])
+    assert state["nvram"]["EFI-variables"] == value(vm["vm_uuid"], "nv", 2).decode()
+
+
+# -- 4. recovery of a tree in the upstream daemon's layout -----------------------
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+class UpstreamTree:
+    """A cache tree as the upstream daemon (or a crash) leaves it:
+
+    - ``a``: key 0 with an outdated and a latest version, an invalid file
+      name and a ``.pre``; key 1 stamped far in the future; an unknown file
+      in the VM directory; NVRAM pending with its update flag;
+    - ``b``: an empty item directory (key 1);
+    - ``c``: only a ``.pre`` (never acknowledged: must not be delivered).
+    """
+
+    def __init__(self, host: Host) -> None:
+        self.a, self.b, self.c = (str(uuid.uuid4()) for _ in range(3))
+        self.seeded = {vm: "c0 c1 c2" for vm in (self.a, self.b, self.c)}
+        now = time.monotonic_ns()
+        self.old, self.new, self.future = now - 2 * 10**9, now - 10**9, now + 10**15
+        s = os.path.join(host.state_dir, "Swtpm")
+        self.paths = {
+            "outdated": os.path.join(s, self.a, "0", str(self.old)),
+            "latest": os.path.join(s, self.a, "0", str(self.new)),
+            "invalid": os.path.join(s, self.a, "0", "garbage"),
+            "pre_a": os.path.join(s, self.a, "0", f"{now}.pre"),
+            "future": os.path.join(s, self.a, "1", str(self.future)),
+            "unknown": os.path.join(s, self.a, "notes.txt"),
+            "pre_c": os.path.join(s, self.c, "2", f"{self.new}.pre"),
+            "nvram": os.path.join(host.state_dir, "Varstored", self.a, "0", str(self.new)),
+        }
+        self.empty = os.path.join(s, self.b, "1")
+        _write(self.paths["outdated"], value(self.a, 0, 1))
+        _write(self.paths["latest"], value(self.a, 0, 2))
+        _write(self.paths["invalid"], value(self.a, 0, 9))
+        _write(self.paths["pre_a"], value(self.a, 0, 10))
+        _write(self.paths["future"], value(self.a, 1, 3))
+        _write(self.paths["unknown"], b"not a version")
+        _write(self.paths["pre_c"], value(self.c, 2, 7))
+        _write(self.paths["nvram"], json.dumps({"value": value(self.a, "nv", 4).decode(),
+                                                "update": "yes"}).encode())
+        os.makedirs(self.empty, mode=0o700)
+
+    def seed(self, sim: SimProcess) -> dict[str, str]:
+        return {vm: sim.client.seed_vm(vm, contents=c)["vtpm_uuid"]
+                for vm, c in self.seeded.items()}
+
+    def check_recovered_on_disk(self, log: str) -> None:
+        for name in ("outdated", "invalid", "unknown", "future"):
+            assert not os.path.exists(self.paths[name]), name
+        assert os.path.exists(self.paths["pre_a"]) and os.path.exists(self.paths["pre_c"])
+        assert not os.path.exists(os.path.dirname(self.empty)), "empty directories stay"
+        assert "leaving" in log and self.paths["pre_c"] in log, log
+        assert f"retiming {self.paths['future']}" in log, log
+
+
+def test_recovery_of_an_upstream_tree_with_xapi_up(hosts: Callable[..., Host],
+                                                   sim_up: SimProcess) -> None:
+    host = hosts(start=False)
+    tree = UpstreamTree(host)
+    vtpms = tree.seed(sim_up)
+    host.daemon.start()
+    host.wait_drained()
+    tree.check_recovered_on_disk(host.daemon.log())
+
+    contents = vtpm_fields(sim_up.client.vtpm_state(vtpms[tree.a])["contents"])
+    assert contents == [value(tree.a, 0, 2).decode(), value(tree.a, 1, 3).decode(), "c2"]
+    # Never acknowledged, never delivered; the empty item had nothing.
+    assert sim_up.client.vtpm_state(vtpms[tree.c])["contents"] == "c0 c1 c2"
+    assert sim_up.client.vtpm_state(vtpms[tree.b])["contents"] == "c0 c1 c2"
+    state = sim_up.client.vm_state(tree.a)
+    assert state["nvram"] == {"EFI-variables": value(tree.a, "nv", 4).decode()}
+    assert state["last_update"] == "yes"
+    # Only the .pre files are left.
+    assert cache_files(host.state_dir, "Swtpm") == sorted(
+        os.path.relpath(tree.paths[p], os.path.join(host.state_dir, "Swtpm"))
+        for p in ("pre_a", "pre_c"))
+    assert cache_files(host.state_dir, "Varstored") == []
+    assert host.status("Swtpm")["delivered"] == 2
+
+    # A write after start wins over the recovered (retimed) version.
+    vm = host.vm(tree.a, seed=False)
+    assert put(vm["tpm"], 1, value(tree.a, 1, 4))[0] == 204
+    host.wait_drained()
+    contents = vtpm_fields(sim_up.client.vtpm_state(vtpms[tree.a])["contents"])
+    assert contents[1] == value(tree.a, 1, 4).decode()
+
+
+def test_recovery_with_xapi_down_then_crash(hosts: Callable[..., Host],
+                                            sim_up: SimProcess) -> None:
+    host = hosts(start=False)
+    tree = UpstreamTree(host)
+    vtpms = tree.seed(sim_up)
+    sim_up.client.set_mode("refuse")
+    started = time.monotonic()
+    host.daemon.start()
+    assert time.monotonic() - started < 15, "start-up must not wait for xapi"
+    tree.check_recovered_on_disk(host.daemon.log())
+    item = os.path.join(host.state_dir, "Swtpm", tree.a, "1")
+    (retimed,) = os.listdir(item)
+    assert int(retimed) < time.monotonic_ns(), retimed
+
+    vm = host.vm(tree.a, seed=False)
+    assert get(vm["tpm"], 0) == (200, value(tree.a, 0, 2))
+    assert get(vm["tpm"], 1) == (200, value(tree.a, 1, 3))
+    assert get(vm["tpm"], 2)[0] == 503  # nothing pending and xapi down
+    nvram = rpc(vm["var"], "VM.get_NVRAM", "s", "vm")
+    assert nvram["Value"] == {"EFI-variables": value(tree.a, "nv", 4).decode()}
+    status = host.status("Swtpm")
+    assert status["mode"] in ("Engaged", "Disengaged")
+    assert status["pending"] == {tree.a: 2}, status
+
+    # A newer write of the retimed item, then kill -9: the newer one wins.
+    assert put(vm["tpm"], 1, value(tree.a, 1, 4))[0] == 204
+    (newest,) = os.listdir(item)
+    assert int(newest) > int(retimed)
+    host.daemon.kill()
+    host.daemon.start()
+    assert get(vm["tpm"], 1) == (200, value(tree.a, 1, 4))
+    sim_up.client.set_mode("up")
+    host.wait_drained()
+    contents = vtpm_fields(sim_up.client.vtpm_state(vtpms[tree.a])["contents"])
+    assert contents == [value(tree.a, 0, 2).decode(), value(tree.a, 1, 4).decode(), "c2"]
+    history = [round_of(vtpm_fields(h)[1]) for h in
+               sim_up.client.vtpm_state(vtpms[tree.a])["history"]]
+    assert history == [4], history  # the retimed version never overwrote it
+    assert sim_up.client.vtpm_state(vtpms[tree.c])["contents"] == "c0 c1 c2"
