@@ -134,3 +134,33 @@ class TableTests(SynchronousTestCase):
         m.start_pending([V, Version(Item("vm", 1), 1)])
         self.assertEqual(m.mode(), "Disengaged")
         self.assertIn("wake", dummy.events)
+
+
+class DiagramTests(SynchronousTestCase):
+    """doc/cache.md's mermaid diagram is tested against the machine's table,
+    so the picture operators read cannot drift from the code."""
+
+    def edges(self) -> set[tuple[str, str, str]]:
+        import os
+        import re
+
+        doc = os.path.join(os.path.dirname(__file__), "..", "..", "doc", "cache.md")
+        with open(doc, encoding="utf-8") as f:
+            text = f.read()
+        (diagram,) = re.findall(r"```mermaid\n(.*?)```", text, re.S)
+        found = set()
+        for src, dst, label in re.findall(r"^\s*(\w+) --> (\w+) : (.*)$", diagram, re.M):
+            for part in label.split(" / "):
+                found.add((src, part.split(" ")[0], dst))
+        return found
+
+    def test_every_drawn_edge_is_in_the_table(self) -> None:
+        from xguard.cache.machine import TRANSITIONS
+
+        self.assertLessEqual(self.edges(), set(TRANSITIONS))
+
+    def test_every_mode_change_is_drawn(self) -> None:
+        from xguard.cache.machine import TRANSITIONS
+
+        changes = {t for t in TRANSITIONS if t[0] != t[2]}
+        self.assertLessEqual(changes, self.edges())
