@@ -101,6 +101,13 @@ class FakeUpstream:
             return vtpm
         return self._call("vtpm_for_vm", (vm_uuid,), run)
 
+    def vtpm_by_uuid(self, vtpm_uuid: str) -> "Deferred[str]":
+        def run() -> str:
+            if vtpm_uuid not in self.vtpms:
+                raise PermanentUpstreamError(["UUID_INVALID", "VTPM", vtpm_uuid])
+            return vtpm_uuid  # this fake's handles are the uuids
+        return self._call("vtpm_by_uuid", (vtpm_uuid,), run)
+
     def get_vtpm_contents(self, vtpm_uuid: str) -> "Deferred[str]":
         def run() -> str:
             if vtpm_uuid not in self.vtpms:

@@ -24,14 +24,21 @@ class IUpstream(Interface):
         creates it; xapi needs nothing)."""
 
     def vtpm_for_vm(vm_uuid):  # type: ignore[no-untyped-def]
-        """Deferred[str]: the uuid of the VM's (first) vTPM; NoVtpm if none.
-        The local store creates one on first use."""
+        """Deferred[str]: an opaque handle of the VM's (first) vTPM (xapi: its
+        reference, found by VM.get_by_uuid and VM.get_VTPMs only); NoVtpm if
+        it has none. The local store creates one on first use."""
 
-    def get_vtpm_contents(vtpm_uuid):  # type: ignore[no-untyped-def]
-        """Deferred[str]: the vTPM's whole contents string."""
+    def vtpm_by_uuid(vtpm_uuid):  # type: ignore[no-untyped-def]
+        """Deferred[str]: the handle of the vTPM with that uuid (the same
+        handle vtpm_for_vm gives, so both paths share one lock);
+        UUID_INVALID if unknown."""
 
-    def set_vtpm_contents(vtpm_uuid, contents):  # type: ignore[no-untyped-def]
-        """Deferred[None]: replace the vTPM's whole contents string."""
+    def get_vtpm_contents(vtpm):  # type: ignore[no-untyped-def]
+        """Deferred[str]: the whole contents string of the vTPM ``vtpm``
+        (a handle)."""
+
+    def set_vtpm_contents(vtpm, contents):  # type: ignore[no-untyped-def]
+        """Deferred[None]: replace the whole contents string of ``vtpm``."""
 
     def get_nvram(vm_uuid):  # type: ignore[no-untyped-def]
         """Deferred[dict[str, str]]: the VM's NVRAM map ({} on first boot)."""

@@ -14,7 +14,8 @@ reads see the latest pending version first.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from zope.interface import implementer
@@ -25,6 +26,8 @@ from .locks import KeyedLocks
 from .model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
 
 __all__ = ["VtpmSink", "NvramSink", "DirectWriter", "TpmStore", "NvramStore"]
+
+T = TypeVar("T")
 
 
 @implementer(IItemSink)
@@ -37,39 +40,54 @@ class VtpmSink:
         self.upstream = upstream
         self.locks = locks
 
-    def lock_key(self, vtpm_uuid: str) -> tuple[str, str]:
-        """The lock every read-modify-write of ``vtpm_uuid`` takes."""
-        return ("vtpm", vtpm_uuid)
+    def lock_key(self, vtpm: str) -> tuple[str, str]:
+        """The lock every read-modify-write of the vTPM handle ``vtpm`` takes."""
+        return ("vtpm", vtpm)
 
     def deliver(self, vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
         changes = {TpmKey(k): _ascii(v) for k, v in items.items()}
-        return ensureDeferred(self._deliver(vm_uuid, changes))
 
-    async def _deliver(self, vm_uuid: str, changes: Mapping[TpmKey, str]) -> None:
-        vtpm = await self.upstream.vtpm_for_vm(vm_uuid)
+        def rmw(vtpm: str) -> "Deferred[None]":
+            async def update() -> None:
+                state = TpmState.deserialize(await self.upstream.get_vtpm_contents(vtpm))
+                await self.upstream.set_vtpm_contents(vtpm, state.update(changes).serialize())
 
-        async def rmw() -> None:
-            state = TpmState.deserialize(await self.upstream.get_vtpm_contents(vtpm))
-            await self.upstream.set_vtpm_contents(vtpm, state.update(changes).serialize())
+            return self.locks.run(self.lock_key(vtpm), update)
 
-        await self.locks.run(self.lock_key(vtpm), rmw)
+        return ensureDeferred(self._with_vtpm(vm_uuid, rmw))
 
     def read(self, vm_uuid: str, key: TpmKey) -> "Deferred[bytes]":
         """One key as upstream has it, read under the vTPM's lock so a
         read never sees half of a concurrent update."""
-        return ensureDeferred(self._read(vm_uuid, key))
+        def get(vtpm: str) -> "Deferred[str]":
+            async def contents() -> str:
+                return await self.upstream.get_vtpm_contents(vtpm)
 
-    async def _read(self, vm_uuid: str, key: TpmKey) -> bytes:
-        vtpm = await self.upstream.vtpm_for_vm(vm_uuid)
+            return self.locks.run(self.lock_key(vtpm), contents)
 
-        async def get() -> str:
-            return await self.upstream.get_vtpm_contents(vtpm)
+        return ensureDeferred(self._read(vm_uuid, key, get))
 
-        contents = await self.locks.run(self.lock_key(vtpm), get)
+    async def _read(self, vm_uuid: str, key: TpmKey,
+                    get: Callable[[str], "Deferred[str]"]) -> bytes:
+        contents = await self._with_vtpm(vm_uuid, get)
         try:
             return TpmState.deserialize(contents).get(key).encode("ascii")
         except (ValueError, UnicodeEncodeError) as e:
-            raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vtpm], str(e)) from None
+            raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm_uuid], str(e)) from None
+
+    async def _with_vtpm(self, vm_uuid: str, f: Callable[[str], "Deferred[T]"]) -> T:
+        """``f(handle)`` for the VM's vTPM. A cached handle that upstream no
+        longer knows (HANDLE_INVALID: the vTPM was re-created) is forgotten
+        and resolved once more."""
+        for attempt in (1, 2):
+            vtpm = await self.upstream.vtpm_for_vm(vm_uuid)
+            try:
+                return await f(vtpm)
+            except PermanentUpstreamError as e:
+                if attempt == 2 or e.codes[:1] != ["HANDLE_INVALID"]:
+                    raise
+                self.upstream.forget(vm_uuid)
+        raise AssertionError("unreachable")  # pragma: no cover
 
 
 @implementer(IItemSink)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -81,6 +81,28 @@ class SinkTests(SynchronousTestCase):
             self.sink.deliver("22222222-2222-3333-4444-555555555555", {0: b"x"}),
             PermanentUpstreamError)
         self.assertEqual(f.value.codes[0], "VM_HAS_NO_VTPM")
+
+    def test_stale_vtpm_handle_is_forgotten_and_resolved_once(self) -> None:
+        stale = [PermanentUpstreamError(["HANDLE_INVALID", "VTPM", "old"])]
+        get = self.upstream.get_vtpm_contents
+
+        def get_once_stale(vtpm: str) -> Deferred[str]:
+            if stale:
+                self.upstream.calls.append(("get_vtpm_contents", (vtpm,)))
+                return fail(stale.pop())
+            return get(vtpm)
+
+        self.upstream.get_vtpm_contents = get_once_stale  # type: ignore[method-assign]
+        self.successResultOf(self.sink.deliver(VM, {0: b"P"}))
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "P")
+        self.assertEqual(self.upstream.count("forget"), 1)
+        self.assertEqual(self.upstream.count("vtpm_for_vm"), 2)
+
+    def test_handle_invalid_twice_surfaces(self) -> None:
+        self.upstream.get_vtpm_contents = lambda vtpm: fail(  # type: ignore[method-assign]
+            PermanentUpstreamError(["HANDLE_INVALID", "VTPM", vtpm]))
+        self.failureResultOf(self.sink.deliver(VM, {0: b"P"}), PermanentUpstreamError)
+        self.assertEqual(self.upstream.count("vtpm_for_vm"), 2)
 
     def test_garbled_upstream_contents_is_permanent(self) -> None:
         self.upstream.vtpms[self.vtpm] = "a b"

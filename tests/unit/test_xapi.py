@@ -236,39 +236,49 @@ class XapiUpstreamTests(SynchronousTestCase):
         self.successResultOf(self.up.get_nvram(VM))
         self.assertEqual(self.xapi.count("VM.get_by_uuid"), 2)
 
-    def test_vtpm_lookup_cached(self) -> None:
-        self.assertEqual(self.successResultOf(self.up.vtpm_for_vm(VM)), VTPM)
-        self.assertEqual(self.successResultOf(self.up.vtpm_for_vm(VM)), VTPM)
-        self.successResultOf(self.up.set_vtpm_contents(VTPM, "a b c"))
-        self.assertEqual(self.successResultOf(self.up.get_vtpm_contents(VTPM)), "a b c")
+    def test_vtpm_lookup_uses_only_get_by_uuid_and_get_vtpms(self) -> None:
+        # SPEC §4: the vTPM is found through VM.get_by_uuid -> VM.get_VTPMs;
+        # an xapi serving only what the upstream daemon calls must suffice.
+        ref = self.successResultOf(self.up.vtpm_for_vm(VM))
+        self.assertEqual(self.successResultOf(self.up.vtpm_for_vm(VM)), ref)
+        self.successResultOf(self.up.set_vtpm_contents(ref, "a b c"))
+        self.assertEqual(self.successResultOf(self.up.get_vtpm_contents(ref)), "a b c")
+        self.assertEqual(self.xapi.count("VM.get_by_uuid"), 1)
         self.assertEqual(self.xapi.count("VM.get_VTPMs"), 1)
-        self.assertEqual(self.xapi.count("VTPM.get_uuid"), 1)
-        # The ref learnt through VM.get_VTPMs is reused: no VTPM.get_by_uuid.
+        self.assertEqual(self.xapi.count("VTPM.get_uuid"), 0)
         self.assertEqual(self.xapi.count("VTPM.get_by_uuid"), 0)
+
+    def test_vtpm_by_uuid_gives_the_same_handle(self) -> None:
+        # The control channel and the domain sockets lock on this handle.
+        ref = self.successResultOf(self.up.vtpm_by_uuid(VTPM))
+        self.assertEqual(self.successResultOf(self.up.vtpm_by_uuid(VTPM)), ref)
+        self.assertEqual(self.successResultOf(self.up.vtpm_for_vm(VM)), ref)
+        self.assertEqual(self.xapi.count("VTPM.get_by_uuid"), 1)
 
     def test_no_handle_cache_knob_resolves_every_time(self) -> None:
         up = XapiUpstream(self.clock, HTTPClient(self.agent), "http://xapi/jsonrpc",
                           timeout=10, cache_handles=False)
         for _ in range(3):
             self.successResultOf(up.get_nvram(VM))
-            self.assertEqual(self.successResultOf(up.vtpm_for_vm(VM)), VTPM)
+            self.successResultOf(up.vtpm_for_vm(VM))
+            self.successResultOf(up.vtpm_by_uuid(VTPM))
         self.assertEqual(self.xapi.count("VM.get_by_uuid"), 6)
         self.assertEqual(self.xapi.count("VM.get_VTPMs"), 3)
-
-    def test_vtpm_ref_resolved_by_uuid(self) -> None:
-        self.successResultOf(self.up.set_vtpm_contents(VTPM, "p"))
-        self.successResultOf(self.up.get_vtpm_contents(VTPM))
-        self.assertEqual(self.xapi.count("VTPM.get_by_uuid"), 1)
+        self.assertEqual(self.xapi.count("VTPM.get_by_uuid"), 3)
 
     def test_handle_invalid_drops_cache_and_retries_once(self) -> None:
-        self.successResultOf(self.up.vtpm_for_vm(VM))
+        old = self.successResultOf(self.up.vtpm_for_vm(VM))
         self.successResultOf(self.up.get_nvram(VM))
         self.xapi.rename_refs()
         self.successResultOf(self.up.set_nvram_efi_variables(VM, "v", "unspecified"))
-        self.successResultOf(self.up.set_vtpm_contents(VTPM, "x"))
         self.assertEqual(self.xapi.count("VM.get_by_uuid"), 2)
-        self.assertEqual(self.xapi.count("VTPM.get_by_uuid"), 1)
-        self.assertEqual(self.successResultOf(self.up.get_vtpm_contents(VTPM)), "x")
+        # A stale vTPM ref fails and is never handed out again.
+        codes = self.failure_codes(self.up.set_vtpm_contents(old, "x"), PermanentUpstreamError)
+        self.assertEqual(codes[0], "HANDLE_INVALID")
+        new = self.successResultOf(self.up.vtpm_for_vm(VM))
+        self.assertNotEqual(new, old)
+        self.successResultOf(self.up.set_vtpm_contents(new, "x"))
+        self.assertEqual(self.successResultOf(self.up.get_vtpm_contents(new)), "x")
 
     def test_handle_invalid_on_fresh_handle_surfaces(self) -> None:
         # A handle just resolved is not re-resolved: no loop.

@@ -116,12 +116,16 @@ class ControlLocator(amp.CommandLocator):
         _check_uuid(vtpm_uuid, "vTPM")
 
         async def set_contents() -> None:
-            await self.upstream.set_vtpm_contents(vtpm_uuid, contents)
+            vtpm = await self.upstream.vtpm_by_uuid(vtpm_uuid)
 
-        # The same lock as the domain sockets' and the flusher's
-        # read-modify-writes, so neither can interleave with this write.
-        await self._run(dbg, "vtpm.set_contents", lambda: self.sink.locks.run(
-            self.sink.lock_key(vtpm_uuid), set_contents))
+            async def write() -> None:
+                await self.upstream.set_vtpm_contents(vtpm, contents)
+
+            # The same lock as the domain sockets' and the flusher's
+            # read-modify-writes, so neither can interleave with this write.
+            await self.sink.locks.run(self.sink.lock_key(vtpm), write)
+
+        await self._run(dbg, "vtpm.set_contents", set_contents)
         return {}
 
     @VtpmGetContents.responder
@@ -130,10 +134,14 @@ class ControlLocator(amp.CommandLocator):
         _check_uuid(vtpm_uuid, "vTPM")
 
         async def get_contents() -> str:
-            return await self.upstream.get_vtpm_contents(vtpm_uuid)
+            vtpm = await self.upstream.vtpm_by_uuid(vtpm_uuid)
 
-        contents: str = await self._run(dbg, "vtpm.get_contents", lambda: self.sink.locks.run(
-            self.sink.lock_key(vtpm_uuid), get_contents))
+            async def read() -> str:
+                return await self.upstream.get_vtpm_contents(vtpm)
+
+            return await self.sink.locks.run(self.sink.lock_key(vtpm), read)
+
+        contents: str = await self._run(dbg, "vtpm.get_contents", get_contents)
         self.log.debug("{dbg}: vtpm.get_contents vtpm={vtpm_uuid} size={size}",
                        dbg=dbg, vtpm_uuid=vtpm_uuid, size=len(contents))
         return {"contents": contents}

@@ -186,6 +186,15 @@ class LocalStore:
             return vtpm_uuid
         return self._run(work, write=True)
 
+    def vtpm_by_uuid(self, vtpm_uuid: str) -> Deferred[str]:
+        """The local store's vTPM handles are their uuids."""
+        def check(conn: sqlite3.Connection) -> str:
+            row = conn.execute("SELECT 1 FROM vtpm WHERE uuid = ?", (vtpm_uuid,)).fetchone()
+            if row is None:
+                raise PermanentUpstreamError(["UUID_INVALID", "VTPM", vtpm_uuid])
+            return vtpm_uuid
+        return self._run(check)
+
     def get_vtpm_contents(self, vtpm_uuid: str) -> Deferred[str]:
         def work(conn: sqlite3.Connection) -> str:
             row = conn.execute("SELECT contents FROM vtpm WHERE uuid = ?", (vtpm_uuid,)).fetchone()

@@ -4,8 +4,9 @@
 One session is cached for every call; a login in flight is shared by all
 callers; ``SESSION_INVALID`` (xapi restarted) costs one fresh login and one
 retry. VM and vTPM references are cached by uuid — they cannot change while
-the VM runs — and a ``HANDLE_INVALID`` on a cached one drops it and resolves
-afresh once. Each HTTP exchange (request *and* body) has its own deadline on
+the VM runs — and a ``HANDLE_INVALID`` on a cached one drops it (a VM ref is
+resolved afresh once here; a vTPM ref, the handle callers lock on, is
+resolved afresh by the caller). Each HTTP exchange (request *and* body) has its own deadline on
 the injected clock. Nothing here ever logs a call's parameters or results:
 they carry NVRAM and TPM state.
 """
@@ -294,18 +295,15 @@ class XapiUpstream:
         return Deferred.fromCoroutine(
             self._with_handle(self._vm_refs, vm_uuid, resolve, method, *params))
 
-    def _vtpm_call(self, vtpm_uuid: str, method: str, *params: Any) -> Deferred[Any]:
-        async def resolve() -> str:
-            return str(await self._call("VTPM.get_by_uuid", vtpm_uuid))
-        return Deferred.fromCoroutine(
-            self._with_handle(self._vtpm_refs, vtpm_uuid, resolve, method, *params))
-
     # -- IUpstream -----------------------------------------------------------
     def ensure_vm(self, vm_uuid: str) -> Deferred[None]:
         """xapi owns VM records; nothing to create."""
         return succeed(None)
 
     def vtpm_for_vm(self, vm_uuid: str) -> Deferred[str]:
+        """The VM's first vTPM reference, through VM.get_by_uuid and
+        VM.get_VTPMs only (what the upstream daemon uses: an xapi that
+        serves those needs nothing more)."""
         async def find() -> str:
             cached = self._vtpm_of_vm.get(vm_uuid) if self._cache_handles else None
             if cached is not None:
@@ -313,17 +311,42 @@ class XapiUpstream:
             refs = await self._vm_call(vm_uuid, "VM.get_VTPMs")
             if not refs:
                 raise NoVtpm(vm_uuid)
-            vtpm_uuid = str(await self._call("VTPM.get_uuid", refs[0]))
-            self._vtpm_of_vm[vm_uuid] = vtpm_uuid
-            self._vtpm_refs[vtpm_uuid] = refs[0]
-            return vtpm_uuid
+            ref = str(refs[0])
+            if self._cache_handles:
+                self._vtpm_of_vm[vm_uuid] = ref
+            return ref
         return Deferred.fromCoroutine(find())
 
-    def get_vtpm_contents(self, vtpm_uuid: str) -> Deferred[str]:
-        return self._vtpm_call(vtpm_uuid, "VTPM.get_contents")
+    def vtpm_by_uuid(self, vtpm_uuid: str) -> Deferred[str]:
+        """The vTPM's reference (VTPM.get_by_uuid), cached."""
+        async def find() -> str:
+            cached = self._vtpm_refs.get(vtpm_uuid) if self._cache_handles else None
+            if cached is not None:
+                return cached
+            ref = str(await self._call("VTPM.get_by_uuid", vtpm_uuid))
+            if self._cache_handles:
+                self._vtpm_refs[vtpm_uuid] = ref
+            return ref
+        return Deferred.fromCoroutine(find())
 
-    def set_vtpm_contents(self, vtpm_uuid: str, contents: str) -> Deferred[None]:
-        return self._vtpm_call(vtpm_uuid, "VTPM.set_contents", contents).addCallback(_none)
+    def get_vtpm_contents(self, vtpm: str) -> Deferred[str]:
+        return Deferred.fromCoroutine(self._vtpm_call(vtpm, "VTPM.get_contents"))
+
+    def set_vtpm_contents(self, vtpm: str, contents: str) -> Deferred[None]:
+        return Deferred.fromCoroutine(
+            self._vtpm_call(vtpm, "VTPM.set_contents", contents)).addCallback(_none)
+
+    async def _vtpm_call(self, vtpm: str, method: str, *params: Any) -> Any:
+        """A call on a vTPM reference; if xapi no longer knows it, no cached
+        lookup may hand it out again (the caller resolves afresh)."""
+        try:
+            return await self._call(method, vtpm, *params)
+        except UpstreamError as e:
+            if e.codes[:1] == ["HANDLE_INVALID"]:
+                for cache in (self._vtpm_of_vm, self._vtpm_refs):
+                    for key in [k for k, ref in cache.items() if ref == vtpm]:
+                        del cache[key]
+            raise
 
     def get_nvram(self, vm_uuid: str) -> Deferred[dict[str, str]]:
         return self._vm_call(vm_uuid, "VM.get_NVRAM").addCallback(
@@ -345,9 +368,9 @@ class XapiUpstream:
 
     def forget(self, vm_uuid: str) -> None:
         self._vm_refs.pop(vm_uuid, None)
-        vtpm_uuid = self._vtpm_of_vm.pop(vm_uuid, None)
-        if vtpm_uuid is not None:
-            self._vtpm_refs.pop(vtpm_uuid, None)
+        ref = self._vtpm_of_vm.pop(vm_uuid, None)
+        for key in [k for k, r in self._vtpm_refs.items() if r == ref]:
+            del self._vtpm_refs[key]
 
     def status(self) -> dict[str, Any]:
         return {
