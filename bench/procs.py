@@ -1,0 +1,126 @@
+"""The processes a benchmark runs: the daemon as an operator starts it
+(with the benchmark-only internal knobs in its environment), and what we
+read about a process from /proc."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+
+from xguard.config import KNOBS_ENV
+from xguard.testing.daemon import BIN, Daemon, _env
+
+#: The knob sets compared in scenario 6 (upstream-design comparison).
+UPSTREAM_DESIGN = ("serial", "no-coalesce", "no-handle-cache")
+
+
+class BenchDaemon(Daemon):
+    """``twistd -n xguard`` with the daemon's own defaults (the test
+    harness shortens deadlines, which would change what we measure), and
+    ``XGUARD_INTERNAL_KNOBS`` set from ``knobs``."""
+
+    def __init__(self, root: str, xapi: str, *, knobs: Sequence[str] = (),
+                 extra: Sequence[str] = ()) -> None:
+        os.makedirs(root, exist_ok=True)
+        super().__init__(root, xapi=xapi, extra=list(extra))
+        self.knobs = tuple(knobs)
+        self.last_start = 0.0
+
+    def argv(self) -> list[str]:
+        return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.log_file,
+                "xguard", "--state-dir", self.state_dir, "--sockets-file", self.sockets_file,
+                "--control", "unix:" + self.control, "--xapi", str(self.xapi),
+                *self.extra]
+
+    def start(self, timeout: float = 120.0) -> "BenchDaemon":
+        """Start with the knobs in the environment and wait for READY=1;
+        ``last_start`` is the time from exec to READY=1. twistd's own
+        errors (before its log starts) go to ``stderr.txt`` in the root."""
+        assert self.proc is None or self.proc.poll() is not None
+        notify_path = os.path.join(self.root, "notify")
+        if os.path.exists(notify_path):
+            os.unlink(notify_path)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(0.05)
+        env = _env()
+        env["NOTIFY_SOCKET"] = notify_path
+        env[KNOBS_ENV] = ",".join(self.knobs)
+        errors = os.path.join(self.root, "stderr.txt")
+        t = time.perf_counter()
+        with open(errors, "ab") as err:
+            self.proc = subprocess.Popen(self.argv(), env=env, cwd=self.root,
+                                         stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            while time.perf_counter() - t < timeout:
+                if self.proc.poll() is not None:
+                    with open(errors, errors="replace") as f:
+                        detail = f.read()[-3000:]
+                    raise RuntimeError(f"xguard exited {self.proc.returncode}; stderr:\n{detail}"
+                                       f"\nlog:\n{self.log()[-1500:]}")
+                try:
+                    if b"READY=1" in notify.recv(4096):
+                        self.last_start = time.perf_counter() - t
+                        return self
+                except TimeoutError:
+                    continue
+            raise RuntimeError(f"xguard not ready after {timeout}s:\n{self.log()}")
+        finally:
+            notify.close()
+            os.unlink(notify_path)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class PySpy:
+    """``py-spy record`` on a pid, in raw (collapsed stacks) format, until
+    :meth:`stop`. Absent py-spy, a no-op that says so."""
+
+    def __init__(self, pid: int, out: str, rate: int = 200) -> None:
+        self.out = out
+        exe = os.path.join(BIN, "py-spy")
+        self.available = os.path.exists(exe)
+        self.proc: subprocess.Popen[bytes] | None = None
+        if self.available:
+            self.proc = subprocess.Popen(
+                [exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
+                 "--output", out, "--threads"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(0.5)  # let it attach
+
+    def stop(self) -> str | None:
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        return self.out if os.path.exists(self.out) else None

@@ -1,0 +1,255 @@
+"""Printing, plots and profile summaries for bench/run.py's results."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from typing import Any
+
+# The targets of the issue, checked against one run's results.
+TARGETS = {
+    "direct_ratio_p50": 1.5,
+    "cached_ratio_p50": 1.5,
+    "drain_calls_per_item": 0.7,
+    "drain_speedup_vs_upstream": 3.0,
+    "storm_1000_s": 30.0,
+    "idle_rss_mb": 150.0,
+    "resume_s": 2.0,
+}
+
+
+def _ms(s: dict[str, float]) -> str:
+    return f"p50 {s['p50_ms']:.2f} ms, p99 {s['p99_ms']:.2f} ms"
+
+
+def print_latency(r: dict[str, Any]) -> None:
+    d, c = r["direct"], r["cached"]
+    print(f"1. direct write: xguard {_ms(d['xguard'])}; floor {_ms(d['floor'])} "
+          f"(bare PUT {d['bare_put']['p50_ms']:.2f} + RMW {d['rmw']['p50_ms']:.2f}); "
+          f"ratio p50 {d['ratio_p50']:.2f}x, p99 {d['ratio_p99']:.2f}x", flush=True)
+    print(f"2. cached write: xguard {_ms(c['xguard'])}; floor {_ms(c['floor'])} "
+          f"(bare PUT {c['bare_put']['p50_ms']:.2f} + durable {c['durable_write']['p50_ms']:.2f});"
+          f" ratio p50 {c['ratio_p50']:.2f}x, p99 {c['ratio_p99']:.2f}x; modes {c['modes']}",
+          flush=True)
+
+
+def print_storm(r: dict[str, Any]) -> None:
+    knobs = ",".join(r["knobs"]) or "xguard"
+    print(f"4. boot storm N={r['n']} [{knobs}]: {r['total_s']:.2f} s, request "
+          f"{_ms(r['requests'])}, create p99 {r['per_kind']['create']['p99_ms']:.0f} ms, "
+          f"{r['upstream_calls_per_vm']:.1f} upstream calls/VM, daemon CPU "
+          f"{r['daemon_cpu_s']:.1f} s, errors {r['errors']} {r['error_samples'][:2]}", flush=True)
+
+
+def print_footprint(r: dict[str, Any]) -> None:
+    print(f"5. footprint: {r['sockets']} sockets, RSS {r['rss_mb']:.1f} MB, {r['fds']} fds "
+          f"(empty daemon {r['empty_rss_mb']:.1f} MB, {r['empty_fds']} fds); start-up resuming "
+          f"{r['resumed_sockets']} sockets {r['resume_median_s']:.2f} s (empty "
+          f"{r['empty_start_median_s']:.2f} s)", flush=True)
+
+
+def print_drain(r: dict[str, Any]) -> None:
+    knobs = ",".join(r["knobs"]) or "xguard"
+    print(f"3. drain [{knobs}] {r['items']} items ({r['mode_when_cached']}): Direct after "
+          f"{r['time_to_direct_s']:.2f} s (first call at {r['first_call_s']:.2f} s, delivery "
+          f"{r['deliver_s']:.2f} s), {r['upstream_calls']} calls = {r['calls_per_item']:.2f}/item,"
+          f" daemon CPU {r['daemon_cpu_s']:.1f} s, wrong {r['wrong_contents']}", flush=True)
+
+
+def print_drain_floor(r: dict[str, Any]) -> None:
+    print(f"3. drain floor: simulator serves {r['calls']} calls in {r['concurrency_8_s']:.2f} s "
+          f"(8 in flight), {r['concurrency_1_s']:.2f} s (serial)", flush=True)
+
+
+def measured(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures the targets are about (None when not run)."""
+    out: dict[str, Any] = dict.fromkeys(TARGETS)
+    lat = results.get("latency")
+    if lat:
+        out["direct_ratio_p50"] = lat["direct"]["ratio_p50"]
+        out["cached_ratio_p50"] = lat["cached"]["ratio_p50"]
+    drains = {tuple(r["knobs"]): r for r in results.get("drain", [])}
+    base = drains.get(())
+    if base:
+        out["drain_calls_per_item"] = base["calls_per_item"]
+        up = drains.get(("serial", "no-coalesce", "no-handle-cache"))
+        if up:
+            out["drain_speedup_vs_upstream"] = up["deliver_s"] / base["deliver_s"]
+    storms = [r for r in results.get("storm", []) if not r["knobs"]]
+    if storms:
+        biggest = max(storms, key=lambda r: r["n"])
+        out["storm_1000_s"] = biggest["total_s"]
+    fp = results.get("footprint")
+    if fp:
+        out["idle_rss_mb"] = fp["rss_mb"]
+        out["resume_s"] = fp["resume_median_s"]
+    return out
+
+
+def targets_table(results: dict[str, Any]) -> str:
+    m = measured(results)
+    rows = ["| target | limit | measured | met |", "|---|---|---|---|"]
+    for name, limit in TARGETS.items():
+        value = m[name]
+        if value is None:
+            rows.append(f"| {name} | {limit} | not run | |")
+            continue
+        ok = value >= limit if name == "drain_speedup_vs_upstream" else value <= limit
+        rows.append(f"| {name} | {'≥' if name == 'drain_speedup_vs_upstream' else '≤'} {limit} "
+                    f"| {value:.2f} | {'yes' if ok else 'NO'} |")
+    storms = sorted((r for r in results.get("storm", []) if not r["knobs"]), key=lambda r: r["n"])
+    if len(storms) >= 2:
+        a, b = storms[0], storms[-1]
+        growth = (b["total_s"] / a["total_s"]) / (b["n"] / a["n"])
+        rows.append(f"| storm growth (time ratio / N ratio, {a['n']}→{b['n']}) | ≈ 1 (linear) "
+                    f"| {growth:.2f} | {'yes' if growth <= 1.25 else 'NO'} |")
+    return "\n".join(rows)
+
+
+# -- profiles -------------------------------------------------------------------------
+_FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
+
+
+def _frame(text: str) -> str:
+    m = _FRAME.match(text.strip())
+    if not m:
+        return text.strip()
+    path = m.group("file")
+    for marker in ("/site-packages/", "/main/", "/lib/python3"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{m.group('func')} ({path})"
+
+
+#: Cost centres: share of samples whose stack holds a frame matching the text.
+CENTRES = {
+    "sockets-file rewrite (activefile.save)": "save (xguard/activefile.py)",
+    "durable writes (xguard.durable)": "(xguard/durable.py)",
+    "treq URL handling (hyperlink + idna)": ("(hyperlink/", "(idna/"),
+    "JSON encode/decode": ("(json/",),
+    "XML-RPC parse/encode (xguard.domain.xmlrpc)": "(xguard/domain/xmlrpc.py)",
+    "logging (twisted.logger)": ("(twisted/logger/",),
+    "listening sockets (Port.startListening)": "Port.startListening",
+}
+
+
+def _package(frame: str) -> str:
+    path = frame.rpartition("(")[2].rstrip(")")
+    parts = path.split("/")
+    if parts[0] in ("twisted", "xguard") and len(parts) > 2:
+        return "/".join(parts[:2])
+    return parts[0] if len(parts) > 1 else "stdlib " + path.removesuffix(".py")
+
+
+def profile_summary(path: str, top: int = 15) -> str:
+    """Self-time and cost-centre shares from py-spy's raw (collapsed)
+    output, plus the xguard functions with the most inclusive time."""
+    self_c: Counter[str] = Counter()
+    incl: Counter[str] = Counter()
+    centres: Counter[str] = Counter()
+    packages: Counter[str] = Counter()
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if not stack or not count.isdigit():
+                continue
+            n = int(count)
+            frames = [_frame(x) for x in stack.split(";")
+                      if not x.startswith(("process ", "thread "))]
+            if not frames:
+                continue
+            total += n
+            self_c[frames[-1]] += n
+            packages[_package(frames[-1])] += n
+            for fr in set(frames):
+                incl[fr] += n
+            joined = ";".join(frames)
+            for name, marks in CENTRES.items():
+                if any(m in joined for m in ((marks,) if isinstance(marks, str) else marks)):
+                    centres[name] += n
+    if not total:
+        return "(no samples)"
+    lines = [f"{total} samples (all threads, on CPU)", "self time:"]
+    lines += [f"  {100 * c / total:5.1f}%  {fr}" for fr, c in self_c.most_common(top)]
+    lines.append("self time by package:")
+    lines += [f"  {100 * c / total:5.1f}%  {name}" for name, c in packages.most_common(10)]
+    lines.append("cost centres (inclusive):")
+    lines += [f"  {100 * c / total:5.1f}%  {name}" for name, c in centres.most_common()]
+    lines.append("xguard functions (inclusive):")
+    mine = [(fr, c) for fr, c in incl.most_common() if "(xguard/" in fr]
+    lines += [f"  {100 * c / total:5.1f}%  {fr}" for fr, c in mine[:top]]
+    return "\n".join(lines)
+
+
+# -- plots ----------------------------------------------------------------------------
+def plots(results: dict[str, Any], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    lat = results.get("latency")
+    if lat:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, key, title in ((axes[0], "direct", "1. direct write (xapi up)"),
+                               (axes[1], "cached", "2. cached write (xapi down)")):
+            for series, label in (("xguard", "xguard"), ("floor", "floor")):
+                xs = sorted(lat[key]["samples_ms"][series])
+                ys = [(i + 1) / len(xs) for i in range(len(xs))]
+                ax.plot(xs, ys, label=label)
+            ax.set_xscale("log")
+            ax.set_xlabel("latency (ms, log)")
+            ax.set_ylabel("fraction of PUTs")
+            ax.set_title(f"{title}: p50 ratio {lat[key]['ratio_p50']:.2f}x")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "perf-latency.png"))
+        plt.close(fig)
+    storms = results.get("storm", [])
+    if storms:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for knobs, label in (((), "xguard"),
+                             (("serial", "no-coalesce", "no-handle-cache"), "upstream design")):
+            rs = sorted((r for r in storms if tuple(r["knobs"]) == knobs), key=lambda r: r["n"])
+            if rs:
+                axes[0].plot([r["n"] for r in rs], [r["total_s"] for r in rs], "o-", label=label)
+                axes[1].plot([r["n"] for r in rs], [r["requests"]["p99_ms"] for r in rs], "o-",
+                             label=label)
+        axes[0].axhline(30, color="grey", ls="--", lw=1, label="target (1000 VMs)")
+        axes[0].set(xlabel="VMs booting at once (N)", ylabel="total time (s)",
+                    title="4. boot storm: total time", xlim=(0, None), ylim=(0, None))
+        axes[1].set(xlabel="N", ylabel="p99 per request (ms)", title="4. boot storm: p99",
+                    xlim=(0, None), ylim=(0, None))
+        for ax in axes:
+            ax.grid(True, alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "perf-bootstorm.png"))
+        plt.close(fig)
+    drains = results.get("drain", [])
+    if drains:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in drains:
+            curve = r["curve"]
+            ax.plot([c[0] for c in curve], [c[1] for c in curve],
+                    label=",".join(r["knobs"]) or "xguard")
+        ax.set(xlabel="seconds since the simulator came back", ylabel="items pending in cache",
+               title=f"3/6. drain of {drains[0]['items']} cached items")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "perf-drain.png"))
+        plt.close(fig)
+    return written
+
+
+def _save(fig: Any, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=90)
+    return path

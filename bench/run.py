@@ -1,0 +1,196 @@
+"""xguard benchmarks: ``python bench/run.py [--quick] [--json FILE]``.
+
+Starts the xapi simulator, a bare Twisted server and the daemon as real
+processes, runs the six scenarios of doc/performance.md and prints each
+xguard figure next to its floor measured in the same run. ``--quick``
+scales everything down (under 3 minutes); ``--plots DIR`` writes the PNGs;
+``--profile DIR`` also records the daemon with py-spy (separate, unmeasured
+passes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # the repository's code, whatever is installed
+
+from bench import report, scenarios  # noqa: E402
+from bench.procs import UPSTREAM_DESIGN  # noqa: E402
+
+ALL = ("latency", "storm", "footprint", "drain")
+#: Drain configurations: xguard, the upstream design, then each knob alone.
+DRAINS = {"xguard": (), "upstream": UPSTREAM_DESIGN, "serial": ("serial",),
+          "no-coalesce": ("no-coalesce",), "no-handle-cache": ("no-handle-cache",)}
+
+
+def machine() -> dict[str, Any]:
+    import twisted
+
+    def sh(*argv: str) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
+        except OSError:
+            return ""
+
+    model = next((line.split(":", 1)[1].strip() for line in sh("lscpu").splitlines()
+                  if line.startswith("Model name")), platform.processor())
+    mem = next((line.split()[1] for line in open("/proc/meminfo") if line.startswith("MemTotal")),
+               "0")
+    fs = sh("df", "-T", tempfile.gettempdir()).splitlines()[-1:]
+    return {"nproc": os.cpu_count(), "cpu": model, "mem_gib": round(int(mem) / 2**20, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "twisted": twisted.__version__, "tmp_fs": fs[0].split()[1] if fs else "?",
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "commit": sh("git", "-C", REPO, "rev-parse", "--short", "HEAD").strip(),
+            "uncommitted_files": len(sh("git", "-C", REPO, "status", "--porcelain").splitlines())}
+
+
+def raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
+    p.add_argument("--json", metavar="FILE", help="write every result to FILE")
+    p.add_argument("--plots", metavar="DIR", help="write perf-*.png into DIR")
+    p.add_argument("--profile", metavar="DIR", help="py-spy the daemon; stacks into DIR")
+    p.add_argument("--only", action="append", choices=ALL, help="run only these scenarios")
+    p.add_argument("--sizes", help="boot-storm Ns, comma-separated (default 250,500,1000)")
+    p.add_argument("--samples", type=int, help="latency samples per series")
+    p.add_argument("--drains", default=",".join(DRAINS),
+                   help="drain configurations, comma-separated (default: all)")
+    return p.parse_args()
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> None:
+    from xguard.testing.simclient import SimProcess
+
+    only = set(args.only or ALL)
+    sizes = ([int(x) for x in args.sizes.split(",")] if args.sizes
+             else [50, 100, 200] if args.quick else [250, 500, 1000])
+    samples = args.samples or (300 if args.quick else 2000)
+    nmax = max(sizes)
+    drain_timeout = 120.0 if args.quick else 300.0
+    tmp = tempfile.mkdtemp(prefix="xb")
+    if args.profile:
+        os.makedirs(args.profile, exist_ok=True)
+    results: dict[str, Any] = {
+        "command": "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": machine(), "quick": args.quick, "sizes": sizes, "samples": samples,
+    }
+    t_start = time.perf_counter()
+
+    def save() -> None:
+        results["wall_s"] = time.perf_counter() - t_start
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    sim = SimProcess(os.path.join(tmp, "xapi"), os.path.join(tmp, "adm"),
+                     log_file=os.path.join(tmp, "sim.log"))
+    sim.start()
+    ctx = scenarios.Ctx(reactor, tmp, sim, args.quick, args.profile)
+    keep = None
+    try:
+        ctx.seed(nmax)
+        log(f"seeded {nmax} VMs in the simulator")
+        if "latency" in only:
+            results["latency"] = await scenarios.latency(ctx, samples)
+            report.print_latency(results["latency"])
+            save()
+        if only & {"storm", "footprint", "drain"}:
+            results["storm"] = []
+            for n in sizes:
+                is_max = n == nmax
+                r, d = await scenarios.boot_storm(ctx, n, keep=is_max)
+                if is_max:
+                    keep = d
+                results["storm"].append(r)
+                report.print_storm(r)
+                save()
+            if "storm" in only:
+                for n in sizes:
+                    r, _ = await scenarios.boot_storm(ctx, n, UPSTREAM_DESIGN)
+                    results["storm"].append(r)
+                    report.print_storm(r)
+                    save()
+                if args.profile:
+                    n = sizes[len(sizes) // 2]
+                    r, _ = await scenarios.boot_storm(
+                        ctx, n, profile=os.path.join(args.profile, "boot-storm.txt"))
+                    results["storm_profile"] = {"n": n, "file": r["profile"],
+                                                "total_s": r["total_s"]}
+            assert keep is not None
+            if "footprint" in only:
+                results["footprint"] = await scenarios.footprint(ctx, keep)
+                report.print_footprint(results["footprint"])
+                save()
+            if "drain" in only:
+                results["drain"] = []
+                for name in args.drains.split(","):
+                    knobs = DRAINS[name]
+                    try:
+                        r = await scenarios.drain(ctx, keep, nmax, knobs, timeout=drain_timeout)
+                    except scenarios.DrainStuck as e:
+                        log(f"drain [{name}] FAILED: {e}")
+                        results.setdefault("drain_failures", []).append(
+                            {"knobs": list(knobs), "error": str(e)[:2000]})
+                        continue
+                    results["drain"].append(r)
+                    report.print_drain(r)
+                    save()
+                    if not knobs:
+                        results["drain_floor"] = {
+                            "concurrency_8_s": await scenarios.drain_floor(ctx, nmax, 8),
+                            "concurrency_1_s": await scenarios.drain_floor(ctx, nmax, 1),
+                            "calls": 2 * nmax,
+                        }
+                        report.print_drain_floor(results["drain_floor"])
+                        save()
+    finally:
+        if keep is not None:
+            keep.stop()
+            keep.cleanup()
+        sim.stop()
+        save()
+        shutil.rmtree(tmp, ignore_errors=True)
+    if args.plots:
+        for path in report.plots(results, args.plots):
+            log(f"wrote {path}")
+    if args.profile:
+        for name in ("direct-write", "boot-storm"):
+            path = os.path.join(args.profile, name + ".txt")
+            if os.path.exists(path):
+                print(f"\n== profile {name} (daemon, py-spy) ==")
+                print(report.profile_summary(path))
+    print()
+    print(report.targets_table(results))
+    log(f"done in {time.perf_counter() - t_start:.0f} s")
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+if __name__ == "__main__":
+    raise_nofile()
+    arguments = parse()
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import react
+
+    react(lambda reactor: ensureDeferred(main(reactor, arguments)))

@@ -1,0 +1,398 @@
+"""The six scenarios of the benchmark (doc/performance.md). Each returns a
+plain dict of results; the xguard figure and its floor are always measured
+in the same call, interleaved where possible, so they see the same machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet.defer import DeferredSemaphore, ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
+
+from bench import clients
+from bench.clients import JsonRpc, blocking_request, swtpm_put, timed
+from bench.floors import BareServer, durable_write, sim_calls_floor
+from bench.procs import BenchDaemon, PySpy, cpu_seconds, open_fds, rss_mb
+from xguard.control.commands import Status, VarstoreCreate, VtpmCreate
+from xguard.testing.simclient import SimProcess
+
+
+def b64(size: int, rng: random.Random) -> bytes:
+    """Base64 text of exactly ``size`` bytes (``size`` a multiple of 4)."""
+    return base64.b64encode(rng.randbytes(size * 3 // 4))
+
+
+def pct(values: Sequence[float], p: float) -> float:
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    i = min(len(s) - 1, max(0, int(round(p / 100 * (len(s) - 1)))))
+    return s[i]
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """Milliseconds."""
+    return {"n": len(values), "p50_ms": pct(values, 50) * 1e3, "p90_ms": pct(values, 90) * 1e3,
+            "p99_ms": pct(values, 99) * 1e3, "max_ms": max(values) * 1e3 if values else 0.0}
+
+
+class Ctx:
+    """What every scenario shares: the reactor, the simulator and its seeded
+    VMs, a short temp dir, options."""
+
+    def __init__(self, reactor: Any, tmp: str, sim: SimProcess, quick: bool,
+                 profile_dir: str | None) -> None:
+        self.reactor = reactor
+        self.tmp = tmp
+        self.sim = sim
+        self.quick = quick
+        self.profile_dir = profile_dir
+        self.vms: list[dict[str, Any]] = []
+        self.rng = random.Random(4)
+        self.roots = 0
+
+    @property
+    def xapi(self) -> str:
+        return "unix:" + self.sim.socket
+
+    def root(self, name: str) -> str:
+        self.roots += 1
+        return os.path.join(self.tmp, f"{name}{self.roots}")
+
+    def seed(self, n: int) -> None:
+        """``n`` VMs with a vTPM (realistic key sizes) and NVRAM."""
+        contents = " ".join(b.decode() for b in (b64(4096, self.rng), b64(1024, self.rng),
+                                                    b64(12288, self.rng)))
+        nvram = {"EFI-variables": b64(32768, self.rng).decode()}
+        while len(self.vms) < n:
+            self.vms.append(self.sim.client.seed_vm(contents=contents, nvram=nvram))
+
+    def sleep(self, seconds: float) -> Any:
+        return deferLater(self.reactor, seconds, lambda: None)
+
+    async def status(self, ctl: Any) -> dict[str, Any]:
+        return json.loads((await ctl.callRemote(Status))["status"])
+
+
+class DrainStuck(Exception):
+    """The cache did not drain in time (a daemon problem to report)."""
+
+
+def sim_calls(counters: dict[str, int]) -> int:
+    return sum(counters.values())
+
+
+# -- 1 and 2: latency of one PUT, direct and cached ----------------------------------
+async def latency(ctx: Ctx, samples: int) -> dict[str, Any]:
+    """Scenario 1 (xapi up) and 2 (xapi down) on one daemon and one VM."""
+    bare = BareServer(os.path.join(ctx.tmp, "bare.sock")).start()
+    d = BenchDaemon(ctx.root("lat"), ctx.xapi).start()
+    try:
+        ctl = await clients.amp_connect(ctx.reactor, d.control)
+        vm = ctx.vms[0]
+        sock = os.path.join(ctx.tmp, "lat.tpm")
+        await ctl.callRemote(VtpmCreate, dbg="bench", vm_uuid=vm["vm_uuid"], gid=0, path=sock)
+        bodies = [b64(16384, ctx.rng) for _ in range(16)]
+        reqs = [swtpm_put(0, b) for b in bodies]
+        rpc = JsonRpc(ctx.sim.socket)
+        ref = vm["vtpm_ref"]
+
+        def check(status: int, what: str) -> None:
+            if status != 204:
+                raise RuntimeError(f"{what}: HTTP {status}")
+
+        # -- 1. direct -------------------------------------------------------
+        for i in range(30):  # warm-up: login, handles, connections, JIT-free caches
+            check(blocking_request(sock, reqs[i % 16])[0], "warm-up PUT")
+            blocking_request(bare.path, reqs[i % 16])
+            rpc.rmw(ref, 0, bodies[i % 16].decode())
+        xg, bare_t, rmw_t = [], [], []
+        for i in range(samples):
+            t, (status, _) = timed(blocking_request, sock, reqs[i % 16])
+            check(status, "direct PUT")
+            xg.append(t)
+            t, (status, _) = timed(blocking_request, bare.path, reqs[i % 16])
+            check(status, "bare PUT")
+            bare_t.append(t)
+            t, _ = timed(rpc.rmw, ref, 0, bodies[i % 16].decode())
+            rmw_t.append(t)
+        st = await ctx.status(ctl)
+        assert st["services"]["Swtpm"]["mode"] == "Direct", st["services"]["Swtpm"]
+        profile = None
+        if ctx.profile_dir:
+            spy = PySpy(d.pid, os.path.join(ctx.profile_dir, "direct-write.txt"))
+            for i in range(samples):
+                blocking_request(sock, reqs[i % 16])
+            profile = spy.stop()
+        direct = {
+            "xguard": summary(xg), "bare_put": summary(bare_t), "rmw": summary(rmw_t),
+            "floor": summary([b + r for b, r in zip(bare_t, rmw_t)]),
+            "samples_ms": {"xguard": [x * 1e3 for x in xg],
+                           "floor": [(b + r) * 1e3 for b, r in zip(bare_t, rmw_t)]},
+            "profile": profile,
+        }
+        direct["ratio_p50"] = direct["xguard"]["p50_ms"] / direct["floor"]["p50_ms"]
+        direct["ratio_p99"] = direct["xguard"]["p99_ms"] / direct["floor"]["p99_ms"]
+        rpc.close()
+
+        # -- 2. cached -------------------------------------------------------
+        ctx.sim.client.set_mode("refuse")
+        floor_dir = os.path.join(d.root, "floor-cache")
+        os.makedirs(floor_dir, 0o700, exist_ok=True)
+        for i in range(30):
+            check(blocking_request(sock, reqs[i % 16])[0], "warm-up cached PUT")
+            blocking_request(bare.path, reqs[i % 16])
+        st = await ctx.status(ctl)
+        mode_before = st["services"]["Swtpm"]["mode"]
+        xg, bare_t, disk_t = [], [], []
+        last = None
+        for i in range(samples):
+            t, (status, _) = timed(blocking_request, sock, reqs[i % 16])
+            check(status, "cached PUT")
+            xg.append(t)
+            t, (status, _) = timed(blocking_request, bare.path, reqs[i % 16])
+            bare_t.append(t)
+            name = str(time.monotonic_ns())
+            t, _ = timed(durable_write, floor_dir, name, bodies[i % 16])
+            disk_t.append(t)
+            if last:
+                os.unlink(os.path.join(floor_dir, last))  # untimed, keeps the dir small
+            last = name
+        st = await ctx.status(ctl)
+        cached = {
+            "xguard": summary(xg), "bare_put": summary(bare_t), "durable_write": summary(disk_t),
+            "floor": summary([b + w for b, w in zip(bare_t, disk_t)]),
+            "samples_ms": {"xguard": [x * 1e3 for x in xg],
+                           "floor": [(b + w) * 1e3 for b, w in zip(bare_t, disk_t)]},
+            "modes": [mode_before, st["services"]["Swtpm"]["mode"]],
+        }
+        cached["ratio_p50"] = cached["xguard"]["p50_ms"] / cached["floor"]["p50_ms"]
+        cached["ratio_p99"] = cached["xguard"]["p99_ms"] / cached["floor"]["p99_ms"]
+        ctl.transport.loseConnection()
+        return {"direct": direct, "cached": cached}
+    finally:
+        ctx.sim.client.set_mode("up")
+        d.stop()
+        d.cleanup()
+        bare.stop()
+
+
+# -- 4: boot storm ------------------------------------------------------------------
+async def boot_storm(ctx: Ctx, n: int, knobs: Sequence[str] = (), *, keep: bool = False,
+                     profile: str | None = None) -> tuple[dict[str, Any], BenchDaemon | None]:
+    """Every VM at once: create both sockets, then swtpm's start-up (3 GETs
+    and a PUT on one kept-alive connection) alongside varstored's login,
+    get_NVRAM and set_NVRAM (a connection each)."""
+    reactor = ctx.reactor
+    d = BenchDaemon(ctx.root("storm"), ctx.xapi, knobs=knobs).start()
+    ctl = await clients.amp_connect(reactor, d.control)
+    sockdir = os.path.join(d.root, "s")
+    os.makedirs(sockdir)
+    permall = b64(4096, ctx.rng)
+    nvram = b64(32768, ctx.rng).decode()
+    lat: dict[str, list[float]] = {"create": [], "swtpm_get": [], "swtpm_put": [],
+                                   "varstored": []}
+    errors: list[str] = []
+    ctx.sim.client.reset_counters()
+    cpu0 = cpu_seconds(d.pid)
+    spy = PySpy(d.pid, profile) if profile else None
+
+    async def timed_req(kind: str, coro: Any, ok: Any) -> None:
+        t = time.perf_counter()
+        status, body = await coro
+        lat[kind].append(time.perf_counter() - t)
+        if not ok(status, body):
+            errors.append(f"{kind}: HTTP {status} {body[:120]!r}")
+
+    async def swtpm(path: str) -> None:
+        proto = await clients.connect(reactor, path)
+        for key in range(3):
+            await timed_req("swtpm_get", proto.request(clients.swtpm_get(key)),
+                            lambda s, b: s == 200)
+        await timed_req("swtpm_put", proto.request(swtpm_put(0, permall, close=False)),
+                        lambda s, b: s == 204)
+        proto.transport.loseConnection()
+
+    async def varstored(path: str) -> None:
+        calls = [("session.login_with_password", "root", "", "1.0", "varstored"),
+                 ("VM.get_NVRAM", "OpaqueRef:s", "OpaqueRef:vm"),
+                 ("VM.set_NVRAM_EFI_variables", "OpaqueRef:s", "OpaqueRef:vm", nvram)]
+        for call in calls:
+            request = clients.xmlrpc_call(*call)
+            await timed_req("varstored", clients.one_shot(reactor, path, request),
+                            lambda s, b: s == 200 and b"<value>Success</value>" in b)
+
+    async def one(i: int, vm: dict[str, Any]) -> None:
+        tpm, efi = os.path.join(sockdir, f"{i}.t"), os.path.join(sockdir, f"{i}.v")
+        t = time.perf_counter()
+        try:
+            await gatherResults([
+                ctl.callRemote(VtpmCreate, dbg="storm", vm_uuid=vm["vm_uuid"], gid=0, path=tpm),
+                ctl.callRemote(VarstoreCreate, dbg="storm", vm_uuid=vm["vm_uuid"], gid=0, path=efi),
+            ], consumeErrors=True)
+            lat["create"].append(time.perf_counter() - t)
+            await gatherResults([ensureDeferred(swtpm(tpm)), ensureDeferred(varstored(efi))],
+                                consumeErrors=True)
+        except Exception as e:  # keep going: the report counts them
+            errors.append(f"VM {i}: {getattr(e, 'subFailure', e)!r}")
+
+    t0 = time.perf_counter()
+    await gatherResults([ensureDeferred(one(i, vm)) for i, vm in enumerate(ctx.vms[:n])])
+    total = time.perf_counter() - t0
+    profile_out = spy.stop() if spy else None
+    cpu = cpu_seconds(d.pid) - cpu0
+    counters = ctx.sim.client.counters()
+    st = await ctx.status(ctl)
+    ctl.transport.loseConnection()
+    requests = lat["swtpm_get"] + lat["swtpm_put"] + lat["varstored"]
+    result = {
+        "n": n, "knobs": list(knobs), "total_s": total, "daemon_cpu_s": cpu,
+        "requests": summary(requests), "per_kind": {k: summary(v) for k, v in lat.items()},
+        "errors": len(errors), "error_samples": errors[:5],
+        "upstream_calls": sim_calls(counters), "upstream_calls_per_vm": sim_calls(counters) / n,
+        "counters": counters, "sockets": st["sockets"],
+        "modes": {k: v["mode"] for k, v in st["services"].items()},
+        "profile": profile_out,
+    }
+    if keep:
+        return result, d
+    d.stop()
+    d.cleanup()
+    return result, None
+
+
+# -- 5: footprint ---------------------------------------------------------------------
+async def footprint(ctx: Ctx, d: BenchDaemon, restarts: int = 3) -> dict[str, Any]:
+    """Idle RSS and fds of ``d`` (which serves the boot storm's sockets),
+    then its start-up time resuming them, against an empty daemon's."""
+    await ctx.sleep(2.0)
+    ctl = await clients.amp_connect(ctx.reactor, d.control)
+    st = await ctx.status(ctl)
+    ctl.transport.loseConnection()
+    await ctx.sleep(0.5)
+    sockets = sum(st["sockets"].values())
+    out: dict[str, Any] = {"sockets": sockets, "rss_mb": rss_mb(d.pid), "fds": open_fds(d.pid)}
+    resume = []
+    for _ in range(restarts):
+        d.stop()
+        d.start()
+        resume.append(d.last_start)
+    ctl = await clients.amp_connect(ctx.reactor, d.control)
+    st = await ctx.status(ctl)
+    ctl.transport.loseConnection()
+    out["resumed_sockets"] = sum(st["sockets"].values())
+    out["rss_after_resume_mb"] = rss_mb(d.pid)
+    empty = BenchDaemon(ctx.root("empty"), ctx.xapi)
+    empty_start, empty_rss = [], 0.0
+    for _ in range(restarts):
+        empty.start()
+        empty_start.append(empty.last_start)
+        await ctx.sleep(0.5)
+        empty_rss = rss_mb(empty.pid)
+        empty_fds = open_fds(empty.pid)
+        empty.stop()
+    empty.cleanup()
+    out.update({"resume_s": resume, "resume_median_s": sorted(resume)[len(resume) // 2],
+                "empty_start_s": empty_start,
+                "empty_start_median_s": sorted(empty_start)[len(empty_start) // 2],
+                "empty_rss_mb": empty_rss, "empty_fds": empty_fds})
+    return out
+
+
+# -- 3 and 6: drain -------------------------------------------------------------------
+async def _put_all(ctx: Ctx, d: BenchDaemon, paths: list[str], keys: Sequence[int],
+                   bodies: dict[int, bytes], concurrency: int = 32) -> int:
+    sem = DeferredSemaphore(concurrency)
+    failures = []
+
+    async def one(path: str) -> None:
+        proto = await clients.connect(ctx.reactor, path)
+        for key in keys:
+            status, body = await proto.request(swtpm_put(key, bodies[key], close=False))
+            if status != 204:
+                failures.append(status)
+        proto.transport.loseConnection()
+
+    await gatherResults([sem.run(lambda p=p: ensureDeferred(one(p))) for p in paths])
+    return len(failures)
+
+
+async def drain(ctx: Ctx, d: BenchDaemon, n: int, knobs: Sequence[str],
+                poll: float = 0.05, timeout: float = 600.0) -> dict[str, Any]:
+    """Restart ``d`` with ``knobs``; 3 keys of every VM cached while the
+    simulator refuses; the simulator comes back: time to empty and Direct."""
+    sim = ctx.sim.client
+    d.stop()
+    d.knobs = tuple(knobs)
+    d.start()
+    ctl = await clients.amp_connect(ctx.reactor, d.control)
+    paths = [os.path.join(d.root, "s", f"{i}.t") for i in range(n)]
+    sim.set_mode("up")
+    warm = await _put_all(ctx, d, paths, [0], {0: b64(4096, ctx.rng)})
+    sim.set_mode("refuse")
+    bodies = {0: b64(4096, ctx.rng), 1: b64(1024, ctx.rng), 2: b64(12288, ctx.rng)}
+    t = time.perf_counter()
+    failed = await _put_all(ctx, d, paths, [0, 1, 2], bodies)
+    cache_time = time.perf_counter() - t
+    st = (await ctx.status(ctl))["services"]["Swtpm"]
+    pending0 = sum(st["pending"].values())
+    mode0 = st["mode"]
+    sim.reset_counters()
+    cpu0 = cpu_seconds(d.pid)
+    t0 = time.perf_counter()
+    sim.set_mode("up")
+    first = None
+    curve = []
+    while True:
+        await ctx.sleep(poll)
+        now = time.perf_counter() - t0
+        calls = sim_calls(sim.counters())
+        st = (await ctx.status(ctl))["services"]["Swtpm"]
+        pending = sum(st["pending"].values())
+        curve.append((now, pending, calls))
+        if first is None and calls > 0:
+            first = now
+        if st["mode"] == "Direct" and pending == 0:
+            break
+        if now > timeout:
+            brief = {k: v for k, v in st.items() if k != "pending"}
+            raise DrainStuck(f"not finished after {timeout:.0f} s: {pending} items pending in "
+                             f"{len(st['pending'])} VMs, simulator counters {sim.counters()}, "
+                             f"Swtpm status {brief}; daemon log tail:\n{d.log()[-1500:]}")
+    total = time.perf_counter() - t0
+    cpu = cpu_seconds(d.pid) - cpu0
+    counters = sim.counters()
+    # The last delivered values must be the ones upstream holds.
+    want = " ".join(bodies[k].decode() for k in range(3))
+    wrong = sum(1 for vm in ctx.vms[:n:max(1, n // 20)]
+                if sim.vtpm_state(vm["vtpm_uuid"])["contents"] != want)
+    ctl.transport.loseConnection()
+    calls = sim_calls(counters)
+    return {
+        "n": n, "knobs": list(knobs), "items": pending0, "mode_when_cached": mode0,
+        "warm_failures": warm, "cache_failures": failed, "cache_time_s": cache_time,
+        "time_to_direct_s": total, "first_call_s": first,
+        "deliver_s": total - (first or 0.0), "upstream_calls": calls,
+        "calls_per_item": calls / pending0 if pending0 else float("nan"),
+        "counters": counters, "daemon_cpu_s": cpu, "wrong_contents": wrong,
+        "curve": curve,
+    }
+
+
+async def drain_floor(ctx: Ctx, n: int, concurrency: int) -> float:
+    """The simulator serving the minimum calls of a drain (one get and one
+    set of each vTPM) with ``concurrency`` in flight."""
+    rpc = JsonRpc(ctx.sim.socket)
+    session = rpc.session
+    rpc.close()
+    contents = " ".join(b64(s, ctx.rng).decode() for s in (4096, 1024, 12288))
+    jobs = [[("VTPM.get_contents", [vm["vtpm_ref"]]),
+             ("VTPM.set_contents", [vm["vtpm_ref"], contents])] for vm in ctx.vms[:n]]
+    return await sim_calls_floor(ctx.reactor, ctx.sim.socket, session, jobs, concurrency)
