@@ -57,7 +57,8 @@ def safe_unlink(path: str) -> bool:
 
 
 def makedirs(path: str, mode: int = 0o700) -> None:
-    """``mkdir -p`` with ``mode`` on every directory created (umask-proof)."""
+    """``mkdir -p`` with ``mode`` on every directory created (umask-proof),
+    each creation made durable in its parent."""
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path.rstrip("/"))
@@ -68,3 +69,6 @@ def makedirs(path: str, mode: int = 0o700) -> None:
     except FileExistsError:
         return
     os.chmod(path, mode)
+    # A new directory's entry lives in its parent: without this, a file
+    # made durable inside it could vanish with the directory in a crash.
+    fsync_dir(parent or ".")

@@ -122,6 +122,7 @@ class XguardService(Service):
 
         self.registry = SocketRegistry(
             self.reactor, cfg.sockets_file, site_for, on_forget=upstream.forget,
+            runner=self._run_blocking,
         )
         await self.registry.resume()
         for cache in self.caches.values():
@@ -155,17 +156,11 @@ class XguardService(Service):
         cfg = self.config
         if cfg.no_cache:
             return DirectWriter(sink)
-        pool = self._pool
-        assert pool is not None
-
-        def runner(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-            return deferToThreadPool(self.reactor, pool, f, *args, **kwargs)
-
         cache = WriteBackCache(
             sink,
             cfg.state_dir,
             clock=self.reactor,
-            runner=runner,
+            runner=self._run_blocking,
             monotonic_ns=self.monotonic_ns,
             queue_size=cfg.queue_size,
             direct_deadline=cfg.direct_deadline,
@@ -175,6 +170,11 @@ class XguardService(Service):
         )
         self.caches[sink.service] = cache
         return cache
+
+    def _run_blocking(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        """Blocking file I/O (fsyncs) off the reactor thread."""
+        assert self._pool is not None
+        return deferToThreadPool(self.reactor, self._pool, f, *args, **kwargs)
 
     async def _listen_control(self, factory: Any) -> IListeningPort:
         description = self.config.control

@@ -34,6 +34,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ..errors import TransientUpstreamError
@@ -90,6 +91,7 @@ class WriteBackCache:
         self._last_ts: dict[Item, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
         self._attempts: set[_Attempt] = set()
+        self._cleanups: set[Deferred[None]] = set()
         self.flusher = Flusher(self, clock, interval=interval,
                                backoff=backoff or default_backoff(),
                                max_concurrency=max_concurrency, coalesce=coalesce)
@@ -138,6 +140,7 @@ class WriteBackCache:
         acknowledged), so shutdown never waits for upstream."""
         self.flusher.stop()
         pending = [self._give_up(a, "shutting down") for a in list(self._attempts)]
+        pending.extend(self._cleanups)
         return gatherResults([d for d in pending if d is not None],
                              consumeErrors=True).addCallback(lambda _: None)
 
@@ -248,8 +251,28 @@ class WriteBackCache:
             return  # a newer version is already acknowledged: this one is superseded
         await self.runner(self.store.write, version, content)
         self._record(version)
-        for ts in [t for t in self.index[item] if t < version.ts]:
-            await self._forget(Version(item, ts))
+        older = [Version(item, t) for t in self.index[item] if t < version.ts]
+        if older:
+            # Not on the acknowledgement's path: once the new version is
+            # durable, a crash before these deletions leaves older files
+            # that recovery discards (it keeps only the latest).
+            self._background(self._forget_all(older))
+
+    async def _forget_all(self, versions: list[Version]) -> None:
+        for version in versions:
+            await self._forget(version)
+
+    def _background(self, work: Any) -> None:
+        d: Deferred[None] = ensureDeferred(work)
+        self._cleanups.add(d)
+
+        def done(result: Any) -> None:
+            self._cleanups.discard(d)
+            if isinstance(result, Failure):
+                self.log.failure("{service} cache: deleting superseded versions failed",
+                                 result, service=self.service.value)
+
+        d.addBoth(done)
 
     def _record(self, version: Version) -> None:
         item = version.item
