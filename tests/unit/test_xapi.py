@@ -42,6 +42,7 @@ class FakeXapi(Resource):
         self.reject_sessions = False
         self.calls: list[tuple[str, list[Any]]] = []
         self.script: list[tuple[Any, ...]] = []  # (kind, arg[, method])
+        self.later: list[tuple[Any, ...]] = []
         self.held: list[Request] = []
         self.vms: dict[str, dict[str, Any]] = {}  # ref -> record
         self.vtpms: dict[str, dict[str, Any]] = {}  # ref -> record
@@ -99,11 +100,20 @@ class FakeXapi(Resource):
                 return NOT_DONE_YET
             if kind == "error":
                 return self._answer(call_id, error=arg)
+            if kind == "later":  # answered normally by answer_later()
+                self.later.append((request, method, params, call_id))
+                return NOT_DONE_YET
         try:
             result = self.dispatch(method, params)
         except XapiError as e:
             return self._answer(call_id, error=e.codes)
         return self._answer(call_id, result=result)
+
+    def answer_later(self) -> None:
+        later, self.later = self.later, []
+        for request, method, params, call_id in later:
+            request.write(self._answer(call_id, result=self.dispatch(method, params)))
+            request.finish()
 
     def _answer(self, call_id: int, *, result: Any = None, error: list[str] | None = None) -> bytes:
         doc: dict[str, Any] = {"jsonrpc": "2.0", "id": call_id}
@@ -406,6 +416,26 @@ class ConcurrencyTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second), {})
         third = up.get_nvram(VM)
         self.assertEqual(self.successResultOf(third), {})
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_concurrent_lookups_of_one_vm_share_one_call(self) -> None:
+        xapi = FakeXapi()
+        xapi.add_vm(VM, VTPM)
+        agent = RequestTraversalAgent(xapi)
+        clock = Clock()
+        up = XapiUpstream(clock, HTTPClient(agent), "http://xapi/jsonrpc", timeout=10)
+        self.successResultOf(up.get_secureboot_certificates_state(VM))
+        up.forget(VM)
+        xapi.script = [("later", None, "VM.get_by_uuid")]
+        nvram = up.get_nvram(VM)
+        vtpm = up.vtpm_for_vm(VM)
+        vtpm_again = up.vtpm_for_vm(VM)
+        xapi.answer_later()
+        agent.flush()
+        self.assertEqual(self.successResultOf(nvram), {})
+        self.assertEqual(self.successResultOf(vtpm), self.successResultOf(vtpm_again))
+        self.assertEqual(xapi.count("VM.get_by_uuid"), 2)  # one before forget, one shared
+        self.assertEqual(xapi.count("VM.get_VTPMs"), 1)
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_cancelled_queued_call_leaves_the_queue(self) -> None:

@@ -149,6 +149,7 @@ class XapiUpstream:
         self._vm_refs: dict[str, str] = {}
         self._vtpm_of_vm: dict[str, str] = {}
         self._vtpm_refs: dict[str, str] = {}
+        self._resolving: dict[tuple[int, str], list[Deferred[str]]] = {}
         self._calls = 0
         self._reachable: bool | None = None
         self._last_error: str | None = None
@@ -277,7 +278,7 @@ class XapiUpstream:
             ref = cache.get(uuid)
             was_cached = ref is not None
             if ref is None:
-                ref = await resolve()
+                ref = await self._resolve_shared(id(cache), uuid, resolve)
                 if self._cache_handles:
                     cache[uuid] = ref
             try:
@@ -288,6 +289,28 @@ class XapiUpstream:
                 if cache.get(uuid) == ref:
                     del cache[uuid]
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _resolve_shared(self, kind: int, uuid: str,
+                        resolve: Callable[[], Coroutine[Any, Any, str]]) -> Deferred[str]:
+        """One lookup in flight per handle: a VM booting asks for its ref
+        from the vTPM and the NVRAM paths at the same moment."""
+        key = (kind, uuid)
+        waiters = self._resolving.get(key)
+        if waiters is not None:
+            waiter: Deferred[str] = Deferred()
+            waiters.append(waiter)
+            return waiter
+        self._resolving[key] = []
+
+        def share(result: Any) -> Any:
+            for waiter in self._resolving.pop(key):
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(result)
+            return result
+
+        return Deferred.fromCoroutine(resolve()).addBoth(share)
 
     def _vm_call(self, vm_uuid: str, method: str, *params: Any) -> Deferred[Any]:
         async def resolve() -> str:
@@ -315,7 +338,7 @@ class XapiUpstream:
             if self._cache_handles:
                 self._vtpm_of_vm[vm_uuid] = ref
             return ref
-        return Deferred.fromCoroutine(find())
+        return self._resolve_shared(id(self._vtpm_of_vm), vm_uuid, find)
 
     def vtpm_by_uuid(self, vtpm_uuid: str) -> Deferred[str]:
         """The vTPM's reference (VTPM.get_by_uuid), cached."""
