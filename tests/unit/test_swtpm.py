@@ -237,3 +237,33 @@ class SwtpmWireTests(SynchronousTestCase):
     def test_silent_client_is_timed_out(self) -> None:
         self.wire.clock.advance(30)
         self.assertTrue(self.wire.closed)
+
+
+class StrictBase64Property(SynchronousTestCase):
+    """The fast check agrees with the grammar of canonical base64."""
+
+    @staticmethod
+    def canonical(body: bytes) -> bool:
+        import re
+
+        grammar = rb"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+        return re.fullmatch(grammar, body) is not None
+
+    def test_agrees_with_the_grammar(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from xguard.domain.swtpm import HTTPError, _check_base64
+
+        @settings(max_examples=500, deadline=None)
+        @given(st.binary(max_size=12) | st.text(alphabet="AQUFB+/=\n ", max_size=12).map(
+            str.encode))
+        def check(body: bytes) -> None:
+            try:
+                _check_base64(body)
+                accepted = True
+            except HTTPError:
+                accepted = False
+            self.assertEqual(accepted, self.canonical(body), body)
+
+        check()

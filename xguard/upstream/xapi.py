@@ -17,6 +17,7 @@ import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.protocol import Protocol
@@ -131,7 +132,8 @@ class XapiUpstream:
     ) -> None:
         self._reactor = reactor
         self._client = client
-        self._url = url
+        # Parsed once: treq would parse (and IDNA-check) the text every call.
+        self._url = EncodedURL.from_text(url)
         self._timeout = timeout
         self._version = version
         self._pool = pool
