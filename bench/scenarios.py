@@ -269,10 +269,17 @@ async def boot_storm(ctx: Ctx, n: int, knobs: Sequence[str] = (), *, keep: bool 
 
 
 # -- 5: footprint ---------------------------------------------------------------------
+#: Long enough for the daemon's idle trimmer (xguard/memory.py) to run.
+IDLE_S = 25.0
+
+
 async def footprint(ctx: Ctx, d: BenchDaemon, restarts: int = 3) -> dict[str, Any]:
     """Idle RSS and fds of ``d`` (which serves the boot storm's sockets),
-    then its start-up time resuming them, against an empty daemon's."""
-    await ctx.sleep(2.0)
+    then its start-up time resuming them, against an empty daemon's.
+
+    "Idle" means after the daemon's idle trimmer had its quiet period (it
+    returns a burst's freed memory after ~10-20 s without connections)."""
+    await ctx.sleep(IDLE_S)
     ctl = await clients.amp_connect(ctx.reactor, d.control)
     st = await ctx.status(ctl)
     ctl.transport.loseConnection()

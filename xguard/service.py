@@ -41,6 +41,7 @@ from .interfaces import IItemSink, IItemWriter, IUpstream
 from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
 from .locks import KeyedLocks
 from .logconfig import apply_log_level
+from .memory import IdleTrimmer
 from .model import Service as Kind
 from .upstream.local import local_store
 from .upstream.xapi import xapi_upstream
@@ -73,6 +74,8 @@ class XguardService(Service):
         self._instance_lock: int | None = None
         self._started: Deferred[None] | None = None
         self.ready = False
+        self.connections = 0
+        self._trimmer: IdleTrimmer | None = None
 
     # -- start ---------------------------------------------------------------
     def privilegedStartService(self) -> None:
@@ -118,7 +121,8 @@ class XguardService(Service):
                 resource = SwtpmSocket(vm_uuid, tpm_store).resource()
             else:
                 resource = VarstoredSocket(vm_uuid, upstream, nvram_store).resource()
-            return DomainSite(resource, reactor=self.reactor, timeout=cfg.request_timeout)
+            return DomainSite(resource, reactor=self.reactor, timeout=cfg.request_timeout,
+                              on_connection=self._count_connection)
 
         self.registry = SocketRegistry(
             self.reactor, cfg.sockets_file, site_for, on_forget=upstream.forget,
@@ -132,6 +136,8 @@ class XguardService(Service):
                 registry=self.registry, upstream=upstream, sink=vtpm_sink, status=self.status,
             )
         )
+        self._trimmer = IdleTrimmer(self.reactor, lambda: self.connections)
+        self._trimmer.start()
         self.ready = True
         sdnotify.notify("READY=1")
         self.log.info("xguard ready: {sockets} domain sockets, cache {cache}",
@@ -170,6 +176,9 @@ class XguardService(Service):
         )
         self.caches[sink.service] = cache
         return cache
+
+    def _count_connection(self) -> None:
+        self.connections += 1
 
     def _run_blocking(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
         """Blocking file I/O (fsyncs) off the reactor thread."""
@@ -237,6 +246,8 @@ class XguardService(Service):
         sdnotify.notify("STOPPING=1")
         if self._started is not None and not self._started.called:
             self._started.cancel()
+        if self._trimmer is not None:
+            self._trimmer.stop()
         if self.control_port is not None:
             await self.control_port.stopListening()
         if self.registry is not None:

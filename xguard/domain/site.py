@@ -19,6 +19,7 @@ clients.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from io import BytesIO
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -149,6 +150,8 @@ class DomainSite(Site):
     :param max_body: largest accepted request body, in bytes.
     :param timeout: seconds a connection may stay silent, and seconds a
         request may take to arrive in full.
+    :param on_connection: called for every accepted connection (the
+        daemon's activity count).
     """
 
     noisy = False
@@ -163,7 +166,9 @@ class DomainSite(Site):
         reactor: IReactorTime,
         max_body: int = MAX_BODY,
         timeout: float = DEFAULT_TIMEOUT,
+        on_connection: Callable[[], None] | None = None,
     ) -> None:
+        self._on_connection = on_connection
         super().__init__(
             resource,
             requestFactory=_LimitedRequest,
@@ -174,6 +179,8 @@ class DomainSite(Site):
         self.max_body = max_body
 
     def buildProtocol(self, addr: object) -> _LimitedChannel:
+        if self._on_connection is not None:
+            self._on_connection()
         channel = _LimitedChannel()
         channel.factory = self
         channel.site = self

@@ -1,0 +1,45 @@
+"""The idle trimmer returns memory once per quiet period, never under load."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from xguard.memory import IdleTrimmer, libc_trim
+
+
+class IdleTrimmerTests(SynchronousTestCase):
+    def test_trims_once_after_activity_stops(self) -> None:
+        clock, activity, trims = Clock(), [0], []
+        trimmer = IdleTrimmer(clock, lambda: activity[0], interval=30,
+                              trim=lambda: trims.append(clock.seconds()) or True)
+        trimmer.start()
+        clock.advance(30)
+        self.assertEqual(trims, [])  # nothing happened: nothing to give back
+        activity[0] = 5
+        clock.advance(30)
+        self.assertEqual(trims, [])  # busy during this period
+        clock.advance(30)
+        self.assertEqual(trims, [60.0 + 30])  # quiet now: one trim
+        clock.advance(300)
+        self.assertEqual(len(trims), 1)  # and only one
+        trimmer.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_a_failing_trim_does_not_stop_the_loop(self) -> None:
+        clock, activity = Clock(), [0]
+
+        def boom() -> bool:
+            raise OSError("no")
+
+        trimmer = IdleTrimmer(clock, lambda: activity[0], interval=1, trim=boom)
+        trimmer.start()
+        activity[0] = 1
+        clock.advance(1)
+        clock.advance(1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        self.assertEqual(len(clock.getDelayedCalls()), 1)
+        trimmer.stop()
+
+    def test_libc_trim_runs(self) -> None:
+        self.assertIn(libc_trim(), (True, False))
