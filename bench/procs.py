@@ -16,6 +16,9 @@ from xguard.testing.daemon import BIN, Daemon, _env
 
 #: The knob sets compared in scenario 6 (upstream-design comparison).
 UPSTREAM_DESIGN = ("serial", "no-coalesce", "no-handle-cache")
+#: Extra daemon options for every BenchDaemon (run.py --daemon-args), for
+#: experiments such as a longer --direct-deadline; empty = the defaults.
+DAEMON_ARGS: list[str] = []
 
 
 class BenchDaemon(Daemon):
@@ -26,7 +29,7 @@ class BenchDaemon(Daemon):
     def __init__(self, root: str, xapi: str, *, knobs: Sequence[str] = (),
                  extra: Sequence[str] = ()) -> None:
         os.makedirs(root, exist_ok=True)
-        super().__init__(root, xapi=xapi, extra=list(extra))
+        super().__init__(root, xapi=xapi, extra=[*DAEMON_ARGS, *extra])
         self.knobs = tuple(knobs)
         self.last_start = 0.0
 

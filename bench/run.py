@@ -72,6 +72,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=ALL, help="run only these scenarios")
     p.add_argument("--sizes", help="boot-storm Ns, comma-separated (default 250,500,1000)")
     p.add_argument("--samples", type=int, help="latency samples per series")
+    p.add_argument("--daemon-args", default="",
+                   help="extra options for every daemon, e.g. '--direct-deadline 30'")
     p.add_argument("--drains", default=",".join(DRAINS),
                    help="drain configurations, comma-separated (default: all)")
     return p.parse_args()
@@ -190,6 +192,11 @@ def log(text: str) -> None:
 if __name__ == "__main__":
     raise_nofile()
     arguments = parse()
+    import shlex
+
+    from bench import procs
+
+    procs.DAEMON_ARGS[:] = shlex.split(arguments.daemon_args)
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
 
