@@ -27,9 +27,26 @@ from .layout import (
     version_path,
 )
 
-__all__ = ["DiskStore"]
+__all__ = ["DiskStore", "sync_removal"]
 
 REASON_SUFFIX = ".reason"
+
+
+def sync_removal(directory: str, root: str) -> None:
+    """Make the removal of an entry of ``directory`` durable.
+
+    Deletions run concurrently in the thread pool: another one may have
+    pruned ``directory`` (empty once our entry went) before we sync it. Its
+    removal from the parent then carries ours, so the nearest ancestor
+    that still exists is synced instead (up to ``root``)."""
+    while True:
+        try:
+            fsync_dir(directory)
+            return
+        except FileNotFoundError:
+            if os.path.normpath(directory) == os.path.normpath(root):
+                raise
+            directory = os.path.dirname(directory)
 
 
 class DiskStore:
@@ -65,7 +82,7 @@ class DiskStore:
         empty."""
         path = version_path(self.root, self.service, version)
         if safe_unlink(path):
-            fsync_dir(os.path.dirname(path))
+            sync_removal(os.path.dirname(path), self.root)
         self._prune(item_dir(self.root, self.service, version.item))
 
     def _prune(self, directory: str) -> None:
@@ -109,7 +126,7 @@ class DiskStore:
         atomic_write(dst + REASON_SUFFIX, reason.encode("utf-8", "replace"), mode=0o600)
         os.rename(src, dst)
         fsync_dir(os.path.dirname(dst))
-        fsync_dir(os.path.dirname(src))
+        sync_removal(os.path.dirname(src), self.root)
         self._prune(os.path.dirname(src))
         return dst
 
