@@ -76,10 +76,10 @@ def measured(results: dict[str, Any]) -> dict[str, Any]:
         up = drains.get(("serial", "no-coalesce", "no-handle-cache"))
         if up:
             out["drain_speedup_vs_upstream"] = up["deliver_s"] / base["deliver_s"]
-    storms = [r for r in results.get("storm", []) if not r["knobs"]]
-    if storms:
-        biggest = max(storms, key=lambda r: r["n"])
-        out["storm_1000_s"] = biggest["total_s"]
+    # The target is for N = 1000 only (--quick runs smaller storms).
+    for r in results.get("storm", []):
+        if not r["knobs"] and r["n"] == 1000:
+            out["storm_1000_s"] = r["total_s"]
     fp = results.get("footprint")
     if fp:
         out["idle_rss_mb"] = fp["rss_mb"]
