@@ -47,6 +47,7 @@ class Daemon:
         self.extra = list(extra or [])
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_codes: list[int] = []
+        self.last_start = 0.0
 
     def argv(self) -> list[str]:
         argv = [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.log_file,
@@ -57,26 +58,39 @@ class Daemon:
             argv += ["--xapi", self.xapi, "--xapi-timeout", "5"]
         return argv + self.extra
 
+    def environment(self) -> dict[str, str]:
+        """The daemon's environment (subclasses add to it)."""
+        return _env()
+
     def start(self, timeout: float = 30.0) -> "Daemon":
-        """Start and wait for READY=1 (every socket listening again)."""
+        """Start and wait for READY=1 (every socket listening again).
+
+        ``last_start`` is the time from exec to READY=1; twistd's own
+        errors (before its log starts) go to ``stderr.txt`` in the root."""
         assert self.proc is None or self.proc.poll() is not None
         notify_path = os.path.join(self.root, "notify")
         if os.path.exists(notify_path):
             os.unlink(notify_path)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(notify_path)
-        notify.settimeout(0.2)
-        env = _env()
+        notify.settimeout(0.05)
+        env = self.environment()
         env["NOTIFY_SOCKET"] = notify_path
-        self.proc = subprocess.Popen(self.argv(), env=env, cwd=self.root,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
+        errors = os.path.join(self.root, "stderr.txt")
+        started = time.monotonic()
+        with open(errors, "ab") as err:
+            self.proc = subprocess.Popen(self.argv(), env=env, cwd=self.root,
+                                         stdout=subprocess.DEVNULL, stderr=err)
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() - started < timeout:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"xguard exited {self.proc.returncode}:\n{self.log()}")
+                    with open(errors, errors="replace") as f:
+                        detail = f.read()[-3000:]
+                    raise RuntimeError(f"xguard exited {self.proc.returncode}:\n{self.log()}"
+                                       f"\nstderr:\n{detail}")
                 try:
                     if b"READY=1" in notify.recv(4096):
+                        self.last_start = time.monotonic() - started
                         return self
                 except TimeoutError:
                     continue
