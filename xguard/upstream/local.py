@@ -173,18 +173,25 @@ class LocalStore:
         return self._run(_insert_vm, vm_uuid, write=True)
 
     def vtpm_for_vm(self, vm_uuid: str) -> Deferred[str]:
-        def work(conn: sqlite3.Connection) -> str:
+        """Every vTPM read and write starts here: a plain read once the
+        vTPM exists; the write transaction only on first use."""
+        def find(conn: sqlite3.Connection) -> str | None:
+            return _first_vtpm(conn, vm_uuid)
+
+        def found(vtpm: str | None) -> Deferred[str] | str:
+            return vtpm if vtpm is not None else self._run(create, write=True)
+
+        def create(conn: sqlite3.Connection) -> str:
             _insert_vm(conn, vm_uuid)
-            row = conn.execute("SELECT uuid FROM vtpm WHERE vm_uuid = ? ORDER BY rowid LIMIT 1",
-                               (vm_uuid,)).fetchone()
-            if row is not None:
-                return str(row[0])
+            existing = _first_vtpm(conn, vm_uuid)  # another caller may have won
+            if existing is not None:
+                return existing
             vtpm_uuid = self._new_uuid()
             conn.execute("INSERT INTO vtpm (uuid, vm_uuid) VALUES (?, ?)", (vtpm_uuid, vm_uuid))
             self._log.info("Created vTPM {vtpm_uuid} for VM {vm_uuid}",
                            vtpm_uuid=vtpm_uuid, vm_uuid=vm_uuid)
             return vtpm_uuid
-        return self._run(work, write=True)
+        return self._run(find).addCallback(found)
 
     def vtpm_by_uuid(self, vtpm_uuid: str) -> Deferred[str]:
         """The local store's vTPM handles are their uuids."""
@@ -303,6 +310,12 @@ class LocalStore:
             keys = ("ref", "name", "priority", "class", "obj_uuid", "body")
             return [dict(zip(keys, row)) for row in conn.execute(sql + " ORDER BY id", args)]
         return self._run(work)
+
+
+def _first_vtpm(conn: sqlite3.Connection, vm_uuid: str) -> str | None:
+    row = conn.execute("SELECT uuid FROM vtpm WHERE vm_uuid = ? ORDER BY rowid LIMIT 1",
+                       (vm_uuid,)).fetchone()
+    return None if row is None else str(row[0])
 
 
 def _insert_vm(conn: sqlite3.Connection, vm_uuid: str) -> None:
