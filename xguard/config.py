@@ -78,6 +78,13 @@ class Config:
             raise ValueError("--xapi and --local-store are mutually exclusive")
 
     @property
+    def control_path(self) -> str | None:
+        """The control socket's file when ``--control`` is a UNIX endpoint."""
+        if not self.control.startswith("unix:"):
+            return None
+        return self.control[len("unix:"):].split(":")[0]
+
+    @property
     def store_path(self) -> str | None:
         """The SQLite file when the embedded store is the upstream."""
         if self.xapi is not None:

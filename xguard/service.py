@@ -96,8 +96,8 @@ class XguardService(Service):
         # Before anything else: a second daemon on the same state would
         # fight over the cache, the sockets and the active-sockets file.
         self._instance_lock = _lock_instance(os.path.join(cfg.state_dir, "xguard.lock"))
-        if cfg.control.startswith("unix:"):
-            _remove_stale_socket(cfg.control[len("unix:"):].split(":")[0])
+        if cfg.control_path is not None:
+            _remove_stale_socket(cfg.control_path)
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="xguard-io")
         self._pool.start()
         self.upstream = await self._make_upstream()
@@ -186,12 +186,13 @@ class XguardService(Service):
         return deferToThreadPool(self.reactor, self._pool, f, *args, **kwargs)
 
     async def _listen_control(self, factory: Any) -> IListeningPort:
-        description = self.config.control
-        path = description[len("unix:"):].split(":")[0] if description.startswith("unix:") else None
+        # A stale file at the path was removed (a live one refused) before
+        # anything started: see _start.
+        path = self.config.control_path
         if path is not None:
             makedirs(os.path.dirname(path), 0o755)
-            _remove_stale_socket(path)
-        port: IListeningPort = await control_endpoint(self.reactor, description).listen(factory)
+        port: IListeningPort = await control_endpoint(
+            self.reactor, self.config.control).listen(factory)
         if path is not None:
             os.chmod(path, 0o600)
         return port

@@ -73,3 +73,10 @@ class PluginTests(SynchronousTestCase):
         service = makeService(options)
         self.assertIsInstance(service, XguardService)
         self.assertFalse(os.path.exists("/nonexistent/xguard-test"))
+
+
+class ControlPathTests(SynchronousTestCase):
+    def test_unix_endpoint_path(self) -> None:
+        self.assertEqual(Config(control="unix:/run/x/c.sock:mode=600").control_path,
+                         "/run/x/c.sock")
+        self.assertIsNone(Config(control="tcp:9999:interface=127.0.0.1").control_path)
