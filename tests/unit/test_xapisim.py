@@ -232,6 +232,19 @@ class WebTests(SynchronousTestCase):
         self.assertEqual(self.call("VM.get_by_uuid", [self.session, VM])["result"],
                          self.ids["vm_ref"])
 
+    def test_fail_method_fails_only_that_method_until_cleared(self) -> None:
+        t = self.ids["vtpm_ref"]
+        self.admin_call("POST", "/fail_method",
+                        {"method": "VTPM.set_contents", "codes": ["HOST_STILL_BOOTING"]})
+        for _ in range(3):
+            self.assertEqual(self.call("VTPM.set_contents", [self.session, t, "x"])["error"],
+                             {"code": 1, "message": "HOST_STILL_BOOTING", "data": []})
+        self.assertIn("result", self.call("VTPM.get_contents", [self.session, t]))
+        self.assertNotEqual(self.call("VTPM.get_contents", [self.session, t])["result"], "x")
+        self.admin_call("POST", "/fail_method", {"method": "VTPM.set_contents", "clear": True})
+        self.assertEqual(self.call("VTPM.set_contents", [self.session, t, "x"])["result"], "")
+        self.assertEqual(self.call("VTPM.get_contents", [self.session, t])["result"], "x")
+
     def test_http_500_next(self) -> None:
         self.admin_call("POST", "/http_500_next", {"n": 1})
         self.assertEqual(self.answer(self.post(_rpc("VM.get_all", [self.session])))[0], 500)

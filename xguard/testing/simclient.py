@@ -98,6 +98,16 @@ class SimClient:
         return self._call("POST", "/fail_next",  # type: ignore[no-any-return]
                           {"n": n, "codes": list(codes)})
 
+    def fail_method(self, method: str,
+                    codes: Sequence[str] | None = ("HOST_STILL_BOOTING",)) -> dict[str, Any]:
+        """Every call of ``method`` fails with ``codes`` (None: stop failing it)."""
+        body: dict[str, Any] = {"method": method}
+        if codes is None:
+            body["clear"] = True
+        else:
+            body["codes"] = list(codes)
+        return self._call("POST", "/fail_method", body)  # type: ignore[no-any-return]
+
     def http_500_next(self, n: int) -> dict[str, Any]:
         return self._call("POST", "/http_500_next", {"n": n})  # type: ignore[no-any-return]
 

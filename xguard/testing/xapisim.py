@@ -101,6 +101,10 @@ class Simulator:
         self.delay = 0.0
         self.fail_n, self.fail_codes = 0, ["HOST_STILL_BOOTING"]
         self.http_500_n = 0
+        #: method -> codes: every call of that method fails so (until cleared),
+        #: e.g. only VTPM.set_contents answering HOST_STILL_BOOTING keeps the
+        #: "xapi is back but the cache has not drained" window open.
+        self.fail_methods: dict[str, list[str]] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._parked: list[_Waiting] = []
         self._wrappers: list[WrappingFactory] = []  # one per listener, tracks connections
@@ -136,6 +140,8 @@ class Simulator:
         if self.fail_n > 0:
             self.fail_n -= 1
             return codec.failure(call, list(self.fail_codes))
+        if call.method in self.fail_methods:
+            return codec.failure(call, list(self.fail_methods[call.method]))
         try:
             return codec.success(call, self.dispatcher.call(call.method, call.params))
         except XapiError as e:
@@ -184,14 +190,28 @@ class Simulator:
             raise ValueError("n >= 0 and a non-empty list of string codes are needed")
         self.fail_n, self.fail_codes = n, list(codes)
 
+    def fail_method(self, method: str, codes: list[str] | None) -> None:
+        """Fail every call of ``method`` with ``codes``; None clears it."""
+        if not isinstance(method, str) or not method:
+            raise ValueError("a method name is needed")
+        if codes is None:
+            self.fail_methods.pop(method, None)
+            return
+        if not codes or not all(isinstance(c, str) for c in codes):
+            raise ValueError("a non-empty list of string codes is needed")
+        self.fail_methods[method] = list(codes)
+
     def reset_faults(self) -> None:
         self.delay, self.fail_n, self.http_500_n = 0.0, 0, 0
+        self.fail_methods.clear()
         self.counters.clear()
 
     def status(self) -> dict[str, Any]:
         return {"mode": self.mode, "delay": self.delay,
                 "fail_next": {"n": self.fail_n, "codes": self.fail_codes},
-                "http_500_next": self.http_500_n, "parked": len(self._parked),
+                "http_500_next": self.http_500_n,
+                "fail_methods": {m: list(c) for m, c in self.fail_methods.items()},
+                "parked": len(self._parked),
                 "sessions": len(self.state.sessions), "vms": len(self.state.vms),
                 "addresses": [f"{kind}:{where}" for kind, where in self._specs]}
 
@@ -354,6 +374,10 @@ class _AdminResource(Resource):
             return sim.status()
         if route == ("POST", "/fail_next"):
             sim.fail_next(int(body["n"]), body.get("codes", ["HOST_STILL_BOOTING"]))
+            return sim.status()
+        if route == ("POST", "/fail_method"):
+            codes = body.get("codes", ["HOST_STILL_BOOTING"])
+            sim.fail_method(body["method"], None if body.get("clear") else codes)
             return sim.status()
         if route == ("POST", "/http_500_next"):
             n = int(body["n"])
