@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import itertools
+import shutil
+import tempfile
 import uuid as _uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from zope.interface import implementer
 
+from xguard.cache.known import KnownState
 from xguard.errors import NoVtpm, PermanentUpstreamError, TransientUpstreamError, UpstreamError
-from xguard.interfaces import IUpstream
+from xguard.interfaces import IItemWriter, IUpstream
+from xguard.items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
+from xguard.locks import KeyedLocks
+from xguard.model import Service
+from xguard.upstream.reachability import Reachability
+from xguard.vtpm_contents import VtpmContents
 
 
 @implementer(IUpstream)
@@ -26,7 +35,8 @@ class FakeUpstream:
 
     description = "fake upstream"
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Any = None) -> None:
+        self.reachability = Reachability(clock or Clock(), self.description)
         self.vms: dict[str, dict[str, Any]] = {}
         self.vtpms: dict[str, str] = {}
         self.messages: list[tuple[str, str, int, str]] = []
@@ -68,17 +78,32 @@ class FakeUpstream:
     def _call(self, name: str, args: tuple[Any, ...], run: Callable[[], Any]) -> "Deferred[Any]":
         self.calls.append((name, args))
         if self.down:
-            return fail(TransientUpstreamError(["CONNECTION_REFUSED"]))
+            return self._note(fail(TransientUpstreamError(["CONNECTION_REFUSED"])))
         if self._failures:
-            return fail(self._failures.pop(0))
+            return self._note(fail(self._failures.pop(0)))
         if self.hold:
             d: Deferred[Any] = Deferred()
             self._held.append((d, run))
-            return d
+            return self._note(d)
         try:
-            return succeed(run())
+            return self._note(succeed(run()))
         except UpstreamError as e:
-            return fail(e)
+            return self._note(fail(e))
+
+    def _note(self, d: "Deferred[Any]") -> "Deferred[Any]":
+        """Report each outcome to ``reachability``, as real upstreams do."""
+        def ok(result: Any) -> Any:
+            self.reachability.answered()
+            return result
+
+        def failed(f: Any) -> Any:
+            if f.check(TransientUpstreamError):
+                self.reachability.failed(" ".join(f.value.codes))
+            else:
+                self.reachability.answered()
+            return f
+
+        return d.addCallbacks(ok, failed)
 
     def count(self, name: str) -> int:
         return sum(1 for n, _ in self.calls if n == name)
@@ -159,3 +184,62 @@ def sync_runner(f: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[A
         return succeed(f(*args, **kwargs))
     except Exception:  # noqa: BLE001
         return fail()
+
+
+class StoreKit:
+    """What the domain sockets are built on, without a cache: the sinks,
+    the no-cache writers, the stores and a real last-known-state store in a
+    temporary directory (``cleanup()`` removes it)."""
+
+    def __init__(self, upstream: Any, clock: Any = None, *,
+                 live: Callable[[str], bool] = lambda vm: True, deadline: float = 3.0) -> None:
+        self.clock = clock or Clock()
+        self.root = tempfile.mkdtemp(prefix="xgk")
+        self.known = KnownState(self.root, runner=sync_runner, is_live=live,
+                                boot_id=lambda: "boot")
+        self.known.open()
+        self.locks = KeyedLocks()
+        self.vtpm_sink = VtpmSink(upstream, self.locks, self.known)
+        self.nvram_sink = NvramSink(upstream, self.locks, self.known)
+        self.tpm = self.tpm_store(DirectWriter(self.vtpm_sink), deadline=deadline)
+        self.nvram = NvramStore(DirectWriter(self.nvram_sink), self.nvram_sink, self.known,
+                                clock=self.clock, deadline=deadline)
+
+    def tpm_store(self, writer: Any, deadline: float = 3.0) -> TpmStore:
+        return TpmStore(writer, self.vtpm_sink, self.known, clock=self.clock, deadline=deadline)
+
+    def vtpm_contents(self, writer: Any = None,
+                      candidates: Callable[[], Any] = lambda: ()) -> VtpmContents:
+        """The orchestrator's vTPM calls over these sinks (no cache unless
+        ``writer`` is one)."""
+        return VtpmContents(self.vtpm_sink.upstream, self.vtpm_sink,
+                            writer or DirectWriter(self.vtpm_sink), self.known,
+                            candidates=candidates, clock=self.clock, deadline=3.0)
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+@implementer(IItemWriter)
+class PendingWriter:
+    """A write-back cache stand-in that never delivers: every write stays
+    pending (``items`` may be seeded)."""
+
+    service = Service.SWTPM
+
+    def __init__(self, items: dict[tuple[str, int], bytes] | None = None) -> None:
+        self.items: dict[tuple[str, int], bytes] = {} if items is None else items
+
+    def write(self, vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
+        return self.write_many(vm_uuid, {key: content})
+
+    def write_many(self, vm_uuid: str, changes: Mapping[int, bytes]) -> "Deferred[None]":
+        for key, content in changes.items():
+            self.items[(vm_uuid, int(key))] = content
+        return succeed(None)
+
+    def pending(self, vm_uuid: str, key: int) -> "Deferred[bytes | None]":
+        return succeed(self.items.get((vm_uuid, int(key))))
+
+    def has_pending(self, vm_uuid: str) -> bool:
+        return any(vm == vm_uuid for vm, _ in self.items)

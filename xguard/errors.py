@@ -12,7 +12,8 @@ __all__ = [
     "PathInUse",
     "InvalidUUID",
     "InvalidPath",
-    "BadRequest",
+    "InvalidContents",
+    "CacheUnavailable",
     "NoVtpm",
 ]
 
@@ -36,6 +37,14 @@ class PermanentUpstreamError(UpstreamError):
     retrying the same call will fail the same way."""
 
 
+class CacheUnavailable(TransientUpstreamError):
+    """The disk cache cannot take a write now (disk full, I/O error): nothing
+    was acknowledged, so the client retries later (swtpm: HTTP 503)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(["CACHE_UNAVAILABLE", reason])
+
+
 class NoVtpm(PermanentUpstreamError):
     """The VM has no vTPM."""
 
@@ -55,9 +64,6 @@ class InvalidPath(ValueError):
     """A socket path that is not absolute (or otherwise unusable)."""
 
 
-class BadRequest(Exception):
-    """A domain client's request is malformed; ``code`` is the HTTP status."""
-
-    def __init__(self, code: int, message: str) -> None:
-        self.code = code
-        super().__init__(message)
+class InvalidContents(ValueError):
+    """vTPM contents that are not xapi's format (one field, or three
+    separated by single spaces; ASCII)."""

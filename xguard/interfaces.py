@@ -18,6 +18,8 @@ class IUpstream(Interface):
     """
 
     description = Attribute("Human readable target, e.g. 'xapi unix:/var/lib/xcp/xapi'")
+    reachability = Attribute(
+        "xguard.upstream.reachability.Reachability fed by every call's outcome")
 
     def ensure_vm(vm_uuid):  # type: ignore[no-untyped-def]
         """Deferred[None]: make sure the VM's record exists (the local store
@@ -76,19 +78,27 @@ class IItemSink(Interface):
 
 
 class IItemWriter(Interface):
-    """What domain sockets write through: straight upstream (no cache) or
-    the durable write-back cache."""
+    """What domain sockets and the orchestrator write through: straight
+    upstream (no cache) or the durable write-back cache."""
 
     service = Attribute("xguard.model.Service")
 
     def write(vm_uuid, key, content):  # type: ignore[no-untyped-def]
         """Deferred[None]: fires once the write is durable (upstream or disk);
-        fails with PermanentUpstreamError, or TransientUpstreamError only
-        when no cache is in use."""
+        fails with PermanentUpstreamError, or TransientUpstreamError when no
+        cache is in use or the cache's disk refuses it (CacheUnavailable)."""
+
+    def write_many(vm_uuid, changes):  # type: ignore[no-untyped-def]
+        """Deferred[None]: like write, for several keys of one VM
+        (Mapping[int, bytes]) acknowledged together, newer than every write
+        acknowledged before."""
 
     def pending(vm_uuid, key):  # type: ignore[no-untyped-def]
         """Deferred[bytes | None]: the latest acknowledged version not yet
         delivered upstream, or None."""
+
+    def has_pending(vm_uuid):  # type: ignore[no-untyped-def]
+        """bool: whether any write of the VM awaits delivery."""
 
 
 class ISocketRegistry(Interface):

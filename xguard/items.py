@@ -6,20 +6,31 @@ delivery is a read-modify-write of that string under the vTPM's lock (shared
 with the control channel). Varstored has one item, the NVRAM's
 EFI-variables with its ``update`` flag.
 
+Sinks are the only code that talks to upstream about VM state, so they are
+where the last known state is recorded: every answer upstream gives, and
+every delivery it takes, is copied to :class:`~xguard.cache.known.KnownState`
+*under the same lock* as the upstream call, so copies land in upstream's
+order and before the write is acknowledged.
+
 :class:`DirectWriter` is the no-cache writer; the write-back cache
 (:mod:`xguard.cache`) provides the same :class:`IItemWriter` seam.
 :class:`TpmStore` and :class:`NvramStore` are what the domain sockets use:
-reads see the latest pending version first.
+reads see the latest pending version first, then upstream (within the
+direct deadline), then the last known state.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import functools
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from .cache.known import KnownState
+from .deadlines import within
 from .errors import PermanentUpstreamError, TransientUpstreamError
 from .interfaces import IItemSink, IItemWriter, IUpstream
 from .locks import KeyedLocks
@@ -32,57 +43,68 @@ T = TypeVar("T")
 
 @implementer(IItemSink)
 class VtpmSink:
-    """Delivers vTPM keys with one serialized read-modify-write per vTPM."""
+    """Delivers vTPM keys with one serialized read-modify-write per vTPM.
+
+    A delivery that sets all three keys (the orchestrator's whole state, or
+    a coalesced round of the flusher) does not read: nothing of upstream's
+    string survives it.
+    """
 
     service = Service.SWTPM
 
-    def __init__(self, upstream: IUpstream, locks: KeyedLocks) -> None:
+    def __init__(self, upstream: IUpstream, locks: KeyedLocks, known: KnownState) -> None:
         self.upstream = upstream
         self.locks = locks
+        self.known = known
 
     def lock_key(self, vtpm: str) -> tuple[str, str]:
         """The lock every read-modify-write of the vTPM handle ``vtpm`` takes."""
         return ("vtpm", vtpm)
 
     def deliver(self, vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
-        changes = {TpmKey(k): _ascii(v) for k, v in items.items()}
+        try:
+            changes = {TpmKey(k): _ascii(v) for k, v in items.items()}
+        except PermanentUpstreamError:
+            return fail()
 
-        def rmw(vtpm: str) -> "Deferred[None]":
-            async def update() -> None:
-                state = TpmState.deserialize(await self.upstream.get_vtpm_contents(vtpm))
-                await self.upstream.set_vtpm_contents(vtpm, state.update(changes).serialize())
+        async def update(vtpm: str) -> None:
+            if len(changes) == len(TpmKey):
+                state = _updated(vm_uuid, "", changes)
+            else:
+                state = _updated(vm_uuid, await self.upstream.get_vtpm_contents(vtpm), changes)
+            await self.upstream.set_vtpm_contents(vtpm, state.serialize())
+            await self.known.record_tpm(vm_uuid, state)
 
-            return self.locks.run(self.lock_key(vtpm), update)
+        return ensureDeferred(self._locked(vm_uuid, update))
 
-        return ensureDeferred(self._with_vtpm(vm_uuid, rmw))
+    def read_contents(self, vm_uuid: str) -> "Deferred[str]":
+        """The vTPM's whole contents string as upstream has it, read under
+        its lock (never half of a concurrent update) and copied."""
+        async def get(vtpm: str) -> str:
+            contents = await self.upstream.get_vtpm_contents(vtpm)
+            try:
+                state = TpmState.deserialize(contents)
+            except ValueError:
+                return contents  # not ours to judge here; readers of keys refuse it
+            await self.known.record_tpm(vm_uuid, state)
+            return contents
+
+        return ensureDeferred(self._locked(vm_uuid, get))
 
     def read(self, vm_uuid: str, key: TpmKey) -> "Deferred[bytes]":
-        """One key as upstream has it, read under the vTPM's lock so a
-        read never sees half of a concurrent update."""
-        def get(vtpm: str) -> "Deferred[str]":
-            async def contents() -> str:
-                return await self.upstream.get_vtpm_contents(vtpm)
+        """One key as upstream has it."""
+        return self.read_contents(vm_uuid).addCallback(
+            lambda contents: _parse_state(vm_uuid, contents).get(key).encode("ascii"))
 
-            return self.locks.run(self.lock_key(vtpm), contents)
-
-        return ensureDeferred(self._read(vm_uuid, key, get))
-
-    async def _read(self, vm_uuid: str, key: TpmKey,
-                    get: Callable[[str], "Deferred[str]"]) -> bytes:
-        contents = await self._with_vtpm(vm_uuid, get)
-        try:
-            return TpmState.deserialize(contents).get(key).encode("ascii")
-        except (ValueError, UnicodeEncodeError) as e:
-            raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm_uuid], str(e)) from None
-
-    async def _with_vtpm(self, vm_uuid: str, f: Callable[[str], "Deferred[T]"]) -> T:
-        """``f(handle)`` for the VM's vTPM. A cached handle that upstream no
-        longer knows (HANDLE_INVALID: the vTPM was re-created) is forgotten
-        and resolved once more."""
+    async def _locked(self, vm_uuid: str, f: Callable[[str], Awaitable[T]]) -> T:
+        """``f(handle)`` under the lock of the VM's vTPM. A cached handle
+        that upstream no longer knows (HANDLE_INVALID: the vTPM was
+        re-created) is forgotten and resolved once more."""
         for attempt in (1, 2):
             vtpm = await self.upstream.vtpm_for_vm(vm_uuid)
+            await self.known.record_vtpm_handle(vm_uuid, vtpm)
             try:
-                return await f(vtpm)
+                return await self.locks.run(self.lock_key(vtpm), functools.partial(f, vtpm))
             except PermanentUpstreamError as e:
                 if attempt == 2 or e.codes[:1] != ["HANDLE_INVALID"]:
                     raise
@@ -92,22 +114,45 @@ class VtpmSink:
 
 @implementer(IItemSink)
 class NvramSink:
-    """Delivers a VM's EFI-variables (one item, key 0), one write per VM at
-    a time."""
+    """Delivers a VM's EFI-variables (one item, key 0), one upstream call
+    per VM at a time; reads of the NVRAM map take the same lock."""
 
     service = Service.VARSTORED
 
-    def __init__(self, upstream: IUpstream, locks: KeyedLocks) -> None:
+    def __init__(self, upstream: IUpstream, locks: KeyedLocks, known: KnownState) -> None:
         self.upstream = upstream
         self.locks = locks
+        self.known = known
 
     def deliver(self, vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
-        (write,) = [NvramWrite.decode(v) for v in items.values()]
+        try:
+            (write,) = [NvramWrite.decode(v) for v in items.values()]
+        except ValueError as e:
+            return fail(PermanentUpstreamError(["NVRAM_RECORD_INVALID", vm_uuid], str(e)))
 
         async def send() -> None:
             await self.upstream.set_nvram_efi_variables(vm_uuid, write.value, write.update)
+            await self.known.record_nvram_key(vm_uuid, NVRAM_EFI_VARIABLES, write.value)
 
         return self.locks.run(("nvram", vm_uuid), send)
+
+    def read(self, vm_uuid: str) -> "Deferred[dict[str, str]]":
+        """The VM's NVRAM map as upstream has it (copied)."""
+        async def get() -> dict[str, str]:
+            nvram = dict(await self.upstream.get_nvram(vm_uuid))
+            await self.known.record_nvram(vm_uuid, nvram)
+            return nvram
+
+        return self.locks.run(("nvram", vm_uuid), get)
+
+    def secureboot_state(self, vm_uuid: str) -> "Deferred[str]":
+        """The VM's secure-boot certificates state (copied)."""
+        async def get() -> str:
+            state = str(await self.upstream.get_secureboot_certificates_state(vm_uuid))
+            await self.known.record_sb_state(vm_uuid, state)
+            return state
+
+        return self.locks.run(("sb", vm_uuid), get)
 
 
 @implementer(IItemWriter)
@@ -121,47 +166,85 @@ class DirectWriter:
     def write(self, vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
         return self.sink.deliver(vm_uuid, {key: content})
 
+    def write_many(self, vm_uuid: str, changes: Mapping[int, bytes]) -> "Deferred[None]":
+        return self.sink.deliver(vm_uuid, dict(changes))
+
     def pending(self, vm_uuid: str, key: int) -> "Deferred[bytes | None]":
         return succeed(None)
 
+    def has_pending(self, vm_uuid: str) -> bool:
+        return False
+
 
 class TpmStore:
-    """The swtpm socket's view of its VM's vTPM keys."""
+    """The swtpm socket's view of its VM's vTPM keys.
 
-    def __init__(self, writer: IItemWriter, sink: VtpmSink) -> None:
+    :param deadline: seconds a read waits for upstream before it is served
+        from the last known state.
+    """
+
+    def __init__(self, writer: IItemWriter, sink: VtpmSink, known: KnownState, *,
+                 clock: IReactorTime, deadline: float) -> None:
         self.writer = writer
         self.sink = sink
+        self.known = known
+        self.clock = clock
+        self.deadline = deadline
 
     async def get(self, vm_uuid: str, key: TpmKey) -> bytes:
         pending = await self.writer.pending(vm_uuid, key)
         if pending is not None:
             return pending
-        return await self.sink.read(vm_uuid, key)
+        try:
+            return await within(self.clock, self.deadline, self.sink.read(vm_uuid, key),
+                                "vTPM read")
+        except TransientUpstreamError:
+            copy = await self.known.tpm(vm_uuid)
+            if copy is None:
+                raise
+            return copy.get(key).encode("ascii")
 
     def put(self, vm_uuid: str, key: TpmKey, content: bytes) -> "Deferred[None]":
         return self.writer.write(vm_uuid, key, content)
 
 
 class NvramStore:
-    """The varstored socket's view of its VM's NVRAM."""
+    """The varstored socket's view of its VM's NVRAM and secure-boot state."""
 
-    def __init__(self, writer: IItemWriter, upstream: IUpstream) -> None:
+    def __init__(self, writer: IItemWriter, sink: NvramSink, known: KnownState, *,
+                 clock: IReactorTime, deadline: float) -> None:
         self.writer = writer
-        self.upstream = upstream
+        self.sink = sink
+        self.known = known
+        self.clock = clock
+        self.deadline = deadline
 
     async def get(self, vm_uuid: str) -> dict[str, str]:
         pending = await self.writer.pending(vm_uuid, 0)
         overlay = None if pending is None else NvramWrite.decode(pending).value
         try:
-            nvram = dict(await self.upstream.get_nvram(vm_uuid))
+            nvram = await within(self.clock, self.deadline, self.sink.read(vm_uuid),
+                                 "NVRAM read")
         except TransientUpstreamError:
-            if overlay is None:
-                raise
-            # Upstream is away but this VM's latest write is ours: serve it.
-            return {NVRAM_EFI_VARIABLES: overlay}
+            copy = await self.known.nvram(vm_uuid)
+            if copy is None:
+                if overlay is None:
+                    raise
+                copy = {}  # this VM's latest write is ours: serve it
+            nvram = copy
         if overlay is not None:
             nvram[NVRAM_EFI_VARIABLES] = overlay
         return nvram
+
+    async def secureboot_state(self, vm_uuid: str) -> str:
+        try:
+            return await within(self.clock, self.deadline, self.sink.secureboot_state(vm_uuid),
+                                "secure-boot state read")
+        except TransientUpstreamError:
+            copy = await self.known.sb_state(vm_uuid)
+            if copy is None:
+                raise
+            return copy
 
     def set_efi_variables(self, vm_uuid: str, value: str, update: str) -> "Deferred[None]":
         return self.writer.write(vm_uuid, 0, NvramWrite(value, update).encode())
@@ -172,3 +255,17 @@ def _ascii(content: bytes) -> str:
         return content.decode("ascii")
     except UnicodeDecodeError:
         raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID"], "not ASCII") from None
+
+
+def _parse_state(vm_uuid: str, contents: str) -> TpmState:
+    try:
+        return TpmState.deserialize(contents)
+    except ValueError as e:
+        raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm_uuid], str(e)) from None
+
+
+def _updated(vm_uuid: str, contents: str, changes: Mapping[TpmKey, str]) -> TpmState:
+    try:
+        return _parse_state(vm_uuid, contents).update(changes)
+    except ValueError as e:
+        raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm_uuid], str(e)) from None

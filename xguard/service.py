@@ -30,6 +30,7 @@ from twisted.web.server import Site
 
 from . import __version__, rlimits, sdnotify
 from .cache.cache import WriteBackCache
+from .cache.known import KnownState
 from .config import Config
 from .control.server import control_endpoint, control_factory
 from .domain.site import DomainSite
@@ -45,6 +46,7 @@ from .memory import IdleTrimmer
 from .model import Service as Kind
 from .upstream.local import local_store
 from .upstream.xapi import xapi_upstream
+from .vtpm_contents import VtpmContents
 
 __all__ = ["XguardService", "build_service"]
 
@@ -68,6 +70,8 @@ class XguardService(Service):
         self.upstream: IUpstream | None = None
         self.caches: dict[Kind, WriteBackCache] = {}
         self.registry: SocketRegistry | None = None
+        self.known: KnownState | None = None
+        self._writers: list[IItemWriter] = []
         self.control_port: IListeningPort | None = None
         self._pool: ThreadPool | None = None
         self._undo_log_level: Callable[[], None] | None = None
@@ -105,15 +109,26 @@ class XguardService(Service):
         if cfg.knobs:
             self.log.warn("internal benchmark knobs in force: {knobs}",
                           knobs=",".join(sorted(cfg.knobs)))
+        # --no-cache is the pre-cache behaviour: nothing of a VM is kept
+        # locally, so reads fail while upstream is down, like writes.
+        self.known = KnownState(cfg.state_dir, runner=self._run_blocking,
+                                is_live=lambda vm: not cfg.no_cache and self.registry is not None
+                                and self.registry.serves(vm))
+        if not cfg.no_cache:
+            await self.known.open()
         locks = KeyedLocks()
-        vtpm_sink = VtpmSink(self.upstream, locks)
-        nvram_sink = NvramSink(self.upstream, locks)
+        vtpm_sink = VtpmSink(self.upstream, locks, self.known)
+        nvram_sink = NvramSink(self.upstream, locks, self.known)
         swtpm_writer = self._writer(vtpm_sink)
         nvram_writer = self._writer(nvram_sink)
+        self._writers = [swtpm_writer, nvram_writer]
         for cache in self.caches.values():
             await cache.recover()
-        tpm_store = TpmStore(swtpm_writer, vtpm_sink)
-        nvram_store = NvramStore(nvram_writer, self.upstream)
+        deadline = cfg.direct_deadline
+        tpm_store = TpmStore(swtpm_writer, vtpm_sink, self.known, clock=self.reactor,
+                             deadline=deadline)
+        nvram_store = NvramStore(nvram_writer, nvram_sink, self.known, clock=self.reactor,
+                                 deadline=deadline)
         upstream = self.upstream
 
         def site_for(kind: Kind, vm_uuid: str) -> Site:
@@ -125,17 +140,22 @@ class XguardService(Service):
                               on_connection=self._count_connection)
 
         self.registry = SocketRegistry(
-            self.reactor, cfg.sockets_file, site_for, on_forget=upstream.forget,
+            self.reactor, cfg.sockets_file, site_for, on_forget=self._vm_gone,
             runner=self._run_blocking,
         )
         await self.registry.resume()
+        upstream.reachability.subscribe(self._upstream_reachable)
         for cache in self.caches.values():
             cache.start()
+        registry = self.registry
+        vtpms = VtpmContents(
+            upstream, vtpm_sink, swtpm_writer, self.known,
+            candidates=lambda: registry.vms(Kind.SWTPM) | {
+                item.vm for item in (self.caches[Kind.SWTPM].pending_items()
+                                     if Kind.SWTPM in self.caches else [])},
+            clock=self.reactor, deadline=deadline)
         self.control_port = await self._listen_control(
-            control_factory(
-                registry=self.registry, upstream=upstream, sink=vtpm_sink, status=self.status,
-            )
-        )
+            control_factory(registry=self.registry, vtpms=vtpms, status=self.status))
         self._trimmer = IdleTrimmer(self.reactor, lambda: self.connections)
         self._trimmer.start()
         self.ready = True
@@ -176,6 +196,24 @@ class XguardService(Service):
         )
         self.caches[sink.service] = cache
         return cache
+
+    def _vm_gone(self, vm_uuid: str) -> None:
+        """The VM's last socket was destroyed (it stopped, or reboots)."""
+        assert self.upstream is not None and self.known is not None
+        self.upstream.forget(vm_uuid)
+        self.known.vm_gone(vm_uuid, self.upstream.reachability.reachable).addErrback(
+            lambda f: self.log.failure("dropping the last known state of {vm} failed", f,
+                                       vm=vm_uuid))
+
+    def _upstream_reachable(self, up: bool) -> None:
+        """Upstream answers again: cached writes go now, and the copies of
+        VMs that stopped during the outage are dropped."""
+        if not up or self.known is None:
+            return
+        for cache in self.caches.values():
+            cache.upstream_answers()
+        self.known.sweep(lambda vm: any(w.has_pending(vm) for w in self._writers)).addErrback(
+            lambda f: self.log.failure("sweeping the last known state failed", f))
 
     def _count_connection(self) -> None:
         self.connections += 1
@@ -223,6 +261,14 @@ class XguardService(Service):
     def status(self) -> dict[str, Any]:
         """The control channel's Status document."""
         assert self.upstream is not None and self.registry is not None
+        reachability = self.upstream.reachability
+        services = {
+            kind.value: (self.caches[kind].status() if kind in self.caches
+                         else {"mode": "Direct", "cache": "off"})
+            for kind in Kind
+        }
+        for service in services.values():
+            service["outage_since"] = reachability.down_since
         return {
             "version": __version__,
             "ready": self.ready,
@@ -230,11 +276,8 @@ class XguardService(Service):
             and not os.path.exists(self.config.fault_file),
             "upstream": self.upstream.status(),
             "sockets": self.registry.count_by_service(),
-            "services": {
-                kind.value: (self.caches[kind].status() if kind in self.caches
-                             else {"mode": "Direct", "cache": "off"})
-                for kind in Kind
-            },
+            "services": services,
+            "known_state_vms": len(self.known.kept()) if self.known is not None else 0,
         }
 
     # -- stop ----------------------------------------------------------------
@@ -255,6 +298,11 @@ class XguardService(Service):
             await self.registry.stop_accepting()
         for cache in self.caches.values():
             await cache.stop()
+        if self.known is not None and not self.config.no_cache:
+            try:
+                await self.known.close()
+            except Exception:
+                self.log.failure("syncing the last known state failed")
         if self.upstream is not None:
             await self.upstream.close()
         if self._pool is not None:

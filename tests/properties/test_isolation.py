@@ -12,11 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, StoreKit
 from xguard.domain.swtpm import SwtpmSocket
 from xguard.domain.varstored import VarstoredSocket
-from xguard.items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
-from xguard.locks import KeyedLocks
 from xguard.model import TpmKey
 
 OWN = "0b1f0a3c-6a2e-4a55-9a2d-6f1e2d3c4b5a"
@@ -33,17 +31,18 @@ hostile = st.sampled_from(OTHERS + [OWN, "OpaqueRef:other", "OpaqueRef:xguard-vm
 param = st.one_of(hostile, st.text(max_size=12), st.integers(-3, 3))
 
 
-def build() -> tuple[FakeUpstream, dict[str, str], StubTreq, StubTreq]:
+def build() -> tuple[FakeUpstream, dict[str, str], StoreKit, StubTreq, StubTreq]:
     upstream = FakeUpstream()
     vtpms = {vm: upstream.add_vm(vm, nvram={"EFI-variables": f"vars-{vm[:4]}"}) or ""
              for vm in [OWN, *OTHERS]}
     for vm, vtpm in vtpms.items():
         upstream.vtpms[vtpm] = f"p-{vm[:4]} s-{vm[:4]} v-{vm[:4]}"
-    locks = KeyedLocks()
-    vtpm_sink, nvram_sink = VtpmSink(upstream, locks), NvramSink(upstream, locks)
-    varstored = VarstoredSocket(OWN, upstream, NvramStore(DirectWriter(nvram_sink), upstream))
-    swtpm = SwtpmSocket(OWN, TpmStore(DirectWriter(vtpm_sink), vtpm_sink))
-    return upstream, vtpms, StubTreq(varstored.resource()), StubTreq(swtpm.resource())
+    # Every VM is live: copies of any VM could be kept, so only isolation
+    # keeps the others' out.
+    kit = StoreKit(upstream)
+    varstored = VarstoredSocket(OWN, upstream, kit.nvram)
+    swtpm = SwtpmSocket(OWN, kit.tpm)
+    return upstream, vtpms, kit, StubTreq(varstored.resource()), StubTreq(swtpm.resource())
 
 
 def others_state(upstream: FakeUpstream, vtpms: dict[str, str]) -> Any:
@@ -65,8 +64,17 @@ def send(treq: StubTreq, method: str, url: str, body: bytes) -> None:
                           st.sampled_from([b"", b"QUFB", b"T1RIRVI="])), max_size=6))
 def test_a_socket_only_touches_its_own_vm(calls: list[tuple[str, list[Any]]],
                                           rest: list[tuple[str, str, bytes]]) -> None:
-    upstream, vtpms, varstored, swtpm = build()
+    upstream, vtpms, kit, varstored, swtpm = build()
     before = others_state(upstream, vtpms)
+    try:
+        _exercise(upstream, vtpms, kit, varstored, swtpm, before, calls, rest)
+    finally:
+        kit.cleanup()
+
+
+def _exercise(upstream: FakeUpstream, vtpms: dict[str, str], kit: StoreKit,
+              varstored: StubTreq, swtpm: StubTreq, before: Any,
+              calls: list[tuple[str, list[Any]]], rest: list[tuple[str, str, bytes]]) -> None:
     for method, params in calls:
         body = xmlrpc.client.dumps(tuple(params), method, allow_none=True).encode()
         send(varstored, "POST", "http://varstored/", body)
@@ -80,3 +88,4 @@ def test_a_socket_only_touches_its_own_vm(calls: list[tuple[str, list[Any]]],
     assert others_state(upstream, vtpms) == before
     for vm, name, _priority, _body in upstream.messages:
         assert (vm, name) == (OWN, "VM_SECURE_BOOT_FAILED")
+    assert set(kit.known.kept()) <= {OWN}  # the last known state of no other VM

@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeUpstream, sync_runner
 from xguard.cache.cache import WriteBackCache
+from xguard.cache.known import KnownState
 from xguard.items import NvramSink, VtpmSink
 from xguard.locks import KeyedLocks
 
@@ -23,22 +24,35 @@ class Env:
     """A FakeUpstream, a Clock, a monotonic counter and a temp state dir."""
 
     def __init__(self, *, nvram: bool = False, **kwargs: Any) -> None:
-        self.upstream = FakeUpstream()
+        self.clock = Clock()
+        self.upstream = FakeUpstream(self.clock)
         for vm in (VM1, VM2, VM3):
             self.upstream.add_vm(vm)
         self.locks = KeyedLocks()
-        self.sink = (NvramSink if nvram else VtpmSink)(self.upstream, self.locks)
-        self.clock = Clock()
-        self.ticks = itertools.count(1000, 1000)
         self.root = tempfile.mkdtemp(prefix="xgc")
+        #: VMs with a socket (the known state keeps copies of these).
+        self.live: set[str] = {VM1, VM2, VM3}
+        self.boot_id = "boot-1"
+        self.known = self.build_known()
+        self.sink = (NvramSink if nvram else VtpmSink)(self.upstream, self.locks, self.known)
+        self.ticks = itertools.count(1000, 1000)
         self.kwargs = dict(queue_size=4, direct_deadline=3.0, backoff=lambda n: min(2.0 ** n, 30.0),
                            interval=0.5)
         self.kwargs.update(kwargs)
         self.cache = self.build()
 
+    def build_known(self) -> KnownState:
+        known = KnownState(self.root, runner=sync_runner, is_live=lambda vm: vm in self.live,
+                           boot_id=lambda: self.boot_id)
+        known.open()
+        return known
+
     def build(self) -> WriteBackCache:
-        return WriteBackCache(self.sink, self.root, clock=self.clock, runner=sync_runner,
-                              monotonic_ns=lambda: next(self.ticks), **self.kwargs)
+        cache = WriteBackCache(self.sink, self.root, clock=self.clock, runner=sync_runner,
+                               monotonic_ns=lambda: next(self.ticks), **self.kwargs)
+        # As the service wires it: upstream answering again ends a backoff.
+        self.upstream.reachability.subscribe(lambda up: up and cache.upstream_answers())
+        return cache
 
     def tpm(self, vm: str) -> str:
         return self.upstream.vtpms[self.upstream.vms[vm]["vtpm"]]

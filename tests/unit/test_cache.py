@@ -1,13 +1,18 @@
 from __future__ import annotations
 
+import errno
 import os
 import stat
+from typing import Any
 
+from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.unit.cachehelpers import VM1, VM2, Env
-from xguard.errors import PermanentUpstreamError, TransientUpstreamError
+from xguard.cache.layout import Version
+from xguard.cache.store import DiskStore
+from xguard.errors import CacheUnavailable, PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IItemWriter, IStatusSource
 from xguard.model import NvramWrite
 
@@ -128,6 +133,18 @@ class ModeTests(CacheTestCase):
         self.assertEqual(self.env.tpm(VM1), "v3 v1 v5")
         self.assertEqual(self.env.tpm(VM2), "v0 v4 v2")
 
+    def test_write_many_supersedes_every_key(self) -> None:
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write(VM1, 1, b"old"))
+        self.successResultOf(self.cache.write_many(VM1, {0: b"P", 1: b"S", 2: b"V"}))
+        self.assertEqual(len(files(self.env.root)), 3)
+        self.assertEqual(self.successResultOf(self.cache.pending(VM1, 1)), b"S")
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "P S V")
+        self.assertNotIn("old", " ".join(a[1] for n, a in self.env.upstream.calls
+                                          if n == "set_vtpm_contents"))
+
     def test_engaged_writes_replace_older_versions(self) -> None:
         self.env.upstream.down = True
         for v in (b"1", b"2", b"3"):
@@ -171,6 +188,71 @@ class ModeTests(CacheTestCase):
         self.successResultOf(env.cache.stop())
 
 
+class FullDisk(DiskStore):
+    """A disk that refuses writes while ``full`` (after ``room`` more)."""
+
+    full = False
+    room = 0
+
+    def write(self, version: Version, content: bytes) -> None:
+        if self.full:
+            if self.room <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            self.room -= 1
+        super().write(version, content)
+
+
+class DiskErrorTests(CacheTestCase):
+    def setUp(self) -> None:
+        super().setUp()
+        self.disk = self.cache.store = FullDisk(self.env.root, self.cache.service)
+        self.events: list[dict[str, Any]] = []
+        self.cache.log = Logger(observer=self.events.append)
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["log_level"] == LogLevel.error]
+
+    def test_disk_full_refuses_writes_503_logged_once(self) -> None:
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"ok"))
+        self.disk.full = True
+        for i in range(3):
+            f = self.failureResultOf(self.cache.write(VM1, 0, b"x%d" % i), CacheUnavailable)
+            self.assertIsInstance(f.value, TransientUpstreamError)  # swtpm: 503, retried
+        self.assertEqual(len(self.errors()), 1)  # one line per episode, not per write
+        st = self.cache.status()
+        self.assertEqual(st["disk_error"], os.strerror(errno.ENOSPC))
+        self.assertIsNotNone(st["disk_error_since"])
+        # Nothing refused was acknowledged, so nothing of it is pending.
+        self.assertEqual(self.successResultOf(self.cache.pending(VM1, 0)), b"ok")
+        self.disk.full = False
+        self.successResultOf(self.cache.write(VM1, 0, b"later"))
+        self.assertIsNone(self.cache.status()["disk_error"])
+        self.assertTrue(any("takes writes again" in e["log_format"] for e in self.events))
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "later")
+
+    def test_a_batch_is_all_or_nothing(self) -> None:
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write_many(VM1, {0: b"p1", 1: b"s1", 2: b"v1"}))
+        self.disk.full, self.disk.room = True, 1
+        self.failureResultOf(self.cache.write_many(VM1, {0: b"p2", 1: b"s2", 2: b"v2"}),
+                             CacheUnavailable)
+        for key, value in enumerate((b"p1", b"s1", b"v1")):
+            self.assertEqual(self.successResultOf(self.cache.pending(VM1, key)), value)
+        self.assertEqual(len(files(self.env.root)), 3)
+
+    def test_deadline_fallback_on_a_full_disk_is_not_acknowledged(self) -> None:
+        self.disk.full = True
+        self.env.upstream.hold = True
+        d = self.cache.write(VM1, 0, b"x")
+        self.env.clock.advance(3.0)
+        self.failureResultOf(d, CacheUnavailable)
+        self.env.upstream.hold = False
+        self.env.upstream.release()
+
+
 class RecoveryTests(SynchronousTestCase):
     def test_upstream_tree_is_delivered_on_first_start(self) -> None:
         env = Env()
@@ -190,6 +272,23 @@ class RecoveryTests(SynchronousTestCase):
         self.assertEqual(files(env.root), [])
         self.successResultOf(env.cache.stop())
         self.assertEqual(env.clock.getDelayedCalls(), [])
+
+    def test_unacknowledged_pre_files_are_removed_with_one_line(self) -> None:
+        env = Env()
+        self.addCleanup(env.cleanup)
+        events: list[dict[str, Any]] = []
+        env.cache.log = Logger(observer=events.append)
+        for key in (0, 1, 2):
+            d = os.path.join(env.root, "Swtpm", VM1, str(key))
+            os.makedirs(d)
+            with open(os.path.join(d, f"{key + 1}.pre"), "wb") as f:
+                f.write(b"never acknowledged")
+        self.successResultOf(env.cache.recover())
+        self.assertEqual(files(env.root), [])
+        self.assertEqual(env.cache.status()["mode"], "Direct")
+        (line,) = [e for e in events if "temporary" in e["log_format"]]
+        self.assertEqual(line["n"], 3)
+        self.assertEqual(line["log_level"], LogLevel.info)
 
     def test_too_many_pending_starts_disengaged(self) -> None:
         env = Env(queue_size=1)

@@ -4,9 +4,12 @@ an in-memory connection (xguard.control.server, xguard.control.commands)."""
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger, formatEvent
 from twisted.protocols import amp
@@ -15,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, sync_runner
+from xguard.cache.known import KnownState
 from xguard.control.commands import (
     ControlError,
     ListSockets,
@@ -31,6 +35,7 @@ from xguard.control.commands import (
 )
 from xguard.control.server import ControlLocator, control_endpoint, control_factory
 from xguard.errors import (
+    InvalidContents,
     InvalidPath,
     InvalidUUID,
     PathInUse,
@@ -38,9 +43,10 @@ from xguard.errors import (
     TransientUpstreamError,
 )
 from xguard.interfaces import ISocketRegistry
-from xguard.items import VtpmSink
+from xguard.items import DirectWriter, VtpmSink
 from xguard.locks import KeyedLocks
 from xguard.model import Service
+from xguard.vtpm_contents import VtpmContents
 
 VM = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
 VM2 = "11111111-2222-3333-4444-555555555555"
@@ -82,12 +88,22 @@ class MemoryRegistry:
 class ControlTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.registry = MemoryRegistry()
-        self.upstream = FakeUpstream()
+        self.clock = Clock()
+        self.upstream = FakeUpstream(self.clock)
         self.vtpm = self.upstream.add_vm(VM)
-        self.sink = VtpmSink(self.upstream, KeyedLocks())
+        root = tempfile.mkdtemp(prefix="xgk")
+        self.addCleanup(shutil.rmtree, root, True)
+        live = lambda vm: any(s["vm_uuid"] == vm for s in self.registry.sockets.values())  # noqa: E731
+        known = KnownState(root, runner=sync_runner, is_live=live, boot_id=lambda: "b")
+        known.open()
+        self.sink = VtpmSink(self.upstream, KeyedLocks(), known)
+        self.vtpms = VtpmContents(self.upstream, self.sink, DirectWriter(self.sink), known,
+                                  candidates=lambda: [s["vm_uuid"] for s in
+                                                      self.registry.sockets.values()],
+                                  clock=self.clock, deadline=3.0)
         self.status: dict[str, Any] = {"services": {"Swtpm": {"mode": "Direct"}}}
         self.events: list[dict[str, Any]] = []
-        factory = control_factory(self.registry, self.upstream, self.sink, lambda: self.status)
+        factory = control_factory(self.registry, self.vtpms, lambda: self.status)
         self.locator: ControlLocator = factory.locator  # type: ignore[attr-defined]
         self.locator.log = Logger(observer=self.events.append)
         self.client, self.server, self.pump = iosim.connectedServerAndClient(
@@ -253,46 +269,58 @@ class ContentsTests(ControlTestCase):
                        contents="A")
         self.assertEqual(error_code(e), "UPSTREAM_UNAVAILABLE")
 
+    def test_invalid_contents(self) -> None:
+        for bad in ("A B", "A B C D", "caf\u00e9"):
+            e = self.error(VtpmSetContents, InvalidContents, dbg="d", vtpm_uuid=self.vtpm,
+                           contents=bad)
+            self.assertEqual(error_code(e), "INVALID_CONTENTS")
+        self.assertEqual(self.upstream.count("set_vtpm_contents"), 0)
+
+    def test_set_of_a_served_vm_goes_through_its_writer(self) -> None:
+        """Once the vTPM is known to belong to a VM with a socket, a set is
+        that VM's write of the three keys (here the no-cache writer)."""
+        self.ok(VtpmCreate, dbg="d", vm_uuid=VM, gid=1, path="/b")
+        self.ok(VtpmSetContents, dbg="d", vtpm_uuid=self.vtpm, contents="P")
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "P")
+        # The whole state replaces upstream's: nothing to read first.
+        self.assertEqual(self.upstream.count("get_vtpm_contents"), 0)
+
     def test_set_waits_for_a_domain_read_modify_write(self) -> None:
-        """A control write issued while the flusher's (or a domain socket's)
+        """A control write issued while a domain socket's (or the flusher's)
         read-modify-write holds the vTPM lock runs after it, so it wins."""
+        self.ok(VtpmCreate, dbg="d", vm_uuid=VM, gid=1, path="/b")
         self.upstream.vtpms[self.vtpm] = "OLD"
         self.upstream.hold = True
         delivered = self.sink.deliver(VM, {1: b"SAVE"})
         self.upstream.release()  # vtpm_for_vm; the RMW now holds the lock, reading
         self.assertTrue(self.sink.locks.locked(self.sink.lock_key(self.vtpm)))
-
         d = self.call(VtpmSetContents, dbg="d", vtpm_uuid=self.vtpm, contents="NEW")
         self.assertNoResult(d)
-        self.assertEqual(self.upstream.count("set_vtpm_contents"), 0)
-
-        self.upstream.release()  # the RMW's read; its write is now held
-        self.pump.flush()
-        self.assertEqual(self.upstream.calls[-1], ("set_vtpm_contents",
-                                                   (self.vtpm, "OLD SAVE ")))
-        self.upstream.release()  # the RMW's write; the control write starts
+        for _ in range(10):
+            self.upstream.release()
+            self.pump.flush()
         self.successResultOf(delivered)
-        self.pump.flush()
-        self.assertNoResult(d)
-        self.upstream.release()
-        self.pump.flush()
         self.successResultOf(d)
+        writes = [args[1] for name, args in self.upstream.calls if name == "set_vtpm_contents"]
+        self.assertEqual(writes, ["OLD SAVE ", "NEW"])
         self.assertEqual(self.upstream.vtpms[self.vtpm], "NEW")
 
     def test_get_waits_for_the_lock(self) -> None:
+        self.ok(VtpmCreate, dbg="d", vm_uuid=VM, gid=1, path="/b")
         self.upstream.vtpms[self.vtpm] = "OLD"
         self.upstream.hold = True
         delivered = self.sink.deliver(VM, {0: b"P"})
         self.upstream.release()
         d = self.call(VtpmGetContents, dbg="d", vtpm_uuid=self.vtpm)
-        self.upstream.release()  # RMW read
-        self.upstream.release()  # RMW write
-        self.successResultOf(delivered)
-        self.pump.flush()
         self.assertNoResult(d)
-        self.upstream.release()  # the control read, after the write
-        self.pump.flush()
+        for _ in range(10):
+            self.upstream.release()
+            self.pump.flush()
+        self.successResultOf(delivered)
         self.assertEqual(self.successResultOf(d), {"contents": "P"})
+        reads = [n for n, _ in self.upstream.calls if n in ("get_vtpm_contents",
+                                                             "set_vtpm_contents")]
+        self.assertEqual(reads, ["get_vtpm_contents", "set_vtpm_contents", "get_vtpm_contents"])
 
 
 class EndpointTests(SynchronousTestCase):

@@ -18,12 +18,10 @@ from twisted.protocols import amp
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, StoreKit
 from tests.unit.test_control import VM, MemoryRegistry
 from xguard.control.ctl import DEFAULT_CONTROL, format_sockets, format_status, run
 from xguard.control.server import control_factory
-from xguard.items import VtpmSink
-from xguard.locks import KeyedLocks
 from xguard.model import Service
 
 MiB = 1024 * 1024
@@ -49,8 +47,9 @@ class CtlTestCase(SynchronousTestCase):
                               "quarantined": [], "last_error": None, "outage_since": None},
             },
         }
-        self.factory = control_factory(self.registry, self.upstream,
-                                       VtpmSink(self.upstream, KeyedLocks()), lambda: self.status)
+        kit = StoreKit(self.upstream)
+        self.addCleanup(kit.cleanup)
+        self.factory = control_factory(self.registry, kit.vtpm_contents(), lambda: self.status)
         self.connected_to: list[str] = []
         self.servers: list[amp.AMP] = []
         self.pumps: list[iosim.IOPump] = []
@@ -263,7 +262,8 @@ async def test_real_unix_socket(short_tmp: str) -> None:
 
     registry = MemoryRegistry()
     upstream = FakeUpstream()
-    factory = control_factory(registry, upstream, VtpmSink(upstream, KeyedLocks()),
+    kit = StoreKit(upstream)
+    factory = control_factory(registry, kit.vtpm_contents(),
                               lambda: {"sockets": {"Swtpm": len(registry.sockets)}})
     path = os.path.join(short_tmp, "c.sock")
     port = reactor.listenUNIX(path, factory)
@@ -278,6 +278,7 @@ async def test_real_unix_socket(short_tmp: str) -> None:
         assert code == 0
         assert json.loads(out.getvalue()) == {"sockets": {"Swtpm": 1}}
     finally:
+        kit.cleanup()
         await port.stopListening()
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import os
+
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -39,13 +41,65 @@ class FlusherTests(SynchronousTestCase):
         # until 7.0, next tick 7.5
         self.assertEqual(seen, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3])
         self.assertEqual(len(self.messages("unreachable")), 1)
-        self.assertEqual(self.cache.status()["outage_since"], 0.0)
+        self.assertEqual(up.reachability.down_since, 0.0)
+        self.assertEqual(self.cache.status()["last_error"], "CONNECTION_REFUSED")
         up.down = False
         self.env.settle()
-        (recovered,) = self.messages("recovered")
-        self.assertEqual(recovered["n"], 1)
-        self.assertIsNone(self.cache.status()["outage_since"])
+        self.assertEqual(len(self.messages("answers again")), 1)
+        self.assertEqual(self.messages("unreachable")[0]["log_level"],
+                         self.messages("answers again")[0]["log_level"])
+        self.assertIsNone(up.reachability.down_since)
+        self.assertIsNone(self.cache.status()["last_error"])
         self.assertEqual(self.cache.status()["delivered"], 1)
+
+    def test_upstream_answering_ends_the_backoff(self) -> None:
+        """Whoever sees upstream answer again (a read, the control channel),
+        cached writes go at once rather than at the end of the backoff."""
+        up = self.env.upstream
+        up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        for _ in range(20):
+            self.env.clock.advance(0.5)  # backoff grows to 8 s and more
+        up.down = False
+        self.successResultOf(up.get_nvram(VM2))  # someone's call succeeds
+        self.env.clock.advance(0.5)
+        self.assertEqual(self.env.tpm(VM1), "a")
+
+    def test_a_bug_never_quarantines(self) -> None:
+        """Only upstream's refusals quarantine: an unexpected exception is a
+        bug in xguard, logged with its traceback; the write stays pending
+        and is delivered once the bug is gone."""
+        up = self.env.upstream
+        up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        up.down = False
+        deliver = self.env.sink.deliver
+        self.env.sink.deliver = lambda vm, items: 1 / 0  # type: ignore[method-assign]
+        for _ in range(10):
+            self.env.clock.advance(1.0)
+        self.assertEqual(self.cache.status()["quarantined"], [])
+        self.assertEqual(self.cache.status()["pending"], {VM1: 1})
+        bugs = [e for e in self.events if e.get("log_failure") is not None]
+        self.assertTrue(bugs)
+        self.assertTrue(all(e["log_failure"].check(ZeroDivisionError) for e in bugs))
+        self.flushLoggedErrors(ZeroDivisionError)
+        self.env.sink.deliver = deliver  # type: ignore[method-assign]
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "a")
+        self.assertEqual(self.cache.status()["pending"], {})
+
+    def test_undecodable_pending_file_is_quarantined(self) -> None:
+        up = self.env.upstream
+        up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        ((item, (ts,)),) = self.cache.index.items()
+        path = os.path.join(self.env.root, "Swtpm", VM1, "0", str(ts))
+        with open(path, "wb") as f:
+            f.write(b"\xff\xfe")  # damaged on disk: not ASCII, not a key's content
+        up.down = False
+        self.env.settle()
+        (q,) = self.cache.status()["quarantined"]
+        self.assertEqual((q["vm"], q["key"], q["reason"]), (VM1, 0, "VTPM_CONTENTS_INVALID"))
 
     def test_coalesced_per_vm(self) -> None:
         up = self.env.upstream

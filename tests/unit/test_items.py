@@ -5,56 +5,64 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, PendingWriter, StoreKit
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IItemSink, IItemWriter, IUpstream
-from xguard.items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
-from xguard.locks import KeyedLocks
-from xguard.model import NvramWrite, Service, TpmKey
+from xguard.items import DirectWriter, NvramStore, TpmStore
+from xguard.model import NvramWrite, TpmKey, TpmState
 
 VM = "11111111-2222-3333-4444-555555555555"
-
-
-@implementer(IItemWriter)
-class PendingWriter:
-    """An IItemWriter whose pending versions are given (a cache stand-in)."""
-
-    service = Service.SWTPM
-
-    def __init__(self, pending: dict[tuple[str, int], bytes]) -> None:
-        self._pending = pending
-
-    def write(self, vm_uuid: str, key: int, content: bytes) -> Deferred[None]:
-        self._pending[vm_uuid, key] = content
-        return succeed(None)
-
-    def pending(self, vm_uuid: str, key: int) -> Deferred[bytes | None]:
-        return succeed(self._pending.get((vm_uuid, key)))
 
 
 class SinkTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
         self.vtpm = self.upstream.add_vm(VM)
-        self.locks = KeyedLocks()
-        self.sink = VtpmSink(self.upstream, self.locks)
+        self.kit = StoreKit(self.upstream)
+        self.addCleanup(self.kit.cleanup)
+        self.locks = self.kit.locks
+        self.sink = self.kit.vtpm_sink
 
     def test_interfaces(self) -> None:
         verifyObject(IUpstream, self.upstream)
         verifyObject(IItemSink, self.sink)
-        verifyObject(IItemSink, NvramSink(self.upstream, self.locks))
+        verifyObject(IItemSink, self.kit.nvram_sink)
         verifyObject(IItemWriter, DirectWriter(self.sink))
+        verifyObject(IItemWriter, PendingWriter())
 
-    def test_coalesced_delivery_is_one_rmw(self) -> None:
-        self.successResultOf(self.sink.deliver(VM, {0: b"P", 1: b"S", 2: b"V"}))
-        self.assertEqual(self.upstream.vtpms[self.vtpm], "P S V")
+    def test_two_keys_are_one_rmw(self) -> None:
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(self.sink.deliver(VM, {0: b"P", 2: b"V"}))
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "P s V")
         self.assertEqual(self.upstream.count("get_vtpm_contents"), 1)
         self.assertEqual(self.upstream.count("set_vtpm_contents"), 1)
+
+    def test_all_three_keys_need_no_read(self) -> None:
+        """Nothing of upstream's string survives a write of every key."""
+        self.upstream.vtpms[self.vtpm] = "not even valid contents"
+        self.successResultOf(self.sink.deliver(VM, {0: b"P", 1: b"S", 2: b"V"}))
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "P S V")
+        self.assertEqual(self.upstream.count("get_vtpm_contents"), 0)
+
+    def test_deliveries_and_reads_are_copied(self) -> None:
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(self.sink.read(VM, TpmKey.SAVESTATE))
+        self.assertEqual(self.successResultOf(self.kit.known.tpm(VM)), TpmState("p", "s", "v"))
+        self.successResultOf(self.sink.deliver(VM, {1: b"S"}))
+        self.assertEqual(self.successResultOf(self.kit.known.tpm(VM)), TpmState("p", "S", "v"))
+        self.assertEqual(self.kit.known.vtpm_of_vm(VM), self.vtpm)
+
+    def test_failed_delivery_is_not_copied(self) -> None:
+        self.upstream.vtpms[self.vtpm] = "p"
+        self.successResultOf(self.sink.read(VM, TpmKey.PERMALL))
+        self.upstream.set_vtpm_contents = lambda vtpm, c: fail(  # type: ignore[method-assign]
+            TransientUpstreamError(["HOST_STILL_BOOTING"]))
+        self.failureResultOf(self.sink.deliver(VM, {0: b"P"}), TransientUpstreamError)
+        self.assertEqual(self.successResultOf(self.kit.known.tpm(VM)), TpmState("p"))
 
     def test_concurrent_updates_of_different_keys_keep_both(self) -> None:
         self.upstream.hold = True
@@ -109,50 +117,118 @@ class SinkTests(SynchronousTestCase):
         self.failureResultOf(self.sink.read(VM, TpmKey.PERMALL), PermanentUpstreamError)
 
     def test_nvram_sink_keeps_update_flag(self) -> None:
-        nvram = NvramSink(self.upstream, self.locks)
+        nvram = self.kit.nvram_sink
         self.successResultOf(nvram.deliver(VM, {0: NvramWrite("vars", "yes").encode()}))
         self.assertEqual(self.upstream.calls[-1], ("set_nvram_efi_variables", (VM, "vars", "yes")))
+        self.assertEqual(self.successResultOf(self.kit.known.nvram(VM)), {"EFI-variables": "vars"})
+
+    def test_undecodable_nvram_record_is_permanent(self) -> None:
+        f = self.failureResultOf(self.kit.nvram_sink.deliver(VM, {0: b"not json"}),
+                                 PermanentUpstreamError)
+        self.assertEqual(f.value.codes[0], "NVRAM_RECORD_INVALID")
+
+    def test_non_ascii_tpm_content_is_permanent(self) -> None:
+        self.failureResultOf(self.sink.deliver(VM, {0: b"\xff"}), PermanentUpstreamError)
 
 
 class StoreTests(SynchronousTestCase):
+    """Reads: the pending version, else upstream within the deadline, else
+    the last known state, else a transient error."""
+
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
-        self.vtpm = self.upstream.add_vm(VM, nvram={"other": "o", "EFI-variables": "old"})
-        self.sink = VtpmSink(self.upstream, KeyedLocks())
+        self.vtpm = self.upstream.add_vm(VM, nvram={"other": "o", "EFI-variables": "old"},
+                                         sb_state="update_available")
+        self.kit = StoreKit(self.upstream)
+        self.addCleanup(self.kit.cleanup)
+        self.clock = self.kit.clock
+
+    def get(self, store: TpmStore, key: TpmKey = TpmKey.PERMALL) -> Deferred[bytes]:
+        return ensureDeferred(store.get(VM, key))
 
     def test_tpm_get_prefers_pending(self) -> None:
         self.upstream.vtpms[self.vtpm] = "up"
-        store = TpmStore(PendingWriter({(VM, 0): b"pending"}), self.sink)
-        self.assertEqual(self.successResultOf(ensureDeferred(store.get(VM, TpmKey.PERMALL))),
-                         b"pending")
+        store = self.kit.tpm_store(PendingWriter({(VM, 0): b"pending"}))
+        self.assertEqual(self.successResultOf(self.get(store)), b"pending")
         self.assertEqual(self.upstream.count("get_vtpm_contents"), 0)
 
-    def test_tpm_get_falls_back_to_upstream(self) -> None:
+    def test_tpm_get_from_upstream(self) -> None:
         self.upstream.vtpms[self.vtpm] = "up"
-        store = TpmStore(DirectWriter(self.sink), self.sink)
-        self.assertEqual(self.successResultOf(ensureDeferred(store.get(VM, TpmKey.PERMALL))),
-                         b"up")
+        self.assertEqual(self.successResultOf(self.get(self.kit.tpm)), b"up")
+
+    def test_tpm_get_during_outage_serves_the_last_known_state(self) -> None:
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(self.get(self.kit.tpm))
+        self.upstream.down = True
+        self.assertEqual(self.successResultOf(self.get(self.kit.tpm, TpmKey.SAVESTATE)), b"s")
+
+    def test_tpm_get_during_outage_without_copy_is_transient(self) -> None:
+        self.upstream.down = True
+        self.failureResultOf(self.get(self.kit.tpm), TransientUpstreamError)
+
+    def test_tpm_get_past_the_deadline_serves_the_copy(self) -> None:
+        """A hung upstream costs a reader the deadline, not xapi's timeout."""
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(self.get(self.kit.tpm))
+        self.upstream.hold = True
+        d = self.get(self.kit.tpm, TpmKey.VOLATILESTATE)
+        self.assertNoResult(d)
+        self.clock.advance(3.0)
+        self.assertEqual(self.successResultOf(d), b"v")
+        self.upstream.hold = False
+        self.upstream.release()  # the late answer is consumed quietly
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_nvram_overlay(self) -> None:
         writer = PendingWriter({(VM, 0): NvramWrite("new", "no").encode()})
-        store = NvramStore(writer, self.upstream)
+        store = NvramStore(writer, self.kit.nvram_sink, self.kit.known, clock=self.clock,
+                           deadline=3.0)
         self.assertEqual(self.successResultOf(ensureDeferred(store.get(VM))),
                          {"other": "o", "EFI-variables": "new"})
+        # The copy is upstream's map, not the overlay.
+        self.assertEqual(self.successResultOf(self.kit.known.nvram(VM)),
+                         {"other": "o", "EFI-variables": "old"})
 
     def test_nvram_pending_served_while_upstream_down(self) -> None:
         writer = PendingWriter({(VM, 0): NvramWrite("new", "no").encode()})
         self.upstream.down = True
-        store = NvramStore(writer, self.upstream)
+        store = NvramStore(writer, self.kit.nvram_sink, self.kit.known, clock=self.clock,
+                           deadline=3.0)
         self.assertEqual(self.successResultOf(ensureDeferred(store.get(VM))),
                          {"EFI-variables": "new"})
 
-    def test_nvram_down_and_nothing_pending_fails_transient(self) -> None:
+    def test_nvram_during_outage_serves_the_last_known_map(self) -> None:
+        self.successResultOf(ensureDeferred(self.kit.nvram.get(VM)))
         self.upstream.down = True
-        store = NvramStore(PendingWriter({}), self.upstream)
-        self.failureResultOf(ensureDeferred(store.get(VM)), TransientUpstreamError)
+        self.assertEqual(self.successResultOf(ensureDeferred(self.kit.nvram.get(VM))),
+                         {"other": "o", "EFI-variables": "old"})
+
+    def test_nvram_write_updates_the_copy(self) -> None:
+        self.successResultOf(ensureDeferred(self.kit.nvram.get(VM)))
+        self.successResultOf(self.kit.nvram.set_efi_variables(VM, "newer", "no"))
+        self.upstream.down = True
+        self.assertEqual(self.successResultOf(ensureDeferred(self.kit.nvram.get(VM))),
+                         {"other": "o", "EFI-variables": "newer"})
+
+    def test_nvram_down_and_nothing_known_fails_transient(self) -> None:
+        self.upstream.down = True
+        self.failureResultOf(ensureDeferred(self.kit.nvram.get(VM)), TransientUpstreamError)
+
+    def test_secureboot_state_falls_back_to_the_copy(self) -> None:
+        self.upstream.down = True
+        sb = self.kit.nvram.secureboot_state
+        self.failureResultOf(ensureDeferred(sb(VM)), TransientUpstreamError)
+        self.upstream.down = False
+        self.assertEqual(self.successResultOf(ensureDeferred(sb(VM))), "update_available")
+        self.upstream.down = True
+        self.assertEqual(self.successResultOf(ensureDeferred(sb(VM))), "update_available")
 
     def test_nvram_set_encodes_flag(self) -> None:
         pending: dict[Any, bytes] = {}
-        store = NvramStore(PendingWriter(pending), self.upstream)
+        store = NvramStore(PendingWriter(pending), self.kit.nvram_sink, self.kit.known,
+                           clock=self.clock, deadline=3.0)
         self.successResultOf(store.set_efi_variables(VM, "v", "yes"))
         self.assertEqual(NvramWrite.decode(pending[VM, 0]), NvramWrite("v", "yes"))
+
+
+

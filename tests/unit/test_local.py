@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -36,7 +37,7 @@ class LocalStoreTests(SynchronousTestCase):
         self.store = self.open()
 
     def open(self) -> LocalStore:
-        store = LocalStore(self.path, sync_runner)
+        store = LocalStore(self.path, sync_runner, clock=Clock())
         self.addCleanup(store.close)
         return store
 
@@ -133,7 +134,8 @@ class LocalStoreTests(SynchronousTestCase):
 
     def test_close(self) -> None:
         closed: list[bool] = []
-        store = LocalStore(self.path, sync_runner, on_close=lambda: closed.append(True))
+        store = LocalStore(self.path, sync_runner, clock=Clock(),
+                           on_close=lambda: closed.append(True))
         self.result(store.ensure_vm(VM))
         self.result(store.close())
         self.assertEqual(closed, [True])

@@ -3,14 +3,15 @@ recording Dummy for what the behaviours ask of the cache."""
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred, DeferredQueue, succeed
+from twisted.internet.defer import Deferred, DeferredQueue, fail, succeed
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.cache.layout import Item, Version
+from xguard.cache.layout import Batch, Item, Version
 from xguard.cache.machine import TRANSITIONS, _CacheCore, build_machine
 
 V = Version(Item("vm", 0), 1)
+B = Batch("vm", ((V, b"x"),))
 
 
 class Dummy:
@@ -21,10 +22,10 @@ class Dummy:
         self.work = False
         self.on_disk: list[Item] = []
 
-    def attempt_direct(self, version: Version, content: bytes, done: Deferred[None]) -> None:
+    def attempt_direct(self, batch: Batch, done: Deferred[None]) -> None:
         self.events.append("attempt_direct")
 
-    def persist(self, version: Version, content: bytes) -> Deferred[None]:
+    def persist(self, batch: Batch) -> Deferred[None]:
         self.events.append("persist")
         return succeed(None)
 
@@ -53,10 +54,10 @@ def in_state(state: str, queue_size: int = 2):  # type: ignore[no-untyped-def]
         return m, dummy, queue
     m.start_empty()
     if state in ("Engaged", "Disengaged"):
-        m.push_failed_transient(V)
+        m.push_failed_transient(B)
     if state == "Disengaged":
         while True:
-            m.push_failed_transient(V)
+            m.push_failed_transient(B)
             if m.mode() == "Disengaged":
                 break
     dummy.events.clear()
@@ -65,11 +66,11 @@ def in_state(state: str, queue_size: int = 2):  # type: ignore[no-untyped-def]
 
 def feed(m, name: str) -> None:  # type: ignore[no-untyped-def]
     if name == "write":
-        m.write(V, b"x", Deferred())
+        m.write(B, Deferred())
     elif name == "start_pending":
         m.start_pending([V])
     elif name == "push_failed_transient":
-        m.push_failed_transient(V)
+        m.push_failed_transient(B)
     else:
         getattr(m, name)()
 
@@ -84,22 +85,22 @@ class TableTests(SynchronousTestCase):
 
     def test_direct_write_goes_upstream(self) -> None:
         m, dummy, _ = in_state("Direct")
-        m.write(V, b"x", Deferred())
+        m.write(B, Deferred())
         self.assertEqual(dummy.events, ["attempt_direct"])
 
     def test_engaged_write_persists_and_queues(self) -> None:
         m, dummy, queue = in_state("Engaged", queue_size=5)
         done: Deferred[None] = Deferred()
-        m.write(V, b"x", done)
+        m.write(B, done)
         self.assertEqual(dummy.events, ["persist"])
         self.assertEqual(len(queue.pending), 2)
         self.assertIsNone(self.successResultOf(done))
 
     def test_queue_full_disengages(self) -> None:
         m, dummy, queue = in_state("Engaged", queue_size=1)
-        m.write(V, b"x", Deferred())
+        m.write(B, Deferred())
         self.assertEqual(m.mode(), "Disengaged")
-        m.write(V, b"y", Deferred())
+        m.write(B, Deferred())
         self.assertEqual(len(queue.pending), 1)  # Disengaged: disk only
 
     def test_drained_only_when_nothing_pending(self) -> None:
@@ -125,9 +126,24 @@ class TableTests(SynchronousTestCase):
     def test_batches(self) -> None:
         m, dummy, queue = in_state("Direct")
         self.assertIsNone(self.successResultOf(m.next_batch()))
-        m.push_failed_transient(V)
+        m.push_failed_transient(B)
         self.assertEqual(self.successResultOf(m.next_batch()), [V.item])
         self.assertEqual(queue.pending, [])
+
+    def test_a_batch_queues_every_version(self) -> None:
+        m, dummy, queue = in_state("Engaged", queue_size=10)
+        three = Batch("vm", tuple((Version(Item("vm", k), 5), b"x") for k in range(3)))
+        m.write(three, Deferred())
+        self.assertEqual(len(queue.pending), 1 + 3)
+
+    def test_failed_persist_is_not_acknowledged(self) -> None:
+        m, dummy, queue = in_state("Engaged", queue_size=10)
+        dummy.persist = lambda batch: fail(OSError(28, "No space left on device"))
+        done: Deferred[None] = Deferred()
+        m.write(B, done)
+        self.failureResultOf(done, OSError)
+        self.assertEqual(len(queue.pending), 1)  # nothing queued for it
+        self.assertEqual(m.mode(), "Engaged")
 
     def test_start_pending_overflow(self) -> None:
         m, dummy, _ = build(queue_size=1)

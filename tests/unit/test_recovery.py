@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
 from xguard.cache import recovery
-from xguard.cache.recovery import Delete, Keep, Listing, Move, RemoveDir, Warn, plan
+from xguard.cache.recovery import NEVER_ACKNOWLEDGED, Delete, Keep, Listing, Move, RemoveDir, plan
 from xguard.model import Service
 
 VM = "11111111-1111-4111-8111-111111111111"
@@ -28,9 +28,9 @@ class PlanTests(SynchronousTestCase):
         self.assertIn(Delete((VM, "0", "5"), "outdated version"), actions)
         self.assertIn(Move((VM, "2", "99"), (VM, "2", "50"),
                            recovery.Version(recovery.Item(VM, 2), 50)), actions)
-        self.assertTrue(any(isinstance(a, Warn) and a.path == (VM, "1", "9.pre") for a in actions))
+        self.assertIn(Delete((VM, "1", "9.pre"), NEVER_ACKNOWLEDGED), actions)
         removed = {a.path for a in actions if isinstance(a, RemoveDir)}
-        self.assertEqual(removed, {("notauuid", "0"), ("notauuid",), (VM, "7")})
+        self.assertEqual(removed, {("notauuid", "0"), ("notauuid",), (VM, "7"), (VM, "1")})
 
     @given(st.dictionaries(st.sampled_from([0, 1, 2]), st.lists(names, min_size=1, unique=True)),
            st.integers(0, 10**6))
@@ -41,12 +41,12 @@ class PlanTests(SynchronousTestCase):
         kept = recovery.kept_versions(actions)
         self.assertEqual(len({v.item for v in kept}), len(kept))
         self.assertTrue(all(v.ts <= now for v in kept))
-        touched = [a.path for a in actions if isinstance(a, (Keep, Delete, Warn))]
+        touched = [a.path for a in actions if isinstance(a, (Keep, Delete))]
         touched += [a.src for a in actions if isinstance(a, Move)]
         self.assertEqual(sorted(touched), sorted(files))  # every file has exactly one action
         for a in actions:
-            if isinstance(a, Warn):
-                self.assertTrue(a.path[-1].endswith(".pre"))
+            if isinstance(a, Delete) and a.path[-1].endswith(".pre"):
+                self.assertEqual(a.reason, NEVER_ACKNOWLEDGED)
 
 
 class ApplyTests(SynchronousTestCase):
@@ -61,8 +61,7 @@ class ApplyTests(SynchronousTestCase):
                 f.write(data)
         actions = plan(Service.SWTPM, recovery.scan(base), now=150)
         recovery.apply(base, actions)
-        self.assertEqual(sorted(os.listdir(os.path.join(base, VM))), ["0", "2"])
+        self.assertEqual(sorted(os.listdir(os.path.join(base, VM))), ["0"])
         self.assertEqual(os.listdir(os.path.join(base, VM, "0")), ["150"])
         with open(os.path.join(base, VM, "0", "150"), "rb") as f:
             self.assertEqual(f.read(), b"new")
-        self.assertEqual(os.listdir(os.path.join(base, VM, "2")), ["3.pre"])

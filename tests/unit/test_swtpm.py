@@ -4,41 +4,21 @@ depends on (never a 4xx for a read it cannot answer yet), per-VM ordering."""
 from __future__ import annotations
 
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, PendingWriter, StoreKit
 from tests.unit.test_site import Wire, http_request
 from xguard.domain.site import MAX_BODY
 from xguard.domain.swtpm import SwtpmSocket
 from xguard.errors import TransientUpstreamError
 from xguard.interfaces import IItemWriter
-from xguard.items import DirectWriter, TpmStore, VtpmSink
-from xguard.locks import KeyedLocks
-from xguard.model import Service, TpmKey, TpmState
+from xguard.items import DirectWriter
+from xguard.model import TpmKey, TpmState
 
 VM = "0b1f0a3c-6a2e-4a55-9a2d-6f1e2d3c4b5a"
 OTHER = "9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"
 PATHS = [key.path for key in TpmKey]
-
-
-@implementer(IItemWriter)
-class PendingWriter:
-    """A write-back cache that never delivers: every write stays pending."""
-
-    service = Service.SWTPM
-
-    def __init__(self) -> None:
-        self.items: dict[tuple[str, int], bytes] = {}
-
-    def write(self, vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
-        self.items[(vm_uuid, int(key))] = content
-        return succeed(None)
-
-    def pending(self, vm_uuid: str, key: int) -> "Deferred[bytes | None]":
-        return succeed(self.items.get((vm_uuid, int(key))))
 
 
 class SwtpmTests(SynchronousTestCase):
@@ -47,11 +27,13 @@ class SwtpmTests(SynchronousTestCase):
         self.vtpm = self.upstream.add_vm(VM)
         self.other_vtpm = self.upstream.add_vm(OTHER)
         self.upstream.vtpms[self.other_vtpm] = "b3RoZXI="
-        self.sink = VtpmSink(self.upstream, KeyedLocks())
+        self.kit = StoreKit(self.upstream)
+        self.addCleanup(self.kit.cleanup)
+        self.sink = self.kit.vtpm_sink
         self.use(DirectWriter(self.sink))
 
     def use(self, writer: IItemWriter) -> None:
-        self.socket = SwtpmSocket(VM, TpmStore(writer, self.sink))
+        self.socket = SwtpmSocket(VM, self.kit.tpm_store(writer))
         self.treq = StubTreq(self.socket.resource())
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
@@ -137,7 +119,7 @@ class SwtpmTests(SynchronousTestCase):
     def test_permanent_error_is_500(self) -> None:
         vm_without_vtpm = "5d5d5d5d-1111-4222-8333-444455556666"
         self.upstream.add_vm(vm_without_vtpm, vtpm=False)
-        socket = SwtpmSocket(vm_without_vtpm, TpmStore(DirectWriter(self.sink), self.sink))
+        socket = SwtpmSocket(vm_without_vtpm, self.kit.tpm)
         treq = StubTreq(socket.resource())
         for method, body in (("GET", None), ("PUT", b"QUJD")):
             response = self.successResultOf(treq.request(method, "http://s" + PATHS[0], data=body))
@@ -178,9 +160,9 @@ class SwtpmWireTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
         self.vtpm = self.upstream.add_vm(VM)
-        sink = VtpmSink(self.upstream, KeyedLocks())
-        self.wire = Wire(SwtpmSocket(VM, TpmStore(DirectWriter(sink), sink)).resource(),
-                         timeout=30)
+        kit = StoreKit(self.upstream)
+        self.addCleanup(kit.cleanup)
+        self.wire = Wire(SwtpmSocket(VM, kit.tpm).resource(), timeout=30)
 
     def tearDown(self) -> None:
         self.wire.lose()

@@ -12,14 +12,12 @@ from typing import Any
 from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, StoreKit
 from tests.unit.test_site import Wire, http_request
 from tests.unit.test_xmlrpc import BILLION_LAUGHS, WIRE, XXE, call, sample
 from xguard.domain.site import MAX_BODY
 from xguard.domain.varstored import MESSAGE_NAME, SESSION_HANDLE, VM_HANDLE, VarstoredSocket
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
-from xguard.items import DirectWriter, NvramSink, NvramStore
-from xguard.locks import KeyedLocks
 
 VM = "0b1f0a3c-6a2e-4a55-9a2d-6f1e2d3c4b5a"
 OTHER = "9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"
@@ -40,9 +38,9 @@ class VarstoredTests(SynchronousTestCase):
         self.upstream = FakeUpstream()
         self.upstream.add_vm(VM)
         self.upstream.add_vm(OTHER, nvram={"EFI-variables": "other-vars"})
-        sink = NvramSink(self.upstream, KeyedLocks())
-        nvram = NvramStore(DirectWriter(sink), self.upstream)
-        self.socket = VarstoredSocket(VM, self.upstream, nvram)
+        kit = StoreKit(self.upstream)
+        self.addCleanup(kit.cleanup)
+        self.socket = VarstoredSocket(VM, self.upstream, kit.nvram)
         self.treq = StubTreq(self.socket.resource())
 
     def post(self, body: bytes, path: str = "/", method: str = "POST") -> tuple[int, bytes]:
@@ -242,8 +240,9 @@ class VarstoredWireTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.upstream = FakeUpstream()
         self.upstream.add_vm(VM)
-        sink = NvramSink(self.upstream, KeyedLocks())
-        socket = VarstoredSocket(VM, self.upstream, NvramStore(DirectWriter(sink), self.upstream))
+        kit = StoreKit(self.upstream)
+        self.addCleanup(kit.cleanup)
+        socket = VarstoredSocket(VM, self.upstream, kit.nvram)
         self.wire = Wire(socket.resource(), timeout=30)
 
     def tearDown(self) -> None:

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.test_cache -*-
 """The durable write-back cache of one service: the :class:`IItemWriter`
-domain sockets write through.
+domain sockets and the orchestrator write through.
 
 A write is acknowledged only once it is durable: upstream took it (Direct)
 or it is on disk (``.pre``, fsync, rename, directory fsync). Which of the two
@@ -16,12 +16,18 @@ what the machine acts on:
   RMW lock, shared with the control channel.)
 - ``index``: the versions on disk per item, kept in step with the files; it
   answers reads and emptiness checks without listing directories.
+
+A write is a :class:`~xguard.cache.layout.Batch`: one item for a domain
+write, the vTPM's three keys for the orchestrator's VtpmSetContents. Its
+versions are stamped together, so a batch is newer than everything
+acknowledged before it, and older versions are deleted only once the whole
+batch is durable.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.defer import (
@@ -37,12 +43,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from ..errors import TransientUpstreamError
+from ..errors import CacheUnavailable, TransientUpstreamError
 from ..interfaces import IItemSink, IItemWriter, IStatusSource
 from ..locks import KeyedLocks
 from . import recovery
 from .flusher import Flusher, default_backoff
-from .layout import Item, Version, service_dir
+from .layout import Batch, Item, Version, service_dir
 from .machine import _CacheCore, _CacheInputs, build_machine
 from .store import DiskStore
 
@@ -55,9 +61,8 @@ class _Attempt:
     """A Direct write in flight; abandoned once its deadline passed or it
     failed transiently (then it is on disk)."""
 
-    def __init__(self, version: Version, content: bytes, done: "Deferred[None]") -> None:
-        self.version = version
-        self.content = content
+    def __init__(self, batch: Batch, done: "Deferred[None]") -> None:
+        self.batch = batch
         self.done = done
         self.abandoned = False
         self.timer: IDelayedCall | None = None
@@ -88,6 +93,9 @@ class WriteBackCache:
         self.queue: DeferredQueue[Version] = DeferredQueue(size=queue_size)
         self.index: dict[Item, list[int]] = {}
         self.quarantined: list[dict[str, object]] = []
+        #: Why the disk refuses writes, and since when (None: it takes them).
+        self.disk_error: str | None = None
+        self.disk_error_since: float | None = None
         self._last_ts: dict[Item, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
         self._attempts: set[_Attempt] = set()
@@ -107,17 +115,22 @@ class WriteBackCache:
         base = service_dir(self.root, self.service)
         listing = await self.runner(recovery.scan, base)
         actions = recovery.plan(self.service, listing, self.monotonic_ns())
+        unacknowledged = 0
         for a in actions:
-            if isinstance(a, recovery.Warn):
-                self.log.warn("cache recovery: leaving {path} alone: {reason}",
-                              path=os.path.join(base, *a.path), reason=a.reason)
-            elif isinstance(a, recovery.Delete):
-                self.log.info("cache recovery: deleting {path} ({reason})",
-                              path=os.path.join(base, *a.path), reason=a.reason)
+            if isinstance(a, recovery.Delete):
+                if a.reason == recovery.NEVER_ACKNOWLEDGED:
+                    unacknowledged += 1
+                else:
+                    self.log.info("cache recovery: deleting {path} ({reason})",
+                                  path=os.path.join(base, *a.path), reason=a.reason)
             elif isinstance(a, recovery.Move):
                 self.log.info("cache recovery: retiming {path} to {ts}",
                               path=os.path.join(base, *a.src), ts=a.version.ts)
         await self.runner(recovery.apply, base, actions)
+        if unacknowledged:
+            self.log.info("{service} cache: removed {n} temporary files of writes that were "
+                          "never acknowledged (the daemon stopped mid-write)",
+                          service=self.service.value, n=unacknowledged)
         versions = recovery.kept_versions(actions)
         for v in versions:
             self._record(v)
@@ -144,32 +157,38 @@ class WriteBackCache:
         return gatherResults([d for d in pending if d is not None],
                              consumeErrors=True).addCallback(lambda _: None)
 
+    def upstream_answers(self) -> None:
+        """Upstream is back: deliveries waiting out a backoff go now."""
+        self.flusher.upstream_answers()
+
     # -- IItemWriter -------------------------------------------------------
     def write(self, vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
-        version = self._stamp(Item(vm_uuid, key))
+        return self.write_many(vm_uuid, {key: content})
+
+    def write_many(self, vm_uuid: str, changes: Mapping[int, bytes]) -> "Deferred[None]":
+        """Write several items of one VM as one batch (all or none
+        acknowledged), newer than every write acknowledged before."""
+        batch = Batch(vm_uuid, tuple((self._stamp(Item(vm_uuid, key)), content)
+                                     for key, content in sorted(changes.items())))
         if not self.enabled():
-            return self.vm_locks.run(vm_uuid, lambda: self._write_through(version, content))
+            return self.vm_locks.run(vm_uuid, lambda: self._write_through(batch))
         done: Deferred[None] = Deferred()
 
-        def failed(f: Any) -> None:
+        def failed(f: Failure) -> None:
             if not done.called:
                 done.errback(f)
 
-        self.lock.run(self.machine.write, version, content, done).addErrback(failed)
+        self.lock.run(self.machine.write, batch, done).addErrback(failed)
         return done
 
     def pending(self, vm_uuid: str, key: int) -> "Deferred[bytes | None]":
-        return ensureDeferred(self._pending(Item(vm_uuid, key)))
+        async def latest() -> bytes | None:
+            found = await self._read_latest(Item(vm_uuid, key))
+            return None if found is None else found[1]
+        return ensureDeferred(latest())
 
-    async def _pending(self, item: Item) -> bytes | None:
-        for _ in range(5):
-            versions = self.index.get(item)
-            if not versions:
-                return None
-            data = await self.runner(self.store.read, Version(item, versions[-1]))
-            if data is not None:
-                return data
-        return None  # pragma: no cover - raced by five newer writes
+    def has_pending(self, vm_uuid: str) -> bool:
+        return any(item.vm == vm_uuid for item in self.index)
 
     def _stamp(self, item: Item) -> Version:
         """Strictly increasing per item, and later than anything recovered."""
@@ -178,37 +197,38 @@ class WriteBackCache:
         return Version(item, ts)
 
     # -- what the machine acts on (_CacheOps) --------------------------------
-    def attempt_direct(self, version: Version, content: bytes, done: "Deferred[None]") -> None:
-        attempt = _Attempt(version, content, done)
+    def attempt_direct(self, batch: Batch, done: "Deferred[None]") -> None:
+        attempt = _Attempt(batch, done)
         self._attempts.add(attempt)
         attempt.timer = self.clock.callLater(self.direct_deadline, self._give_up, attempt,
                                              "no answer within the deadline")
-        self.vm_locks.run(version.item.vm, lambda: self._run_attempt(attempt))
+        self.vm_locks.run(batch.vm, lambda: self._run_attempt(attempt))
 
     async def _run_attempt(self, attempt: _Attempt) -> None:
         if attempt.abandoned:
             return  # its deadline passed while waiting: it is on disk already
-        version = attempt.version
+        batch = attempt.batch
         try:
-            await maybeDeferred(self.sink.deliver, version.item.vm,
-                                {version.item.key: attempt.content})
+            await maybeDeferred(self.sink.deliver, batch.vm, batch.contents())
         except TransientUpstreamError as e:
-            self.flusher.failed(e)
             fallback = self._give_up(attempt, str(e))
             if fallback is not None:
-                await fallback  # on disk before this VM's next delivery starts
+                try:
+                    await fallback  # on disk before this VM's next delivery starts
+                except Exception:
+                    pass  # the client was told (CacheUnavailable)
             return
         except Exception as e:
             if not attempt.abandoned:
                 self._finish(attempt)
                 attempt.done.errback(e)
             else:
-                self.log.info("late failure of an abandoned write of {vm} key {key}: {error}",
-                              vm=version.item.vm, key=version.item.key, error=str(e))
+                self.log.info("late failure of an abandoned write of VM {vm}: {error}",
+                              vm=batch.vm, error=str(e))
             return
         if not attempt.abandoned:
             self._finish(attempt)
-            await self._superseded_by(version)
+            await self._superseded_by(batch.versions)
             attempt.done.callback(None)
 
     def _finish(self, attempt: _Attempt) -> None:
@@ -223,50 +243,81 @@ class WriteBackCache:
         if attempt.abandoned:
             return attempt.fallback
         self._finish(attempt)
-        self.log.debug("write of {vm} key {key} goes to disk: {reason}",
-                       vm=attempt.version.item.vm, key=attempt.version.item.key, reason=reason)
-        d = self.lock.run(self._engage, attempt.version, attempt.content)
+        self.log.debug("write of VM {vm} goes to disk: {reason}",
+                       vm=attempt.batch.vm, reason=reason)
+        d = self.lock.run(self._engage, attempt.batch)
         d.addCallbacks(lambda _: attempt.done.callback(None), attempt.done.errback)
         attempt.fallback = d
         return d
 
-    async def _engage(self, version: Version, content: bytes) -> None:
-        await self.persist(version, content)
-        self.machine.push_failed_transient(version)
+    async def _engage(self, batch: Batch) -> None:
+        await self.persist(batch)
+        self.machine.push_failed_transient(batch)
 
-    def _write_through(self, version: Version, content: bytes) -> "Deferred[None]":
+    def _write_through(self, batch: Batch) -> "Deferred[None]":
         """Cache disabled: upstream or an error, like DirectWriter."""
         async def run() -> None:
-            await maybeDeferred(self.sink.deliver, version.item.vm, {version.item.key: content})
-            await self._superseded_by(version)
+            await maybeDeferred(self.sink.deliver, batch.vm, batch.contents())
+            await self._superseded_by(batch.versions)
         return ensureDeferred(run())
 
-    def persist(self, version: Version, content: bytes) -> "Deferred[None]":
-        """Make ``version`` durable, then delete the older versions."""
-        return ensureDeferred(self._persist(version, content))
+    def persist(self, batch: Batch) -> "Deferred[None]":
+        """Make ``batch`` durable, then delete the older versions. A disk
+        that refuses it fails the write with CacheUnavailable (nothing
+        acknowledged) and leaves no part of it behind."""
+        return ensureDeferred(self._persist(batch))
 
-    async def _persist(self, version: Version, content: bytes) -> None:
-        item = version.item
-        if self._newest.get(item, -1) > version.ts:
-            return  # a newer version is already acknowledged: this one is superseded
-        await self.runner(self.store.write, version, content)
-        self._record(version)
-        older = [Version(item, t) for t in self.index[item] if t < version.ts]
+    async def _persist(self, batch: Batch) -> None:
+        written: list[Version] = []
+        try:
+            for version, content in batch.entries:
+                if self._newest.get(version.item, -1) > version.ts:
+                    continue  # a newer version is already acknowledged: superseded
+                await self.runner(self.store.write, version, content)
+                written.append(version)
+        except OSError as e:
+            await self._refused_by_disk(written, e)
+            raise CacheUnavailable(e.strerror or str(e)) from e
+        if self.disk_error is not None:
+            self.log.info("{service} cache: the disk takes writes again",
+                          service=self.service.value)
+            self.disk_error = self.disk_error_since = None
+        older = []
+        for version in written:
+            self._record(version)
+            older += [Version(version.item, t) for t in self.index[version.item]
+                      if t < version.ts]
         if older:
-            # Not on the acknowledgement's path: once the new version is
+            # Not on the acknowledgement's path: once the new versions are
             # durable, a crash before these deletions leaves older files
             # that recovery discards (it keeps only the latest).
             self._background(self._forget_all(older))
+
+    async def _refused_by_disk(self, written: list[Version], error: OSError) -> None:
+        """One log line per episode; the part of the batch already written
+        goes (it was never acknowledged)."""
+        if self.disk_error is None:
+            self.disk_error_since = self.clock.seconds()
+            self.log.error("{service} cache: cannot write to {root}: {error}; VM writes fail "
+                           "(and are retried by the clients) until it recovers",
+                           service=self.service.value, root=self.root,
+                           error=error.strerror or str(error))
+        self.disk_error = error.strerror or str(error)
+        for version in written:
+            try:
+                await self.runner(self.store.delete, version)
+            except OSError:
+                self._record(version)  # still on disk: it will be delivered
 
     async def _forget_all(self, versions: list[Version]) -> None:
         for version in versions:
             await self._forget(version)
 
-    def _background(self, work: Any) -> None:
+    def _background(self, work: Awaitable[None]) -> None:
         d: Deferred[None] = ensureDeferred(work)
         self._cleanups.add(d)
 
-        def done(result: Any) -> None:
+        def done(result: object) -> None:
             self._cleanups.discard(d)
             if isinstance(result, Failure):
                 self.log.failure("{service} cache: deleting superseded versions failed",
@@ -283,22 +334,41 @@ class WriteBackCache:
         self._newest[item] = max(self._newest.get(item, -1), version.ts)
         self._last_ts[item] = max(self._last_ts.get(item, 0), version.ts)
 
-    async def _forget(self, version: Version) -> None:
-        """Delete ``version``'s file, then drop it from the index."""
-        await self.runner(self.store.delete, version)
+    def _unindex(self, version: Version) -> None:
         versions = self.index.get(version.item)
         if versions is not None and version.ts in versions:
             versions.remove(version.ts)
             if not versions:
                 del self.index[version.item]
 
-    async def _superseded_by(self, version: Version) -> None:
-        """``version`` reached upstream: older files of its item must never
-        be delivered (deleted before the write is acknowledged)."""
-        item = version.item
-        self._newest[item] = max(self._newest.get(item, -1), version.ts)
-        for ts in [t for t in self.index.get(item, []) if t < version.ts]:
-            await self._forget(Version(item, ts))
+    async def _forget(self, version: Version) -> None:
+        """Delete ``version``'s file, then drop it from the index."""
+        await self.runner(self.store.delete, version)
+        self._unindex(version)
+
+    async def _superseded_by(self, versions: Iterable[Version]) -> None:
+        """``versions`` reached upstream: older files of their items must
+        never be delivered (deleted before the write is acknowledged)."""
+        for version in versions:
+            item = version.item
+            self._newest[item] = max(self._newest.get(item, -1), version.ts)
+            for ts in [t for t in self.index.get(item, []) if t < version.ts]:
+                await self._forget(Version(item, ts))
+
+    async def _read_latest(self, item: Item) -> tuple[Version, bytes] | None:
+        """The latest pending version of ``item`` and its content. A file
+        deleted under our feet (delivered meanwhile) is dropped from the
+        index and the next latest is read."""
+        while True:
+            versions = self.index.get(item)
+            if not versions:
+                return None
+            version = Version(item, versions[-1])
+            data = await self.runner(self.store.read, version)
+            if data is not None:
+                return version, data
+            if self.index.get(item, [])[-1:] == [version.ts]:
+                self._unindex(version)  # vanished from disk
 
     def wake_flusher(self) -> None:
         self.flusher.wake()
@@ -319,39 +389,36 @@ class WriteBackCache:
             return sorted(on_disk)
         return self.runner(self.store.scan).addCallback(found)
 
-    # -- what the flusher uses ---------------------------------------------
+    # -- what the flusher uses (FlushTarget) --------------------------------
+    def next_batch(self) -> "Deferred[list[Item] | None]":
+        return self.machine.next_batch()
+
+    def settle(self) -> "Deferred[None]":
+        return self.lock.run(self.machine.settle)
+
+    def with_vm_lock(self, vm: str, f: Callable[[], Awaitable[Any]]) -> "Deferred[Any]":
+        return self.vm_locks.run(vm, f)
+
+    def deliver(self, vm: str, contents: Mapping[int, bytes]) -> "Deferred[None]":
+        return self.sink.deliver(vm, contents)
+
     async def snapshot(self, vm: str, keys: Iterable[int]) -> dict[int, tuple[Version, bytes]]:
         """The latest version of each of ``keys`` with its content."""
         out: dict[int, tuple[Version, bytes]] = {}
         for key in sorted(keys):
-            item = Item(vm, key)
-            for _ in range(5):
-                versions = self.index.get(item)
-                if not versions:
-                    break
-                version = Version(item, versions[-1])
-                data = await self.runner(self.store.read, version)
-                if data is not None:
-                    out[key] = (version, data)
-                    break
-                if self.index.get(item, [])[-1:] == [version.ts]:
-                    self.index[item].remove(version.ts)  # vanished from disk
-                    if not self.index[item]:
-                        del self.index[item]
+            found = await self._read_latest(Item(vm, key))
+            if found is not None:
+                out[key] = found
         return out
 
     async def delivered(self, version: Version) -> None:
         """Upstream confirmed ``version``: its file (and older ones) go."""
-        await self._superseded_by(version)
+        await self._superseded_by([version])
         await self._forget(version)
 
     async def quarantine(self, version: Version, reason: str) -> None:
         path = await self.runner(self.store.quarantine, version, reason)
-        versions = self.index.get(version.item, [])
-        if version.ts in versions:
-            versions.remove(version.ts)
-            if not versions:
-                del self.index[version.item]
+        self._unindex(version)
         entry = {"vm": version.item.vm, "key": version.item.key, "file": path, "reason": reason}
         self.quarantined.append(entry)
         self.log.error("{service}: write of {vm} key {key} refused by upstream ({reason}); "
@@ -371,6 +438,7 @@ class WriteBackCache:
             "pending": per_vm,
             "quarantined": list(self.quarantined),
             "last_error": self.flusher.last_error,
-            "outage_since": self.flusher.outage_since,
             "delivered": self.flusher.delivered,
+            "disk_error": self.disk_error,
+            "disk_error_since": self.disk_error_since,
         }

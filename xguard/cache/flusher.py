@@ -7,17 +7,29 @@ Direct (no polling while idle). Each round asks the machine what to deliver
 latest version of every item with one read-modify-write per VM (all of a
 VM's pending keys coalesced), several VMs in parallel up to
 ``max_concurrency``, then lets the machine check whether the cache is empty.
-A round with transient failures sleeps ``backoff(attempt)`` seconds on the
-injected clock (capped exponential with jitter) before the next one; the
-outage is logged once when it starts and once when it ends. A version
-refused permanently moves to quarantine. The step never raises: a failing
-LoopingCall would stop for good.
+
+Outcomes of one VM's delivery, and what follows:
+
+- delivered: the versions' files go;
+- upstream failed transiently: the items stay and the next round waits
+  ``backoff(attempt)`` (capped exponential with jitter) — cut short when
+  upstream answers again (:class:`~xguard.upstream.reachability.Reachability`);
+- upstream refused (a permanent error, or a pending file no sink can
+  decode): a coalesced push is retried key by key, and a version still
+  refused moves to quarantine;
+- anything else is a bug in xguard: logged with its traceback, the items
+  stay pending and are retried with backoff — a bug never costs a guest
+  its data.
+
+The step never raises: a failing LoopingCall would stop for good. The
+flusher knows the cache only through :class:`FlushTarget`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+import enum
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import (
@@ -30,14 +42,13 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from ..errors import TransientUpstreamError
+from ..errors import PermanentUpstreamError, TransientUpstreamError
+from ..model import Service
 from .layout import Item, Version
 
-if TYPE_CHECKING:
-    from .cache import WriteBackCache
-
-__all__ = ["Flusher", "default_backoff"]
+__all__ = ["Flusher", "FlushTarget", "default_backoff"]
 
 
 def default_backoff() -> Callable[[int], float]:
@@ -45,13 +56,55 @@ def default_backoff() -> Callable[[int], float]:
     return backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=1.5)
 
 
+class FlushTarget(Protocol):
+    """What the flusher needs from its cache (implemented by WriteBackCache)."""
+
+    service: Service
+
+    def next_batch(self) -> "Deferred[list[Item] | None]":
+        "What to deliver now (None: nothing pending, stop polling); under the service lock."
+
+    def settle(self) -> "Deferred[None]":
+        "A round ended: let the machine check whether the cache is empty."
+
+    def pending_items(self) -> list[Item]:
+        "Every item with a pending version."
+
+    def with_vm_lock(self, vm: str, f: Callable[[], Awaitable[Any]]) -> "Deferred[Any]":
+        "Run ``f`` holding ``vm``'s delivery lock."
+
+    def snapshot(self, vm: str, keys: Iterable[int]) -> Awaitable[dict[int, tuple[Version, bytes]]]:
+        "The latest version of each key of ``vm`` with its content."
+
+    def deliver(self, vm: str, contents: Mapping[int, bytes]) -> "Deferred[None]":
+        "Send ``contents`` upstream (the sink)."
+
+    def delivered(self, version: Version) -> Awaitable[None]:
+        "Upstream took ``version``: its file (and older ones) go."
+
+    def quarantine(self, version: Version, reason: str) -> Awaitable[None]:
+        "Upstream refused ``version`` for good."
+
+
+class _State(enum.Enum):
+    IDLE = "idle"                # Direct: the loop is stopped
+    RUNNING = "running"          # rounds at the interval
+    BACKING_OFF = "backing off"  # a round failed transiently; waiting to retry
+    STOPPED = "stopped"
+
+
+class _Outcome(enum.Enum):
+    DONE = "done"          # delivered, or quarantined
+    RETRY = "retry"        # transient failure, or a bug: keep and retry later
+
+
 class Flusher:
     log = Logger()
 
-    def __init__(self, cache: "WriteBackCache", clock: IReactorTime, *, interval: float,
+    def __init__(self, target: FlushTarget, clock: IReactorTime, *, interval: float,
                  backoff: Callable[[int], float], max_concurrency: int,
                  coalesce: bool = True) -> None:
-        self.cache = cache
+        self.target = target
         #: All pending keys of one VM in one upstream read-modify-write.
         #: False only reproduces the upstream design for the benchmarks.
         self.coalesce = coalesce
@@ -59,16 +112,15 @@ class Flusher:
         self.interval = interval
         self.backoff = backoff
         self.semaphore = DeferredSemaphore(max_concurrency)
-        self.retry: set[Item] = set()
+        self.state = _State.IDLE
+        #: Consecutive rounds that had to be retried (drives the backoff).
         self.attempt = 0
-        self.outage_since: float | None = None
-        self.outage_delivered = 0
+        self.retry: set[Item] = set()
         self.delivered = 0
         self.last_error: str | None = None
         self._loop = LoopingCall(self._step)
         self._loop.clock = clock
         self._sleeping: tuple[IDelayedCall, Deferred[None]] | None = None
-        self._stopped = False
 
     # -- lifecycle ---------------------------------------------------------
     @property
@@ -77,15 +129,28 @@ class Flusher:
 
     def wake(self) -> None:
         """There is work: make sure rounds run (first one after ``interval``)."""
-        if not self._stopped and not self._loop.running:
+        if self.state is not _State.STOPPED and not self._loop.running:
+            self.state = _State.RUNNING
             self._loop.start(self.interval, now=False).addErrback(self._loop_died)
+
+    def upstream_answers(self) -> None:
+        """Upstream is back: a round waiting out its backoff runs now."""
+        self.attempt = 0
+        self._end_sleep()
 
     def stop(self) -> None:
         """No more rounds. A delivery in flight is abandoned: its file stays
         on disk until confirmed, so nothing is lost."""
-        self._stopped = True
+        self.state = _State.STOPPED
         if self._loop.running:
             self._loop.stop()
+        self._end_sleep()
+
+    def resume(self) -> None:
+        if self.state is _State.STOPPED:
+            self.state = _State.IDLE
+
+    def _end_sleep(self) -> None:
         if self._sleeping is not None:
             call, d = self._sleeping
             self._sleeping = None
@@ -93,28 +158,8 @@ class Flusher:
                 call.cancel()
             d.callback(None)
 
-    def resume(self) -> None:
-        self._stopped = False
-
-    def _loop_died(self, failure: Any) -> None:  # pragma: no cover - _step never raises
+    def _loop_died(self, failure: Failure) -> None:  # pragma: no cover - _step never raises
         self.log.failure("cache flusher stopped", failure)
-
-    # -- outage ------------------------------------------------------------
-    def failed(self, error: BaseException) -> None:
-        """A transient failure: the first one starts an outage (logged once)."""
-        self.last_error = str(error)
-        if self.outage_since is None:
-            self.outage_since = self.clock.seconds()
-            self.outage_delivered = 0
-            self.log.warn("{service}: upstream unreachable ({error}); caching writes",
-                          service=self.cache.service.value, error=str(error))
-
-    def _recovered(self) -> None:
-        if self.outage_since is not None:
-            self.log.info("{service}: upstream recovered, {n} items delivered",
-                          service=self.cache.service.value, n=self.outage_delivered)
-            self.outage_since = None
-        self.attempt = 0
 
     # -- a round -----------------------------------------------------------
     def _step(self) -> "Deferred[None]":
@@ -123,23 +168,27 @@ class Flusher:
         return d
 
     async def _round(self) -> None:
-        machine = self.cache.machine
-        batch = await machine.next_batch()
+        batch = await self.target.next_batch()
         if batch is None:
             if self._loop.running:
                 self._loop.stop()  # Direct: nothing to do until woken
+            if self.state is not _State.STOPPED:
+                self.state = _State.IDLE
             return
         work = set(batch) | self.retry
         if not work:
-            work = set(self.cache.pending_items())
+            work = set(self.target.pending_items())
         self.retry = set()
-        transient = await self.deliver(work)
-        if transient:
+        if await self.deliver(work):
             self.attempt += 1
+            self.state = _State.BACKING_OFF
             await self._sleep(self.backoff(self.attempt))
+            if self.state is _State.BACKING_OFF:
+                self.state = _State.RUNNING
             return
-        self._recovered()
-        await self.cache.lock.run(machine.settle)
+        self.attempt = 0
+        self.last_error = None
+        await self.target.settle()
 
     def _sleep(self, seconds: float) -> "Deferred[None]":
         d: Deferred[None] = Deferred()
@@ -155,7 +204,7 @@ class Flusher:
         return bool(self.retry)
 
     async def deliver(self, items: Iterable[Item]) -> bool:
-        """Deliver ``items``; True if some failed transiently (kept for retry)."""
+        """Deliver ``items``; True if some must be retried (kept pending)."""
         per_vm: dict[str, set[int]] = {}
         for item in items:
             per_vm.setdefault(item.vm, set()).add(item.key)
@@ -164,59 +213,50 @@ class Flusher:
             groups = [(vm, {key}) for vm, keys in groups for key in sorted(keys)]
         ds = [self.semaphore.run(self._deliver_vm, vm, keys) for vm, keys in groups]
         results = await DeferredList(ds, consumeErrors=True)
-        transient = False
-        for ok, value in results:
-            if not ok:  # pragma: no cover - _deliver_vm catches everything
-                self.log.failure("cache delivery failed", value)
-                transient = True
-            elif value:
-                transient = True
-        return transient
+        retry = False
+        for (vm, keys), (ok, value) in zip(groups, results):
+            if not ok:  # pragma: no cover - _deliver_locked catches everything
+                self.log.failure("cache delivery of {vm} failed", value, vm=vm)
+                value = _Outcome.RETRY
+            if value is _Outcome.RETRY:
+                self.retry.update(Item(vm, k) for k in keys)
+                retry = True
+        return retry
 
-    def _deliver_vm(self, vm: str, keys: set[int]) -> "Deferred[bool]":
+    def _deliver_vm(self, vm: str, keys: set[int]) -> "Deferred[_Outcome]":
         # Under the VM's delivery lock: a Direct attempt of this VM still in
         # flight (even abandoned) finishes first; the snapshot is taken inside.
-        return self.cache.vm_locks.run(vm, lambda: self._deliver_locked(vm, keys))
+        return self.target.with_vm_lock(vm, lambda: self._deliver_locked(vm, keys))
 
-    async def _deliver_locked(self, vm: str, keys: set[int]) -> bool:
+    async def _deliver_locked(self, vm: str, keys: set[int]) -> _Outcome:
         try:
-            snapshot = await self.cache.snapshot(vm, keys)
+            snapshot = await self.target.snapshot(vm, keys)
             if not snapshot:
-                return False
+                return _Outcome.DONE
             return await self._push(vm, snapshot)
-        except Exception as e:  # never let one VM break the round
-            self.log.failure("cache delivery of {vm} failed", vm=vm)
-            self.retry.update(Item(vm, k) for k in keys)
-            self.last_error = str(e)
-            return True
+        except Exception as e:  # a bug (ours): keep the items, retry later
+            self.log.failure("{service}: delivering the cached writes of VM {vm} failed "
+                             "(a bug in xguard); they stay pending and are retried",
+                             service=self.target.service.value, vm=vm)
+            self.last_error = f"{type(e).__name__}: {e}"
+            return _Outcome.RETRY
 
-    async def _push(self, vm: str, snapshot: dict[int, tuple[Version, bytes]]) -> bool:
+    async def _push(self, vm: str, snapshot: dict[int, tuple[Version, bytes]]) -> _Outcome:
         contents = {k: c for k, (_, c) in snapshot.items()}
         try:
-            await maybeDeferred(self.cache.sink.deliver, vm, contents)
+            await maybeDeferred(self.target.deliver, vm, contents)
         except TransientUpstreamError as e:
-            self.failed(e)
-            self.retry.update(v.item for v, _ in snapshot.values())
-            return True
-        except Exception as e:  # permanent: split a coalesced push, then quarantine
-            if len(snapshot) > 1:
-                transient = False
-                for key in sorted(snapshot):
-                    transient = await self._push(vm, {key: snapshot[key]}) or transient
-                return transient
+            self.last_error = str(e)
+            return _Outcome.RETRY
+        except PermanentUpstreamError as e:
+            if len(snapshot) > 1:  # find which key upstream refuses
+                outcomes = [await self._push(vm, {k: snapshot[k]}) for k in sorted(snapshot)]
+                return _Outcome.RETRY if _Outcome.RETRY in outcomes else _Outcome.DONE
             ((version, _),) = snapshot.values()
             self.last_error = str(e)
-            await self.cache.quarantine(version, _reason(e))
-            return False
+            await self.target.quarantine(version, " ".join(e.codes))
+            return _Outcome.DONE
         for version, _ in snapshot.values():
-            await self.cache.delivered(version)
+            await self.target.delivered(version)
         self.delivered += len(snapshot)
-        self.outage_delivered += len(snapshot)
-        return False
-
-
-def _reason(e: BaseException) -> str:
-    codes = getattr(e, "codes", None)
-    return " ".join(codes) if codes else f"{type(e).__name__}: {e}"
-
-
+        return _Outcome.DONE

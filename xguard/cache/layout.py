@@ -1,11 +1,14 @@
 # -*- test-case-name: tests.unit.test_layout -*-
 """Where the cache keeps things, compatible with the upstream daemon:
 ``STATE_DIR/<Service>/<vm-uuid>/<key>/<timestamp>`` where the timestamp is
-``CLOCK_MONOTONIC`` in nanoseconds, decimal, and the file holds the content
-exactly as received. Permanently refused versions move to
+``CLOCK_MONOTONIC`` in nanoseconds, decimal. A Swtpm file holds the key's
+content exactly as received; a Varstored file holds
+:meth:`xguard.model.NvramWrite.encode` (the value with its ``update`` flag).
+Permanently refused versions move to
 ``STATE_DIR/quarantine/<Service>/<vm-uuid>/<key>/<timestamp>``.
 
-Pure: encoding, parsing and classifying names; no I/O.
+Pure: the cache's value types, and encoding, parsing and classifying names;
+no I/O.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import attrs
 from ..model import Service, is_valid_uuid
 
 __all__ = [
-    "Item", "Version", "QUARANTINE", "PRE_SUFFIX", "KEYS",
+    "Item", "Version", "Batch", "QUARANTINE", "PRE_SUFFIX", "KEYS",
     "service_dir", "item_dir", "version_path", "quarantine_path",
     "parse_timestamp", "parse_key",
     "Latest", "Outdated", "Invalid", "Pending", "classify",
@@ -43,6 +46,24 @@ class Version:
 
     item: Item
     ts: int
+
+
+@attrs.frozen
+class Batch:
+    """One write, acknowledged as a whole: new versions of items of one VM
+    (a domain write is one item; the orchestrator's VtpmSetContents is the
+    vTPM's three keys)."""
+
+    vm: str
+    entries: tuple[tuple[Version, bytes], ...]
+
+    @property
+    def versions(self) -> list[Version]:
+        return [version for version, _ in self.entries]
+
+    def contents(self) -> dict[int, bytes]:
+        """Key -> content, as a sink delivers them."""
+        return {version.item.key: content for version, content in self.entries}
 
 
 def service_dir(root: str, service: Service) -> str:

@@ -20,7 +20,7 @@ from automat import TypeMachineBuilder, pep614
 from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
 from twisted.logger import Logger
 
-from .layout import Item, Version
+from .layout import Batch, Item, Version
 
 __all__ = ["CacheMachine", "build_machine", "TRANSITIONS"]
 
@@ -28,8 +28,8 @@ __all__ = ["CacheMachine", "build_machine", "TRANSITIONS"]
 class _CacheOps(Protocol):
     """What the behaviours need from the cache (implemented by WriteBackCache)."""
 
-    def attempt_direct(self, version: Version, content: bytes, done: "Deferred[None]") -> None: ...
-    def persist(self, version: Version, content: bytes) -> "Deferred[None]": ...
+    def attempt_direct(self, batch: Batch, done: "Deferred[None]") -> None: ...
+    def persist(self, batch: Batch) -> "Deferred[None]": ...
     def wake_flusher(self) -> None: ...
     def pending_items(self) -> list[Item]: ...
     def scan(self) -> "Deferred[list[Item]]": ...
@@ -46,12 +46,13 @@ class _CacheInputs(Protocol):
     def start_pending(self, versions: Sequence[Version]) -> None:
         "Recovery found ``versions`` pending delivery."
 
-    def write(self, version: Version, content: bytes, done: "Deferred[None]") -> "Deferred[None]":
-        """A domain write; ``done`` fires once it is durable (upstream or
-        disk). The result fires when the service lock may be released."""
+    def write(self, batch: Batch, done: "Deferred[None]") -> "Deferred[None]":
+        """A write (domain socket or orchestrator); ``done`` fires once it is
+        durable (upstream or disk). The result fires when the service lock
+        may be released."""
 
-    def push_failed_transient(self, version: Version) -> None:
-        "A Direct attempt failed or missed its deadline; ``version`` is now on disk."
+    def push_failed_transient(self, batch: Batch) -> None:
+        "A Direct attempt failed or missed its deadline; ``batch`` is now on disk."
 
     def queue_overflowed(self) -> None:
         "A name did not fit the bounded queue."
@@ -131,51 +132,57 @@ def _start_pending(inputs: _CacheInputs, core: _CacheCore, versions: Sequence[Ve
 
 
 @pep614(Direct.upon(_CacheInputs.write).loop())
-def _direct_write(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+def _direct_write(inputs: _CacheInputs, core: _CacheCore, batch: Batch,
                   done: "Deferred[None]") -> "Deferred[None]":
-    core.ops.attempt_direct(version, content, done)
+    core.ops.attempt_direct(batch, done)
     return succeed(None)  # no disk work: release the lock at once
 
 
-def _persist(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+def _persist(inputs: _CacheInputs, core: _CacheCore, batch: Batch,
              done: "Deferred[None]", queue: bool) -> "Deferred[None]":
-    d = core.ops.persist(version, content)
+    d = core.ops.persist(batch)
 
     def durable(_: object) -> None:
         if queue:
-            _enqueue(inputs, core, version)
+            for version in batch.versions:
+                _enqueue(inputs, core, version)
         done.callback(None)
 
-    d.addCallbacks(durable, done.errback)
+    def failed(failure: object) -> None:
+        done.errback(failure)  # not acknowledged; the lock is released
+
+    d.addCallbacks(durable, failed)
     return d
 
 
 @pep614(Engaged.upon(_CacheInputs.write).loop())
-def _engaged_write(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+def _engaged_write(inputs: _CacheInputs, core: _CacheCore, batch: Batch,
                    done: "Deferred[None]") -> "Deferred[None]":
-    return _persist(inputs, core, version, content, done, queue=True)
+    return _persist(inputs, core, batch, done, queue=True)
 
 
 @pep614(Disengaged.upon(_CacheInputs.write).loop())
-def _disengaged_write(inputs: _CacheInputs, core: _CacheCore, version: Version, content: bytes,
+def _disengaged_write(inputs: _CacheInputs, core: _CacheCore, batch: Batch,
                       done: "Deferred[None]") -> "Deferred[None]":
-    return _persist(inputs, core, version, content, done, queue=False)
+    return _persist(inputs, core, batch, done, queue=False)
 
 
 @pep614(Direct.upon(_CacheInputs.push_failed_transient).to(Engaged))
-def _engage(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
+def _engage(inputs: _CacheInputs, core: _CacheCore, batch: Batch) -> None:
     core.log.info("{service} cache engaged", service=core.service)
-    _enqueue(inputs, core, version)
+    for version in batch.versions:
+        _enqueue(inputs, core, version)
     core.ops.wake_flusher()
 
 
 @pep614(Engaged.upon(_CacheInputs.push_failed_transient).loop())
-def _queue_more(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
-    _enqueue(inputs, core, version)
+def _queue_more(inputs: _CacheInputs, core: _CacheCore, batch: Batch) -> None:
+    for version in batch.versions:
+        _enqueue(inputs, core, version)
 
 
 @pep614(Disengaged.upon(_CacheInputs.push_failed_transient).loop())
-def _scan_will_find(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
+def _scan_will_find(inputs: _CacheInputs, core: _CacheCore, batch: Batch) -> None:
     """The scan finds it."""
 
 

@@ -8,7 +8,9 @@ injected runner). Rules, per item directory ``<vm>/<key>/``:
 
 - keep only the latest valid version; delete outdated and unrecognised
   files (and files anywhere else in the tree);
-- leave ``*.pre`` files alone, with a warning: they were never acknowledged;
+- delete ``*.pre`` files: they were never acknowledged, and the instance
+  lock guarantees no other writer (the upstream daemon leaves them, and
+  they pile up on a host that crashes often);
 - a latest version stamped later than ``now`` (the monotonic clock restarted
   with a reboot) is renamed to ``now``, so later writes sort after it;
 - remove directories left empty.
@@ -37,8 +39,11 @@ from .layout import (
     parse_key,
 )
 
-__all__ = ["Listing", "Keep", "Delete", "Move", "Warn", "RemoveDir", "plan", "apply", "scan",
-           "kept_versions"]
+__all__ = ["Listing", "Keep", "Delete", "Move", "RemoveDir", "plan", "apply", "scan",
+           "kept_versions", "NEVER_ACKNOWLEDGED"]
+
+#: The reason given for deleting a ``.pre`` file.
+NEVER_ACKNOWLEDGED = "temporary file of a write never acknowledged"
 
 Path = tuple[str, ...]
 
@@ -71,17 +76,11 @@ class Move:
 
 
 @attrs.frozen
-class Warn:
-    path: Path
-    reason: str
-
-
-@attrs.frozen
 class RemoveDir:
     path: Path
 
 
-Action = Keep | Delete | Move | Warn | RemoveDir
+Action = Keep | Delete | Move | RemoveDir
 
 
 def plan(service: Service, listing: Listing, now: int) -> list[Action]:
@@ -91,7 +90,7 @@ def plan(service: Service, listing: Listing, now: int) -> list[Action]:
     groups: dict[Path, list[str]] = {}
     for path in listing.files:
         if path[-1].endswith(PRE_SUFFIX):
-            actions.append(Warn(path, "temporary file of a write never acknowledged"))
+            actions.append(Delete(path, NEVER_ACKNOWLEDGED))
         elif (len(path) == 3 and is_vm_dir(path[0])
                 and parse_key(service, path[1]) is not None):
             groups.setdefault(path[:2], []).append(path[2])
@@ -111,8 +110,8 @@ def plan(service: Service, listing: Listing, now: int) -> list[Action]:
             elif isinstance(entry, Invalid):  # pragma: no cover - grouped names parse
                 actions.append(Delete(path, "unrecognised file"))
             elif isinstance(entry, Pending):  # pragma: no cover - .pre handled above
-                actions.append(Warn(path, "temporary file"))
-    remaining = [a.path for a in actions if isinstance(a, (Keep, Warn))]
+                actions.append(Delete(path, NEVER_ACKNOWLEDGED))
+    remaining = [a.path for a in actions if isinstance(a, Keep)]
     remaining += [a.dst for a in actions if isinstance(a, Move)]
     occupied = {p[:i] for p in remaining for i in range(1, len(p))}
     for d in sorted(listing.dirs, key=lambda p: (-len(p), p)):

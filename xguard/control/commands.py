@@ -7,6 +7,7 @@ from __future__ import annotations
 from twisted.protocols.amp import Command, Integer, Unicode
 
 from ..errors import (
+    InvalidContents,
     InvalidPath,
     InvalidUUID,
     PathInUse,
@@ -49,6 +50,7 @@ ERRORS: dict[type[Exception], bytes] = {
     PathInUse: b"PATH_IN_USE",
     InvalidUUID: b"INVALID_UUID",
     InvalidPath: b"INVALID_PATH",
+    InvalidContents: b"INVALID_CONTENTS",
     PermanentUpstreamError: b"UPSTREAM_ERROR",
     TransientUpstreamError: b"UPSTREAM_UNAVAILABLE",
     RemotePermanentUpstreamError: b"UPSTREAM_ERROR",
@@ -100,7 +102,7 @@ class VtpmDestroy(Command):
 
 
 class VtpmSetContents(Command):
-    """Replace a vTPM's whole contents string upstream."""
+    """Replace a vTPM's whole contents (cached in order while upstream is away)."""
 
     arguments = [(b"dbg", Unicode()), (b"vtpm_uuid", Unicode()), (b"contents", BigUnicode())]
     response: list = []
@@ -108,7 +110,7 @@ class VtpmSetContents(Command):
 
 
 class VtpmGetContents(Command):
-    """Read a vTPM's whole contents string from upstream."""
+    """A vTPM's whole contents: upstream's, with pending writes overlaid."""
 
     arguments = [(b"dbg", Unicode()), (b"vtpm_uuid", Unicode())]
     response = [(b"contents", BigUnicode())]

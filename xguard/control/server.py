@@ -21,9 +21,9 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from ..errors import InvalidPath, InvalidUUID, PathInUse
-from ..interfaces import ISocketRegistry, IUpstream
-from ..items import VtpmSink
+from ..interfaces import ISocketRegistry
 from ..model import Service, is_valid_uuid
+from ..vtpm_contents import VtpmContents
 from .commands import (
     ERRORS,
     ControlError,
@@ -50,11 +50,10 @@ class ControlLocator(amp.CommandLocator):
 
     log = Logger()
 
-    def __init__(self, registry: ISocketRegistry, upstream: IUpstream, sink: VtpmSink,
+    def __init__(self, registry: ISocketRegistry, vtpms: VtpmContents,
                  status: Callable[[], dict[str, Any]]) -> None:
         self.registry = registry
-        self.upstream = upstream
-        self.sink = sink
+        self.vtpms = vtpms
         self.status = status
 
     # -- sockets -----------------------------------------------------------
@@ -67,6 +66,10 @@ class ControlLocator(amp.CommandLocator):
     @VtpmCreate.responder
     async def vtpm_create(self, dbg: str, vm_uuid: str, gid: int, path: str) -> dict[str, Any]:
         await self._create(Service.SWTPM, dbg, vm_uuid, gid, path)
+        # In the background: the orchestrator's vTPM calls that follow must
+        # know this VM's vTPM even if upstream goes away meanwhile.
+        self.vtpms.learn(vm_uuid).addErrback(
+            lambda f: self.log.failure("learning the vTPM of VM {vm} failed", f, vm=vm_uuid))
         return {}
 
     @VarstoreDestroy.responder
@@ -116,14 +119,8 @@ class ControlLocator(amp.CommandLocator):
         _check_uuid(vtpm_uuid, "vTPM")
 
         async def set_contents() -> None:
-            vtpm = await self.upstream.vtpm_by_uuid(vtpm_uuid)
-
-            async def write() -> None:
-                await self.upstream.set_vtpm_contents(vtpm, contents)
-
-            # The same lock as the domain sockets' and the flusher's
-            # read-modify-writes, so neither can interleave with this write.
-            await self.sink.locks.run(self.sink.lock_key(vtpm), write)
+            # Ordered with the swtpm socket's writes and the cache (SPEC §6).
+            await self.vtpms.set(vtpm_uuid, contents)
 
         await self._run(dbg, "vtpm.set_contents", set_contents)
         return {}
@@ -134,12 +131,7 @@ class ControlLocator(amp.CommandLocator):
         _check_uuid(vtpm_uuid, "vTPM")
 
         async def get_contents() -> str:
-            vtpm = await self.upstream.vtpm_by_uuid(vtpm_uuid)
-
-            async def read() -> str:
-                return await self.upstream.get_vtpm_contents(vtpm)
-
-            return await self.sink.locks.run(self.sink.lock_key(vtpm), read)
+            return await self.vtpms.get(vtpm_uuid)
 
         contents: str = await self._run(dbg, "vtpm.get_contents", get_contents)
         self.log.debug("{dbg}: vtpm.get_contents vtpm={vtpm_uuid} size={size}",
@@ -215,10 +207,10 @@ class _ControlFactory(ServerFactory):
         return proto
 
 
-def control_factory(registry: ISocketRegistry, upstream: IUpstream, sink: VtpmSink,
+def control_factory(registry: ISocketRegistry, vtpms: VtpmContents,
                     status: Callable[[], dict[str, Any]]) -> ServerFactory:
     """The control channel's server factory (listen it on a 0600 socket)."""
-    return _ControlFactory(ControlLocator(registry, upstream, sink, status))
+    return _ControlFactory(ControlLocator(registry, vtpms, status))
 
 
 def control_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:

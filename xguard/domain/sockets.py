@@ -129,6 +129,7 @@ class SocketRegistry:
         self._runner = runner or _inline_runner
         self._backlog = backlog
         self._sockets: dict[str, _Socket] = {}
+        self._per_vm: dict[str, int] = {}  # reserved slots per VM
         self._file_lock = DeferredLock()
         self._save_waiters: list[Deferred[None]] | None = None
         self._stopped = False
@@ -141,6 +142,15 @@ class SocketRegistry:
         """Every served socket as {path, vm_uuid, gid, service}."""
         return [{"path": s.entry.path, "vm_uuid": s.entry.vm_uuid, "gid": s.entry.gid,
                  "service": s.entry.service.value} for s in self._open_sockets()]
+
+    def serves(self, vm_uuid: str) -> bool:
+        """Whether ``vm_uuid`` has a socket (being created, open or closing)."""
+        return vm_uuid in self._per_vm
+
+    def vms(self, service: Service | None = None) -> set[str]:
+        """The VMs with an open socket (of ``service``, if given)."""
+        return {s.entry.vm_uuid for s in self._open_sockets()
+                if service is None or s.entry.service is service}
 
     def count_by_service(self) -> dict[str, int]:
         """Socket count per service value, for Status."""
@@ -163,7 +173,7 @@ class SocketRegistry:
         except Exception:
             return fail()
         # Reserve the path synchronously: a second create of it now fails.
-        sock = self._sockets[entry.path] = _Socket(entry)
+        sock = self._reserve(entry)
         return ensureDeferred(self._create(sock))
 
     async def _create(self, sock: _Socket) -> None:
@@ -257,8 +267,7 @@ class SocketRegistry:
         finally:
             self.log.info("destroyed {service} socket {path} of VM {vm_uuid}",
                           service=entry.service.value, path=entry.path, vm_uuid=entry.vm_uuid)
-            if self._on_forget is not None and not any(
-                    s.entry.vm_uuid == entry.vm_uuid for s in self._sockets.values()):
+            if self._on_forget is not None and not self.serves(entry.vm_uuid):
                 try:
                     self._on_forget(entry.vm_uuid)
                 except Exception:
@@ -283,9 +292,18 @@ class SocketRegistry:
             self.log.error("cannot remove socket file {path}: {error}",
                            path=sock.entry.path, error=str(e))
 
+    def _reserve(self, entry: Entry) -> _Socket:
+        sock = self._sockets[entry.path] = _Socket(entry)
+        self._per_vm[entry.vm_uuid] = self._per_vm.get(entry.vm_uuid, 0) + 1
+        return sock
+
     def _release(self, sock: _Socket) -> None:
         if self._sockets.get(sock.entry.path) is sock:
             del self._sockets[sock.entry.path]
+            vm = sock.entry.vm_uuid
+            self._per_vm[vm] -= 1
+            if not self._per_vm[vm]:
+                del self._per_vm[vm]
 
     # -- the file --------------------------------------------------------------
     def _save(self) -> "Deferred[None]":
@@ -337,7 +355,7 @@ class SocketRegistry:
                 self.log.error("not resuming socket {path}: {error}", path=loaded.path,
                                error=str(e))
                 continue
-            sock = self._sockets[entry.path] = _Socket(entry)
+            sock = self._reserve(entry)
             try:
                 await self._open(sock)
             except Exception as e:

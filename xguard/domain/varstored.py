@@ -112,7 +112,8 @@ class VarstoredSocket:
 
     :param vm_uuid: the VM every call acts on.
     :param upstream: for the calls that do not touch NVRAM.
-    :param nvram: NVRAM reads and writes (through the write-back cache).
+    :param nvram: NVRAM and secure-boot state reads (falling back to the last
+        known state) and writes (through the write-back cache).
     """
 
     app = Klein()
@@ -209,7 +210,7 @@ class VarstoredSocket:
                        vm=self.vm_uuid, size=len(value), update=normalise_update(update))
 
     async def _get_sb_state(self, params: list[Any]) -> str:
-        return await self.upstream.get_secureboot_certificates_state(self.vm_uuid)
+        return await self.nvram.secureboot_state(self.vm_uuid)
 
     async def _create_message(self, params: list[Any]) -> None:
         _session, _name, priority, _class, _obj_uuid, body = params

@@ -25,6 +25,7 @@ from importlib import resources
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -32,6 +33,7 @@ from zope.interface import implementer
 
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IUpstream
+from xguard.upstream.reachability import Reachability
 
 __all__ = ["LocalStore", "SCHEMA_VERSION", "SECUREBOOT_STATES", "local_store",
            "threadpool_runner"]
@@ -119,11 +121,13 @@ class LocalStore:
         path: str,
         runner: Runner,
         *,
+        clock: IReactorTime,
         on_close: Callable[[], None] | None = None,
         new_uuid: Callable[[], str] = lambda: str(_uuid.uuid4()),
     ) -> None:
         self.path = path
         self.description = f"local store {path}"
+        self.reachability = Reachability(clock, self.description)
         self._runner = runner
         self._on_close = on_close
         self._new_uuid = new_uuid
@@ -157,11 +161,19 @@ class LocalStore:
             except sqlite3.Error as e:  # corrupt or constraint: retrying won't help
                 raise PermanentUpstreamError(["LOCAL_STORE_ERROR", str(e)]) from e
 
+        def answered(result: Any) -> Any:
+            self.reachability.answered()
+            return result
+
         def note(failure: Any) -> Any:
             self._last_error = " ".join(getattr(failure.value, "codes", [repr(failure.value)]))
+            if failure.check(TransientUpstreamError):
+                self.reachability.failed(self._last_error)
+            else:
+                self.reachability.answered()
             return failure
 
-        return self._runner(job).addErrback(note)
+        return self._runner(job).addCallbacks(answered, note)
 
     def open(self) -> Deferred[None]:
         """Open and migrate now (service start-up), rather than on first use,
@@ -255,7 +267,8 @@ class LocalStore:
         """Nothing is cached: every call reads the database."""
 
     def status(self) -> dict[str, Any]:
-        return {"kind": "local", "target": self.path, "reachable": True,
+        return {"kind": "local", "target": self.path,
+                "reachable": self.reachability.reachable is not False,
                 "last_error": self._last_error, "calls": self._calls,
                 "schema_version": SCHEMA_VERSION}
 
@@ -356,4 +369,4 @@ def threadpool_runner(
 def local_store(reactor: Any, path: str) -> LocalStore:
     """A LocalStore on its own thread, stopped when the store is closed."""
     runner, stop = threadpool_runner(reactor)
-    return LocalStore(path, runner, on_close=stop)
+    return LocalStore(path, runner, clock=reactor, on_close=stop)

@@ -38,6 +38,7 @@ from xguard.upstream.jsonrpc import (
     decode_response,
     encode_call,
 )
+from xguard.upstream.reachability import Reachability
 
 __all__ = ["XapiUpstream", "xapi_upstream", "MAX_RESPONSE_BYTES"]
 
@@ -152,8 +153,7 @@ class XapiUpstream:
         self._vtpm_refs: dict[str, str] = {}
         self._resolving: dict[tuple[int, str], list[Deferred[str]]] = {}
         self._calls = 0
-        self._reachable: bool | None = None
-        self._last_error: str | None = None
+        self.reachability = Reachability(reactor, self.description)
 
     # -- one HTTP exchange ---------------------------------------------------
     def _rpc(self, method: str, *params: Any) -> Deferred[Any]:
@@ -215,14 +215,12 @@ class XapiUpstream:
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _note(self, error: UpstreamError | None) -> None:
-        """Remember reachability for status(): any answer, even an API
-        error, proves xapi is there."""
+        """Report reachability: any answer, even an API error, proves xapi
+        is there."""
         if error is None or not isinstance(error, TransientUpstreamError):
-            self._reachable = True
+            self.reachability.answered()
         else:
-            self._reachable = False
-        if error is not None:
-            self._last_error = " ".join(error.codes)
+            self.reachability.failed(" ".join(error.codes))
 
     # -- the session ---------------------------------------------------------
     def _get_session(self) -> Deferred[str]:
@@ -400,8 +398,9 @@ class XapiUpstream:
         return {
             "kind": "xapi",
             "target": self.description,
-            "reachable": self._reachable,
-            "last_error": self._last_error,
+            "reachable": self.reachability.reachable,
+            "down_since": self.reachability.down_since,
+            "last_error": self.reachability.last_error,
             "calls": self._calls,
             "logged_in": self._session is not None,
         }

@@ -1,0 +1,156 @@
+"""The last known state: copies kept only for live VMs, dropped when a VM
+stops while upstream answers, kept across a reboot during an outage, never
+trusted after a host crash, never left stale."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from typing import Any
+
+from twisted.logger import Logger, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.fakes import sync_runner
+from xguard.cache.known import KNOWN, MAX_COPY_BYTES, KnownState
+from xguard.model import TpmState
+
+VM = "11111111-1111-4111-8111-111111111111"
+VM2 = "22222222-2222-4222-8222-222222222222"
+
+
+class KnownTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.root = tempfile.mkdtemp(prefix="xgk")
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.live = {VM}
+        self.boot = "boot-a"
+        self.events: list[dict[str, Any]] = []
+        self.known = self.open()
+
+    def open(self) -> KnownState:
+        known = KnownState(self.root, runner=sync_runner, is_live=lambda vm: vm in self.live,
+                           boot_id=lambda: self.boot)
+        known.log = Logger(observer=self.events.append)
+        self.successResultOf(known.open())
+        return known
+
+    def logged(self) -> str:
+        return "\n".join(formatEvent(e) for e in self.events)
+
+    def tpm(self, known: KnownState | None = None, vm: str = VM) -> TpmState | None:
+        return self.successResultOf((known or self.known).tpm(vm))
+
+    def test_copies_of_a_live_vm(self) -> None:
+        k = self.known
+        self.successResultOf(k.record_tpm(VM, TpmState("p", "s", "v")))
+        self.successResultOf(k.record_nvram(VM, {"EFI-variables": "e", "x": "y"}))
+        self.successResultOf(k.record_sb_state(VM, "update_on_boot"))
+        self.assertEqual(self.tpm(), TpmState("p", "s", "v"))
+        self.assertEqual(self.successResultOf(k.nvram(VM)), {"EFI-variables": "e", "x": "y"})
+        self.assertEqual(self.successResultOf(k.sb_state(VM)), "update_on_boot")
+        self.successResultOf(k.record_nvram_key(VM, "EFI-variables", "e2"))
+        self.assertEqual(self.successResultOf(k.nvram(VM)), {"EFI-variables": "e2", "x": "y"})
+        vm_dir = os.path.join(self.root, KNOWN, VM)
+        self.assertEqual(stat.S_IMODE(os.stat(vm_dir).st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(os.stat(os.path.join(vm_dir, "vtpm")).st_mode), 0o600)
+
+    def test_nothing_kept_for_a_vm_without_socket(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM2, TpmState("p")))
+        self.assertIsNone(self.tpm(vm=VM2))
+        self.assertEqual(self.known.kept(), [])
+
+    def test_stop_while_upstream_answers_drops(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        self.live.clear()
+        self.successResultOf(self.known.vm_gone(VM, upstream_reachable=True))
+        self.assertIsNone(self.tpm())
+        self.assertFalse(os.path.exists(os.path.join(self.root, KNOWN, VM)))
+
+    def test_destroy_during_outage_keeps_for_the_reboot(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        self.live.clear()
+        for reachable in (False, None):
+            self.successResultOf(self.known.vm_gone(VM, upstream_reachable=reachable))
+            self.assertEqual(self.tpm(), TpmState("p"))
+        # Still updated while kept (the flusher delivers its pending writes).
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p2")))
+        self.assertEqual(self.tpm(), TpmState("p2"))
+
+    def test_sweep_when_upstream_answers(self) -> None:
+        self.live.add(VM2)
+        for vm in (VM, VM2):
+            self.successResultOf(self.known.record_tpm(vm, TpmState("p")))
+        self.live.clear()
+        pending = {VM2}
+        self.assertEqual(self.successResultOf(self.known.sweep(lambda vm: vm in pending)), 1)
+        self.assertEqual(self.known.kept(), [VM2])
+        self.live.add(VM2)
+        pending.clear()
+        self.assertEqual(self.successResultOf(self.known.sweep(lambda vm: False)), 0)
+
+    def test_kept_across_a_restart_in_the_same_boot(self) -> None:
+        """kill -9: the page cache survives, so do unsynced copies."""
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p", "s", "v")))
+        again = self.open()
+        self.assertEqual(self.tpm(again), TpmState("p", "s", "v"))
+
+    def test_dropped_after_a_host_crash(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        self.boot = "boot-b"  # no clean stop, and the host rebooted
+        again = self.open()
+        self.assertIsNone(self.tpm(again))
+        self.assertEqual(again.kept(), [])
+        self.assertIn("1 VMs' copies dropped", self.logged())
+
+    def test_clean_stop_then_reboot_keeps(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        self.successResultOf(self.known.close())
+        self.boot = "boot-b"
+        again = self.open()
+        self.assertEqual(self.tpm(again), TpmState("p"))
+        # A later crash in this boot is judged against this boot's marker.
+        self.successResultOf(again.record_tpm(VM, TpmState("p2")))
+        self.boot = "boot-c"
+        self.assertIsNone(self.tpm(self.open()))
+
+    def test_a_copy_that_cannot_be_written_is_removed(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        self.successResultOf(self.known.record_tpm(VM, TpmState("x" * (MAX_COPY_BYTES + 1))))
+        self.assertIsNone(self.tpm())  # never the stale "p"
+        self.assertIn("cannot keep the vtpm copy", self.logged())
+        self.assertNotIn("xxxx", self.logged())
+        self.successResultOf(self.known.record_tpm(VM, TpmState("q")))
+        self.assertEqual(self.tpm(), TpmState("q"))
+        self.assertIn("written again", self.logged())
+
+    def test_which_vm_a_vtpm_belongs_to_survives_a_restart(self) -> None:
+        self.successResultOf(self.known.record_vtpm_handle(VM, "OpaqueRef:t"))
+        self.assertIsNone(self.known.vm_of_vtpm("vtpm-uuid"))
+        self.successResultOf(self.known.record_vtpm_uuid("vtpm-uuid", "OpaqueRef:t"))
+        self.assertEqual(self.known.vm_of_vtpm("vtpm-uuid"), VM)
+        again = self.open()
+        self.assertEqual(again.vm_of_vtpm("vtpm-uuid"), VM)
+        self.assertEqual(again.vtpm_of_vm(VM), "OpaqueRef:t")
+        self.live.clear()
+        self.successResultOf(again.vm_gone(VM, upstream_reachable=True))
+        self.assertIsNone(again.vm_of_vtpm("vtpm-uuid"))
+
+    def test_leftovers_are_cleaned_at_open(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        base = os.path.join(self.root, KNOWN)
+        with open(os.path.join(base, VM, "vtpm.tmp"), "w") as f:
+            f.write("half")
+        os.mkdir(os.path.join(base, "not-a-vm"))
+        self.open()
+        self.assertEqual(sorted(os.listdir(base)), [".boot", VM])
+        self.assertEqual(os.listdir(os.path.join(base, VM)), ["vtpm"])
+
+    def test_unchanged_copies_are_not_rewritten(self) -> None:
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        path = os.path.join(self.root, KNOWN, VM, "vtpm")
+        os.utime(path, (1, 1))
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
+        self.assertEqual(os.stat(path).st_mtime, 1)

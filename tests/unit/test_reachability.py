@@ -1,0 +1,97 @@
+"""Reachability: an outage is logged once at its start and once at its end,
+at the same level, and observers hear each transition once; the deadline
+helper bounds waiting without cancelling the work."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from xguard.deadlines import within
+from xguard.errors import PermanentUpstreamError, TransientUpstreamError
+from xguard.upstream.reachability import Reachability
+
+
+class ReachabilityTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.events: list[dict[str, Any]] = []
+        self.r = Reachability(self.clock, "xapi unix:/x")
+        self.r.log = Logger(observer=self.events.append)
+        self.seen: list[bool] = []
+        self.r.subscribe(self.seen.append)
+
+    def test_outage_logged_once_each_way(self) -> None:
+        self.r.answered()
+        self.assertEqual((self.r.reachable, self.seen, self.events), (True, [True], []))
+        self.clock.advance(10)
+        for _ in range(5):
+            self.r.failed("CONNECTION_REFUSED")
+            self.clock.advance(1)
+        self.assertEqual((self.r.reachable, self.r.down_since), (False, 10))
+        self.assertEqual(self.r.last_error, "CONNECTION_REFUSED")
+        for _ in range(3):
+            self.r.answered()
+        self.assertEqual(self.seen, [True, False, True])
+        start, end = self.events
+        self.assertEqual(start["log_level"], end["log_level"])
+        self.assertEqual(end["seconds"], 5.0)
+        self.assertIsNone(self.r.last_error)
+        self.assertIsNone(self.r.down_since)
+
+    def test_unknown_until_a_call_tells(self) -> None:
+        self.assertIsNone(self.r.reachable)
+        self.r.failed("TIMEOUT")
+        self.assertEqual(self.seen, [False])
+
+    def test_a_failing_observer_does_not_stop_the_others(self) -> None:
+        def broken(up: bool) -> None:
+            raise RuntimeError("observer bug")
+        r = Reachability(self.clock, "t")
+        r.log = Logger(observer=self.events.append)
+        seen: list[bool] = []
+        r.subscribe(broken)
+        r.subscribe(seen.append)
+        r.answered()
+        self.assertEqual(seen, [True])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 0)  # logged, not raised
+        self.assertTrue(any(e.get("log_failure") for e in self.events))
+
+
+class WithinTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def test_answer_in_time(self) -> None:
+        work: Deferred[str] = Deferred()
+        d = within(self.clock, 3, work)
+        work.callback("x")
+        self.assertEqual(self.successResultOf(d), "x")
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_failure_in_time_passes_through(self) -> None:
+        work: Deferred[str] = Deferred()
+        d = within(self.clock, 3, work)
+        work.errback(PermanentUpstreamError(["UUID_INVALID"]))
+        self.failureResultOf(d, PermanentUpstreamError)
+
+    def test_past_the_deadline_is_transient_and_work_goes_on(self) -> None:
+        work: Deferred[str] = Deferred()
+        d = within(self.clock, 3, work, "vTPM read")
+        self.clock.advance(3)
+        f = self.failureResultOf(d, TransientUpstreamError)
+        self.assertEqual(f.value.codes, ["TIMEOUT", "vTPM read"])
+        self.assertFalse(work.called)  # not cancelled
+        work.errback(TransientUpstreamError(["CONNECTION_REFUSED"]))  # late: quiet
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_a_late_bug_is_logged(self) -> None:
+        work: Deferred[str] = Deferred()
+        within(self.clock, 1, work).addErrback(lambda f: None)
+        self.clock.advance(1)
+        work.errback(ZeroDivisionError())
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)

@@ -1,0 +1,413 @@
+# -*- test-case-name: tests.unit.test_known -*-
+"""The last state xguard saw upstream hold, per VM (SPEC §6, "Reads during
+an outage").
+
+A VM that reboots while xapi restarts reads its whole state again, and
+varstored does not retry: a read that fails is a failed guest operation.
+So every time upstream answers a read, or takes a delivery, the state it
+then holds is copied here; a read that upstream cannot answer is served
+from the pending version, else from this copy.
+
+Layout, beside the cache's service trees::
+
+    STATE_DIR/known/<vm-uuid>/vtpm     the vTPM contents string (3 keys)
+    STATE_DIR/known/<vm-uuid>/nvram    the NVRAM map, JSON
+    STATE_DIR/known/<vm-uuid>/sb       the secure-boot certificates state
+    STATE_DIR/known/<vm-uuid>/handle   {"ref": vTPM handle, "uuid": vTPM uuid}
+    STATE_DIR/known/.boot              "clean", or "dirty <boot id>"
+
+When a copy may be served (the staleness argument is in doc/cache.md):
+
+- A copy is only kept for a *live* VM (one with a socket) or one kept
+  across a reboot; it is written before the write that changed upstream is
+  acknowledged, under the same lock as the upstream call, so it is never
+  older than an acknowledged write, and two copies never land out of order.
+- It is dropped when the VM's last socket goes while upstream answers (the
+  VM stopped: xapi may now change its state), and kept across a destroy and
+  create while upstream is unreachable (a reboot during the outage); copies
+  of VMs without sockets are swept as soon as upstream answers again.
+- Copies are written without fsync: a killed daemon loses nothing (the page
+  cache survives it), but a host crash may. The ``.boot`` marker says
+  "dirty <boot id>" while unsynced copies may exist; a start in another
+  boot finds that and drops every copy (they may be older than upstream). A
+  clean stop syncs them and writes "clean".
+- Anything that cannot be recorded (disk full, a value over
+  :data:`MAX_COPY_BYTES`) removes the older copy rather than leave it stale.
+
+Every method touching files runs through the injected runner; one VM's
+operations are serialized. No content is ever logged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from ..durable import atomic_write, fsync_dir, makedirs, safe_unlink
+from ..locks import KeyedLocks
+from ..model import TpmState, is_valid_uuid
+
+__all__ = ["KnownState", "KNOWN", "MAX_COPY_BYTES", "read_boot_id"]
+
+KNOWN = "known"
+MARKER = ".boot"
+#: A copy larger than this is not kept (xapi's largest values, a vTPM's
+#: contents or an NVRAM map, are a few hundred KiB).
+MAX_COPY_BYTES = 4 * 1024 * 1024
+_TMP = ".tmp"
+_NAMES = ("vtpm", "nvram", "sb", "handle")
+
+Runner = Callable[..., "Deferred[Any]"]
+
+
+def read_boot_id() -> str:
+    """The kernel's id of this boot (a new one after every reboot)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+class KnownState:
+    """Per VM copies of upstream's state, and which VM each vTPM is.
+
+    :param root: the state directory (copies go below ``root/known``).
+    :param runner: runs blocking file work (a thread pool; inline in tests).
+    :param is_live: whether a VM has a domain socket now.
+    :param boot_id: this boot's id (see :func:`read_boot_id`).
+    """
+
+    log = Logger()
+
+    def __init__(self, root: str, *, runner: Runner, is_live: Callable[[str], bool],
+                 boot_id: Callable[[], str] = read_boot_id) -> None:
+        self.base = os.path.join(root, KNOWN)
+        self._runner = runner
+        self._is_live = is_live
+        self._boot_id = boot_id
+        self._locks = KeyedLocks()
+        self._kept: set[str] = set()          # VMs with a directory here
+        self._digests: dict[tuple[str, str], bytes] = {}
+        self._vtpm_ref: dict[str, str] = {}   # vm -> vTPM handle
+        self._ref_vm: dict[str, str] = {}     # vTPM handle -> vm
+        self._uuid_ref: dict[str, str] = {}   # vTPM uuid -> handle
+        self._dirty: set[str] = set()         # files written since the last sync
+        self._failing = False
+
+    # -- start / stop --------------------------------------------------------
+    def open(self) -> "Deferred[None]":
+        """Load what is kept; drop every copy if the host crashed since they
+        were written (see the module docstring). Before anything listens."""
+        return ensureDeferred(self._open())
+
+    async def _open(self) -> None:
+        boot = self._boot_id()
+        dropped, kept = await self._runner(self._load, boot)
+        if dropped:
+            self.log.warn("last known state: {n} VMs' copies dropped: the host restarted "
+                          "without a clean stop of xguard, so they may be older than upstream",
+                          n=dropped)
+        await self._runner(atomic_write, os.path.join(self.base, MARKER),
+                           f"dirty {boot}\n".encode(), mode=0o600)
+        for vm, handle in kept.items():
+            self._kept.add(vm)
+            ref, uuid = handle.get("ref"), handle.get("uuid")
+            if isinstance(ref, str):
+                self._vtpm_ref[vm] = ref
+                self._ref_vm[ref] = vm
+                if isinstance(uuid, str):
+                    self._uuid_ref[uuid] = ref
+        if kept:
+            self.log.info("last known state of {n} VMs loaded", n=len(kept))
+
+    def _load(self, boot: str) -> tuple[int, dict[str, dict[str, Any]]]:
+        makedirs(self.base, 0o700)
+        try:
+            with open(os.path.join(self.base, MARKER), encoding="ascii") as f:
+                marker = f.read().strip()
+        except (OSError, ValueError):
+            marker = "clean"
+        trusted = marker in ("clean", f"dirty {boot}")
+        dropped = 0
+        kept: dict[str, dict[str, Any]] = {}
+        for name in sorted(os.listdir(self.base)):
+            path = os.path.join(self.base, name)
+            if name == MARKER or name == MARKER + ".pre":
+                continue
+            if not is_valid_uuid(name) or not os.path.isdir(path) or not trusted:
+                _remove(path)
+                dropped += is_valid_uuid(name)
+                continue
+            for entry in os.listdir(path):
+                if entry not in _NAMES:
+                    safe_unlink(os.path.join(path, entry))  # interrupted writes
+            kept[name] = _read_json(os.path.join(path, "handle")) or {}
+        return dropped, kept
+
+    def close(self) -> "Deferred[None]":
+        """Sync every copy written since the start, then mark them clean."""
+        return ensureDeferred(self._close())
+
+    async def _close(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        await self._runner(self._sync, sorted(dirty))
+
+    def _sync(self, paths: list[str]) -> None:
+        dirs = set()
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            dirs.add(os.path.dirname(path))
+        for d in sorted(dirs):
+            if os.path.isdir(d):
+                fsync_dir(d)
+        atomic_write(os.path.join(self.base, MARKER), b"clean\n", mode=0o600)
+
+    # -- which VMs are kept ----------------------------------------------------
+    def kept(self) -> list[str]:
+        """VMs with copies (live or kept across a reboot)."""
+        return sorted(self._kept)
+
+    def vm_gone(self, vm: str, upstream_reachable: bool | None) -> "Deferred[None]":
+        """The VM's last socket was destroyed: drop its copies if upstream
+        answers (the VM stopped); keep them otherwise (it may be a reboot
+        during the outage; :meth:`sweep` decides once upstream is back)."""
+        if upstream_reachable:
+            return self.drop(vm)
+        if vm in self._kept:
+            self.log.info("VM {vm} has no socket left while upstream is unreachable: its "
+                          "last known state is kept (a reboot during the outage?)", vm=vm)
+        return Deferred.fromCoroutine(_nothing())
+
+    def sweep(self, has_pending: Callable[[str], bool]) -> "Deferred[int]":
+        """Upstream answers: drop the copies of VMs without sockets and
+        without pending writes. Returns how many were dropped."""
+        async def run() -> int:
+            n = 0
+            for vm in sorted(self._kept):
+                if not self._is_live(vm) and not has_pending(vm):
+                    await self.drop(vm)
+                    n += 1
+            if n:
+                self.log.info("last known state of {n} stopped VMs dropped", n=n)
+            return n
+        return ensureDeferred(run())
+
+    def drop(self, vm: str) -> "Deferred[None]":
+        """Forget everything about ``vm``."""
+        async def run() -> None:
+            self._forget_vm(vm)
+            if vm in self._kept:
+                self._kept.discard(vm)
+                await self._runner(_remove, os.path.join(self.base, vm))
+        return self._locks.run(vm, run)
+
+    def _forget_vm(self, vm: str) -> None:
+        for key in [k for k in self._digests if k[0] == vm]:
+            del self._digests[key]
+        ref = self._vtpm_ref.pop(vm, None)
+        if ref is not None and self._ref_vm.get(ref) == vm:
+            del self._ref_vm[ref]
+
+    # -- copies ------------------------------------------------------------------
+    def record_tpm(self, vm: str, state: TpmState) -> "Deferred[None]":
+        """Upstream now holds ``state`` for ``vm``'s vTPM."""
+        return self._record(vm, "vtpm", state.serialize().encode("ascii"))
+
+    def tpm(self, vm: str) -> "Deferred[TpmState | None]":
+        def parse(data: bytes | None) -> TpmState | None:
+            if data is None:
+                return None
+            try:
+                return TpmState.deserialize(data.decode("ascii"))
+            except ValueError:
+                return None
+        return self._read(vm, "vtpm").addCallback(parse)
+
+    def record_nvram(self, vm: str, nvram: Mapping[str, str]) -> "Deferred[None]":
+        """Upstream's whole NVRAM map for ``vm``."""
+        return self._record(vm, "nvram", _json(dict(nvram)))
+
+    def record_nvram_key(self, vm: str, key: str, value: str) -> "Deferred[None]":
+        """Upstream took one NVRAM key (a write of EFI-variables): update the
+        copy's map (or start one holding just that key)."""
+        async def update() -> None:
+            nvram = _parse_map(await self._runner(self._read_file, vm, "nvram")) or {}
+            nvram[key] = value
+            await self._write(vm, "nvram", _json(nvram))
+        return self._locks.run(vm, update)
+
+    def nvram(self, vm: str) -> "Deferred[dict[str, str] | None]":
+        return self._read(vm, "nvram").addCallback(_parse_map)
+
+    def record_sb_state(self, vm: str, state: str) -> "Deferred[None]":
+        return self._record(vm, "sb", state.encode("utf-8"))
+
+    def sb_state(self, vm: str) -> "Deferred[str | None]":
+        return self._read(vm, "sb").addCallback(
+            lambda data: None if data is None else data.decode("utf-8", "replace"))
+
+    # -- which VM a vTPM belongs to ------------------------------------------------
+    def vtpm_of_vm(self, vm: str) -> str | None:
+        """The handle of ``vm``'s vTPM, if seen."""
+        return self._vtpm_ref.get(vm)
+
+    def vm_of_vtpm(self, vtpm_uuid: str) -> str | None:
+        """The VM whose vTPM has this uuid, if both were seen."""
+        ref = self._uuid_ref.get(vtpm_uuid)
+        return None if ref is None else self._ref_vm.get(ref)
+
+    def vm_of_handle(self, ref: str) -> str | None:
+        return self._ref_vm.get(ref)
+
+    def record_vtpm_handle(self, vm: str, ref: str) -> "Deferred[None]":
+        """``vm``'s vTPM has handle ``ref`` (upstream said so)."""
+        if self._vtpm_ref.get(vm) == ref:
+            return Deferred.fromCoroutine(_nothing())
+        old = self._vtpm_ref.get(vm)
+        if old is not None and self._ref_vm.get(old) == vm:
+            del self._ref_vm[old]
+        self._vtpm_ref[vm] = ref
+        self._ref_vm[ref] = vm
+        return self._save_handle(vm)
+
+    def record_vtpm_uuid(self, vtpm_uuid: str, ref: str) -> "Deferred[None]":
+        """The vTPM ``vtpm_uuid`` has handle ``ref`` (upstream said so)."""
+        if self._uuid_ref.get(vtpm_uuid) == ref:
+            return Deferred.fromCoroutine(_nothing())
+        self._uuid_ref[vtpm_uuid] = ref
+        vm = self._ref_vm.get(ref)
+        if vm is None:
+            return Deferred.fromCoroutine(_nothing())
+        return self._save_handle(vm)
+
+    def _save_handle(self, vm: str) -> "Deferred[None]":
+        ref = self._vtpm_ref.get(vm)
+        uuids = [u for u, r in self._uuid_ref.items() if r == ref]
+        doc = {"ref": ref, "uuid": uuids[0] if uuids else None}
+        return self._record(vm, "handle", _json(doc))
+
+    # -- files ---------------------------------------------------------------------
+    def _record(self, vm: str, name: str, data: bytes) -> "Deferred[None]":
+        async def run() -> None:
+            await self._write(vm, name, data)
+        return self._locks.run(vm, run)
+
+    async def _write(self, vm: str, name: str, data: bytes) -> None:
+        """Under ``vm``'s lock. Never raises: a copy that cannot be written
+        is removed instead (a stale one must not be served)."""
+        if not (self._is_live(vm) or vm in self._kept):
+            return  # a stopped VM: nothing to keep
+        digest = _digest(data)
+        if self._digests.get((vm, name)) == digest:
+            return
+        path = os.path.join(self.base, vm, name)
+        try:
+            if len(data) > MAX_COPY_BYTES:
+                raise ValueError(f"over {MAX_COPY_BYTES} bytes")
+            await self._runner(_write_file, path, data)
+        except Exception as e:
+            self._digests.pop((vm, name), None)
+            await self._discard(vm, name, path, e)
+            return
+        self._kept.add(vm)
+        self._digests[(vm, name)] = digest
+        self._dirty.add(path)
+        if self._failing:
+            self._failing = False
+            self.log.info("last known state: copies are written again")
+
+    async def _discard(self, vm: str, name: str, path: str, error: Exception) -> None:
+        if not self._failing:
+            self._failing = True
+            self.log.error("last known state: cannot keep the {name} copy of VM {vm} ({error});"
+                           " it is removed, and such reads fail during an outage",
+                           name=name, vm=vm, error=str(error))
+        try:
+            await self._runner(safe_unlink, path)
+        except Exception:
+            self.log.failure("last known state: cannot remove {path}", path=path)
+
+    def _read(self, vm: str, name: str) -> "Deferred[bytes | None]":
+        if vm not in self._kept:
+            return Deferred.fromCoroutine(_nothing())
+
+        async def run() -> bytes | None:
+            data: bytes | None = await self._runner(self._read_file, vm, name)
+            return data
+        return self._locks.run(vm, run)
+
+    def _read_file(self, vm: str, name: str) -> bytes | None:
+        try:
+            with open(os.path.join(self.base, vm, name), "rb") as f:
+                return f.read()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+
+
+async def _nothing() -> None:
+    return None
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Replace ``path`` (tmp file, rename; no fsync, see the module doc)."""
+    makedirs(os.path.dirname(path), 0o700)
+    tmp = path + _TMP
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        safe_unlink(path)
+
+
+def _json(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _parse_map(data: bytes | None) -> dict[str, str] | None:
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in doc.items()):
+        return None
+    return doc

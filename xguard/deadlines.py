@@ -1,0 +1,59 @@
+# -*- test-case-name: tests.unit.test_deadlines -*-
+"""A guest must never wait for xapi's full timeout (SPEC §6): reads and
+writes give upstream a short deadline, then fall back to local state.
+
+:func:`within` waits for a Deferred at most ``seconds``; past it the waiter
+gets a :class:`TransientUpstreamError` but the work is *not* cancelled: an
+upstream call in flight keeps its locks until it resolves, so nothing newer
+can overtake it, and its late result (or failure) is consumed quietly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from .errors import TransientUpstreamError, UpstreamError
+
+__all__ = ["within"]
+
+T = TypeVar("T")
+_log = Logger(namespace="xguard.deadlines")
+
+
+def within(clock: IReactorTime, seconds: float, work: "Deferred[T]",
+           what: str = "upstream") -> "Deferred[T]":
+    """``work``'s result, or a TransientUpstreamError after ``seconds``."""
+    if work.called:
+        return work
+    out: Deferred[T] = Deferred()
+
+    def expire() -> None:
+        if not out.called:
+            out.errback(TransientUpstreamError(
+                ["TIMEOUT", what], f"{what}: no answer within {seconds}s"))
+
+    timer = clock.callLater(seconds, expire)
+
+    def done(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+        if out.called:
+            # Too late: the caller moved on. An upstream error needs no
+            # report (upstream's reachability already noted it); anything
+            # else is a bug and must not vanish.
+            if isinstance(result, Failure) and not result.check(UpstreamError):
+                _log.failure("{what}: late failure after the deadline", result, what=what)
+            return None
+        if isinstance(result, Failure):
+            out.errback(result)
+        else:
+            out.callback(result)
+        return None
+
+    work.addBoth(done)
+    return out

@@ -1,0 +1,77 @@
+# -*- test-case-name: tests.unit.test_reachability -*-
+"""Whether upstream answers, as the calls made to it see it.
+
+One instance per upstream, fed by every call's outcome: any answer (even
+an API error) proves upstream is there; a transient failure (refused,
+timed out, ``HOST_STILL_BOOTING`` …) says it is not. An outage is logged
+once when it starts and once when it ends, at the same level, whoever made
+the calls (domain reads, cache deliveries, the control channel), so a long
+outage writes two lines, not one per retry.
+
+Others subscribe to the transitions: the caches' flushers retry at once
+when upstream answers again, and the last-known-state store drops the
+copies of VMs that stopped during the outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+__all__ = ["Reachability"]
+
+
+class Reachability:
+    """Tri-state: None (no call answered or failed yet), True, False.
+
+    :param clock: timestamps the outage's start.
+    :param target: names upstream in the log lines.
+    """
+
+    log = Logger()
+
+    def __init__(self, clock: IReactorTime, target: str) -> None:
+        self._clock = clock
+        self.target = target
+        self.reachable: bool | None = None
+        #: When the current outage started (None while reachable).
+        self.down_since: float | None = None
+        #: The transient error that started (or last prolonged) the outage.
+        self.last_error: str | None = None
+        self._observers: list[Callable[[bool], None]] = []
+
+    def subscribe(self, observer: Callable[[bool], None]) -> None:
+        """Call ``observer(True)`` when upstream answers again after being
+        down or unknown, ``observer(False)`` when an outage starts."""
+        self._observers.append(observer)
+
+    def answered(self) -> None:
+        """A call got an answer from upstream."""
+        if self.reachable is True:
+            return
+        was_down, since = self.reachable is False, self.down_since
+        self.reachable, self.down_since, self.last_error = True, None, None
+        if was_down and since is not None:
+            self.log.warn("upstream {target} answers again after {seconds:.1f}s",
+                          target=self.target, seconds=self._clock.seconds() - since)
+        self._notify(True)
+
+    def failed(self, error: str) -> None:
+        """A call failed transiently: upstream is not there (or not ready)."""
+        self.last_error = error
+        if self.reachable is False:
+            return
+        self.reachable, self.down_since = False, self._clock.seconds()
+        self.log.warn("upstream {target} unreachable ({error}); VM writes are cached and "
+                      "reads served from the last known state until it answers",
+                      target=self.target, error=error)
+        self._notify(False)
+
+    def _notify(self, up: bool) -> None:
+        for observer in list(self._observers):
+            try:
+                observer(up)
+            except Exception:
+                self.log.failure("reachability observer failed")

@@ -1,0 +1,172 @@
+# -*- test-case-name: tests.unit.test_vtpm_contents -*-
+"""The orchestrator's view of a vTPM (VtpmGetContents/VtpmSetContents),
+ordered with everything else written for that vTPM (SPEC §3, §6 "Order
+across the VM's lifecycle").
+
+xenopsd reads a vTPM when it starts one (to restore it, or to see whether
+it must be manufactured) and writes the whole state when it manufactures,
+restores or stops one; a guest reboot is handled by xenopsd alone, so both
+arrive while xapi restarts and while the cache holds that VM's writes.
+
+- A set is a write of the three keys through the same writer as the swtpm
+  socket's PUTs: newer than every write acknowledged before it, made durable
+  in the cache when upstream is away, and never overtaken by an older
+  cached version.
+- A get is upstream's blob with every pending key overlaid; when upstream
+  does not answer, the VM's last known state with the pending keys
+  overlaid, or the pending keys alone when all three are pending;
+  otherwise a transient error.
+
+The control channel names a vTPM by uuid, the cache and the copies are per
+VM: which VM a vTPM belongs to is learned from upstream (its handle, from
+``VTPM.get_by_uuid``, is the one ``VM.get_VTPMs`` gives for its VM) and kept
+durably with the VM's last known state, so both calls work during an
+outage and after a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .cache.known import KnownState
+from .deadlines import within
+from .errors import (
+    InvalidContents,
+    PermanentUpstreamError,
+    TransientUpstreamError,
+    UpstreamError,
+)
+from .interfaces import IItemWriter, IUpstream
+from .items import VtpmSink
+from .model import TpmKey, TpmState
+
+__all__ = ["VtpmContents", "parse_contents"]
+
+
+def parse_contents(contents: str) -> TpmState:
+    """The orchestrator's contents string as the three keys (xapi's format:
+    one field, a bare permall, or three separated by single spaces)."""
+    if not contents.isascii():
+        raise InvalidContents("vTPM contents must be ASCII")
+    try:
+        return TpmState.deserialize(contents)
+    except ValueError as e:
+        raise InvalidContents(f"vTPM contents are not xapi's format: {e}") from None
+
+
+class VtpmContents:
+    """Answers the orchestrator's vTPM calls.
+
+    :param candidates: VMs whose vTPM may be the one asked for when no
+        mapping is known yet (VMs with a swtpm socket or pending writes).
+    :param deadline: seconds a get waits for upstream before it is answered
+        from local state.
+    """
+
+    log = Logger()
+
+    def __init__(self, upstream: IUpstream, sink: VtpmSink, writer: IItemWriter,
+                 known: KnownState, *, candidates: Callable[[], Iterable[str]],
+                 clock: IReactorTime, deadline: float) -> None:
+        self.upstream = upstream
+        self.sink = sink
+        self.writer = writer
+        self.known = known
+        self.candidates = candidates
+        self.clock = clock
+        self.deadline = deadline
+
+    # -- the calls -------------------------------------------------------------
+    def get(self, vtpm_uuid: str) -> "Deferred[str]":
+        return ensureDeferred(self._get(vtpm_uuid))
+
+    async def _get(self, vtpm_uuid: str) -> str:
+        vm, ref = await self._resolve(vtpm_uuid)
+        if vm is None:
+            # Not a VM xguard serves or holds writes for: nothing to order.
+            assert ref is not None
+            async def read() -> str:
+                return str(await self.upstream.get_vtpm_contents(ref))
+            return await self.sink.locks.run(self.sink.lock_key(ref), read)
+        pending = {key: await self.writer.pending(vm, key) for key in TpmKey}
+        overlay = {key: value.decode("ascii") for key, value in pending.items()
+                   if value is not None}
+        try:
+            contents = await within(self.clock, self.deadline, self.sink.read_contents(vm),
+                                    "vTPM read")
+        except TransientUpstreamError:
+            base = await self.known.tpm(vm)
+            if base is None:
+                if len(overlay) < len(TpmKey):
+                    raise
+                base = TpmState()
+        else:
+            if not overlay:
+                return contents
+            try:
+                base = TpmState.deserialize(contents)
+            except ValueError as e:
+                raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm], str(e)) from None
+        return base.update(overlay).serialize()
+
+    def set(self, vtpm_uuid: str, contents: str) -> "Deferred[None]":
+        return ensureDeferred(self._set(vtpm_uuid, contents))
+
+    async def _set(self, vtpm_uuid: str, contents: str) -> None:
+        state = parse_contents(contents)
+        vm, ref = await self._resolve(vtpm_uuid)
+        if vm is None:
+            assert ref is not None
+            async def write() -> None:
+                await self.upstream.set_vtpm_contents(ref, contents)
+            await self.sink.locks.run(self.sink.lock_key(ref), write)
+            return
+        await self.writer.write_many(
+            vm, {key: state.get(key).encode("ascii") for key in TpmKey})
+
+    def learn(self, vm_uuid: str) -> "Deferred[None]":
+        """A swtpm socket was created for ``vm_uuid``: find its vTPM's
+        handle now, while upstream answers, so the orchestrator's calls can
+        be ordered with this VM's writes even if it is gone later. Best
+        effort: failures are left to later lookups."""
+        async def run() -> None:
+            try:
+                ref = await self.upstream.vtpm_for_vm(vm_uuid)
+            except UpstreamError:
+                return
+            await self.known.record_vtpm_handle(vm_uuid, ref)
+        return ensureDeferred(run())
+
+    # -- which VM ----------------------------------------------------------------
+    async def _resolve(self, vtpm_uuid: str) -> tuple[str | None, str | None]:
+        """(vm, handle) of ``vtpm_uuid``: vm None when no VM of ours has it
+        (then handle is upstream's). Known mappings need no upstream call;
+        otherwise upstream must answer (a transient error if it does not)."""
+        vm = self.known.vm_of_vtpm(vtpm_uuid)
+        if vm is not None:
+            return vm, self.known.vtpm_of_vm(vm)
+        ref = str(await self.upstream.vtpm_by_uuid(vtpm_uuid))
+        vm = self.known.vm_of_handle(ref)
+        if vm is None:
+            vm = await self._search(ref)
+        if vm is not None:
+            await self.known.record_vtpm_uuid(vtpm_uuid, ref)
+        return vm, ref
+
+    async def _search(self, ref: str) -> str | None:
+        """Resolve the vTPM handles of candidate VMs not resolved yet."""
+        for vm in sorted(set(self.candidates())):
+            if self.known.vtpm_of_vm(vm) is not None:
+                continue
+            try:
+                found = str(await self.upstream.vtpm_for_vm(vm))
+            except UpstreamError:
+                continue
+            await self.known.record_vtpm_handle(vm, found)
+            if found == ref:
+                return vm
+        return None
