@@ -36,7 +36,8 @@ class FakeUpstream:
     description = "fake upstream"
 
     def __init__(self, clock: Any = None) -> None:
-        self.reachability = Reachability(clock or Clock(), self.description)
+        self._clock = clock or Clock()
+        self.reachability = Reachability(self._clock, self.description)
         self.vms: dict[str, dict[str, Any]] = {}
         self.vtpms: dict[str, str] = {}
         self.messages: list[tuple[str, str, int, str]] = []
@@ -49,6 +50,12 @@ class FakeUpstream:
         self.closed = False
 
     # -- scripting ---------------------------------------------------------
+    def new_client(self) -> None:
+        """The daemon restarted: its client starts afresh (reachability
+        unknown, no timers); the store itself keeps everything."""
+        self.reachability.stop()
+        self.reachability = Reachability(self._clock, self.description)
+
     def add_vm(self, vm_uuid: str, *, vtpm: bool = True, nvram: dict[str, str] | None = None,
                sb_state: str = "ok") -> str | None:
         vtpm_uuid = str(_uuid.uuid4()) if vtpm else None
@@ -243,3 +250,6 @@ class PendingWriter:
 
     def has_pending(self, vm_uuid: str) -> bool:
         return any(vm == vm_uuid for vm, _ in self.items)
+
+    def pending_vms(self) -> set[str]:
+        return {vm for vm, _ in self.items}

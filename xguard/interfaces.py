@@ -100,6 +100,9 @@ class IItemWriter(Interface):
     def has_pending(vm_uuid):  # type: ignore[no-untyped-def]
         """bool: whether any write of the VM awaits delivery."""
 
+    def pending_vms():  # type: ignore[no-untyped-def]
+        """set[str]: the VMs with writes awaiting delivery."""
+
 
 class ISocketRegistry(Interface):
     """The per-VM domain sockets and the active-sockets file."""

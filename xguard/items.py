@@ -175,6 +175,9 @@ class DirectWriter:
     def has_pending(self, vm_uuid: str) -> bool:
         return False
 
+    def pending_vms(self) -> set[str]:
+        return set()
+
 
 class TpmStore:
     """The swtpm socket's view of its VM's vTPM keys.

@@ -150,9 +150,7 @@ class XguardService(Service):
         registry = self.registry
         vtpms = VtpmContents(
             upstream, vtpm_sink, swtpm_writer, self.known,
-            candidates=lambda: registry.vms(Kind.SWTPM) | {
-                item.vm for item in (self.caches[Kind.SWTPM].pending_items()
-                                     if Kind.SWTPM in self.caches else [])},
+            candidates=lambda: registry.vms(Kind.SWTPM),
             clock=self.reactor, deadline=deadline)
         self.control_port = await self._listen_control(
             control_factory(registry=self.registry, vtpms=vtpms, status=self.status))

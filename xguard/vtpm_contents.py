@@ -34,12 +34,7 @@ from twisted.logger import Logger
 
 from .cache.known import KnownState
 from .deadlines import within
-from .errors import (
-    InvalidContents,
-    PermanentUpstreamError,
-    TransientUpstreamError,
-    UpstreamError,
-)
+from .errors import InvalidContents, PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from .interfaces import IItemWriter, IUpstream
 from .items import VtpmSink
 from .model import TpmKey, TpmState
@@ -62,7 +57,8 @@ class VtpmContents:
     """Answers the orchestrator's vTPM calls.
 
     :param candidates: VMs whose vTPM may be the one asked for when no
-        mapping is known yet (VMs with a swtpm socket or pending writes).
+        mapping is known yet (VMs with a swtpm socket); VMs with pending
+        writes are always candidates.
     :param deadline: seconds a get waits for upstream before it is answered
         from local state.
     """
@@ -158,13 +154,23 @@ class VtpmContents:
         return vm, ref
 
     async def _search(self, ref: str) -> str | None:
-        """Resolve the vTPM handles of candidate VMs not resolved yet."""
-        for vm in sorted(set(self.candidates())):
+        """Resolve the vTPM handles of candidate VMs not resolved yet.
+
+        A VM with pending writes must be found if it owns the vTPM, or its
+        older writes would land after this call: a transient failure to
+        look one up fails the call (retried by the orchestrator), and only
+        upstream's word that a VM has no such vTPM rules it out."""
+        pending = self.writer.pending_vms()
+        for vm in sorted(set(self.candidates()) | pending):
             if self.known.vtpm_of_vm(vm) is not None:
                 continue
             try:
                 found = str(await self.upstream.vtpm_for_vm(vm))
-            except UpstreamError:
+            except PermanentUpstreamError:
+                continue
+            except TransientUpstreamError:
+                if vm in pending:
+                    raise
                 continue
             await self.known.record_vtpm_handle(vm, found)
             if found == ref:

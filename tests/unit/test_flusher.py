@@ -62,8 +62,10 @@ class FlusherTests(SynchronousTestCase):
             self.env.clock.advance(0.5)  # backoff grows to 8 s and more
         up.down = False
         self.successResultOf(up.get_nvram(VM2))  # someone's call succeeds
+        self.env.clock.advance(up.reachability.settle)  # and nothing fails meanwhile
         self.env.clock.advance(0.5)
         self.assertEqual(self.env.tpm(VM1), "a")
+        self.env.settle()
 
     def test_a_bug_never_quarantines(self) -> None:
         """Only upstream's refusals quarantine: an unexpected exception is a

@@ -36,12 +36,30 @@ class ReachabilityTests(SynchronousTestCase):
         self.assertEqual(self.r.last_error, "CONNECTION_REFUSED")
         for _ in range(3):
             self.r.answered()
+        self.assertEqual(self.seen, [True, False])  # not yet: it must stay up a while
+        self.clock.advance(2)
         self.assertEqual(self.seen, [True, False, True])
         start, end = self.events
         self.assertEqual(start["log_level"], end["log_level"])
         self.assertEqual(end["seconds"], 5.0)
         self.assertIsNone(self.r.last_error)
         self.assertIsNone(self.r.down_since)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_answers_mixed_with_failures_are_still_an_outage(self) -> None:
+        """xapi answers reads but refuses writes (HOST_STILL_BOOTING on
+        VTPM.set_contents): no "answers again" line at every retry."""
+        self.r.failed("CONNECTION_REFUSED")
+        for _ in range(10):
+            self.r.answered()  # VTPM.get_contents
+            self.clock.advance(0.01)
+            self.r.failed("HOST_STILL_BOOTING")  # VTPM.set_contents
+            self.clock.advance(1.5)
+        self.assertEqual(self.seen, [False])
+        self.assertEqual(len(self.events), 1)
+        self.assertEqual(self.r.last_error, "HOST_STILL_BOOTING")
+        self.r.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_unknown_until_a_call_tells(self) -> None:
         self.assertIsNone(self.r.reachable)

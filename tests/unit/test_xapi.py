@@ -190,7 +190,12 @@ class XapiUpstreamTests(SynchronousTestCase):
         self.clock = Clock()
         self.up = XapiUpstream(self.clock, HTTPClient(self.agent), "http://xapi/jsonrpc",
                                timeout=10)
-        self.addCleanup(lambda: self.assertEqual(self.clock.getDelayedCalls(), []))
+        self.addCleanup(self.no_call_timers)
+
+    def no_call_timers(self) -> None:
+        """No call left a timer behind (reachability's own timer aside)."""
+        self.up.reachability.stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def failure_codes(self, d: Any, kind: type) -> list[str]:
         return self.failureResultOf(d, kind).value.codes
@@ -416,6 +421,7 @@ class ConcurrencyTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(second), {})
         third = up.get_nvram(VM)
         self.assertEqual(self.successResultOf(third), {})
+        up.reachability.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_concurrent_lookups_of_one_vm_share_one_call(self) -> None:
@@ -456,6 +462,7 @@ class ConcurrencyTests(SynchronousTestCase):
         self.failureResultOf(first, TransientUpstreamError)
         self.assertEqual(xapi.count("VM.get_NVRAM"), 2)  # the cancelled one never went
         self.assertEqual(self.successResultOf(up.get_nvram(VM)), {})
+        up.reachability.stop()
         self.assertEqual(clock.getDelayedCalls(), [])
 
 

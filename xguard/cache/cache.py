@@ -190,6 +190,9 @@ class WriteBackCache:
     def has_pending(self, vm_uuid: str) -> bool:
         return any(item.vm == vm_uuid for item in self.index)
 
+    def pending_vms(self) -> set[str]:
+        return {item.vm for item in self.index}
+
     def _stamp(self, item: Item) -> Version:
         """Strictly increasing per item, and later than anything recovered."""
         ts = max(self.monotonic_ns(), self._last_ts.get(item, 0) + 1)

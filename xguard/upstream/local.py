@@ -273,6 +273,8 @@ class LocalStore:
                 "schema_version": SCHEMA_VERSION}
 
     def close(self) -> Deferred[None]:
+        self.reachability.stop()
+
         def work() -> None:
             conn, self._conn, self._closed = self._conn, None, True
             if conn is not None:

@@ -8,6 +8,11 @@ once when it starts and once when it ends, at the same level, whoever made
 the calls (domain reads, cache deliveries, the control channel), so a long
 outage writes two lines, not one per retry.
 
+An outage ends once upstream has answered and then not failed for
+``settle`` seconds: an xapi that answers reads but still refuses writes
+(``HOST_STILL_BOOTING`` on some calls) is not "back", and must not flap
+the log at every retry.
+
 Others subscribe to the transitions: the caches' flushers retry at once
 when upstream answers again, and the last-known-state store drops the
 copies of VMs that stopped during the outage.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 __all__ = ["Reachability"]
@@ -26,15 +31,20 @@ __all__ = ["Reachability"]
 class Reachability:
     """Tri-state: None (no call answered or failed yet), True, False.
 
-    :param clock: timestamps the outage's start.
+    :param clock: timestamps the outage's start, times ``settle``.
     :param target: names upstream in the log lines.
+    :param settle: seconds without a failure, after an answer, that end an
+        outage.
     """
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, target: str) -> None:
+    def __init__(self, clock: IReactorTime, target: str, *, settle: float = 2.0) -> None:
         self._clock = clock
         self.target = target
+        self.settle = settle
+        self._last_failure = 0.0
+        self._check: IDelayedCall | None = None
         self.reachable: bool | None = None
         #: When the current outage started (None while reachable).
         self.down_since: float | None = None
@@ -49,21 +59,37 @@ class Reachability:
 
     def answered(self) -> None:
         """A call got an answer from upstream."""
-        if self.reachable is True:
-            return
-        was_down, since = self.reachable is False, self.down_since
+        if self.reachable is None:
+            self.reachable = True
+            self._notify(True)
+        elif self.reachable is False and self._check is None:
+            self._check = self._clock.callLater(self.settle, self._settled,
+                                                self._clock.seconds())
+
+    def _settled(self, answered_at: float) -> None:
+        self._check = None
+        if self.reachable is not False or self._last_failure > answered_at:
+            return  # it failed again since that answer: still down
+        since = self.down_since
         self.reachable, self.down_since, self.last_error = True, None, None
-        if was_down and since is not None:
+        if since is not None:
             self.log.warn("upstream {target} answers again after {seconds:.1f}s",
-                          target=self.target, seconds=self._clock.seconds() - since)
+                          target=self.target, seconds=answered_at - since)
         self._notify(True)
+
+    def stop(self) -> None:
+        """No more timers (the daemon stops)."""
+        if self._check is not None and self._check.active():
+            self._check.cancel()
+        self._check = None
 
     def failed(self, error: str) -> None:
         """A call failed transiently: upstream is not there (or not ready)."""
         self.last_error = error
+        self._last_failure = self._clock.seconds()
         if self.reachable is False:
             return
-        self.reachable, self.down_since = False, self._clock.seconds()
+        self.reachable, self.down_since = False, self._last_failure
         self.log.warn("upstream {target} unreachable ({error}); VM writes are cached and "
                       "reads served from the last known state until it answers",
                       target=self.target, error=error)

@@ -408,6 +408,7 @@ class XapiUpstream:
     def close(self) -> Deferred[None]:
         """Close kept-alive connections (the session is left to expire:
         logging out would need xapi, which may be gone)."""
+        self.reachability.stop()
         if self._pool is None:
             return succeed(None)
         return self._pool.closeCachedConnections().addCallback(_none)
