@@ -35,7 +35,8 @@ class Options(usage.Options):
         ["local-store", None, None, "Use the embedded SQLite store at PATH as upstream."],
         ["state-dir", None, DEFAULT_STATE_DIR, "Disk cache root (and default local store)."],
         ["sockets-file", None, DEFAULT_SOCKETS_FILE, "The list of active domain sockets."],
-        ["control", None, DEFAULT_CONTROL, "Control channel server endpoint description."],
+        ["control", None, DEFAULT_CONTROL, "Control channel: a UNIX socket endpoint "
+         "(unix:PATH), served to root only."],
         ["queue-size", None, "512", "Bound of each cache queue."],
         ["xapi-timeout", None, "120", "Seconds before an upstream call times out."],
         ["log-level", None, "info", "debug, info, warn or error."],
