@@ -68,9 +68,17 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Build (not start) the daemon for the running reactor."""
+    """Build (not start) the daemon for the running reactor. Under twistd
+    (``options.parent`` is twistd's own options) it also chooses where the
+    log goes; see :mod:`xguard.logconfig`."""
     from twisted.internet import reactor
 
+    from .logconfig import observer_for
     from .service import build_service
 
-    return build_service(options.config, reactor)
+    service = build_service(options.config, reactor)
+    twistd = getattr(options, "parent", None)
+    if twistd is not None:
+        service.log_observer = observer_for(twistd, options.config.log_level,
+                                            call_from_thread=reactor.callFromThread)
+    return service
