@@ -284,6 +284,8 @@ class _ControlFactory(ServerFactory):
     """
 
     log = Logger()
+    #: "xguard ready" says the channel is up; no "Starting factory" lines.
+    noisy = False
 
     def __init__(self, locator: ControlLocator,
                  peer_credentials: Callable[[ITransport], tuple[int, int] | None]
