@@ -184,8 +184,20 @@ def stream_is_journal(stream: IO[str], environ: Mapping[str, str]) -> bool:
 _PORT_CHATTER = re.compile(r"\S+ starting on .+|\(UNIX Port .+ Closed\)|\(TCP Port .+ Closed\)")
 
 
-def _is_port_chatter(event: LogEvent) -> bool:
-    if event.get("log_namespace") != "log_legacy":
+#: AMP logs every connection's start and end: two lines per xguard-ctl
+#: call, or per orchestrator command.
+_AMP_CHATTER = frozenset({
+    "{cls} connection established (HOST:{host} PEER:{peer})",
+    "{cls} connection lost (HOST:{host} PEER:{peer})",
+})
+
+
+def _is_chatter(event: LogEvent) -> bool:
+    """Twisted's routine per-port and per-connection lines."""
+    namespace = event.get("log_namespace")
+    if namespace == "twisted.protocols.amp":
+        return event.get("log_format") in _AMP_CHATTER
+    if namespace != "log_legacy":
         return False
     message = event.get("message")
     return (isinstance(message, tuple) and len(message) == 1 and isinstance(message[0], str)
@@ -193,24 +205,25 @@ def _is_port_chatter(event: LogEvent) -> bool:
 
 
 @implementer(ILogObserver)
-class _DemotePortChatter:
-    """Passes events on, Twisted's per-port start/stop lines as debug (a
-    copy: other observers see the event unchanged)."""
+class _DemoteChatter:
+    """Passes events on, Twisted's routine per-port and per-connection lines
+    as debug (a copy: other observers see the event unchanged)."""
 
     def __init__(self, observer: ILogObserver) -> None:
         self._observer = observer
 
     def __call__(self, event: LogEvent) -> None:
-        if _is_port_chatter(event) and event.get("log_level") == LogLevel.info:
+        if _is_chatter(event) and event.get("log_level") == LogLevel.info:
             event = dict(event, log_level=LogLevel.debug)
         self._observer(event)
 
 
 def level_filter(observer: ILogObserver, level: str) -> ILogObserver:
     """``observer`` behind the ``--log-level`` filter (``level`` and above
-    pass), with port chatter demoted to debug first."""
+    pass), with Twisted's port and connection chatter demoted to debug
+    first."""
     predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    return _DemotePortChatter(FilteringLogObserver(observer, [predicate]))
+    return _DemoteChatter(FilteringLogObserver(observer, [predicate]))
 
 
 @implementer(ILogObserver)

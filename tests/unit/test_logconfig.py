@@ -234,3 +234,19 @@ async def test_port_chatter_is_debug(captured: list[dict[str, Any]], short_tmp: 
     assert at_info == []
     assert [e["log_level"] for e in at_debug] == [LogLevel.debug, LogLevel.debug]
     assert all(e["log_level"] == LogLevel.info for e in chatter)  # others see them unchanged
+
+
+def test_amp_connection_chatter_is_debug(captured: list[dict[str, Any]]) -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.internet.testing import StringTransport
+    from twisted.protocols import amp
+
+    protocol = amp.AMP()
+    protocol.makeConnection(StringTransport())
+    protocol.connectionLost(Failure(ConnectionDone()))
+    chatter = [e for e in captured if e.get("log_namespace") == "twisted.protocols.amp"]
+    assert len(chatter) == 2, captured
+    at_info: list[dict[str, Any]] = []
+    for event in chatter:
+        level_filter(at_info.append, "info")(event)
+    assert at_info == []
