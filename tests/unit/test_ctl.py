@@ -9,7 +9,7 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -295,14 +295,14 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(lines[2].split(), ["Varstored", "-", "-", "-", "-", "-", "-", "-"])
 
     def test_status_outage_in_human_time(self) -> None:
-        since = datetime(2026, 11, 28, 14, 2, 11, tzinfo=timezone.utc).timestamp()
+        since = datetime(2026, 11, 28, 14, 2, 11, tzinfo=UTC).timestamp()
         document = {
             "upstream": {"target": "xapi", "reachable": False, "last_error": "refused"},
             "services": {"Swtpm": {"mode": "Engaged", "queue_depth": 1, "pending": 7,
                                    "quarantined": 0, "outage_since": since,
                                    "last_error": "CONNECTION_REFUSED"}},
         }
-        text = format_status(document, now=since + 192, tz=timezone.utc)
+        text = format_status(document, now=since + 192, tz=UTC)
         self.assertIn("down for 3m12s, since 14:02:11", text)
         self.assertNotIn(str(since), text)
         self.assertIn("Swtpm last error: CONNECTION_REFUSED", text)
@@ -311,8 +311,8 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("unreachable", varstored)
         # another day: the date is shown; no clock: the start only
         self.assertIn("since 2026-11-28 14:02:11",
-                      format_status(document, now=since + 86400 * 2, tz=timezone.utc))
-        self.assertIn("down since 2026-11-28 14:02:11", format_status(document, tz=timezone.utc))
+                      format_status(document, now=since + 86400 * 2, tz=UTC))
+        self.assertIn("down since 2026-11-28 14:02:11", format_status(document, tz=UTC))
 
     def test_durations(self) -> None:
         self.assertEqual([duration(s) for s in (0, 45, 192, 3600 * 2 + 300, 86400 + 3 * 3600,
