@@ -41,15 +41,17 @@ def _as_uid(uid: int, path: str) -> str:
             except PermissionError:
                 outcome = "EACCES"
             else:
-                s.sendall(STATUS_BOX)
                 data = b""
                 try:
+                    s.sendall(STATUS_BOX)
                     while chunk := s.recv(65536):
                         data += chunk
                         if b"_answer" in data:
                             break
-                except ConnectionResetError:
-                    pass  # closed unread: the kernel resets instead of a FIN
+                except (BrokenPipeError, ConnectionResetError):
+                    # Closed before or after the request was sent; unread
+                    # data makes the kernel reset instead of a FIN.
+                    pass
                 outcome = "answered" if b"_answer" in data else f"closed after {len(data)} bytes"
         except BaseException as e:  # report, never return into pytest
             outcome = f"error {e!r}"
