@@ -25,6 +25,8 @@ KNOBS_ENV = "XGUARD_INTERNAL_KNOBS"
 KNOBS = frozenset({"serial", "no-coalesce", "no-handle-cache"})
 DEFAULT_SOCKETS_FILE = "/run/nonpersistent/varstored-guard-active.json"
 DEFAULT_CONTROL = "unix:/run/xguard/control.sock"
+#: sun_path holds 108 bytes with the terminating NUL (Linux).
+MAX_SOCKET_PATH = 107
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -43,6 +45,33 @@ def _upstream_target(_: object, __: attrs.Attribute[Any], value: str | None) -> 
                          f"got {value!r}")
 
 
+def unix_endpoint_path(description: str) -> str | None:
+    """The socket file of a Twisted ``unix:`` server endpoint description
+    (``unix:PATH[:mode=…]`` or ``unix:address=PATH[:…]``); None for any
+    other kind of endpoint."""
+    if not description.startswith("unix:"):
+        return None
+    first = description[len("unix:"):].split(":")[0]
+    return first[len("address="):] if first.startswith("address=") else first
+
+
+def _control_endpoint(_: object, __: attrs.Attribute[Any], value: str) -> None:
+    """The control channel is unrestricted (any VM's sockets and vTPM), so
+    it must be root's alone: only a UNIX socket can be made 0600 and tell
+    who connects (SO_PEERCRED). A TCP (or any other) endpoint would answer
+    every local user, so it is refused here rather than at first use."""
+    path = unix_endpoint_path(value)
+    if path is None:
+        raise ValueError(
+            f"--control must be a UNIX socket endpoint such as {DEFAULT_CONTROL} "
+            f"(the control channel is unrestricted, so it is root-only), got {value!r}")
+    if not os.path.isabs(path):
+        raise ValueError(f"--control needs an absolute socket path, got {value!r}")
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(f"--control socket path {path} is longer than "
+                         f"{MAX_SOCKET_PATH} bytes")
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Everything the daemon needs to know at start-up."""
@@ -51,7 +80,7 @@ class Config:
     local_store: str | None = None
     state_dir: str = DEFAULT_STATE_DIR
     sockets_file: str = DEFAULT_SOCKETS_FILE
-    control: str = DEFAULT_CONTROL
+    control: str = attrs.field(default=DEFAULT_CONTROL, validator=_control_endpoint)
     queue_size: int = attrs.field(default=512, validator=_positive)
     xapi_timeout: float = attrs.field(default=120.0, validator=_positive)
     log_level: str = attrs.field(default="info", validator=attrs.validators.in_(LOG_LEVELS))
@@ -79,10 +108,9 @@ class Config:
 
     @property
     def control_path(self) -> str | None:
-        """The control socket's file when ``--control`` is a UNIX endpoint."""
-        if not self.control.startswith("unix:"):
-            return None
-        return self.control[len("unix:"):].split(":")[0]
+        """The control socket's file (``--control`` is always a UNIX endpoint;
+        the type stays optional for callers written before that)."""
+        return unix_endpoint_path(self.control)
 
     @property
     def store_path(self) -> str | None:

@@ -24,7 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger, globalLogPublisher
+from twisted.logger import ILogObserver, Logger
 from twisted.python.threadpool import ThreadPool
 from twisted.web.server import Site
 
@@ -41,7 +41,7 @@ from .durable import makedirs
 from .interfaces import IItemSink, IItemWriter, IUpstream
 from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
 from .locks import KeyedLocks
-from .logconfig import apply_log_level
+from .logconfig import attach as attach_log_observer
 from .memory import IdleTrimmer
 from .model import Service as Kind
 from .upstream.local import local_store
@@ -61,6 +61,9 @@ class XguardService(Service):
 
     log = Logger()
     name = "xguard"
+    #: The observer twistd is to log to (--log-level, syslog/journald
+    #: severities), set by xguard.tap; see xguard.logconfig.
+    log_observer: ILogObserver | None = None
 
     def __init__(self, config: Config, reactor: Any,
                  monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
@@ -74,7 +77,6 @@ class XguardService(Service):
         self._writers: list[IItemWriter] = []
         self.control_port: IListeningPort | None = None
         self._pool: ThreadPool | None = None
-        self._undo_log_level: Callable[[], None] | None = None
         self._instance_lock: int | None = None
         self._started: Deferred[None] | None = None
         self.ready = False
@@ -82,8 +84,12 @@ class XguardService(Service):
         self._trimmer: IdleTrimmer | None = None
 
     # -- start ---------------------------------------------------------------
+    def setServiceParent(self, parent: Any) -> None:
+        if self.log_observer is not None:
+            attach_log_observer(parent, self.log_observer)
+        super().setServiceParent(parent)
+
     def privilegedStartService(self) -> None:
-        self._undo_log_level = apply_log_level(globalLogPublisher, self.config.log_level)
         rlimits.raise_nofile()
         super().privilegedStartService()
 
@@ -309,8 +315,6 @@ class XguardService(Service):
             os.close(self._instance_lock)  # releases the flock
             self._instance_lock = None
         self.log.info("xguard stopped")
-        if self._undo_log_level is not None:
-            self._undo_log_level()
 
 
 def _lock_instance(path: str) -> int:

@@ -35,7 +35,8 @@ class Options(usage.Options):
         ["local-store", None, None, "Use the embedded SQLite store at PATH as upstream."],
         ["state-dir", None, DEFAULT_STATE_DIR, "Disk cache root (and default local store)."],
         ["sockets-file", None, DEFAULT_SOCKETS_FILE, "The list of active domain sockets."],
-        ["control", None, DEFAULT_CONTROL, "Control channel server endpoint description."],
+        ["control", None, DEFAULT_CONTROL, "Control channel: a UNIX socket endpoint "
+         "(unix:PATH), served to root only."],
         ["queue-size", None, "512", "Bound of each cache queue."],
         ["xapi-timeout", None, "120", "Seconds before an upstream call times out."],
         ["log-level", None, "info", "debug, info, warn or error."],
@@ -67,9 +68,17 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> IService:
-    """Build (not start) the daemon for the running reactor."""
+    """Build (not start) the daemon for the running reactor. Under twistd
+    (``options.parent`` is twistd's own options) it also chooses where the
+    log goes; see :mod:`xguard.logconfig`."""
     from twisted.internet import reactor
 
+    from .logconfig import observer_for
     from .service import build_service
 
-    return build_service(options.config, reactor)
+    service = build_service(options.config, reactor)
+    twistd = getattr(options, "parent", None)
+    if twistd is not None:
+        service.log_observer = observer_for(twistd, options.config.log_level,
+                                            call_from_thread=reactor.callFromThread)
+    return service

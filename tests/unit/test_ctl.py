@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, fail, succeed
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.test import iosim
@@ -20,7 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import FakeUpstream, StoreKit
 from tests.unit.test_control import VM, MemoryRegistry
-from xguard.control.ctl import DEFAULT_CONTROL, format_sockets, format_status, run
+from xguard.control.ctl import DEFAULT_CONTROL, duration, format_sockets, format_status, run
 from xguard.control.server import control_factory
 from xguard.model import Service
 
@@ -144,6 +147,14 @@ class CommandTests(CtlTestCase):
         self.assertEqual(json.loads(out), [{"path": "/run/t.sock", "vm_uuid": VM, "gid": 108,
                                             "service": "Swtpm"}])
 
+    def test_json_is_one_line_for_every_command(self) -> None:
+        self.ctl("vtpm_create", "dbg", VM, "108", "/run/t.sock")
+        for command in ("list", "status"):
+            code, out, _ = self.ctl(command, "--json")
+            self.assertEqual((code, out.count("\n")), (0, 1), out)
+            self.assertTrue(out.endswith("\n"))
+            json.loads(out)
+
     def test_status_json_is_the_raw_document(self) -> None:
         code, out, _ = self.ctl("status", "--json")
         self.assertEqual((code, json.loads(out)), (0, self.status))
@@ -152,11 +163,12 @@ class CommandTests(CtlTestCase):
         code, out, _ = self.ctl("status")
         self.assertEqual(code, 0)
         rows = {line.split()[0]: line.split() for line in out.splitlines()}
-        self.assertEqual(rows["SERVICE"], ["SERVICE", "MODE", "QUEUE", "PENDING",
+        self.assertEqual(rows["SERVICE"], ["SERVICE", "MODE", "CACHE", "QUEUE", "PENDING",
                                            "QUARANTINED", "UPSTREAM", "SOCKETS"])
-        self.assertEqual(rows["Swtpm"], ["Swtpm", "Engaged", "4", "3", "2", "reachable", "2"])
-        self.assertEqual(rows["Varstored"], ["Varstored", "Direct", "0", "0", "0", "reachable",
-                                             "3"])
+        self.assertEqual(rows["Swtpm"], ["Swtpm", "Engaged", "-", "4", "3", "2", "reachable",
+                                         "2"])
+        self.assertEqual(rows["Varstored"], ["Varstored", "Direct", "-", "0", "0", "0",
+                                             "reachable", "3"])
         self.assertIn("xapi unix:/var/lib/xcp/xapi", out)
 
 
@@ -182,15 +194,61 @@ class ControlPathTests(CtlTestCase):
                 connect=refuse)
         self.assertEqual(self.successResultOf(d), 1)
         self.assertIn("cannot reach xguard at /tmp/gone.sock", err.getvalue())
-        self.assertIn("no one home", err.getvalue())
+        self.assertIn("is xguard running?", err.getvalue())
+
+    def failing_connect(self, error: Exception) -> tuple[int, str]:
+        def connect(reactor: Any, path: str) -> "Deferred[amp.AMP]":
+            return fail(error)
+        out, err = io.StringIO(), io.StringIO()
+        d = run(Clock(), ["--control", "/run/x.sock", "status"], out, err, environ={},
+                connect=connect)
+        return self.successResultOf(d), err.getvalue()
+
+    def test_daemon_not_running_hints(self) -> None:
+        # The errors UNIXClientEndpoint fails with (twisted.internet.error.getConnectError).
+        for error, reason in [(ConnectError(errno.ENOENT, "No such file or directory"),
+                               "no such socket"),
+                              (ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+                               "connection refused")]:
+            code, err = self.failing_connect(error)
+            self.assertEqual(code, 1)
+            self.assertEqual(err.count("\n"), 1, err)
+            self.assertIn(f"cannot reach xguard at /run/x.sock: {reason}", err)
+            self.assertIn("is xguard running?", err)
+            self.assertIn("--control PATH", err)
+            self.assertNotIn("Errno", err)
+
+    def test_permission_denied_hint(self) -> None:
+        code, err = self.failing_connect(ConnectError(errno.EACCES, "Permission denied"))
+        self.assertEqual(code, 1)
+        self.assertIn("the control socket is root-only; run as root", err)
 
     def test_connection_lost_mid_command(self) -> None:
         out, err = io.StringIO(), io.StringIO()
-        d = run(Clock(), ["list"], out, err, environ={}, connect=self.connect)
+        d = run(Clock(), ["list"], out, err, environ={}, connect=self.connect, euid=0)
         self.servers[-1].transport.loseConnection()
         self.flush()
         self.assertEqual(self.successResultOf(d), 1)
-        self.assertIn("lost the connection", err.getvalue())
+        self.assertIn("closed the connection", err.getvalue())
+        self.assertNotIn("root", err.getvalue())
+
+    def test_closed_on_a_non_root_user_says_why(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        d = run(Clock(), ["list"], out, err, environ={}, connect=self.connect, euid=1000)
+        self.servers[-1].transport.loseConnection()
+        self.flush()
+        self.assertEqual(self.successResultOf(d), 1)
+        self.assertIn("serves root only; run as root", err.getvalue())
+
+    def test_options_after_the_command(self) -> None:
+        self.assertEqual(self.ctl("status", "--control", "/tmp/after.sock")[0], 0)
+        self.assertEqual(self.ctl("list", "--json", "-c", "unix:/tmp/c.sock")[0], 0)
+        self.assertEqual(self.ctl("vtpm_get_contents", "--control", "/tmp/g.sock", "d",
+                                  self.vtpm)[0], 0)
+        # after the command wins over before it, as the nearer one
+        self.ctl("--control", "/tmp/before.sock", "list", "--control", "/tmp/near.sock")
+        self.assertEqual(self.connected_to, ["/tmp/after.sock", "/tmp/c.sock", "/tmp/g.sock",
+                                             "/tmp/near.sock"])
 
 
 class UsageTests(CtlTestCase):
@@ -232,24 +290,58 @@ class UsageTests(CtlTestCase):
 class FormatTests(SynchronousTestCase):
     def test_status_missing_fields_show_dash(self) -> None:
         lines = format_status({}).splitlines()
-        self.assertEqual(lines[1].split(), ["Swtpm", "-", "-", "-", "-", "-", "-"])
-        self.assertEqual(lines[2].split(), ["Varstored", "-", "-", "-", "-", "-", "-"])
+        self.assertEqual(lines[1].split(), ["Swtpm", "-", "-", "-", "-", "-", "-", "-"])
+        self.assertEqual(lines[2].split(), ["Varstored", "-", "-", "-", "-", "-", "-", "-"])
 
-    def test_status_outage_and_errors(self) -> None:
-        text = format_status({
+    def test_status_outage_in_human_time(self) -> None:
+        since = datetime(2026, 11, 28, 14, 2, 11, tzinfo=UTC).timestamp()
+        document = {
             "upstream": {"target": "xapi", "reachable": False, "last_error": "refused"},
             "services": {"Swtpm": {"mode": "Engaged", "queue_depth": 1, "pending": 7,
-                                   "quarantined": 0, "outage_since": 12.5,
+                                   "quarantined": 0, "outage_since": since,
                                    "last_error": "CONNECTION_REFUSED"}},
-        })
-        self.assertIn("down since 12.5", text)
+        }
+        text = format_status(document, now=since + 192, tz=UTC)
+        self.assertIn("down for 3m12s, since 14:02:11", text)
+        self.assertNotIn(str(since), text)
         self.assertIn("Swtpm last error: CONNECTION_REFUSED", text)
+        self.assertIn("upstream last error: refused", text)
         varstored = [line for line in text.splitlines() if line.startswith("Varstored")][0]
         self.assertIn("unreachable", varstored)
+        # another day: the date is shown; no clock: the start only
+        self.assertIn("since 2026-11-28 14:02:11",
+                      format_status(document, now=since + 86400 * 2, tz=UTC))
+        self.assertIn("down since 2026-11-28 14:02:11", format_status(document, tz=UTC))
+
+    def test_durations(self) -> None:
+        self.assertEqual([duration(s) for s in (0, 45, 192, 3600 * 2 + 300, 86400 + 3 * 3600,
+                                                -5)],
+                         ["0s", "45s", "3m12s", "2h05m", "1d03h", "0s"])
+
+    def test_errors_hidden_once_recovered(self) -> None:
+        text = format_status({
+            "upstream": {"target": "xapi", "reachable": True, "last_error": "refused"},
+            "services": {"Swtpm": {"mode": "Direct", "outage_since": None,
+                                   "last_error": "CONNECTION_REFUSED"}},
+        })
+        self.assertNotIn("error", text)
+
+    def test_fault_switch_shown(self) -> None:
+        text = format_status({"cache_enabled": False,
+                              "services": {"Swtpm": {"mode": "Direct", "enabled": False},
+                                           "Varstored": {"mode": "Direct", "enabled": False}}})
+        self.assertIn("cache: OFF", text)
+        self.assertIn("/tmp/fist_disable_xapi_guard_cache", text)
+        rows = {line.split()[0]: line.split() for line in text.splitlines()[1:]}
+        self.assertEqual(rows["Swtpm"][2], "OFF")
+        on = format_status({"cache_enabled": True,
+                            "services": {"Swtpm": {"mode": "Direct", "enabled": True}}})
+        self.assertIn("cache: on", on)
+        self.assertEqual(on.splitlines()[2].split()[2], "on")
 
     def test_pending_lists_per_vm(self) -> None:
         text = format_status({"services": {"Swtpm": {"pending": {"a": [1, 2], "b": [3]}}}})
-        self.assertEqual(text.splitlines()[1].split()[3], "3")
+        self.assertEqual(text.splitlines()[1].split()[4], "3")
 
     def test_sockets_empty(self) -> None:
         self.assertEqual(format_sockets([]).split(), ["SERVICE", "VM_UUID", "GID", "PATH"])
@@ -290,7 +382,22 @@ async def test_real_unreachable_socket(short_tmp: str) -> None:
     out, err = io.StringIO(), io.StringIO()
     code = await run(reactor, ["--control", path, "list"], out, err, environ={})
     assert code == 1
-    assert f"cannot reach xguard at {path}" in err.getvalue()
+    assert f"cannot reach xguard at {path}: no such socket; is xguard running?" in err.getvalue()
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_refused_socket(short_tmp: str) -> None:
+    """A socket file nobody listens on (a daemon that died) is refused."""
+    from twisted.internet import reactor
+
+    path = os.path.join(short_tmp, "dead.sock")
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(path)
+    dead.close()
+    out, err = io.StringIO(), io.StringIO()
+    code = await run(reactor, ["list", "--control", path], out, err, environ={})
+    assert code == 1
+    assert f"cannot reach xguard at {path}: connection refused" in err.getvalue()
 
 
 @pytest.mark.parametrize("argv, code, needle", [

@@ -79,4 +79,4 @@ class ControlPathTests(SynchronousTestCase):
     def test_unix_endpoint_path(self) -> None:
         self.assertEqual(Config(control="unix:/run/x/c.sock:mode=600").control_path,
                          "/run/x/c.sock")
-        self.assertIsNone(Config(control="tcp:9999:interface=127.0.0.1").control_path)
+        self.assertRaises(ValueError, Config, control="tcp:9999:interface=127.0.0.1")

@@ -3,23 +3,31 @@
 upstream daemon's command names.
 
 Exit status: 0 on success; 1 when the daemon answered with an error or
-could not be reached (the reason on stderr); 2 on usage errors. The core,
+could not be reached (the reason on stderr, with a hint for the usual
+causes: xguard not running, not root); 2 on usage errors. The core,
 :func:`run`, takes its streams and its way of connecting as arguments so it
 is tested in-process.
+
+``--json`` prints one JSON document on one line for every command that has
+it (``status`` passes the daemon's document through as it came): it is for
+scripts and ``jq``, and a line-per-document output is what they read best;
+the tables are for people.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import datetime, tzinfo
 from typing import IO, Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
-from twisted.internet.error import ConnectionClosed
+from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionRefusedError
 from twisted.protocols import amp
 from twisted.python import usage
 
@@ -78,21 +86,28 @@ def _gid(text: str) -> int:
     return gid
 
 
-class _CreateOptions(_Options):
+class _CommandOptions(_Options):
+    """A command's options: ``--control`` is accepted after the command too
+    (``xguard-ctl status --control PATH``), as operators type it."""
+
+    optParameters = [["control", "c", None, "control socket path (as before the command)"]]
+
+
+class _CreateOptions(_CommandOptions):
     synopsis = "DBG VM_UUID GID PATH"
 
     def parseArgs(self, dbg: str, vm_uuid: str, gid: str, path: str) -> None:
         self.update(dbg=dbg, vm_uuid=vm_uuid, gid=_gid(gid), path=path)
 
 
-class _DestroyOptions(_Options):
+class _DestroyOptions(_CommandOptions):
     synopsis = "DBG GID PATH"
 
     def parseArgs(self, dbg: str, gid: str, path: str) -> None:
         self.update(dbg=dbg, gid=_gid(gid), path=path)
 
 
-class _SetContentsOptions(_Options):
+class _SetContentsOptions(_CommandOptions):
     synopsis = "DBG VTPM_UUID CONTENTS"
     longdesc = ("CONTENTS '-' reads the contents from standard input (one trailing "
                 "newline dropped): contents of several MiB do not fit in an argument.")
@@ -101,23 +116,23 @@ class _SetContentsOptions(_Options):
         self.update(dbg=dbg, vtpm_uuid=vtpm_uuid, contents=contents)
 
 
-class _GetContentsOptions(_Options):
+class _GetContentsOptions(_CommandOptions):
     synopsis = "DBG VTPM_UUID"
 
     def parseArgs(self, dbg: str, vtpm_uuid: str) -> None:
         self.update(dbg=dbg, vtpm_uuid=vtpm_uuid)
 
 
-class _ListOptions(_Options):
+class _ListOptions(_CommandOptions):
     synopsis = ""
-    optFlags = [["json", None, "print the sockets as a JSON list"]]
+    optFlags = [["json", None, "print the sockets as a JSON list on one line"]]
 
     def parseArgs(self) -> None:
         pass
 
 
 class _StatusOptions(_ListOptions):
-    optFlags = [["json", None, "print the daemon's raw status document"]]
+    optFlags = [["json", None, "print the daemon's raw status document (one line)"]]
 
 
 class Options(_Options):
@@ -178,7 +193,7 @@ async def _vtpm_get_contents(proto: amp.AMP, o: usage.Options, out: IO[str]) -> 
 async def _list(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
     sockets = (await _call(proto, ListSockets))["sockets"]
     if o["json"]:
-        out.write(json.dumps(sockets, indent=2) + "\n")
+        out.write(json.dumps(sockets, sort_keys=True) + "\n")
     else:
         out.write(format_sockets(sockets))
 
@@ -188,7 +203,7 @@ async def _status(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
     if o["json"]:
         out.write(document.rstrip("\n") + "\n")
     else:
-        out.write(format_status(json.loads(document)))
+        out.write(format_status(json.loads(document), now=o.get("now"), tz=o.get("tz")))
 
 
 _COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[None]]] = {
@@ -234,9 +249,38 @@ def _count(value: Any) -> str:
     return "-"
 
 
-def _reachability(upstream: Any, service: Mapping[str, Any]) -> str:
-    if service.get("outage_since") is not None:
-        return f"down since {service['outage_since']}"
+def duration(seconds: float) -> str:
+    """A short human duration: ``45s``, ``3m12s``, ``2h05m``, ``1d03h``."""
+    total = max(0, int(seconds))
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours:02d}h"
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _since(timestamp: float, now: float | None, tz: tzinfo | None) -> str:
+    """``down for 3m12s, since 14:02:11`` (the date too when not today)."""
+    when = datetime.fromtimestamp(timestamp, tz)
+    if now is not None and datetime.fromtimestamp(now, tz).date() == when.date():
+        clock = when.strftime("%H:%M:%S")
+    else:
+        clock = when.strftime("%Y-%m-%d %H:%M:%S")
+    if now is None:
+        return f"down since {clock}"
+    return f"down for {duration(now - timestamp)}, since {clock}"
+
+
+def _reachability(upstream: Any, service: Mapping[str, Any], now: float | None,
+                  tz: tzinfo | None) -> str:
+    since = service.get("outage_since")
+    if isinstance(since, (int, float)) and not isinstance(since, bool):
+        return _since(float(since), now, tz)
     for doc in (service, upstream if isinstance(upstream, Mapping) else {}):
         for key in ("reachable", "upstream_reachable"):
             if isinstance(doc.get(key), bool):
@@ -244,10 +288,24 @@ def _reachability(upstream: Any, service: Mapping[str, Any]) -> str:
     return "-"
 
 
-def format_status(document: Mapping[str, Any]) -> str:
+def _on_off(value: Any) -> str:
+    return "-" if not isinstance(value, bool) else ("on" if value else "OFF")
+
+
+def format_status(document: Mapping[str, Any], *, now: float | None = None,
+                  tz: tzinfo | None = None) -> str:
     """The Status document as a table, one service a line; missing fields
-    show as ``-`` so an older or newer daemon's document still prints."""
+    show as ``-`` so an older or newer daemon's document still prints.
+
+    :param now: the current time (seconds since the epoch) for outage
+        durations; without it only the outage's start is shown.
+    :param tz: the time zone of the clock times shown (local by default).
+
+    An error is shown only while it matters: a service's last error while
+    its outage lasts, upstream's while it is unreachable (``--json`` keeps
+    them all)."""
     upstream = document.get("upstream")
+    upstream = upstream if isinstance(upstream, Mapping) else None
     services = document.get("services")
     services = services if isinstance(services, Mapping) else {}
     sockets = document.get("sockets")
@@ -257,21 +315,31 @@ def format_status(document: Mapping[str, Any]) -> str:
     for name in names:
         svc = services.get(name)
         svc = svc if isinstance(svc, Mapping) else {}
-        rows.append([name, str(svc.get("mode", "-")), _count(svc.get("queue_depth")),
-                     _count(svc.get("pending")), _count(svc.get("quarantined")),
-                     _reachability(upstream, svc), _count(sockets.get(name))])
+        rows.append([name, str(svc.get("mode", "-")), _on_off(svc.get("enabled")),
+                     _count(svc.get("queue_depth")), _count(svc.get("pending")),
+                     _count(svc.get("quarantined")), _reachability(upstream, svc, now, tz),
+                     _count(sockets.get(name))])
     lines = []
-    if isinstance(upstream, Mapping):
+    if upstream is not None:
         target = upstream.get("target") or upstream.get("kind") or "-"
         lines.append(f"upstream: {target}")
-        if upstream.get("last_error"):
+        if upstream.get("last_error") and upstream.get("reachable") is False:
             lines.append(f"upstream last error: {upstream['last_error']}")
+    enabled = document.get("cache_enabled")
+    if enabled is False or any(isinstance(services.get(n), Mapping)
+                               and services[n].get("enabled") is False for n in names):
+        lines.append("cache: OFF: writes go to upstream only and fail while it is down "
+                     "(--no-cache, or the fault switch file "
+                     "/tmp/fist_disable_xapi_guard_cache exists)")
+    elif enabled is True:
+        lines.append("cache: on")
     text = "\n".join(lines) + ("\n" if lines else "")
-    text += _table(["SERVICE", "MODE", "QUEUE", "PENDING", "QUARANTINED", "UPSTREAM",
+    text += _table(["SERVICE", "MODE", "CACHE", "QUEUE", "PENDING", "QUARANTINED", "UPSTREAM",
                     "SOCKETS"], rows)
     for name in names:
         svc = services.get(name)
-        if isinstance(svc, Mapping) and svc.get("last_error"):
+        if (isinstance(svc, Mapping) and svc.get("last_error")
+                and svc.get("outage_since") is not None):
             text += f"{name} last error: {svc['last_error']}\n"
     return text
 
@@ -280,6 +348,26 @@ def format_status(document: Mapping[str, Any]) -> str:
 def connect_unix(reactor: Any, path: str) -> "Deferred[amp.AMP]":
     """An AMP connection to the daemon's control socket."""
     return connectProtocol(UNIXClientEndpoint(reactor, path), amp.AMP())
+
+
+_NOT_RUNNING = ("is xguard running? (systemctl status xguard) Or name its socket: "
+                "--control PATH")
+
+
+def _cannot_connect(path: str, error: BaseException) -> str:
+    """Why the control socket could not be reached, with what to do."""
+    code = getattr(error, "osError", None) if isinstance(error, ConnectError) else None
+    if isinstance(error, OSError):
+        code = error.errno
+    if code in (errno.EACCES, errno.EPERM):
+        reason = "permission denied: the control socket is root-only; run as root"
+    elif code == errno.ENOENT:
+        reason = f"no such socket; {_NOT_RUNNING}"
+    elif code == errno.ECONNREFUSED or isinstance(error, ConnectionRefusedError):
+        reason = f"connection refused (nothing listens there); {_NOT_RUNNING}"
+    else:
+        reason = str(error)
+    return f"cannot reach xguard at {path}: {reason}"
 
 
 def _control_path(option: str | None, environ: Mapping[str, str]) -> str:
@@ -297,14 +385,23 @@ def _describe(error: BaseException) -> str:
 
 def run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[str], *,
         stdin: IO[str] | None = None, environ: Mapping[str, str] | None = None,
-        connect: Connect = connect_unix) -> "Deferred[int]":
-    """Run one xguard-ctl command; fires with the exit status."""
+        connect: Connect = connect_unix, euid: int | None = None,
+        tz: tzinfo | None = None) -> "Deferred[int]":
+    """Run one xguard-ctl command; fires with the exit status.
+
+    :param reactor: connects, and tells the time (``seconds()``) for the
+        status table's outage durations.
+    :param euid: who runs the command (``os.geteuid()`` by default): a
+        non-root user gets a hint when the daemon hangs up on them.
+    :param tz: time zone of clock times shown (local by default)."""
     return ensureDeferred(_run(reactor, argv, stdout, stderr, stdin,
-                               os.environ if environ is None else environ, connect))
+                               os.environ if environ is None else environ, connect,
+                               os.geteuid() if euid is None else euid, tz))
 
 
 async def _run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[str],
-               stdin: IO[str] | None, environ: Mapping[str, str], connect: Connect) -> int:
+               stdin: IO[str] | None, environ: Mapping[str, str], connect: Connect,
+               euid: int, tz: tzinfo | None) -> int:
     config = Options()
     try:
         config.parseOptions(list(argv))
@@ -320,16 +417,21 @@ async def _run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[st
         data = (stdin if stdin is not None else sys.stdin).read()
         sub["contents"] = data[:-1] if data.endswith("\n") else data
 
-    path = _control_path(config["control"], environ)
+    if config.subCommand == "status":
+        sub["now"], sub["tz"] = reactor.seconds(), tz
+
+    path = _control_path(sub["control"] or config["control"], environ)
     try:
         proto = await connect(reactor, path)
     except Exception as e:
-        stderr.write(f"xguard-ctl: cannot reach xguard at {path}: {e}\n")
+        stderr.write(f"xguard-ctl: {_cannot_connect(path, e)}\n")
         return 1
     try:
         await _COMMANDS[config.subCommand](proto, sub, stdout)
     except ConnectionClosed as e:
-        stderr.write(f"xguard-ctl: lost the connection to xguard at {path}: {e}\n")
+        hint = (": the control channel serves root only; run as root" if euid != 0
+                else f": {e}")
+        stderr.write(f"xguard-ctl: xguard at {path} closed the connection{hint}\n")
         return 1
     except (amp.AmpError, *ERRORS) as e:
         stderr.write(f"xguard-ctl: {_describe(e)}\n")

@@ -4,19 +4,24 @@ the orchestrator's requests and hand them to the socket registry or the
 upstream store.
 
 The channel is privileged (anything may be asked of any VM), so it listens
-on a root-only UNIX socket: :func:`control_endpoint` forces mode 0600.
+on a root-only UNIX socket: :func:`control_endpoint` forces mode 0600, and
+every connection's peer credentials are checked by the kernel's word
+(``SO_PEERCRED``): a process that is not uid 0 is disconnected before AMP
+sees a byte, whatever the socket file's mode became.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IStreamServerEndpoint
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.interfaces import IStreamServerEndpoint, ISystemHandle, ITransport
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
@@ -195,16 +200,95 @@ def _wire_entry(entry: dict[str, Any]) -> dict[str, Any]:
             "gid": int(entry["gid"]), "service": str(service)}
 
 
+#: struct ucred {pid_t pid; uid_t uid; gid_t gid;} as SO_PEERCRED returns it.
+_UCRED = struct.Struct("iII")
+
+
+def peer_credentials(transport: ITransport) -> tuple[int, int] | None:
+    """(pid, uid) of the process at the other end of ``transport``, as the
+    kernel recorded them when it connected (``SO_PEERCRED``).
+
+    None when there is no OS socket behind the transport (an in-memory
+    transport: the peer is code in this process). A socket that cannot
+    report credentials (not AF_UNIX) raises OSError or reports an
+    unmapped uid, and is refused either way."""
+    if not ISystemHandle.providedBy(transport):
+        return None
+    handle = transport.getHandle()  # type: ignore[attr-defined]
+    raw = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, _gid = _UCRED.unpack(raw)
+    return pid, uid
+
+
+class _RootOnly(Protocol):
+    """Stands in front of one AMP connection: connects it only when the
+    peer is uid 0, else closes the connection unread. The AMP protocol gets
+    the real transport, so it runs exactly as without the gate."""
+
+    def __init__(self, factory: "_ControlFactory", wrapped: Protocol) -> None:
+        self.factory = factory
+        self.wrapped = wrapped
+        self.admitted = False
+
+    def makeConnection(self, transport: ITransport) -> None:
+        self.transport = transport
+        self.connected = 1
+        try:
+            creds = self.factory.peer_credentials(transport)
+        except OSError as e:
+            self.factory.log.warn("control channel: refused a connection whose peer "
+                                  "credentials cannot be read ({error})", error=str(e))
+            self._refuse()
+            return
+        if creds is not None and creds[1] != 0:
+            pid, uid = creds
+            self.factory.log.warn("control channel: refused a connection from uid {uid} "
+                                  "(pid {pid}): it serves root only", uid=uid, pid=pid)
+            self._refuse()
+            return
+        self.admitted = True
+        self.wrapped.makeConnection(transport)
+
+    def _refuse(self) -> None:
+        assert self.transport is not None
+        abort = getattr(self.transport, "abortConnection", None)
+        if abort is not None:
+            abort()
+        else:
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.admitted:
+            self.wrapped.dataReceived(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.connected = 0
+        if self.admitted:
+            self.wrapped.connectionLost(reason)
+
+
 class _ControlFactory(ServerFactory):
-    """Builds one AMP protocol per connection, all sharing the locator."""
+    """Builds one AMP protocol per connection, all sharing the locator, each
+    behind a gate that serves root only (SPEC §1.2, §2 ``--control``).
 
-    def __init__(self, locator: ControlLocator) -> None:
+    :param peer_credentials: reads (pid, uid) from a transport; the kernel's
+        ``SO_PEERCRED`` unless a test substitutes a fake.
+    """
+
+    log = Logger()
+    #: "xguard ready" says the channel is up; no "Starting factory" lines.
+    noisy = False
+
+    def __init__(self, locator: ControlLocator,
+                 peer_credentials: Callable[[ITransport], tuple[int, int] | None]
+                 = peer_credentials) -> None:
         self.locator = locator
+        self.peer_credentials = peer_credentials
 
-    def buildProtocol(self, addr: object) -> amp.AMP:
+    def buildProtocol(self, addr: object) -> Protocol:
         proto = amp.AMP(locator=self.locator)
         proto.factory = self
-        return proto
+        return _RootOnly(self, proto)
 
 
 def control_factory(registry: ISocketRegistry, vtpms: VtpmContents,

@@ -205,7 +205,8 @@ class SocketRegistry:
         if not os.path.isdir(parent):
             raise InvalidPath(f"directory {parent} of socket path {entry.path} does not exist")
         if found == "stale":
-            self.log.info("replacing stale socket file {path}", path=entry.path)
+            # Routine: every socket kept across a restart is stale until resumed.
+            self.log.debug("replacing stale socket file {path}", path=entry.path)
             safe_unlink(entry.path)
         factory = self._site_factory(entry.service, entry.vm_uuid)
         endpoint = UNIXServerEndpoint(self._reactor, entry.path, backlog=self._backlog,
@@ -366,14 +367,19 @@ class SocketRegistry:
                                vm_uuid=entry.vm_uuid, error=str(e))
                 continue
             resumed += 1
+            self.log.debug("resumed {service} socket {path} of VM {vm_uuid}",
+                           service=entry.service.value, path=entry.path, vm_uuid=entry.vm_uuid)
         if skipped:
             try:
                 await self._save()
             except Exception:
                 self.log.failure("rewriting the active sockets file {path} failed",
                                  path=self._active_file)
-        self.log.info("resumed {resumed} domain sockets, skipped {skipped}",
-                      resumed=resumed, skipped=skipped)
+        # One line for the whole restart (per-socket lines are debug): a host
+        # with 2,000 sockets would otherwise log thousands of lines.
+        self.log.info("resumed {resumed} domain sockets ({by_service}), skipped {skipped}",
+                      resumed=resumed, skipped=skipped,
+                      by_service=", ".join(f"{n} {k}" for k, n in self.count_by_service().items()))
 
     def stop_accepting(self) -> "Deferred[None]":
         """Stop listening everywhere for shutdown. The socket files and the

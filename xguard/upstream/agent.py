@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
@@ -78,9 +79,34 @@ def parse_endpoint(endpoint: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc
 
 
+@implementer(IStreamClientEndpoint)
+class _QuietEndpoint:
+    """Connects with the factory made quiet: the pool makes a new client
+    factory per connection, and Twisted's factories log "Starting factory"
+    and "Stopping factory" for each, which during an outage is two lines
+    per retry."""
+
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self._endpoint = endpoint
+
+    def connect(self, protocolFactory: Any) -> Any:
+        protocolFactory.noisy = False
+        return self._endpoint.connect(protocolFactory)
+
+
+class _QuietPool(HTTPConnectionPool):
+    """An HTTPConnectionPool whose connections do not log (see
+    :class:`_QuietEndpoint`); the pool's public ``getConnection`` is the one
+    place every new connection's endpoint passes through."""
+
+    def getConnection(self, key: Any, endpoint: IStreamClientEndpoint) -> Any:
+        return super().getConnection(key, _QuietEndpoint(endpoint))
+
+
 def make_pool(reactor: Any) -> HTTPConnectionPool:
-    """A keep-alive pool sized for many concurrent calls to one xapi."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    """A keep-alive pool sized for many concurrent calls to one xapi, whose
+    connections log nothing of their own."""
+    pool = _QuietPool(reactor, persistent=True)
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
     return pool

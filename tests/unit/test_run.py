@@ -1,0 +1,83 @@
+"""The ``xguard`` command (xguard.run): twistd's options and xguard's in one
+list, the plugin named directly (no plugin scan, so no dropin.cache)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from xguard.run import PLUGIN, split_argv
+from xguard.testing.daemon import REPO, Daemon, _env
+
+
+class SplitTests(SynchronousTestCase):
+    def test_twistd_options_first_then_xguard_options(self) -> None:
+        self.assertEqual(
+            split_argv(["--log-level", "debug", "-n", "--pidfile=", "--state-dir=/s",
+                        "--logfile", "/l", "--no-cache", "--syslog", "--control", "unix:/c"]),
+            ["-n", "--pidfile=", "--logfile", "/l", "--syslog", "xguard",
+             "--log-level", "debug", "--state-dir=/s", "--no-cache", "--control", "unix:/c"])
+
+    def test_double_dash_ends_twistds_part(self) -> None:
+        self.assertEqual(split_argv(["-n", "--", "--help"]), ["-n", "xguard", "--help"])
+
+    def test_no_options(self) -> None:
+        self.assertEqual(split_argv([]), ["xguard"])
+
+
+class PluginTests(SynchronousTestCase):
+    def test_same_plugin_as_twistds(self) -> None:
+        sys.path.insert(0, REPO)
+        self.addCleanup(sys.path.remove, REPO)
+        from twisted.plugins.xguard_plugin import xguard
+
+        self.assertEqual((PLUGIN.tapname, PLUGIN.module, PLUGIN.description),
+                         (xguard.tapname, xguard.module, xguard.description))
+
+
+def _xguard(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xguard.run", *args], capture_output=True,
+                          text=True, timeout=60, env=_env())
+
+
+def test_help_lists_both_option_sets() -> None:
+    proc = _xguard("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: xguard [twistd options] [xguard options]")
+    for option in ("--state-dir", "--xapi", "--log-level", "--nodaemon", "--pidfile",
+                   "--syslog"):
+        assert option in proc.stdout
+
+
+def test_usage_error() -> None:
+    proc = _xguard("--state-dir")
+    assert proc.returncode == 2
+    assert "xguard --help" in proc.stderr
+
+
+class ScriptDaemon(Daemon):
+    """The daemon started as ``xguard OPTIONS`` with twistd's options and
+    xguard's interleaved."""
+
+    def argv(self) -> list[str]:
+        argv = super().argv()
+        argv.remove("xguard")
+        # an xguard option first, before twistd's -n
+        return [sys.executable, "-m", "xguard.run", "--log-level", "debug", *argv[1:]]
+
+
+@pytest.mark.integration
+def test_runs_the_daemon_without_a_plugin_scan() -> None:
+    cache = os.path.join(REPO, "twisted", "plugins", "dropin.cache")
+    if os.path.exists(cache):
+        os.unlink(cache)
+    with ScriptDaemon() as d:
+        d.start()
+        assert d.status()["ready"] is True
+        assert d.stop() == 0
+        assert "xguard ready" in d.log()
+    assert not os.path.exists(cache)

@@ -1,0 +1,112 @@
+"""contrib/xguard.service: systemd accepts it, its hardening scores as
+doc/operations.md says, and what it sets agrees with the daemon's defaults."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+from xguard.config import DEFAULT_CONTROL, DEFAULT_SOCKETS_FILE, DEFAULT_STATE_DIR, FAULT_FILE
+from xguard.run import _ServerOptions, split_argv
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+UNIT = os.path.join(REPO, "contrib", "xguard.service")
+MAN_PAGE = os.path.join(REPO, "doc", "xguard.8")
+ANALYZE = shutil.which("systemd-analyze")
+needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed "
+                                   "(apt-get install systemd)")
+
+
+def _settings() -> dict[str, list[str]]:
+    with open(UNIT) as f:
+        text = f.read().replace("\\\n", " ")
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def _exec_start() -> list[str]:
+    return shlex.split(_settings()["ExecStart"][0])
+
+
+@needs_analyze
+def test_systemd_analyze_verify() -> None:
+    """Run against a copy whose ExecStart names an executable that exists
+    here (the installed xguard command when there is one), with the man page
+    the unit's Documentation= names on MANPATH, as an install puts it."""
+    xguard = os.path.join(os.path.dirname(sys.executable), "xguard")
+    binary = xguard if os.access(xguard, os.X_OK) else shutil.which("true")
+    with tempfile.TemporaryDirectory(prefix="xg") as d:
+        os.makedirs(os.path.join(d, "man", "man8"))
+        shutil.copy(MAN_PAGE, os.path.join(d, "man", "man8"))
+        with open(UNIT) as f:
+            text = f.read().replace("/usr/bin/xguard", str(binary))
+        with open(os.path.join(d, "xguard.service"), "w") as f:
+            f.write(text)
+        proc = subprocess.run([str(ANALYZE), "verify", os.path.join(d, "xguard.service")],
+                              capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "MANPATH": os.path.join(d, "man")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "xguard.service" not in proc.stdout + proc.stderr
+
+
+@needs_analyze
+def test_security_exposure_is_low() -> None:
+    proc = subprocess.run([str(ANALYZE), "security", "--offline=true", UNIT],
+                          capture_output=True, text=True, timeout=120)
+    found = re.search(r"Overall exposure level for xguard.service: (\d+\.\d+)", proc.stdout)
+    assert found, proc.stdout + proc.stderr
+    assert float(found.group(1)) <= 2.6  # doc/operations.md reports it
+
+
+def test_upstream_ordering_and_start_limits() -> None:
+    s = _settings()
+    assert set(" ".join(s["Before"]).split()) >= {"xapi-domains.service", "xenopsd-xc.service"}
+    assert s["PartOf"] == ["toolstack.target"]
+    assert s["Type"] == ["notify"]
+    assert int(s["StartLimitBurst"][0]) > 0 and s["StartLimitIntervalSec"]
+    assert s["Documentation"] == ["man:xguard(8)"]
+
+
+def test_documentation_is_installed() -> None:
+    import tomllib
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
+    assert data_files["share/man/man8"] == ["doc/xguard.8"]
+
+
+def test_exec_start_parses_and_matches_the_sandbox() -> None:
+    argv = _exec_start()
+    assert argv[0] == "/usr/bin/xguard"
+    config = _ServerOptions()
+    config.parseOptions(split_argv(argv[1:]))
+    options = config.subOptions.config
+    s = _settings()
+    # The state directory is the one systemd creates and leaves writable.
+    assert options.state_dir == DEFAULT_STATE_DIR == "/var/lib/" + s["StateDirectory"][0]
+    # The control socket, the active list and the domain sockets are in /run.
+    writable = " ".join(s["ReadWritePaths"]).split()
+    assert "/run" in writable
+    assert options.control == DEFAULT_CONTROL and options.control_path.startswith(
+        "/run/" + s["RuntimeDirectory"][0] + "/")
+    assert options.sockets_file == DEFAULT_SOCKETS_FILE and options.sockets_file.startswith(
+        "/run/")
+    # The fault switch in the host's /tmp stays visible.
+    assert FAULT_FILE.startswith("/tmp/") and s.get("PrivateTmp", ["no"]) == ["no"]
+    # Chowning sockets to a VM's group needs CAP_CHOWN and the host's ids.
+    assert "CAP_CHOWN" in s["CapabilityBoundingSet"][0].split()
+    assert "PrivateUsers" not in s
+    # The open-files limit xguard raises its soft limit to.
+    soft, hard = s["LimitNOFILE"][0].split(":")
+    assert int(hard) >= 65536 and int(soft) <= int(hard)
