@@ -273,6 +273,9 @@ class XguardService(Service):
         }
         for service in services.values():
             service["outage_since"] = reachability.down_since
+            # Why writes are cached: the flusher's last failure, else what
+            # made upstream unreachable; cleared when it answers again.
+            service["last_error"] = service.get("last_error") or reachability.last_error
         return {
             "version": __version__,
             "ready": self.ready,

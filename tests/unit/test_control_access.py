@@ -15,12 +15,10 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.fakes import FakeUpstream
+from tests.fakes import FakeUpstream, StoreKit
 from tests.unit.test_control import MemoryRegistry
 from xguard.config import Config
 from xguard.control.server import control_factory, peer_credentials
-from xguard.items import VtpmSink
-from xguard.locks import KeyedLocks
 from xguard.tap import Options
 
 
@@ -54,9 +52,9 @@ def _status_box() -> bytes:
 
 class PeerCredentialTests(SynchronousTestCase):
     def setUp(self) -> None:
-        upstream = FakeUpstream()
-        self.factory = control_factory(MemoryRegistry(), upstream,
-                                       VtpmSink(upstream, KeyedLocks()), lambda: {"ok": 1})
+        kit = StoreKit(FakeUpstream())
+        self.addCleanup(kit.cleanup)
+        self.factory = control_factory(MemoryRegistry(), kit.vtpm_contents(), lambda: {"ok": 1})
         self.events: list[dict[str, Any]] = []
         self.factory.log = Logger(observer=self.events.append)  # type: ignore[attr-defined]
 
