@@ -6,10 +6,11 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.integration.harness import Host
 from xguard.testing.daemon import Daemon
 from xguard.testing.simclient import SimProcess
 
@@ -58,3 +59,34 @@ class VmSockets:
 @pytest.fixture
 def make_vm(daemon: Daemon, sim: SimProcess):  # type: ignore[no-untyped-def]
     return lambda gid=0: VmSockets(daemon, sim, gid)
+
+
+@pytest.fixture
+def sim_up(sim: SimProcess) -> Iterator[SimProcess]:
+    """The module's simulator, up before and after the test."""
+    sim.client.set_mode("up")
+    sim.client.reset()
+    yield sim
+    sim.client.set_mode("up")
+
+
+@pytest.fixture
+def hosts(sim_up: SimProcess) -> Iterator[Callable[..., Host]]:
+    """Makes daemons; each is stopped (exit 0 checked) and removed after."""
+    made: list[Host] = []
+
+    def make(extra: list[str] | None = None, start: bool = True) -> Host:
+        host = Host(sim_up, extra)
+        made.append(host)
+        if start:
+            host.daemon.start()
+        return host
+
+    yield make
+    errors = []
+    for host in made:
+        try:
+            host.finish()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, errors

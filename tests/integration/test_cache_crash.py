@@ -24,17 +24,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_cache_outage import (
+from tests.integration.harness import (
     XML,
     Host,
     backwards,
     cache_files,
     get,
-    hosts,  # noqa: F401 - fixture
     put,
     round_of,
     rpc,
-    sim_up,  # noqa: F401 - fixture
     value,
     vtpm_fields,
 )
@@ -193,8 +191,8 @@ def check(ledger: Ledger, sim: SimProcess, xapi_up: bool, where: str) -> None:
             assert not bad, f"{where}: upstream of {(vm_index, key)} went back {bad}: {rounds}"
 
 
-def test_kill_9_loses_and_reorders_nothing(hosts: Callable[..., Host],  # noqa: F811
-                                           sim_up: SimProcess) -> None:  # noqa: F811
+def test_kill_9_loses_and_reorders_nothing(hosts: Callable[..., Host],
+                                           sim_up: SimProcess) -> None:
     rng = random.Random(SEED)
     host = hosts()
     daemon = host.daemon
