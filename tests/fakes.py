@@ -19,6 +19,7 @@ from xguard.interfaces import IItemWriter, IUpstream
 from xguard.items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
 from xguard.locks import KeyedLocks
 from xguard.model import Service
+from xguard.status import DaemonStatus, UpstreamStatus
 from xguard.upstream.reachability import Reachability
 from xguard.vtpm_contents import VtpmContents
 
@@ -253,3 +254,10 @@ class PendingWriter:
 
     def pending_vms(self) -> set[str]:
         return {vm for vm, _ in self.items}
+
+
+def some_status(**sockets: int) -> DaemonStatus:
+    """A small Status value for control-channel tests."""
+    return DaemonStatus(version="test", ready=True, cache_enabled=True, services={},
+                        upstream=UpstreamStatus(kind="fake", target="fake upstream"),
+                        sockets=dict(sockets))

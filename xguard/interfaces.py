@@ -59,7 +59,7 @@ class IUpstream(Interface):
         """Drop cached handles of a VM (its sockets were destroyed)."""
 
     def status():  # type: ignore[no-untyped-def]
-        """dict: JSON-able reachability summary (kind, target, last error)."""
+        """xguard.status.UpstreamStatus."""
 
     def close():  # type: ignore[no-untyped-def]
         """Deferred[None]: release connections/threads; no call after it."""
@@ -129,4 +129,4 @@ class IStatusSource(Interface):
     """Something that contributes to the control channel's Status."""
 
     def status():  # type: ignore[no-untyped-def]
-        """dict: a JSON-able document."""
+        """A value class of xguard.status."""

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IListeningPort, IReactorCore
@@ -44,6 +45,7 @@ from .locks import KeyedLocks
 from .logconfig import attach as attach_log_observer
 from .memory import IdleTrimmer
 from .model import Service as Kind
+from .status import CacheStatus, DaemonStatus
 from .upstream.local import local_store
 from .upstream.xapi import xapi_upstream
 from .vtpm_contents import VtpmContents
@@ -262,30 +264,29 @@ class XguardService(Service):
         signal.signal(signal.SIGINT, stop)
 
     # -- status --------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DaemonStatus:
         """The control channel's Status document."""
         assert self.upstream is not None and self.registry is not None
         reachability = self.upstream.reachability
-        services = {
-            kind.value: (self.caches[kind].status() if kind in self.caches
-                         else {"mode": "Direct", "cache": "off"})
-            for kind in Kind
-        }
-        for service in services.values():
-            service["outage_since"] = reachability.down_since
-            # Why writes are cached: the flusher's last failure, else what
-            # made upstream unreachable; cleared when it answers again.
-            service["last_error"] = service.get("last_error") or reachability.last_error
-        return {
-            "version": __version__,
-            "ready": self.ready,
-            "cache_enabled": not self.config.no_cache
-            and not os.path.exists(self.config.fault_file),
-            "upstream": self.upstream.status(),
-            "sockets": self.registry.count_by_service(),
-            "services": services,
-            "known_state_vms": len(self.known.kept()) if self.known is not None else 0,
-        }
+        services = {}
+        for kind in Kind:
+            cache = self.caches.get(kind)
+            svc = (cache.status() if cache is not None
+                   else CacheStatus(service=kind.value, cache="off", enabled=False))
+            services[kind.value] = attrs.evolve(
+                svc, outage_since=reachability.down_since,
+                # Why writes are cached: the flusher's last failure, else what
+                # made upstream unreachable; cleared when it answers again.
+                last_error=svc.last_error or reachability.last_error)
+        return DaemonStatus(
+            version=__version__,
+            ready=self.ready,
+            cache_enabled=not self.config.no_cache and not os.path.exists(self.config.fault_file),
+            upstream=self.upstream.status(),
+            sockets=self.registry.count_by_service(),
+            services=services,
+            known_state_vms=len(self.known.kept()) if self.known is not None else 0,
+        )
 
     # -- stop ----------------------------------------------------------------
     def stopService(self) -> Deferred[None]:

@@ -104,9 +104,9 @@ class CacheModel(RuleBasedStateMachine):
 
     def quarantined_values(self, item: Item) -> set[bytes]:
         out = set()
-        for q in self.cache.status()["quarantined"]:
-            if q["vm"] == item.vm and q["key"] == item.key:
-                with open(q["file"], "rb") as f:
+        for q in self.cache.status().quarantined:
+            if q.vm == item.vm and q.key == item.key:
+                with open(q.file, "rb") as f:
                     out.add(f.read())
         return out
 
@@ -244,7 +244,7 @@ class CacheModel(RuleBasedStateMachine):
         env.upstream.release()
         env.settle()
         assert not self.outstanding
-        assert self.cache.status()["mode"] == "Direct"
+        assert self.cache.status().mode == "Direct"
         assert env.clock.getDelayedCalls() == []
         for item in set(self.acked):
             if item.vm == VMX:

@@ -46,13 +46,13 @@ class DirectTests(CacheTestCase):
         self.successResultOf(self.cache.write(VM1, 0, b"a"))
         self.assertEqual(self.env.tpm(VM1), "a")
         self.assertEqual(files(self.env.root), [])
-        self.assertEqual(self.cache.status()["mode"], "Direct")
+        self.assertEqual(self.cache.status().mode, "Direct")
         self.assertEqual(self.env.clock.getDelayedCalls(), [])  # no polling while idle
 
     def test_permanent_error_reaches_client(self) -> None:
         self.env.upstream.fail_next(PermanentUpstreamError(["HANDLE_INVALID"]))
         self.failureResultOf(self.cache.write(VM1, 0, b"a"), PermanentUpstreamError)
-        self.assertEqual(self.cache.status()["mode"], "Direct")
+        self.assertEqual(self.cache.status().mode, "Direct")
 
     def test_transient_error_engages(self) -> None:
         self.env.upstream.down = True
@@ -62,13 +62,13 @@ class DirectTests(CacheTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode), 0o700)
         st = self.cache.status()
-        self.assertEqual((st["mode"], st["queue_depth"], st["pending"]), ("Engaged", 1, {VM1: 1}))
+        self.assertEqual((st.mode, st.queue_depth, st.pending), ("Engaged", 1, {VM1: 1}))
         self.assertEqual(self.successResultOf(self.cache.pending(VM1, 0)), b"a")
         self.env.upstream.down = False
         self.env.settle()
         self.assertEqual(self.env.tpm(VM1), "a")
         self.assertEqual(files(self.env.root), [])
-        self.assertEqual(self.cache.status()["mode"], "Direct")
+        self.assertEqual(self.cache.status().mode, "Direct")
 
     def test_deadline_falls_back_and_late_answer_never_wins(self) -> None:
         up = self.env.upstream
@@ -77,7 +77,7 @@ class DirectTests(CacheTestCase):
         self.assertNoResult(first)
         self.env.clock.advance(3.0)
         self.successResultOf(first)  # durable on disk, acknowledged
-        self.assertEqual(self.cache.status()["mode"], "Engaged")
+        self.assertEqual(self.cache.status().mode, "Engaged")
         self.successResultOf(self.cache.write(VM1, 0, b"new"))  # Engaged: disk
         up.hold = False
         up.release()
@@ -125,10 +125,10 @@ class ModeTests(CacheTestCase):
         self.env.upstream.down = True
         for i in range(6):  # queue_size=4
             self.successResultOf(self.cache.write(VM1 if i % 2 else VM2, i % 3, b"v%d" % i))
-        self.assertEqual(self.cache.status()["mode"], "Disengaged")
+        self.assertEqual(self.cache.status().mode, "Disengaged")
         self.env.upstream.down = False
         self.env.settle()
-        self.assertEqual(self.cache.status()["mode"], "Direct")
+        self.assertEqual(self.cache.status().mode, "Direct")
         self.assertEqual(files(self.env.root), [])
         self.assertEqual(self.env.tpm(VM1), "v3 v1 v5")
         self.assertEqual(self.env.tpm(VM2), "v0 v4 v2")
@@ -160,16 +160,16 @@ class ModeTests(CacheTestCase):
         self.env.upstream.down = False
         self.env.settle()
         st = self.cache.status()
-        self.assertEqual(st["mode"], "Direct")
-        (q,) = st["quarantined"]
-        self.assertEqual((q["vm"], q["key"]), (unknown, 0))
-        self.assertIn("UUID_INVALID", q["reason"])
-        with open(q["file"], "rb") as f:
+        self.assertEqual(st.mode, "Direct")
+        (q,) = st.quarantined
+        self.assertEqual((q.vm, q.key), (unknown, 0))
+        self.assertIn("UUID_INVALID", q.reason)
+        with open(q.file, "rb") as f:
             self.assertEqual(f.read(), b"x")
         self.assertEqual(self.env.tpm(VM1), "y")
         restarted = self.env.build()
         self.successResultOf(restarted.recover())
-        self.assertEqual(len(restarted.status()["quarantined"]), 1)  # survives restarts
+        self.assertEqual(len(restarted.status().quarantined), 1)  # survives restarts
 
     def test_disabled_fails_like_direct_writer(self) -> None:
         enabled = [True]
@@ -221,13 +221,13 @@ class DiskErrorTests(CacheTestCase):
             self.assertIsInstance(f.value, TransientUpstreamError)  # swtpm: 503, retried
         self.assertEqual(len(self.errors()), 1)  # one line per episode, not per write
         st = self.cache.status()
-        self.assertEqual(st["disk_error"], os.strerror(errno.ENOSPC))
-        self.assertIsNotNone(st["disk_error_since"])
+        self.assertEqual(st.disk_error, os.strerror(errno.ENOSPC))
+        self.assertIsNotNone(st.disk_error_since)
         # Nothing refused was acknowledged, so nothing of it is pending.
         self.assertEqual(self.successResultOf(self.cache.pending(VM1, 0)), b"ok")
         self.disk.full = False
         self.successResultOf(self.cache.write(VM1, 0, b"later"))
-        self.assertIsNone(self.cache.status()["disk_error"])
+        self.assertIsNone(self.cache.status().disk_error)
         self.assertTrue(any("takes writes again" in e["log_format"] for e in self.events))
         self.env.upstream.down = False
         self.env.settle()
@@ -263,7 +263,7 @@ class RecoveryTests(SynchronousTestCase):
             with open(os.path.join(d, str(ts)), "wb") as f:
                 f.write(data)
         self.successResultOf(env.cache.recover())
-        self.assertEqual(env.cache.status()["mode"], "Engaged")
+        self.assertEqual(env.cache.status().mode, "Engaged")
         self.assertEqual(self.successResultOf(env.cache.pending(VM1, 0)), b"future")
         self.successResultOf(env.cache.write(VM1, 0, b"after"))  # newer than the retimed one
         env.cache.start()
@@ -285,7 +285,7 @@ class RecoveryTests(SynchronousTestCase):
                 f.write(b"never acknowledged")
         self.successResultOf(env.cache.recover())
         self.assertEqual(files(env.root), [])
-        self.assertEqual(env.cache.status()["mode"], "Direct")
+        self.assertEqual(env.cache.status().mode, "Direct")
         (line,) = [e for e in events if "temporary" in e["log_format"]]
         self.assertEqual(line["n"], 3)
         self.assertEqual(line["log_level"], LogLevel.info)
@@ -298,11 +298,11 @@ class RecoveryTests(SynchronousTestCase):
             with open(os.path.join(env.root, "Swtpm", VM1, str(key), "7"), "wb") as f:
                 f.write(b"k%d" % key)
         self.successResultOf(env.cache.recover())
-        self.assertEqual(env.cache.status()["mode"], "Disengaged")
+        self.assertEqual(env.cache.status().mode, "Disengaged")
         env.cache.start()
         env.settle()
         self.assertEqual(env.tpm(VM1), "k0 k1 ")
-        self.assertEqual(env.cache.status()["mode"], "Direct")
+        self.assertEqual(env.cache.status().mode, "Direct")
         self.successResultOf(env.cache.stop())
 
 

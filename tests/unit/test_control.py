@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import attrs
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
@@ -18,7 +19,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from tests.fakes import FakeUpstream, sync_runner
+from tests.fakes import FakeUpstream, some_status, sync_runner
 from xguard.cache.known import KnownState
 from xguard.control.commands import (
     ControlError,
@@ -46,6 +47,7 @@ from xguard.interfaces import ISocketRegistry
 from xguard.items import DirectWriter, VtpmSink
 from xguard.locks import KeyedLocks
 from xguard.model import Service
+from xguard.status import CacheStatus, from_json, to_json
 from xguard.vtpm_contents import VtpmContents
 
 VM = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
@@ -101,7 +103,7 @@ class ControlTestCase(SynchronousTestCase):
                                   candidates=lambda: [s["vm_uuid"] for s in
                                                       self.registry.sockets.values()],
                                   clock=self.clock, deadline=3.0)
-        self.status: dict[str, Any] = {"services": {"Swtpm": {"mode": "Direct"}}}
+        self.status = some_status(Swtpm=1)
         self.events: list[dict[str, Any]] = []
         factory = control_factory(self.registry, self.vtpms, lambda: self.status)
         self.locator: ControlLocator = factory.locator  # type: ignore[attr-defined]
@@ -216,11 +218,13 @@ class RegistryTests(ControlTestCase):
 class StatusTests(ControlTestCase):
     def test_status_is_json(self) -> None:
         answer = self.ok(Status)
-        self.assertEqual(json.loads(answer["status"]), self.status)
+        self.assertEqual(json.loads(answer["status"]), to_json(self.status))
+        self.assertEqual(from_json(json.loads(answer["status"])), self.status)
 
     def test_big_status(self) -> None:
-        self.status = {"pending": {f"vm-{i}": i for i in range(10000)}}
-        self.assertEqual(json.loads(self.ok(Status)["status"]), self.status)
+        self.status = attrs.evolve(self.status, services={"Swtpm": CacheStatus(
+            service="Swtpm", pending={f"vm-{i}": i for i in range(10000)})})
+        self.assertEqual(from_json(json.loads(self.ok(Status)["status"])), self.status)
 
     def test_status_failure(self) -> None:
         def broken() -> dict[str, Any]:

@@ -15,7 +15,7 @@ from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from tests.fakes import FakeUpstream, StoreKit
+from tests.fakes import FakeUpstream, StoreKit, some_status
 from tests.unit.test_control import MemoryRegistry
 from xguard.config import Config
 from xguard.control.server import control_factory, peer_credentials
@@ -54,7 +54,7 @@ class PeerCredentialTests(SynchronousTestCase):
     def setUp(self) -> None:
         kit = StoreKit(FakeUpstream())
         self.addCleanup(kit.cleanup)
-        self.factory = control_factory(MemoryRegistry(), kit.vtpm_contents(), lambda: {"ok": 1})
+        self.factory = control_factory(MemoryRegistry(), kit.vtpm_contents(), some_status)
         self.events: list[dict[str, Any]] = []
         self.factory.log = Logger(observer=self.events.append)  # type: ignore[attr-defined]
 

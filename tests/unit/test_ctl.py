@@ -26,6 +26,14 @@ from tests.unit.test_control import VM, MemoryRegistry
 from xguard.control.ctl import DEFAULT_CONTROL, duration, format_sockets, format_status, run
 from xguard.control.server import control_factory
 from xguard.model import Service
+from xguard.status import (
+    CacheStatus,
+    DaemonStatus,
+    Quarantined,
+    UpstreamStatus,
+    from_json,
+    to_json,
+)
 
 MiB = 1024 * 1024
 
@@ -38,18 +46,18 @@ class CtlTestCase(SynchronousTestCase):
         self.registry = MemoryRegistry()
         self.upstream = FakeUpstream()
         self.vtpm = self.upstream.add_vm(VM)
-        self.status: dict[str, Any] = {
-            "upstream": {"kind": "xapi", "target": "xapi unix:/var/lib/xcp/xapi",
-                         "reachable": True},
-            "sockets": {"Swtpm": 2, "Varstored": 3},
-            "services": {
-                "Swtpm": {"mode": "Engaged", "queue_depth": 4, "pending": {VM: 2, "x": 1},
-                          "quarantined": ["a", "b"], "last_error": None,
-                          "outage_since": None},
-                "Varstored": {"mode": "Direct", "queue_depth": 0, "pending": {},
-                              "quarantined": [], "last_error": None, "outage_since": None},
+        q = Quarantined(vm=VM, key=0, file="/q/1", reason="UUID_INVALID")
+        self.status = DaemonStatus(
+            version="0", ready=True, cache_enabled=True,
+            upstream=UpstreamStatus(kind="xapi", target="xapi unix:/var/lib/xcp/xapi",
+                                    reachable=True),
+            sockets={"Swtpm": 2, "Varstored": 3},
+            services={
+                "Swtpm": CacheStatus(service="Swtpm", mode="Engaged", queue_depth=4,
+                                     pending={VM: 2, "x": 1}, quarantined=(q, q)),
+                "Varstored": CacheStatus(service="Varstored"),
             },
-        }
+        )
         kit = StoreKit(self.upstream)
         self.addCleanup(kit.cleanup)
         self.factory = control_factory(self.registry, kit.vtpm_contents(), lambda: self.status)
@@ -157,7 +165,7 @@ class CommandTests(CtlTestCase):
 
     def test_status_json_is_the_raw_document(self) -> None:
         code, out, _ = self.ctl("status", "--json")
-        self.assertEqual((code, json.loads(out)), (0, self.status))
+        self.assertEqual((code, json.loads(out)), (0, to_json(self.status)))
 
     def test_status_table(self) -> None:
         code, out, _ = self.ctl("status")
@@ -165,9 +173,9 @@ class CommandTests(CtlTestCase):
         rows = {line.split()[0]: line.split() for line in out.splitlines()}
         self.assertEqual(rows["SERVICE"], ["SERVICE", "MODE", "CACHE", "QUEUE", "PENDING",
                                            "QUARANTINED", "UPSTREAM", "SOCKETS"])
-        self.assertEqual(rows["Swtpm"], ["Swtpm", "Engaged", "-", "4", "3", "2", "reachable",
+        self.assertEqual(rows["Swtpm"], ["Swtpm", "Engaged", "on", "4", "3", "2", "reachable",
                                          "2"])
-        self.assertEqual(rows["Varstored"], ["Varstored", "Direct", "-", "0", "0", "0",
+        self.assertEqual(rows["Varstored"], ["Varstored", "Direct", "on", "0", "0", "0",
                                              "reachable", "3"])
         self.assertIn("xapi unix:/var/lib/xcp/xapi", out)
 
@@ -288,20 +296,20 @@ class UsageTests(CtlTestCase):
 
 
 class FormatTests(SynchronousTestCase):
-    def test_status_missing_fields_show_dash(self) -> None:
-        lines = format_status({}).splitlines()
-        self.assertEqual(lines[1].split(), ["Swtpm", "-", "-", "-", "-", "-", "-", "-"])
-        self.assertEqual(lines[2].split(), ["Varstored", "-", "-", "-", "-", "-", "-", "-"])
+    def test_status_missing_services_show_dash(self) -> None:
+        lines = format_status(from_json({})).splitlines()
+        self.assertEqual(lines[3].split(), ["Swtpm", "-", "-", "-", "-", "-", "-", "-"])
+        self.assertEqual(lines[4].split(), ["Varstored", "-", "-", "-", "-", "-", "-", "-"])
 
     def test_status_outage_in_human_time(self) -> None:
         since = datetime(2026, 11, 28, 14, 2, 11, tzinfo=UTC).timestamp()
-        document = {
+        status = from_json({
             "upstream": {"target": "xapi", "reachable": False, "last_error": "refused"},
-            "services": {"Swtpm": {"mode": "Engaged", "queue_depth": 1, "pending": 7,
-                                   "quarantined": 0, "outage_since": since,
-                                   "last_error": "CONNECTION_REFUSED"}},
-        }
-        text = format_status(document, now=since + 192, tz=UTC)
+            "services": {"Swtpm": {"mode": "Engaged", "queue_depth": 1, "pending": {VM: 7},
+                                   "outage_since": since, "last_error": "CONNECTION_REFUSED"},
+                         "Varstored": {"mode": "Direct"}},
+        })
+        text = format_status(status, now=since + 192, tz=UTC)
         self.assertIn("down for 3m12s, since 14:02:11", text)
         self.assertNotIn(str(since), text)
         self.assertIn("Swtpm last error: CONNECTION_REFUSED", text)
@@ -310,8 +318,8 @@ class FormatTests(SynchronousTestCase):
         self.assertIn("unreachable", varstored)
         # another day: the date is shown; no clock: the start only
         self.assertIn("since 2026-11-28 14:02:11",
-                      format_status(document, now=since + 86400 * 2, tz=UTC))
-        self.assertIn("down since 2026-11-28 14:02:11", format_status(document, tz=UTC))
+                      format_status(status, now=since + 86400 * 2, tz=UTC))
+        self.assertIn("down since 2026-11-28 14:02:11", format_status(status, tz=UTC))
 
     def test_durations(self) -> None:
         self.assertEqual([duration(s) for s in (0, 45, 192, 3600 * 2 + 300, 86400 + 3 * 3600,
@@ -319,29 +327,31 @@ class FormatTests(SynchronousTestCase):
                          ["0s", "45s", "3m12s", "2h05m", "1d03h", "0s"])
 
     def test_errors_hidden_once_recovered(self) -> None:
-        text = format_status({
+        text = format_status(from_json({
             "upstream": {"target": "xapi", "reachable": True, "last_error": "refused"},
             "services": {"Swtpm": {"mode": "Direct", "outage_since": None,
                                    "last_error": "CONNECTION_REFUSED"}},
-        })
+        }))
         self.assertNotIn("error", text)
 
     def test_fault_switch_shown(self) -> None:
-        text = format_status({"cache_enabled": False,
-                              "services": {"Swtpm": {"mode": "Direct", "enabled": False},
-                                           "Varstored": {"mode": "Direct", "enabled": False}}})
+        text = format_status(from_json({
+            "cache_enabled": False,
+            "services": {"Swtpm": {"mode": "Direct", "enabled": False},
+                         "Varstored": {"mode": "Direct", "enabled": False}}}))
         self.assertIn("cache: OFF", text)
         self.assertIn("/tmp/fist_disable_xapi_guard_cache", text)
         rows = {line.split()[0]: line.split() for line in text.splitlines()[1:]}
         self.assertEqual(rows["Swtpm"][2], "OFF")
-        on = format_status({"cache_enabled": True,
-                            "services": {"Swtpm": {"mode": "Direct", "enabled": True}}})
+        on = format_status(from_json({"cache_enabled": True,
+                                      "services": {"Swtpm": {"mode": "Direct", "enabled": True}}}))
         self.assertIn("cache: on", on)
-        self.assertEqual(on.splitlines()[2].split()[2], "on")
+        self.assertEqual(on.splitlines()[3].split()[2], "on")
 
-    def test_pending_lists_per_vm(self) -> None:
-        text = format_status({"services": {"Swtpm": {"pending": {"a": [1, 2], "b": [3]}}}})
-        self.assertEqual(text.splitlines()[1].split()[4], "3")
+    def test_disk_error_shown(self) -> None:
+        text = format_status(from_json({"services": {"Swtpm": {
+            "disk_error": "No space left on device", "disk_error_since": 5.0}}}))
+        self.assertIn("Swtpm cache disk error: No space left on device", text)
 
     def test_sockets_empty(self) -> None:
         self.assertEqual(format_sockets([]).split(), ["SERVICE", "VM_UUID", "GID", "PATH"])
@@ -355,8 +365,10 @@ async def test_real_unix_socket(short_tmp: str) -> None:
     registry = MemoryRegistry()
     upstream = FakeUpstream()
     kit = StoreKit(upstream)
-    factory = control_factory(registry, kit.vtpm_contents(),
-                              lambda: {"sockets": {"Swtpm": len(registry.sockets)}})
+    factory = control_factory(registry, kit.vtpm_contents(), lambda: DaemonStatus(
+        version="0", ready=True, cache_enabled=True, services={},
+        upstream=UpstreamStatus(kind="fake", target="fake"),
+        sockets={"Swtpm": len(registry.sockets)}))
     path = os.path.join(short_tmp, "c.sock")
     port = reactor.listenUNIX(path, factory)
     try:
@@ -368,7 +380,7 @@ async def test_real_unix_socket(short_tmp: str) -> None:
         code = await run(reactor, ["--control", path, "status", "--json"], out, err,
                          environ={})
         assert code == 0
-        assert json.loads(out.getvalue()) == {"sockets": {"Swtpm": 1}}
+        assert json.loads(out.getvalue())["sockets"] == {"Swtpm": 1}
     finally:
         kit.cleanup()
         await port.stopListening()

@@ -42,15 +42,15 @@ class FlusherTests(SynchronousTestCase):
         self.assertEqual(seen, [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3])
         self.assertEqual(len(self.messages("unreachable")), 1)
         self.assertEqual(up.reachability.down_since, 0.0)
-        self.assertEqual(self.cache.status()["last_error"], "CONNECTION_REFUSED")
+        self.assertEqual(self.cache.status().last_error, "CONNECTION_REFUSED")
         up.down = False
         self.env.settle()
         self.assertEqual(len(self.messages("answers again")), 1)
         self.assertEqual(self.messages("unreachable")[0]["log_level"],
                          self.messages("answers again")[0]["log_level"])
         self.assertIsNone(up.reachability.down_since)
-        self.assertIsNone(self.cache.status()["last_error"])
-        self.assertEqual(self.cache.status()["delivered"], 1)
+        self.assertIsNone(self.cache.status().last_error)
+        self.assertEqual(self.cache.status().delivered, 1)
 
     def test_upstream_answering_ends_the_backoff(self) -> None:
         """Whoever sees upstream answer again (a read, the control channel),
@@ -79,8 +79,8 @@ class FlusherTests(SynchronousTestCase):
         self.env.sink.deliver = lambda vm, items: 1 / 0  # type: ignore[method-assign]
         for _ in range(10):
             self.env.clock.advance(1.0)
-        self.assertEqual(self.cache.status()["quarantined"], [])
-        self.assertEqual(self.cache.status()["pending"], {VM1: 1})
+        self.assertEqual(self.cache.status().quarantined, ())
+        self.assertEqual(self.cache.status().pending, {VM1: 1})
         bugs = [e for e in self.events if e.get("log_failure") is not None]
         self.assertTrue(bugs)
         self.assertTrue(all(e["log_failure"].check(ZeroDivisionError) for e in bugs))
@@ -88,7 +88,7 @@ class FlusherTests(SynchronousTestCase):
         self.env.sink.deliver = deliver  # type: ignore[method-assign]
         self.env.settle()
         self.assertEqual(self.env.tpm(VM1), "a")
-        self.assertEqual(self.cache.status()["pending"], {})
+        self.assertEqual(self.cache.status().pending, {})
 
     def test_undecodable_pending_file_is_quarantined(self) -> None:
         up = self.env.upstream
@@ -100,8 +100,8 @@ class FlusherTests(SynchronousTestCase):
             f.write(b"\xff\xfe")  # damaged on disk: not ASCII, not a key's content
         up.down = False
         self.env.settle()
-        (q,) = self.cache.status()["quarantined"]
-        self.assertEqual((q["vm"], q["key"], q["reason"]), (VM1, 0, "VTPM_CONTENTS_INVALID"))
+        (q,) = self.cache.status().quarantined
+        self.assertEqual((q.vm, q.key, q.reason), (VM1, 0, "VTPM_CONTENTS_INVALID"))
 
     def test_coalesced_per_vm(self) -> None:
         up = self.env.upstream
@@ -156,7 +156,7 @@ class FlusherTests(SynchronousTestCase):
         up.fail_next(TransientUpstreamError(["HOST_STILL_BOOTING"]))
         self.env.settle()
         self.assertEqual(self.env.tpm(VM2), "a")
-        self.assertEqual(self.cache.status()["pending"], {})
+        self.assertEqual(self.cache.status().pending, {})
 
     def test_default_backoff_is_capped(self) -> None:
         policy = default_backoff()

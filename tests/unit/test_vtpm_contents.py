@@ -65,7 +65,7 @@ class VtpmContentsTests(SynchronousTestCase):
         self.env.settle()
         self.assertEqual(self.up.vtpms[self.vtpm], "new new new")
         self.assertNotIn("p3", " ".join(self.writes()[self.writes().index("new new new"):]))
-        self.assertEqual(self.cache.status()["pending"], {})
+        self.assertEqual(self.cache.status().pending, {})
 
     def test_set_resolves_the_vm_when_nothing_was_learnt(self) -> None:
         self.up.down = True
@@ -128,7 +128,7 @@ class VtpmContentsTests(SynchronousTestCase):
     def test_set_during_outage_needs_to_know_the_vm(self) -> None:
         self.up.down = True
         self.failureResultOf(self.vtpms.set(self.vtpm, "P S V"), TransientUpstreamError)
-        self.assertEqual(self.cache.status()["pending"], {})
+        self.assertEqual(self.cache.status().pending, {})
 
     def test_mapping_and_cache_survive_a_restart(self) -> None:
         self.assertEqual(self.get(), "p1 s1 v1")
@@ -145,7 +145,7 @@ class VtpmContentsTests(SynchronousTestCase):
     def test_direct_set_is_acknowledged_after_upstream_took_it(self) -> None:
         self.successResultOf(self.vtpms.set(self.vtpm, "A B C"))
         self.assertEqual(self.up.vtpms[self.vtpm], "A B C")
-        self.assertEqual(self.cache.status()["mode"], "Direct")
+        self.assertEqual(self.cache.status().mode, "Direct")
         self.assertEqual(self.up.count("get_vtpm_contents"), 0)  # the whole state: no read
 
     def test_a_vtpm_of_no_vm_of_ours_goes_straight_upstream(self) -> None:

@@ -202,7 +202,7 @@ class XapiUpstreamTests(SynchronousTestCase):
 
     def test_interface(self) -> None:
         self.assertTrue(verifyObject(IUpstream, self.up))
-        self.assertEqual(self.up.status()["reachable"], None)
+        self.assertEqual(self.up.status().reachable, None)
 
     def test_login_once_and_reuse(self) -> None:
         self.assertEqual(self.successResultOf(self.up.get_nvram(VM)), {})
@@ -212,7 +212,7 @@ class XapiUpstreamTests(SynchronousTestCase):
         login = self.xapi.calls[0][1]
         self.assertEqual(login, ["root", "", "2.21", "xguard"])
         status = self.up.status()
-        self.assertEqual((status["kind"], status["reachable"]), ("xapi", True))
+        self.assertEqual((status.kind, status.reachable), ("xapi", True))
 
     def test_concurrent_callers_share_one_login(self) -> None:
         self.xapi.script = [("hang", None)]
@@ -330,14 +330,14 @@ class XapiUpstreamTests(SynchronousTestCase):
         other = "11111111-2222-4333-8444-555555555555"
         codes = self.failure_codes(self.up.get_nvram(other), PermanentUpstreamError)
         self.assertEqual(codes, ["UUID_INVALID", "VM", other])
-        self.assertEqual(self.up.status()["reachable"], True)
+        self.assertEqual(self.up.status().reachable, True)
 
     def test_host_still_booting_is_transient(self) -> None:
         self.xapi.script = [("error", ["HOST_STILL_BOOTING"])]
         codes = self.failure_codes(self.up.get_nvram(VM), TransientUpstreamError)
         self.assertEqual(codes, ["HOST_STILL_BOOTING"])
         status = self.up.status()
-        self.assertEqual((status["reachable"], status["last_error"]), (False, "HOST_STILL_BOOTING"))
+        self.assertEqual((status.reachable, status.last_error), (False, "HOST_STILL_BOOTING"))
 
     def test_http_500_is_transient(self) -> None:
         self.xapi.script = [("http", 500)]
@@ -485,7 +485,7 @@ class RealAgentTests(SynchronousTestCase):
         factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
         codes = self.failureResultOf(d, TransientUpstreamError).value.codes
         self.assertEqual(codes, ["CONNECTION_REFUSED"])
-        self.assertEqual(self.up.status()["reachable"], False)
+        self.assertEqual(self.up.status().reachable, False)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_connect_timeout(self) -> None:

@@ -46,6 +46,7 @@ from zope.interface import implementer
 from ..errors import CacheUnavailable, TransientUpstreamError
 from ..interfaces import IItemSink, IItemWriter, IStatusSource
 from ..locks import KeyedLocks
+from ..status import CacheStatus, Quarantined
 from . import recovery
 from .flusher import Flusher, default_backoff
 from .layout import Batch, Item, Version, service_dir
@@ -92,7 +93,8 @@ class WriteBackCache:
         self.vm_locks = KeyedLocks()
         self.queue: DeferredQueue[Version] = DeferredQueue(size=queue_size)
         self.index: dict[Item, list[int]] = {}
-        self.quarantined: list[dict[str, object]] = []
+        self.sizes: dict[Version, int] = {}
+        self.quarantined: list[Quarantined] = []
         #: Why the disk refuses writes, and since when (None: it takes them).
         self.disk_error: str | None = None
         self.disk_error_since: float | None = None
@@ -132,8 +134,9 @@ class WriteBackCache:
                           "never acknowledged (the daemon stopped mid-write)",
                           service=self.service.value, n=unacknowledged)
         versions = recovery.kept_versions(actions)
+        sizes = await self.runner(self.store.sizes, versions)
         for v in versions:
-            self._record(v)
+            self._record(v, sizes[v])
         self.quarantined = await self.runner(self.store.quarantined)
         if versions:
             self.log.info("{service} cache: {n} pending items recovered",
@@ -285,9 +288,10 @@ class WriteBackCache:
             self.log.info("{service} cache: the disk takes writes again",
                           service=self.service.value)
             self.disk_error = self.disk_error_since = None
+        sizes = {version: len(content) for version, content in batch.entries}
         older = []
         for version in written:
-            self._record(version)
+            self._record(version, sizes[version])
             older += [Version(version.item, t) for t in self.index[version.item]
                       if t < version.ts]
         if older:
@@ -310,7 +314,7 @@ class WriteBackCache:
             try:
                 await self.runner(self.store.delete, version)
             except OSError:
-                self._record(version)  # still on disk: it will be delivered
+                self._record(version, 0)  # still on disk: it will be delivered
 
     async def _forget_all(self, versions: list[Version]) -> None:
         for version in versions:
@@ -328,8 +332,9 @@ class WriteBackCache:
 
         d.addBoth(done)
 
-    def _record(self, version: Version) -> None:
+    def _record(self, version: Version, size: int) -> None:
         item = version.item
+        self.sizes[version] = size
         versions = self.index.setdefault(item, [])
         if version.ts not in versions:
             versions.append(version.ts)
@@ -338,6 +343,7 @@ class WriteBackCache:
         self._last_ts[item] = max(self._last_ts.get(item, 0), version.ts)
 
     def _unindex(self, version: Version) -> None:
+        self.sizes.pop(version, None)
         versions = self.index.get(version.item)
         if versions is not None and version.ts in versions:
             versions.remove(version.ts)
@@ -388,7 +394,7 @@ class WriteBackCache:
             for item, stamps in on_disk.items():
                 for ts in stamps:
                     if ts not in self.index.get(item, []):
-                        self._record(Version(item, ts))
+                        self._record(Version(item, ts), 0)
             return sorted(on_disk)
         return self.runner(self.store.scan).addCallback(found)
 
@@ -422,26 +428,31 @@ class WriteBackCache:
     async def quarantine(self, version: Version, reason: str) -> None:
         path = await self.runner(self.store.quarantine, version, reason)
         self._unindex(version)
-        entry = {"vm": version.item.vm, "key": version.item.key, "file": path, "reason": reason}
-        self.quarantined.append(entry)
+        self.quarantined.append(Quarantined(vm=version.item.vm, key=version.item.key, file=path,
+                                            reason=reason))
         self.log.error("{service}: write of {vm} key {key} refused by upstream ({reason}); "
                        "quarantined as {file}", service=self.service.value, vm=version.item.vm,
                        key=version.item.key, reason=reason, file=path)
 
     # -- IStatusSource -----------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self) -> CacheStatus:
         per_vm: dict[str, int] = {}
         for item in self.index:
             per_vm[item.vm] = per_vm.get(item.vm, 0) + 1
-        return {
-            "service": self.service.value,
-            "mode": self.machine.mode(),
-            "enabled": bool(self.enabled()),
-            "queue_depth": len(self.queue.pending),
-            "pending": per_vm,
-            "quarantined": list(self.quarantined),
-            "last_error": self.flusher.last_error,
-            "delivered": self.flusher.delivered,
-            "disk_error": self.disk_error,
-            "disk_error_since": self.disk_error_since,
-        }
+        oldest = min((versions[0] for versions in self.index.values()), default=None)
+        return CacheStatus(
+            service=self.service.value,
+            mode=self.machine.mode(),
+            enabled=bool(self.enabled()),
+            queue_depth=len(self.queue.pending),
+            pending=per_vm,
+            quarantined=tuple(self.quarantined),
+            last_error=self.flusher.last_error,
+            delivered=self.flusher.delivered,
+            disk_error=self.disk_error,
+            disk_error_since=self.disk_error_since,
+            # Stamps are CLOCK_MONOTONIC: turned into the clock's time.
+            oldest_pending_since=None if oldest is None else
+            self.clock.seconds() - max(0, self.monotonic_ns() - oldest) / 1e9,
+            pending_bytes=sum(self.sizes.values()),
+        )

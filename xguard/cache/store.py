@@ -10,6 +10,7 @@ import os
 
 from ..durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..model import Service
+from ..status import Quarantined
 from .layout import (
     PRE_SUFFIX,
     QUARANTINE,
@@ -130,10 +131,20 @@ class DiskStore:
         self._prune(os.path.dirname(src))
         return dst
 
-    def quarantined(self) -> list[dict[str, object]]:
+    def sizes(self, versions: list[Version]) -> dict[Version, int]:
+        """The size of each version's file (0 when it is gone)."""
+        out = {}
+        for version in versions:
+            try:
+                out[version] = os.stat(version_path(self.root, self.service, version)).st_size
+            except FileNotFoundError:
+                out[version] = 0
+        return out
+
+    def quarantined(self) -> list[Quarantined]:
         """Every quarantined version of this service (survives restarts)."""
         base = os.path.join(self.root, QUARANTINE, self.service.value)
-        out: list[dict[str, object]] = []
+        out: list[Quarantined] = []
         if not os.path.isdir(base):
             return out
         for top, _dirs, files in os.walk(base):
@@ -149,6 +160,8 @@ class DiskStore:
                         reason = f.read().decode("utf-8", "replace")
                 except FileNotFoundError:
                     reason = "unknown"
-                out.append({"vm": rel[0], "key": int(rel[1]) if rel[1].isdigit() else rel[1],
-                            "file": os.path.join(top, name), "reason": reason})
-        return sorted(out, key=lambda q: str(q["file"]))
+                if not rel[1].isdigit():
+                    continue
+                out.append(Quarantined(vm=rel[0], key=int(rel[1]),
+                                       file=os.path.join(top, name), reason=reason))
+        return sorted(out, key=lambda q: q.file)

@@ -32,6 +32,7 @@ from twisted.protocols import amp
 from twisted.python import usage
 
 from .. import __version__
+from ..status import CacheStatus, DaemonStatus, UpstreamStatus, from_json
 from .commands import (
     ERRORS,
     ListSockets,
@@ -203,7 +204,8 @@ async def _status(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
     if o["json"]:
         out.write(document.rstrip("\n") + "\n")
     else:
-        out.write(format_status(json.loads(document), now=o.get("now"), tz=o.get("tz")))
+        out.write(format_status(from_json(json.loads(document)), now=o.get("now"),
+                                tz=o.get("tz")))
 
 
 _COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[None]]] = {
@@ -230,23 +232,6 @@ def format_sockets(sockets: Sequence[Mapping[str, Any]]) -> str:
     rows = [[str(s.get("service", "-")), str(s.get("vm_uuid", "-")), str(s.get("gid", "-")),
              str(s.get("path", "-"))] for s in sockets]
     return _table(["SERVICE", "VM_UUID", "GID", "PATH"], rows)
-
-
-def _count(value: Any) -> str:
-    """A count from whatever shape the document uses: a number, a list, or
-    a per-VM mapping of numbers (or of lists)."""
-    if isinstance(value, bool) or value is None:
-        return "-"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, Mapping):
-        values = list(value.values())
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-            return str(sum(values))
-        return str(sum(len(v) if isinstance(v, (list, Mapping)) else 1 for v in values))
-    if isinstance(value, (list, tuple)):
-        return str(len(value))
-    return "-"
 
 
 def duration(seconds: float) -> str:
@@ -276,26 +261,18 @@ def _since(timestamp: float, now: float | None, tz: tzinfo | None) -> str:
     return f"down for {duration(now - timestamp)}, since {clock}"
 
 
-def _reachability(upstream: Any, service: Mapping[str, Any], now: float | None,
+def _reachability(upstream: UpstreamStatus, service: CacheStatus, now: float | None,
                   tz: tzinfo | None) -> str:
-    since = service.get("outage_since")
-    if isinstance(since, (int, float)) and not isinstance(since, bool):
-        return _since(float(since), now, tz)
-    for doc in (service, upstream if isinstance(upstream, Mapping) else {}):
-        for key in ("reachable", "upstream_reachable"):
-            if isinstance(doc.get(key), bool):
-                return "reachable" if doc[key] else "unreachable"
-    return "-"
+    if service.outage_since is not None:
+        return _since(service.outage_since, now, tz)
+    if upstream.reachable is None:
+        return "-"
+    return "reachable" if upstream.reachable else "unreachable"
 
 
-def _on_off(value: Any) -> str:
-    return "-" if not isinstance(value, bool) else ("on" if value else "OFF")
-
-
-def format_status(document: Mapping[str, Any], *, now: float | None = None,
+def format_status(status: DaemonStatus, *, now: float | None = None,
                   tz: tzinfo | None = None) -> str:
-    """The Status document as a table, one service a line; missing fields
-    show as ``-`` so an older or newer daemon's document still prints.
+    """The Status document as a table, one service a line.
 
     :param now: the current time (seconds since the epoch) for outage
         durations; without it only the outage's start is shown.
@@ -304,43 +281,41 @@ def format_status(document: Mapping[str, Any], *, now: float | None = None,
     An error is shown only while it matters: a service's last error while
     its outage lasts, upstream's while it is unreachable (``--json`` keeps
     them all)."""
-    upstream = document.get("upstream")
-    upstream = upstream if isinstance(upstream, Mapping) else None
-    services = document.get("services")
-    services = services if isinstance(services, Mapping) else {}
-    sockets = document.get("sockets")
-    sockets = sockets if isinstance(sockets, Mapping) else {}
-    names = sorted(set(SERVICES) | set(services) | set(sockets))
+    upstream = status.upstream
+    names = sorted(set(SERVICES) | set(status.services) | set(status.sockets))
     rows = []
     for name in names:
-        svc = services.get(name)
-        svc = svc if isinstance(svc, Mapping) else {}
-        rows.append([name, str(svc.get("mode", "-")), _on_off(svc.get("enabled")),
-                     _count(svc.get("queue_depth")), _count(svc.get("pending")),
-                     _count(svc.get("quarantined")), _reachability(upstream, svc, now, tz),
-                     _count(sockets.get(name))])
-    lines = []
-    if upstream is not None:
-        target = upstream.get("target") or upstream.get("kind") or "-"
-        lines.append(f"upstream: {target}")
-        if upstream.get("last_error") and upstream.get("reachable") is False:
-            lines.append(f"upstream last error: {upstream['last_error']}")
-    enabled = document.get("cache_enabled")
-    if enabled is False or any(isinstance(services.get(n), Mapping)
-                               and services[n].get("enabled") is False for n in names):
+        svc = status.services.get(name)
+        if svc is None:  # a daemon that does not report it
+            rows.append([name] + ["-"] * 6 + [str(status.sockets.get(name, "-"))])
+            continue
+        rows.append([name, svc.mode, "off" if svc.cache == "off" else
+                     ("on" if svc.enabled else "OFF"),
+                     str(svc.queue_depth), str(svc.pending_items), str(len(svc.quarantined)),
+                     _reachability(upstream, svc, now, tz), str(status.sockets.get(name, 0))])
+    lines = [f"upstream: {upstream.target}"]
+    if upstream.last_error and upstream.reachable is False:
+        lines.append(f"upstream last error: {upstream.last_error}")
+    if upstream.unresponsive_since is not None:
+        lines.append("upstream unresponsive: "
+                     + _since(upstream.unresponsive_since, now, tz).replace("down", "a call"))
+    if not status.cache_enabled or any(not s.enabled for s in status.services.values()):
         lines.append("cache: OFF: writes go to upstream only and fail while it is down "
                      "(--no-cache, or the fault switch file "
                      "/tmp/fist_disable_xapi_guard_cache exists)")
-    elif enabled is True:
+    else:
         lines.append("cache: on")
-    text = "\n".join(lines) + ("\n" if lines else "")
+    for svc in status.services.values():
+        if svc.disk_error is not None:
+            lines.append(f"{svc.service} cache disk error: {svc.disk_error} "
+                         "(writes are refused until it recovers)")
+    text = "\n".join(lines) + "\n"
     text += _table(["SERVICE", "MODE", "CACHE", "QUEUE", "PENDING", "QUARANTINED", "UPSTREAM",
                     "SOCKETS"], rows)
     for name in names:
-        svc = services.get(name)
-        if (isinstance(svc, Mapping) and svc.get("last_error")
-                and svc.get("outage_since") is not None):
-            text += f"{name} last error: {svc['last_error']}\n"
+        svc = status.services.get(name)
+        if svc is not None and svc.last_error and svc.outage_since is not None:
+            text += f"{name} last error: {svc.last_error}\n"
     return text
 
 

@@ -28,6 +28,7 @@ from twisted.protocols import amp
 from ..errors import InvalidPath, InvalidUUID, PathInUse
 from ..interfaces import ISocketRegistry
 from ..model import Service, is_valid_uuid
+from ..status import DaemonStatus, to_json
 from ..vtpm_contents import VtpmContents
 from .commands import (
     ERRORS,
@@ -56,7 +57,7 @@ class ControlLocator(amp.CommandLocator):
     log = Logger()
 
     def __init__(self, registry: ISocketRegistry, vtpms: VtpmContents,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], DaemonStatus]) -> None:
         self.registry = registry
         self.vtpms = vtpms
         self.status = status
@@ -156,7 +157,7 @@ class ControlLocator(amp.CommandLocator):
     @Status.responder
     def status_document(self) -> dict[str, Any]:
         try:
-            document = json.dumps(self.status(), sort_keys=True, default=str)
+            document = json.dumps(to_json(self.status()), sort_keys=True)
         except Exception as e:
             self.log.failure("Status failed")
             raise ControlError(f"cannot build status: {e}") from e
@@ -292,7 +293,7 @@ class _ControlFactory(ServerFactory):
 
 
 def control_factory(registry: ISocketRegistry, vtpms: VtpmContents,
-                    status: Callable[[], dict[str, Any]]) -> ServerFactory:
+                    status: Callable[[], DaemonStatus]) -> ServerFactory:
     """The control channel's server factory (listen it on a 0600 socket)."""
     return _ControlFactory(ControlLocator(registry, vtpms, status))
 

@@ -33,6 +33,7 @@ from zope.interface import implementer
 
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IUpstream
+from xguard.status import UpstreamStatus
 from xguard.upstream.reachability import Reachability
 
 __all__ = ["LocalStore", "SCHEMA_VERSION", "SECUREBOOT_STATES", "local_store",
@@ -266,11 +267,11 @@ class LocalStore:
     def forget(self, vm_uuid: str) -> None:
         """Nothing is cached: every call reads the database."""
 
-    def status(self) -> dict[str, Any]:
-        return {"kind": "local", "target": self.path,
-                "reachable": self.reachability.reachable is not False,
-                "last_error": self._last_error, "calls": self._calls,
-                "schema_version": SCHEMA_VERSION}
+    def status(self) -> UpstreamStatus:
+        r = self.reachability
+        return UpstreamStatus(kind="local", target=self.path,
+                              reachable=r.reachable is not False, down_since=r.down_since,
+                              last_error=r.last_error, calls=self._calls)
 
     def close(self) -> Deferred[None]:
         self.reachability.stop()

@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from xguard.errors import NoVtpm, TransientUpstreamError, UpstreamError
 from xguard.interfaces import IUpstream
+from xguard.status import UpstreamStatus
 from xguard.upstream.agent import MAX_PERSISTENT_PER_HOST, make_client, make_pool
 from xguard.upstream.jsonrpc import (
     classify_exception,
@@ -394,16 +395,11 @@ class XapiUpstream:
         for key in [k for k, r in self._vtpm_refs.items() if r == ref]:
             del self._vtpm_refs[key]
 
-    def status(self) -> dict[str, Any]:
-        return {
-            "kind": "xapi",
-            "target": self.description,
-            "reachable": self.reachability.reachable,
-            "down_since": self.reachability.down_since,
-            "last_error": self.reachability.last_error,
-            "calls": self._calls,
-            "logged_in": self._session is not None,
-        }
+    def status(self) -> UpstreamStatus:
+        r = self.reachability
+        return UpstreamStatus(kind="xapi", target=self.description, reachable=r.reachable,
+                              down_since=r.down_since, last_error=r.last_error,
+                              calls=self._calls)
 
     def close(self) -> Deferred[None]:
         """Close kept-alive connections (the session is left to expire:

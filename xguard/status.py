@@ -1,0 +1,151 @@
+# -*- test-case-name: tests.unit.test_status -*-
+"""The daemon's status as frozen value classes, serialised in one place.
+
+The control channel's ``Status`` answer, ``xguard-ctl status``, the
+Prometheus metrics and the tests all read these classes: a field added here
+is added everywhere, and no reader guesses a document's shape. The JSON
+form (:func:`to_json`) is the ``Status`` command's document;
+:func:`from_json` reads it back, tolerating fields an older or newer daemon
+lacks or adds, so one ``xguard-ctl`` can talk to both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+import attrs
+
+__all__ = ["UpstreamStatus", "Quarantined", "CacheStatus", "DaemonStatus", "to_json",
+           "from_json"]
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class UpstreamStatus:
+    """How upstream's calls fare (see xguard.upstream.reachability)."""
+
+    kind: str  # "xapi" or "local"
+    target: str
+    #: None until a call answered or failed.
+    reachable: bool | None = None
+    #: When the current outage started (epoch seconds); None while reachable.
+    down_since: float | None = None
+    #: The transient error of the current outage; None once it answers again.
+    last_error: str | None = None
+    calls: int = 0
+    #: When the oldest call still in flight started, if it has been running
+    #: longer than the "unresponsive" threshold (a hung upstream).
+    unresponsive_since: float | None = None
+
+
+@attrs.frozen
+class Quarantined:
+    """A write upstream refused for good, moved out of the cache."""
+
+    vm: str
+    key: int
+    file: str
+    reason: str
+
+
+@attrs.frozen
+class CacheStatus:
+    """One service's write-back cache (or its absence, ``cache == "off"``)."""
+
+    service: str
+    mode: str = "Direct"
+    cache: str = "on"  # "off" with --no-cache
+    #: False while the fault switch file exists.
+    enabled: bool = True
+    queue_depth: int = 0
+    #: Pending items per VM.
+    pending: Mapping[str, int] = attrs.field(factory=dict)
+    quarantined: tuple[Quarantined, ...] = ()
+    #: Why writes are cached now (the last delivery failure, else upstream's
+    #: transient error); None once upstream answers again.
+    last_error: str | None = None
+    #: Epoch seconds; None while upstream answers.
+    outage_since: float | None = None
+    delivered: int = 0
+    #: Why the disk refuses writes now, and since when.
+    disk_error: str | None = None
+    disk_error_since: float | None = None
+    #: When the oldest pending write was acknowledged (epoch seconds).
+    oldest_pending_since: float | None = None
+    pending_bytes: int = 0
+
+    @property
+    def pending_items(self) -> int:
+        return sum(self.pending.values())
+
+
+@attrs.frozen
+class DaemonStatus:
+    """Everything ``Status`` answers."""
+
+    version: str
+    ready: bool
+    upstream: UpstreamStatus
+    #: Per service name.
+    services: Mapping[str, CacheStatus]
+    #: Domain sockets per service name.
+    sockets: Mapping[str, int]
+    #: False with --no-cache, or while the fault switch file exists.
+    cache_enabled: bool
+    #: VMs whose last known state is kept (live or across an outage).
+    known_state_vms: int = 0
+
+
+def to_json(status: DaemonStatus) -> dict[str, Any]:
+    """The ``Status`` document (plain JSON types: tuples become lists, so
+    the document equals its own JSON round trip)."""
+    return _plain(attrs.asdict(status))  # type: ignore[no-any-return]
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def from_json(doc: Mapping[str, Any]) -> DaemonStatus:
+    """Read a ``Status`` document back; unknown fields are ignored, missing
+    ones take their defaults."""
+    upstream = doc.get("upstream") if isinstance(doc.get("upstream"), Mapping) else {}
+    services = doc.get("services") if isinstance(doc.get("services"), Mapping) else {}
+    return DaemonStatus(
+        version=str(doc.get("version", "?")),
+        ready=bool(doc.get("ready", False)),
+        upstream=_build(UpstreamStatus, {"kind": "?", "target": "?", **upstream}),
+        services={str(name): _cache(str(name), svc) for name, svc in services.items()
+                  if isinstance(svc, Mapping)},
+        sockets={str(k): int(v) for k, v in _mapping(doc.get("sockets")).items()
+                 if isinstance(v, int)},
+        cache_enabled=bool(doc.get("cache_enabled", True)),
+        known_state_vms=int(doc.get("known_state_vms", 0) or 0),
+    )
+
+
+def _cache(name: str, doc: Mapping[str, Any]) -> CacheStatus:
+    fields = dict(doc)
+    fields["service"] = name
+    fields["pending"] = {str(k): int(v) for k, v in _mapping(doc.get("pending")).items()
+                         if isinstance(v, int)}
+    quarantined = doc.get("quarantined") if isinstance(doc.get("quarantined"), list) else []
+    fields["quarantined"] = tuple(
+        _build(Quarantined, {"vm": "?", "key": -1, "file": "?", "reason": "?", **q})
+        for q in quarantined if isinstance(q, Mapping))
+    return _build(CacheStatus, fields)
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _build(cls: type[T], fields: Mapping[str, Any]) -> T:
+    known = {f.name for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in fields.items() if k in known})
