@@ -1,19 +1,20 @@
 """The processes a benchmark runs: the daemon as an operator starts it
-(with the benchmark-only internal knobs in its environment), and what we
-read about a process from /proc."""
+(or built with the upstream daemon's design, bench/design_tap.py), and
+what we read about a process from /proc."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 
-from xguard.config import KNOBS_ENV
-from xguard.testing.daemon import BIN, Daemon
+from xguard.testing.daemon import BIN, REPO, Daemon
 
-#: The knob sets compared in scenario 6 (upstream-design comparison).
+#: The upstream daemon's design (bench/design_tap.py), compared in the
+#: storm and drain scenarios.
 UPSTREAM_DESIGN = ("serial", "no-coalesce", "no-handle-cache")
 #: Extra daemon options for every BenchDaemon (run.py --daemon-args), for
 #: experiments such as a longer --direct-deadline; empty = the defaults.
@@ -21,30 +22,32 @@ DAEMON_ARGS: list[str] = []
 
 
 class BenchDaemon(Daemon):
-    """``twistd -n xguard`` with the daemon's own defaults (the test
-    harness shortens deadlines, which would change what we measure), and
-    ``XGUARD_INTERNAL_KNOBS`` set from ``knobs``."""
+    """The daemon with its own defaults (the test harness shortens
+    deadlines, which would change what we measure); with ``design`` (names
+    of bench/design_tap.py), built with the upstream daemon's design."""
 
-    def __init__(self, root: str, xapi: str, *, knobs: Sequence[str] = (),
+    def __init__(self, root: str, xapi: str, *, design: Sequence[str] = (),
                  extra: Sequence[str] = ()) -> None:
         os.makedirs(root, exist_ok=True)
         super().__init__(root, xapi=xapi, extra=[*DAEMON_ARGS, *extra])
-        self.knobs = tuple(knobs)
+        self.design = tuple(design)
 
     def argv(self) -> list[str]:
-        return [os.path.join(BIN, "twistd"), "-n", "--pidfile=", "--logfile", self.log_file,
-                "xguard", "--state-dir", self.state_dir, "--sockets-file", self.sockets_file,
+        command = [sys.executable, "-m", "bench.design_daemon" if self.design else "xguard.run"]
+        design = ["--design", ",".join(self.design)] if self.design else []
+        return [*command, "-n", "--pidfile=", "--logfile", self.log_file,
+                "--state-dir", self.state_dir, "--sockets-file", self.sockets_file,
                 "--control", "unix:" + self.control, "--xapi", str(self.xapi),
-                *self.extra]
+                *design, *self.extra]
 
     def environment(self) -> dict[str, str]:
         env = super().environment()
-        env[KNOBS_ENV] = ",".join(self.knobs)
+        env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")  # bench.*
         return env
 
     def start(self, timeout: float = 120.0) -> "BenchDaemon":
-        """Start with the knobs in the environment and wait for READY=1
-        (a 2000-socket resume under load may take a while)."""
+        """Start and wait for READY=1 (a 2000-socket resume under load may
+        take a while)."""
         super().start(timeout)
         return self
 

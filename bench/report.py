@@ -35,8 +35,8 @@ def print_latency(r: dict[str, Any]) -> None:
 
 
 def print_storm(r: dict[str, Any]) -> None:
-    knobs = ",".join(r["knobs"]) or "xguard"
-    print(f"4. boot storm N={r['n']} [{knobs}]: {r['total_s']:.2f} s, request "
+    design = ",".join(r["design"]) or "xguard"
+    print(f"4. boot storm N={r['n']} [{design}]: {r['total_s']:.2f} s, request "
           f"{_ms(r['requests'])}, create p99 {r['per_kind']['create']['p99_ms']:.0f} ms, "
           f"{r['upstream_calls_per_vm']:.1f} upstream calls/VM, daemon CPU "
           f"{r['daemon_cpu_s']:.1f} s, errors {r['errors']} {r['error_samples'][:2]}", flush=True)
@@ -50,8 +50,8 @@ def print_footprint(r: dict[str, Any]) -> None:
 
 
 def print_drain(r: dict[str, Any]) -> None:
-    knobs = ",".join(r["knobs"]) or "xguard"
-    print(f"3. drain [{knobs}] {r['items']} items ({r['mode_when_cached']}): Direct after "
+    design = ",".join(r["design"]) or "xguard"
+    print(f"3. drain [{design}] {r['items']} items ({r['mode_when_cached']}): Direct after "
           f"{r['time_to_direct_s']:.2f} s (first call at {r['first_call_s']:.2f} s, delivery "
           f"{r['deliver_s']:.2f} s), {r['upstream_calls']} calls = {r['calls_per_item']:.2f}/item,"
           f" daemon CPU {r['daemon_cpu_s']:.1f} s, wrong {r['wrong_contents']}", flush=True)
@@ -69,7 +69,7 @@ def measured(results: dict[str, Any]) -> dict[str, Any]:
     if lat:
         out["direct_ratio_p50"] = lat["direct"]["ratio_p50"]
         out["cached_ratio_p50"] = lat["cached"]["ratio_p50"]
-    drains = {tuple(r["knobs"]): r for r in results.get("drain", [])}
+    drains = {tuple(r["design"]): r for r in results.get("drain", [])}
     base = drains.get(())
     if base:
         out["drain_calls_per_item"] = base["calls_per_item"]
@@ -78,7 +78,7 @@ def measured(results: dict[str, Any]) -> dict[str, Any]:
             out["drain_speedup_vs_upstream"] = up["deliver_s"] / base["deliver_s"]
     # The target is for N = 1000 only (--quick runs smaller storms).
     for r in results.get("storm", []):
-        if not r["knobs"] and r["n"] == 1000:
+        if not r["design"] and r["n"] == 1000:
             out["storm_1000_s"] = r["total_s"]
     fp = results.get("footprint")
     if fp:
@@ -98,7 +98,7 @@ def targets_table(results: dict[str, Any]) -> str:
         ok = value >= limit if name == "drain_speedup_vs_upstream" else value <= limit
         rows.append(f"| {name} | {'≥' if name == 'drain_speedup_vs_upstream' else '≤'} {limit} "
                     f"| {value:.2f} | {'yes' if ok else 'NO'} |")
-    storms = sorted((r for r in results.get("storm", []) if not r["knobs"]), key=lambda r: r["n"])
+    storms = sorted((r for r in results.get("storm", []) if not r["design"]), key=lambda r: r["n"])
     if len(storms) >= 2:
         a, b = storms[0], storms[-1]
         growth = (b["total_s"] / a["total_s"]) / (b["n"] / a["n"])
@@ -214,9 +214,9 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
     storms = results.get("storm", [])
     if storms:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for knobs, label in (((), "xguard"),
+        for design, label in (((), "xguard"),
                              (("serial", "no-coalesce", "no-handle-cache"), "upstream design")):
-            rs = sorted((r for r in storms if tuple(r["knobs"]) == knobs), key=lambda r: r["n"])
+            rs = sorted((r for r in storms if tuple(r["design"]) == design), key=lambda r: r["n"])
             if rs:
                 axes[0].plot([r["n"] for r in rs], [r["total_s"] for r in rs], "o-", label=label)
                 axes[1].plot([r["n"] for r in rs], [r["requests"]["p99_ms"] for r in rs], "o-",
@@ -238,7 +238,7 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
         for r in drains:
             curve = r["curve"]
             ax.plot([c[0] for c in curve], [c[1] for c in curve],
-                    label=",".join(r["knobs"]) or "xguard")
+                    label=",".join(r["design"]) or "xguard")
         ax.set(xlabel="seconds since the simulator came back", ylabel="items pending in cache",
                title=f"3/6. drain of {drains[0]['items']} cached items")
         ax.grid(True, alpha=0.3)

@@ -145,18 +145,18 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             if "drain" in only:
                 results["drain"] = []
                 for name in args.drains.split(","):
-                    knobs = DRAINS[name]
+                    design = DRAINS[name]
                     try:
-                        r = await scenarios.drain(ctx, keep, nmax, knobs, timeout=drain_timeout)
+                        r = await scenarios.drain(ctx, keep, nmax, design, timeout=drain_timeout)
                     except scenarios.DrainStuck as e:
                         log(f"drain [{name}] FAILED: {e}")
                         results.setdefault("drain_failures", []).append(
-                            {"knobs": list(knobs), "error": str(e)[:2000]})
+                            {"design": list(design), "error": str(e)[:2000]})
                         continue
                     results["drain"].append(r)
                     report.print_drain(r)
                     save()
-                    if not knobs:
+                    if not design:
                         results["drain_floor"] = {
                             "concurrency_8_s": await scenarios.drain_floor(ctx, nmax, 8),
                             "concurrency_1_s": await scenarios.drain_floor(ctx, nmax, 1),

@@ -185,13 +185,13 @@ async def latency(ctx: Ctx, samples: int) -> dict[str, Any]:
 
 
 # -- 4: boot storm ------------------------------------------------------------------
-async def boot_storm(ctx: Ctx, n: int, knobs: Sequence[str] = (), *, keep: bool = False,
+async def boot_storm(ctx: Ctx, n: int, design: Sequence[str] = (), *, keep: bool = False,
                      profile: str | None = None) -> tuple[dict[str, Any], BenchDaemon | None]:
     """Every VM at once: create both sockets, then swtpm's start-up (3 GETs
     and a PUT on one kept-alive connection) alongside varstored's login,
     get_NVRAM and set_NVRAM (a connection each)."""
     reactor = ctx.reactor
-    d = BenchDaemon(ctx.root("storm"), ctx.xapi, knobs=knobs).start()
+    d = BenchDaemon(ctx.root("storm"), ctx.xapi, design=design).start()
     ctl = await clients.amp_connect(reactor, d.control)
     sockdir = os.path.join(d.root, "s")
     os.makedirs(sockdir)
@@ -253,7 +253,7 @@ async def boot_storm(ctx: Ctx, n: int, knobs: Sequence[str] = (), *, keep: bool 
     ctl.transport.loseConnection()
     requests = lat["swtpm_get"] + lat["swtpm_put"] + lat["varstored"]
     result = {
-        "n": n, "knobs": list(knobs), "total_s": total, "daemon_cpu_s": cpu,
+        "n": n, "design": list(design), "total_s": total, "daemon_cpu_s": cpu,
         "requests": summary(requests), "per_kind": {k: summary(v) for k, v in lat.items()},
         "errors": len(errors), "error_samples": errors[:5],
         "upstream_calls": sim_calls(counters), "upstream_calls_per_vm": sim_calls(counters) / n,
@@ -331,13 +331,13 @@ async def _put_all(ctx: Ctx, d: BenchDaemon, paths: list[str], keys: Sequence[in
     return len(failures)
 
 
-async def drain(ctx: Ctx, d: BenchDaemon, n: int, knobs: Sequence[str],
+async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
                 poll: float = 0.05, timeout: float = 600.0) -> dict[str, Any]:
-    """Restart ``d`` with ``knobs``; 3 keys of every VM cached while the
+    """Restart ``d`` with ``design``; 3 keys of every VM cached while the
     simulator refuses; the simulator comes back: time to empty and Direct."""
     sim = ctx.sim.client
     d.stop()
-    d.knobs = tuple(knobs)
+    d.design = tuple(design)
     d.start()
     ctl = await clients.amp_connect(ctx.reactor, d.control)
     paths = [os.path.join(d.root, "s", f"{i}.t") for i in range(n)]
@@ -383,7 +383,7 @@ async def drain(ctx: Ctx, d: BenchDaemon, n: int, knobs: Sequence[str],
     ctl.transport.loseConnection()
     calls = sim_calls(counters)
     return {
-        "n": n, "knobs": list(knobs), "items": pending0, "mode_when_cached": mode0,
+        "n": n, "design": list(design), "items": pending0, "mode_when_cached": mode0,
         "warm_failures": warm, "cache_failures": failed, "cache_time_s": cache_time,
         "time_to_direct_s": total, "first_call_s": first,
         "deliver_s": total - (first or 0.0), "upstream_calls": calls,

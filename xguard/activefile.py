@@ -20,7 +20,7 @@ import attrs
 from twisted.logger import Logger
 
 from .durable import atomic_write, makedirs
-from .model import Service, is_valid_uuid
+from .model import Service, check_gid, check_socket_path, check_uuid
 
 __all__ = ["Entry", "load", "save", "dumps", "CORRUPT_SUFFIX"]
 
@@ -31,19 +31,11 @@ log = Logger(namespace="xguard.activefile")
 CORRUPT_SUFFIX = ".corrupt"
 
 
-def _valid_gid(instance: object, attribute: object, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"invalid gid {value!r}")
-
-
-def _valid_uuid(instance: object, attribute: object, value: object) -> None:
-    if not isinstance(value, str) or not is_valid_uuid(value):
-        raise ValueError(f"invalid VM uuid {value!r}")
-
-
-def _valid_path(instance: object, attribute: object, value: object) -> None:
-    if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
-        raise ValueError(f"invalid socket path {value!r}")
+def _check(check: Any) -> Any:
+    """An attrs validator from a model check (one validation everywhere)."""
+    def validate(instance: object, attribute: object, value: object) -> None:
+        check(value)
+    return validate
 
 
 @attrs.frozen
@@ -51,9 +43,9 @@ class Entry:
     """One domain socket: who it serves (``vm_uuid``, ``service``), where it
     listens (``path``) and which group may connect (``gid``)."""
 
-    vm_uuid: str = attrs.field(validator=_valid_uuid)
-    path: str = attrs.field(validator=_valid_path)
-    gid: int = attrs.field(validator=_valid_gid)
+    vm_uuid: str = attrs.field(validator=_check(check_uuid))
+    path: str = attrs.field(converter=check_socket_path)
+    gid: int = attrs.field(validator=_check(check_gid))
     service: Service = attrs.field(validator=attrs.validators.instance_of(Service))
 
     def to_json(self) -> dict[str, Any]:

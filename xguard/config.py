@@ -18,11 +18,6 @@ LOG_LEVELS = ("debug", "info", "warn", "error")
 #: The upstream daemon's fault switch: while it exists the cache is off.
 FAULT_FILE = "/tmp/fist_disable_xapi_guard_cache"
 DEFAULT_STATE_DIR = "/var/lib/xapi-guard"
-#: Environment variable holding comma-separated internal knobs.
-KNOBS_ENV = "XGUARD_INTERNAL_KNOBS"
-#: serial: one delivery at a time; no-coalesce: one upstream read-modify-write
-#: per cached item; no-handle-cache: resolve VM/vTPM references on every call.
-KNOBS = frozenset({"serial", "no-coalesce", "no-handle-cache"})
 DEFAULT_SOCKETS_FILE = "/run/nonpersistent/varstored-guard-active.json"
 DEFAULT_CONTROL = "unix:/run/xguard/control.sock"
 #: sun_path holds 108 bytes with the terminating NUL (Linux).
@@ -92,16 +87,6 @@ class Config:
     fault_file: str = FAULT_FILE
     #: Deliveries the flusher runs at once (different VMs).
     flush_concurrency: int = attrs.field(default=8, validator=_positive)
-    #: Internal knobs reproducing the upstream daemon's design, for the
-    #: benchmarks' comparison only (see :data:`KNOBS`); not an operator option.
-    knobs: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
-
-    @knobs.validator
-    def _known_knobs(self, _: attrs.Attribute[Any], value: frozenset[str]) -> None:
-        unknown = value - KNOBS
-        if unknown:
-            raise ValueError(f"unknown {KNOBS_ENV} knobs: {', '.join(sorted(unknown))}")
-
     def __attrs_post_init__(self) -> None:
         if self.xapi is not None and self.local_store is not None:
             raise ValueError("--xapi and --local-store are mutually exclusive")
@@ -120,12 +105,9 @@ class Config:
         return self.local_store or os.path.join(self.state_dir, "local-store.sqlite")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any],
-                     environ: Mapping[str, str] = os.environ) -> "Config":
+    def from_options(cls, options: Mapping[str, Any]) -> "Config":
         """Build from twistd options (``xguard.tap.Options``)."""
-        knobs = [k for k in environ.get(KNOBS_ENV, "").split(",") if k]
         return cls(
-            knobs=knobs,
             xapi=options["xapi"],
             local_store=options["local-store"],
             state_dir=options["state-dir"],

@@ -19,23 +19,30 @@ from twisted.python.failure import Failure
 
 from .errors import TransientUpstreamError, UpstreamError
 
-__all__ = ["within"]
+__all__ = ["within", "DeadlineExceeded"]
 
 T = TypeVar("T")
 _log = Logger(namespace="xguard.deadlines")
 
 
+class DeadlineExceeded(TransientUpstreamError):
+    """The work did not finish within its deadline (it goes on)."""
+
+    def __init__(self, what: str, seconds: float) -> None:
+        super().__init__(["TIMEOUT", what], f"{what}: no answer within {seconds}s")
+
+
 def within(clock: IReactorTime, seconds: float, work: "Deferred[T]",
            what: str = "upstream") -> "Deferred[T]":
-    """``work``'s result, or a TransientUpstreamError after ``seconds``."""
+    """``work``'s result, or :class:`DeadlineExceeded` (a transient error)
+    after ``seconds``."""
     if work.called:
         return work
     out: Deferred[T] = Deferred()
 
     def expire() -> None:
         if not out.called:
-            out.errback(TransientUpstreamError(
-                ["TIMEOUT", what], f"{what}: no answer within {seconds}s"))
+            out.errback(DeadlineExceeded(what, seconds))
 
     timer = clock.callLater(seconds, expire)
 

@@ -28,7 +28,9 @@ class IUpstream(Interface):
     def vtpm_for_vm(vm_uuid):  # type: ignore[no-untyped-def]
         """Deferred[str]: an opaque handle of the VM's (first) vTPM (xapi: its
         reference, found by VM.get_by_uuid and VM.get_VTPMs only); NoVtpm if
-        it has none. The local store creates one on first use."""
+        it has none. The local store creates one on first use. A handle a
+        call reported HANDLE_INVALID for is never returned again (it is
+        looked up afresh)."""
 
     def vtpm_by_uuid(vtpm_uuid):  # type: ignore[no-untyped-def]
         """Deferred[str]: the handle of the vTPM with that uuid (the same
@@ -56,7 +58,8 @@ class IUpstream(Interface):
         """Deferred[str]: create a message of class VM about the VM; its ref."""
 
     def forget(vm_uuid):  # type: ignore[no-untyped-def]
-        """Drop cached handles of a VM (its sockets were destroyed)."""
+        """Drop cached handles of a VM: its sockets were destroyed, so they
+        may change now (it stopped; it may be re-created)."""
 
     def status():  # type: ignore[no-untyped-def]
         """xguard.status.UpstreamStatus."""

@@ -97,9 +97,10 @@ class VtpmSink:
             lambda contents: _parse_state(vm_uuid, contents).get(key).encode("ascii"))
 
     async def _locked(self, vm_uuid: str, f: Callable[[str], Awaitable[T]]) -> T:
-        """``f(handle)`` under the lock of the VM's vTPM. A cached handle
-        that upstream no longer knows (HANDLE_INVALID: the vTPM was
-        re-created) is forgotten and resolved once more."""
+        """``f(handle)`` under the lock of the VM's vTPM. A handle upstream
+        no longer knows (HANDLE_INVALID: the vTPM was re-created) is never
+        handed out again (IUpstream.vtpm_for_vm), so it is looked up once
+        more, and the new handle locked."""
         for attempt in (1, 2):
             vtpm = await self.upstream.vtpm_for_vm(vm_uuid)
             await self.known.record_vtpm_handle(vm_uuid, vtpm)
@@ -108,7 +109,6 @@ class VtpmSink:
             except PermanentUpstreamError as e:
                 if attempt == 2 or e.codes[:1] != ["HANDLE_INVALID"]:
                     raise
-                self.upstream.forget(vm_uuid)
         raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
@@ -22,17 +23,26 @@ from twisted.logger import Logger
 __all__ = ["IdleTrimmer", "libc_trim"]
 
 
-def libc_trim() -> bool:
-    """``malloc_trim(0)`` where glibc provides it; False elsewhere."""
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once: ``find_library`` runs
+    ``ldconfig`` (milliseconds), not something to do on the reactor thread
+    at every trim."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
         trim = ctypes.CDLL(name).malloc_trim
     except (OSError, AttributeError):
-        return False
+        return None
     trim.argtypes = [ctypes.c_size_t]
-    return bool(trim(0))
+    return trim  # type: ignore[no-any-return]
+
+
+def libc_trim() -> bool:
+    """``malloc_trim(0)`` where glibc provides it; False elsewhere."""
+    trim = _malloc_trim()
+    return trim is not None and bool(trim(0))
 
 
 class IdleTrimmer:

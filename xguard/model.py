@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import uuid as _uuid
 from collections.abc import Mapping
 
 import attrs
+
+from .errors import InvalidPath, InvalidUUID
 
 __all__ = [
     "Service",
@@ -19,6 +22,10 @@ __all__ = [
     "NVRAM_EFI_VARIABLES",
     "is_valid_uuid",
     "normalise_update",
+    "check_uuid",
+    "check_socket_path",
+    "check_gid",
+    "MAX_SOCKET_PATH_BYTES",
 ]
 
 
@@ -132,3 +139,34 @@ def is_valid_uuid(text: str) -> bool:
         return str(_uuid.UUID(text)) == text.lower()
     except ValueError:
         return False
+
+
+#: sun_path is 108 bytes including the terminating NUL (Linux).
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def check_uuid(value: object, what: str = "VM") -> str:
+    """``value`` if it is a canonical UUID; InvalidUUID naming it otherwise."""
+    if not isinstance(value, str) or not is_valid_uuid(value):
+        raise InvalidUUID(f"invalid {what} uuid {value!r}")
+    return value
+
+
+def check_socket_path(path: object) -> str:
+    """The normalised socket path; InvalidPath naming it when it is not
+    absolute, holds a NUL byte or is too long for a UNIX socket."""
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise InvalidPath(f"socket path {path!r} is not absolute")
+    if "\0" in path:
+        raise InvalidPath(f"socket path {path!r} contains a NUL byte")
+    path = os.path.normpath(path)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise InvalidPath(f"socket path {path} is longer than {MAX_SOCKET_PATH_BYTES} bytes")
+    return path
+
+
+def check_gid(gid: object) -> int:
+    """``gid`` if it is a group id (a non-negative int); ValueError otherwise."""
+    if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
+        raise ValueError(f"invalid gid {gid!r}")
+    return gid

@@ -42,30 +42,35 @@ SYNOPSIS = "Usage: xguard [twistd options] [xguard options]"
 
 
 class _ServerOptions(twistd.ServerOptions):  # type: ignore[misc]
-    """twistd's options with xguard as the only command, without scanning
-    for plugins."""
+    """twistd's options with one plugin as the only command, without
+    scanning for plugins."""
 
     synopsis = SYNOPSIS
 
+    def __init__(self, plugin: ServiceMaker = PLUGIN) -> None:
+        self.plugin = plugin
+        super().__init__()
+
     @property
     def subCommands(self) -> Iterator[tuple[str, None, Any, str]]:
-        self.loadedPlugins = {PLUGIN.tapname: PLUGIN}
-        yield PLUGIN.tapname, None, lambda: PLUGIN.options(), PLUGIN.description
+        plugin = self.plugin
+        self.loadedPlugins = {plugin.tapname: plugin}
+        yield plugin.tapname, None, lambda: plugin.options(), plugin.description
 
 
-def _xguard_option_names() -> tuple[set[str], set[str]]:
-    """xguard's (flags, parameters) as ``--name`` strings."""
-    flags = {f"--{f[0]}" for f in Options.optFlags}
-    params = {f"--{p[0]}" for p in Options.optParameters}
+def _option_names(options: type[usage.Options]) -> tuple[set[str], set[str]]:
+    """(flags, parameters) of ``options`` as ``--name`` strings."""
+    flags = {f"--{f[0]}" for f in getattr(options, "optFlags", [])}
+    params = {f"--{p[0]}" for p in getattr(options, "optParameters", [])}
     return flags, params
 
 
-def split_argv(argv: Sequence[str]) -> list[str]:
+def split_argv(argv: Sequence[str], plugin: ServiceMaker = PLUGIN) -> list[str]:
     """Reorder one mixed option list into twistd's shape:
     ``[twistd options] xguard [xguard options]``. The two sets of names do
     not overlap; anything that is not an xguard option (with its value) is
     twistd's, in the order given. ``--`` ends twistd's part."""
-    flags, params = _xguard_option_names()
+    flags, params = _option_names(plugin.options)
     ours: list[str] = []
     theirs: list[str] = []
     i = 0
@@ -86,7 +91,7 @@ def split_argv(argv: Sequence[str]) -> list[str]:
         else:
             theirs.append(arg)
         i += 1
-    return [*theirs, PLUGIN.tapname, *ours]
+    return [*theirs, plugin.tapname, *ours]
 
 
 def help_text() -> str:
@@ -103,8 +108,9 @@ def help_text() -> str:
     ])
 
 
-def main(argv: Sequence[str] | None = None) -> NoReturn | None:
-    """The ``xguard`` console script."""
+def main(argv: Sequence[str] | None = None, plugin: ServiceMaker = PLUGIN) -> NoReturn | None:
+    """The ``xguard`` console script (``plugin``: another build of the
+    daemon, e.g. the benchmarks' upstream-design variant)."""
     args = list(sys.argv[1:] if argv is None else argv)
     before_end = args[:args.index("--")] if "--" in args else args
     if "--help" in before_end or "-h" in before_end:
@@ -113,9 +119,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn | None:
     if "--version" in before_end:
         sys.stdout.write(f"xguard {__version__} (Twisted {twisted_version})\n")
         sys.exit(0)
-    config = _ServerOptions()
+    config = _ServerOptions(plugin)
     try:
-        config.parseOptions(split_argv(args))
+        config.parseOptions(split_argv(args, plugin))
     except usage.UsageError as e:
         sys.stderr.write(f"xguard: {e}\nTry 'xguard --help'.\n")
         sys.exit(2)

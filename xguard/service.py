@@ -1,65 +1,65 @@
 # -*- test-case-name: tests.unit.test_service -*-
-"""The daemon as one service with an explicit start and stop order.
+"""The daemon as one service that starts and stops its parts in order.
 
-Start: raise the open-files limit, recover the disk cache (before anything
-listens), build the upstream, resume every domain socket of the active
-file, open the control channel, then tell systemd READY=1.
+It builds nothing: :mod:`xguard.compose` builds every part from the
+configuration and hands them over as :class:`Stage` objects, so this
+module is only the lifecycle, testable with fakes.
 
-Stop: stop accepting (control, domain sockets; socket files stay so a
-restart resumes them), let in-flight writes finish or persist, stop the
-flushers, close upstream. ``MultiService`` stops children concurrently,
-which is why the order is written out here.
+Start runs the stages in order (the instance lock, the I/O threads, the
+upstream, the last known state, the caches' recovery, the domain sockets,
+the control channel …); a stage that fails stops the start, and the daemon
+exits 1. Readiness (``READY=1``) is only told once every stage started.
+
+Stop runs the ``stop`` of every started stage in reverse order (so the
+control channel and the domain sockets stop accepting before in-flight
+writes are persisted, and the upstream and the threads go last). A stop
+that fails is logged and the next still runs; one that takes longer than
+``stop_timeout`` is left behind (logged) so that shutdown always finishes.
+``MultiService`` would stop children concurrently, which is why the order
+is written out here.
 """
 
 from __future__ import annotations
 
-import fcntl
-import os
-import signal
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.interfaces import IListeningPort, IReactorCore
-from twisted.internet.threads import deferToThreadPool
+from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
-from twisted.python.threadpool import ThreadPool
-from twisted.web.server import Site
+from twisted.python.failure import Failure
 
-from . import __version__, rlimits, sdnotify
-from .cache.cache import WriteBackCache
-from .cache.known import KnownState
-from .config import Config
-from .control.server import control_endpoint, control_factory
-from .domain.site import DomainSite
-from .domain.sockets import SocketRegistry
-from .domain.swtpm import SwtpmSocket
-from .domain.varstored import VarstoredSocket
-from .durable import makedirs
-from .interfaces import IItemSink, IItemWriter, IUpstream
-from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
-from .locks import KeyedLocks
+from .deadlines import DeadlineExceeded, within
 from .logconfig import attach as attach_log_observer
-from .memory import IdleTrimmer
-from .model import Service as Kind
-from .status import CacheStatus, DaemonStatus
-from .upstream.local import local_store
-from .upstream.xapi import xapi_upstream
-from .vtpm_contents import VtpmContents
+from .process import ExitStatus
+from .status import DaemonStatus
 
-__all__ = ["XguardService", "build_service"]
+__all__ = ["Stage", "XguardService"]
+
+Step = Callable[[], "Awaitable[Any] | Deferred[Any] | None"]
 
 
-def build_service(config: Config, reactor: Any) -> "XguardService":
-    """The daemon for ``config`` on ``reactor`` (nothing starts yet)."""
-    return XguardService(config, reactor)
+@attrs.frozen
+class Stage:
+    """One part of the daemon: how it starts, and how it stops."""
+
+    name: str
+    start: Step
+    stop: Step | None = None
 
 
 class XguardService(Service):
-    """Owns the components and their start/stop order."""
+    """Starts ``stages`` in order, stops the started ones in reverse.
+
+    :param stages: the daemon's parts, in start order.
+    :param ready: called once every stage started (tells systemd READY=1).
+    :param status: builds the Status document (the control channel's).
+    :param exit_status: makes a failed start exit 1 (and SIGTERM exit 0).
+    :param stop_timeout: seconds one stop step may take before shutdown
+        goes on without it.
+    """
 
     log = Logger()
     name = "xguard"
@@ -67,23 +67,20 @@ class XguardService(Service):
     #: severities), set by xguard.tap; see xguard.logconfig.
     log_observer: ILogObserver | None = None
 
-    def __init__(self, config: Config, reactor: Any,
-                 monotonic_ns: Callable[[], int] = time.monotonic_ns) -> None:
-        self.config = config
-        self.reactor = reactor
-        self.monotonic_ns = monotonic_ns
-        self.upstream: IUpstream | None = None
-        self.caches: dict[Kind, WriteBackCache] = {}
-        self.registry: SocketRegistry | None = None
-        self.known: KnownState | None = None
-        self._writers: list[IItemWriter] = []
-        self.control_port: IListeningPort | None = None
-        self._pool: ThreadPool | None = None
-        self._instance_lock: int | None = None
-        self._started: Deferred[None] | None = None
+    def __init__(self, stages: Sequence[Stage], *, clock: IReactorTime,
+                 ready: Callable[[], None], status: Callable[[], DaemonStatus],
+                 exit_status: ExitStatus, privileged: Callable[[], None] = lambda: None,
+                 stop_timeout: float = 10.0) -> None:
+        self.stages = list(stages)
+        self.clock = clock
+        self._ready = ready
+        self.status = status
+        self.exit_status = exit_status
+        self._privileged = privileged
+        self.stop_timeout = stop_timeout
         self.ready = False
-        self.connections = 0
-        self._trimmer: IdleTrimmer | None = None
+        self._started: list[Stage] = []
+        self._starting: Deferred[None] | None = None
 
     # -- start ---------------------------------------------------------------
     def setServiceParent(self, parent: Any) -> None:
@@ -92,262 +89,47 @@ class XguardService(Service):
         super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
-        rlimits.raise_nofile()
+        self._privileged()
         super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()
-        self.reactor.callWhenRunning(self._handle_signals)
-        self._started = ensureDeferred(self._start())
-        self._started.addErrback(self._start_failed)
+        self.exit_status.install()
+        self._starting = ensureDeferred(self._start())
+        self._starting.addErrback(self._start_failed)
 
     async def _start(self) -> None:
-        cfg = self.config
-        self.log.info("xguard {version} starting", version=__version__)
-        makedirs(cfg.state_dir, 0o700)
-        # Before anything else: a second daemon on the same state would
-        # fight over the cache, the sockets and the active-sockets file.
-        self._instance_lock = _lock_instance(os.path.join(cfg.state_dir, "xguard.lock"))
-        if cfg.control_path is not None:
-            _remove_stale_socket(cfg.control_path)
-        self._pool = ThreadPool(minthreads=1, maxthreads=4, name="xguard-io")
-        self._pool.start()
-        self.upstream = await self._make_upstream()
-        self.log.info("upstream: {target}", target=self.upstream.description)
-        if cfg.knobs:
-            self.log.warn("internal benchmark knobs in force: {knobs}",
-                          knobs=",".join(sorted(cfg.knobs)))
-        # --no-cache is the pre-cache behaviour: nothing of a VM is kept
-        # locally, so reads fail while upstream is down, like writes.
-        self.known = KnownState(cfg.state_dir, runner=self._run_blocking,
-                                is_live=lambda vm: not cfg.no_cache and self.registry is not None
-                                and self.registry.serves(vm))
-        if not cfg.no_cache:
-            await self.known.open()
-        locks = KeyedLocks()
-        vtpm_sink = VtpmSink(self.upstream, locks, self.known)
-        nvram_sink = NvramSink(self.upstream, locks, self.known)
-        swtpm_writer = self._writer(vtpm_sink)
-        nvram_writer = self._writer(nvram_sink)
-        self._writers = [swtpm_writer, nvram_writer]
-        for cache in self.caches.values():
-            await cache.recover()
-        deadline = cfg.direct_deadline
-        tpm_store = TpmStore(swtpm_writer, vtpm_sink, self.known, clock=self.reactor,
-                             deadline=deadline)
-        nvram_store = NvramStore(nvram_writer, nvram_sink, self.known, clock=self.reactor,
-                                 deadline=deadline)
-        upstream = self.upstream
-
-        def site_for(kind: Kind, vm_uuid: str) -> Site:
-            if kind is Kind.SWTPM:
-                resource = SwtpmSocket(vm_uuid, tpm_store).resource()
-            else:
-                resource = VarstoredSocket(vm_uuid, upstream, nvram_store).resource()
-            return DomainSite(resource, reactor=self.reactor, timeout=cfg.request_timeout,
-                              on_connection=self._count_connection)
-
-        self.registry = SocketRegistry(
-            self.reactor, cfg.sockets_file, site_for, on_forget=self._vm_gone,
-            runner=self._run_blocking,
-        )
-        await self.registry.resume()
-        upstream.reachability.subscribe(self._upstream_reachable)
-        for cache in self.caches.values():
-            cache.start()
-        registry = self.registry
-        vtpms = VtpmContents(
-            upstream, vtpm_sink, swtpm_writer, self.known,
-            candidates=lambda: registry.vms(Kind.SWTPM),
-            clock=self.reactor, deadline=deadline)
-        self.control_port = await self._listen_control(
-            control_factory(registry=self.registry, vtpms=vtpms, status=self.status))
-        self._trimmer = IdleTrimmer(self.reactor, lambda: self.connections)
-        self._trimmer.start()
+        for stage in self.stages:
+            self.log.debug("starting {stage}", stage=stage.name)
+            await maybeDeferred(stage.start)
+            self._started.append(stage)
         self.ready = True
-        sdnotify.notify("READY=1")
-        self.log.info("xguard ready: {sockets} domain sockets, cache {cache}",
-                      sockets=len(self.registry.entries()),
-                      cache="off" if cfg.no_cache else "on")
+        self._ready()
 
-    async def _make_upstream(self) -> IUpstream:
-        """xapi when --xapi is given (start-up never waits for it), else
-        the embedded store, opened now so a broken database fails start-up."""
-        cfg = self.config
-        if cfg.xapi is not None:
-            return xapi_upstream(self.reactor, cfg.xapi, cfg.xapi_timeout,
-                                 cache_handles="no-handle-cache" not in cfg.knobs)
-        path = cfg.store_path
-        assert path is not None
-        makedirs(os.path.dirname(os.path.abspath(path)), 0o700)
-        store = local_store(self.reactor, path)
-        await store.open()
-        return store
-
-    def _writer(self, sink: IItemSink) -> IItemWriter:
-        cfg = self.config
-        if cfg.no_cache:
-            return DirectWriter(sink)
-        cache = WriteBackCache(
-            sink,
-            cfg.state_dir,
-            clock=self.reactor,
-            runner=self._run_blocking,
-            monotonic_ns=self.monotonic_ns,
-            queue_size=cfg.queue_size,
-            direct_deadline=cfg.direct_deadline,
-            max_concurrency=1 if "serial" in cfg.knobs else cfg.flush_concurrency,
-            coalesce="no-coalesce" not in cfg.knobs,
-            enabled=lambda: not os.path.exists(cfg.fault_file),
-        )
-        self.caches[sink.service] = cache
-        return cache
-
-    def _vm_gone(self, vm_uuid: str) -> None:
-        """The VM's last socket was destroyed (it stopped, or reboots)."""
-        assert self.upstream is not None and self.known is not None
-        self.upstream.forget(vm_uuid)
-        self.known.vm_gone(vm_uuid, self.upstream.reachability.reachable).addErrback(
-            lambda f: self.log.failure("dropping the last known state of {vm} failed", f,
-                                       vm=vm_uuid))
-
-    def _upstream_reachable(self, up: bool) -> None:
-        """Upstream answers again: cached writes go now, and the copies of
-        VMs that stopped during the outage are dropped."""
-        if not up or self.known is None:
-            return
-        for cache in self.caches.values():
-            cache.upstream_answers()
-        self.known.sweep(lambda vm: any(w.has_pending(vm) for w in self._writers)).addErrback(
-            lambda f: self.log.failure("sweeping the last known state failed", f))
-
-    def _count_connection(self) -> None:
-        self.connections += 1
-
-    def _run_blocking(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        """Blocking file I/O (fsyncs) off the reactor thread."""
-        assert self._pool is not None
-        return deferToThreadPool(self.reactor, self._pool, f, *args, **kwargs)
-
-    async def _listen_control(self, factory: Any) -> IListeningPort:
-        # A stale file at the path was removed (a live one refused) before
-        # anything started: see _start.
-        path = self.config.control_path
-        if path is not None:
-            makedirs(os.path.dirname(path), 0o755)
-        port: IListeningPort = await control_endpoint(
-            self.reactor, self.config.control).listen(factory)
-        if path is not None:
-            os.chmod(path, 0o600)
-        return port
-
-    def _start_failed(self, failure: Any) -> None:
+    def _start_failed(self, failure: Failure) -> None:
         self.log.failure("xguard failed to start", failure)
-        # twistd has no way to set an exit status: leave with 1 once the
-        # reactor has shut down so systemd sees the failure.
-        self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
-        assert IReactorCore.providedBy(self.reactor)
-        # The failure may come before the reactor runs (startService is
-        # called first): stop it once it does.
-        self.reactor.callWhenRunning(self.reactor.stop)
-
-    def _handle_signals(self) -> None:
-        """SIGTERM/SIGINT shut down cleanly and exit 0 (SPEC §2). Twisted's
-        own handlers make twistd re-raise the signal after shutdown, which
-        systemd and the orchestrator would see as a crash."""
-
-        def stop(signum: int, frame: object) -> None:
-            self.log.info("received signal {signum}, shutting down", signum=signum)
-            self.reactor.callFromThread(self.reactor.stop)
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-
-    # -- status --------------------------------------------------------------
-    def status(self) -> DaemonStatus:
-        """The control channel's Status document."""
-        assert self.upstream is not None and self.registry is not None
-        reachability = self.upstream.reachability
-        services = {}
-        for kind in Kind:
-            cache = self.caches.get(kind)
-            svc = (cache.status() if cache is not None
-                   else CacheStatus(service=kind.value, cache="off", enabled=False))
-            services[kind.value] = attrs.evolve(
-                svc, outage_since=reachability.down_since,
-                # Why writes are cached: the flusher's last failure, else what
-                # made upstream unreachable; cleared when it answers again.
-                last_error=svc.last_error or reachability.last_error)
-        return DaemonStatus(
-            version=__version__,
-            ready=self.ready,
-            cache_enabled=not self.config.no_cache and not os.path.exists(self.config.fault_file),
-            upstream=self.upstream.status(),
-            sockets=self.registry.count_by_service(),
-            services=services,
-            known_state_vms=len(self.known.kept()) if self.known is not None else 0,
-        )
+        self.exit_status.start_failed()
 
     # -- stop ----------------------------------------------------------------
-    def stopService(self) -> Deferred[None]:
+    def stopService(self) -> "Deferred[None]":
         super().stopService()
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
         self.log.info("xguard stopping")
-        sdnotify.notify("STOPPING=1")
-        if self._started is not None and not self._started.called:
-            self._started.cancel()
-        if self._trimmer is not None:
-            self._trimmer.stop()
-        if self.control_port is not None:
-            await self.control_port.stopListening()
-        if self.registry is not None:
-            await self.registry.stop_accepting()
-        for cache in self.caches.values():
-            await cache.stop()
-        if self.known is not None and not self.config.no_cache:
+        if self._starting is not None and not self._starting.called:
+            self._starting.cancel()
+        self.ready = False
+        while self._started:
+            stage = self._started.pop()
+            if stage.stop is None:
+                continue
             try:
-                await self.known.close()
+                await within(self.clock, self.stop_timeout, maybeDeferred(stage.stop),
+                             f"stopping {stage.name}")
+            except DeadlineExceeded:
+                self.log.error("stopping {stage} takes longer than {seconds}s: going on "
+                               "without it", stage=stage.name, seconds=self.stop_timeout)
             except Exception:
-                self.log.failure("syncing the last known state failed")
-        if self.upstream is not None:
-            await self.upstream.close()
-        if self._pool is not None:
-            self._pool.stop()
-        if self._instance_lock is not None:
-            os.close(self._instance_lock)  # releases the flock
-            self._instance_lock = None
+                self.log.failure("stopping {stage} failed; going on", stage=stage.name)
         self.log.info("xguard stopped")
-
-
-def _lock_instance(path: str) -> int:
-    """Hold an exclusive flock on ``path`` for the daemon's lifetime (the
-    kernel drops it if the process dies, so a crash never leaves it stale)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OSError(f"another xguard is running on {os.path.dirname(path)} "
-                      f"(it holds {path})") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, b"%d\n" % os.getpid())
-    return fd
-
-
-def _remove_stale_socket(path: str) -> None:
-    """A control socket left by a previous run would make listen fail."""
-    import socket
-
-    if not os.path.exists(path):
-        return
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)
-    else:
-        raise OSError(f"control socket {path} is in use by another process")
-    finally:
-        probe.close()

@@ -73,8 +73,8 @@ def makeService(options: Options) -> IService:
     log goes; see :mod:`xguard.logconfig`."""
     from twisted.internet import reactor
 
+    from .compose import build_service
     from .logconfig import observer_for
-    from .service import build_service
 
     service = build_service(options.config, reactor)
     twistd = getattr(options, "parent", None)

@@ -7,7 +7,6 @@ import shutil
 import sqlite3
 import stat
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -21,7 +20,6 @@ from xguard.upstream.local import (
     SCHEMA_VERSION,
     LocalStore,
     open_database,
-    threadpool_runner,
     upgrade,
 )
 
@@ -135,12 +133,9 @@ class LocalStoreTests(SynchronousTestCase):
         self.assertIsNone(self.result(self.store.vm_record(VM)))
 
     def test_close(self) -> None:
-        closed: list[bool] = []
-        store = LocalStore(self.path, sync_runner, clock=Clock(),
-                           on_close=lambda: closed.append(True))
+        store = LocalStore(self.path, sync_runner, clock=Clock())
         self.result(store.ensure_vm(VM))
         self.result(store.close())
-        self.assertEqual(closed, [True])
         f = self.failureResultOf(store.ensure_vm(VM), TransientUpstreamError)
         self.assertEqual(f.value.codes[0], "LOCAL_STORE_CLOSED")
         self.result(store.close())  # twice is fine
@@ -201,43 +196,3 @@ class UpgradeTests(SynchronousTestCase):
         self.assertFalse(conn.in_transaction)
         self.assertEqual(self.tables(conn), {"a"})
         self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 1)
-
-
-class FakeThreadReactor:
-    """callFromThread queues; the test runs the queue after joining."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-        self.triggers: dict[int, Any] = {}
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self.queue.append((f, args))
-
-    def addSystemEventTrigger(self, phase: str, event: str, f: Callable[[], None]) -> int:
-        self.triggers[len(self.triggers)] = (phase, event, f)
-        return len(self.triggers) - 1
-
-    def removeSystemEventTrigger(self, handle: int) -> None:
-        del self.triggers[handle]
-
-
-class ThreadpoolRunnerTests(SynchronousTestCase):
-    def test_runs_in_pool_and_stops(self) -> None:
-        reactor = FakeThreadReactor()
-        runner, stop = threadpool_runner(reactor)
-        self.assertEqual([t[:2] for t in reactor.triggers.values()], [("during", "shutdown")])
-        d = runner(lambda x: x * 2, 21)
-        stop()  # joins the thread: the job is done
-        stop()
-        for f, args in reactor.queue:
-            f(*args)
-        self.assertEqual(self.successResultOf(d), 42)
-        self.assertEqual(reactor.triggers, {})
-
-    def test_shutdown_trigger_stops(self) -> None:
-        reactor = FakeThreadReactor()
-        runner, stop = threadpool_runner(reactor)
-        runner(lambda: None)
-        (_, _, at_shutdown), = reactor.triggers.values()
-        at_shutdown()
-        stop()  # no error removing a fired trigger

@@ -13,7 +13,6 @@ sees a byte, whatever the socket file's mode became.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -25,9 +24,9 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols import amp
 
-from ..errors import InvalidPath, InvalidUUID, PathInUse
+from ..errors import PathInUse
 from ..interfaces import ISocketRegistry
-from ..model import Service, is_valid_uuid
+from ..model import Service, check_socket_path, check_uuid
 from ..status import DaemonStatus, to_json
 from ..vtpm_contents import VtpmContents
 from .commands import (
@@ -93,8 +92,8 @@ class ControlLocator(amp.CommandLocator):
         op = f"{service.value}.create"
         self.log.info("{dbg}: {op} vm={vm_uuid} gid={gid} path={path}",
                       dbg=dbg, op=op, vm_uuid=vm_uuid, gid=gid, path=path)
-        _check_uuid(vm_uuid, "VM")
-        _check_path(path)
+        check_uuid(vm_uuid, "VM")
+        check_socket_path(path)
 
         async def create() -> None:
             try:
@@ -109,7 +108,7 @@ class ControlLocator(amp.CommandLocator):
     async def _destroy(self, service: Service, dbg: str, gid: int, path: str) -> None:
         op = f"{service.value}.destroy"
         self.log.info("{dbg}: {op} gid={gid} path={path}", dbg=dbg, op=op, gid=gid, path=path)
-        _check_path(path)
+        check_socket_path(path)
 
         async def destroy() -> None:
             await self.registry.destroy(service, gid, path)
@@ -122,7 +121,7 @@ class ControlLocator(amp.CommandLocator):
                                 contents: str) -> dict[str, Any]:
         self.log.info("{dbg}: vtpm.set_contents vtpm={vtpm_uuid} size={size}",
                       dbg=dbg, vtpm_uuid=vtpm_uuid, size=len(contents))
-        _check_uuid(vtpm_uuid, "vTPM")
+        check_uuid(vtpm_uuid, "vTPM")
 
         async def set_contents() -> None:
             # Ordered with the swtpm socket's writes and the cache (SPEC §6).
@@ -134,7 +133,7 @@ class ControlLocator(amp.CommandLocator):
     @VtpmGetContents.responder
     async def vtpm_get_contents(self, dbg: str, vtpm_uuid: str) -> dict[str, Any]:
         self.log.info("{dbg}: vtpm.get_contents vtpm={vtpm_uuid}", dbg=dbg, vtpm_uuid=vtpm_uuid)
-        _check_uuid(vtpm_uuid, "vTPM")
+        check_uuid(vtpm_uuid, "vTPM")
 
         async def get_contents() -> str:
             return await self.vtpms.get(vtpm_uuid)
@@ -178,18 +177,6 @@ class ControlLocator(amp.CommandLocator):
             raise ControlError(f"{op} failed: {type(e).__name__}: {e}") from e
         self.log.debug("{dbg}: {op} done", dbg=dbg, op=op)
         return result
-
-
-def _check_uuid(value: str, what: str) -> None:
-    if not is_valid_uuid(value):
-        raise InvalidUUID(f"invalid {what} uuid {value!r}")
-
-
-def _check_path(path: str) -> None:
-    if not path or not os.path.isabs(path):
-        raise InvalidPath(f"socket path {path!r} is not absolute")
-    if "\0" in path:
-        raise InvalidPath(f"socket path {path!r} contains a NUL byte")
 
 
 def _wire_entry(entry: dict[str, Any]) -> dict[str, Any]:

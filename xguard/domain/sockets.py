@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
@@ -41,9 +39,11 @@ from zope.interface import implementer
 from .. import activefile
 from ..activefile import Entry
 from ..durable import safe_unlink
-from ..errors import InvalidPath, InvalidUUID, PathInUse
+from ..errors import InvalidPath, PathInUse
 from ..interfaces import ISocketRegistry
-from ..model import Service, is_valid_uuid
+from ..model import MAX_SOCKET_PATH_BYTES, Service
+from ..observer import OneShotObserver
+from ..unixsock import Found, probe
 
 __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES"]
 
@@ -52,8 +52,7 @@ __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES"]
 #: EAGAIN while the reactor is busy; 16 costs nothing and absorbs bursts.
 BACKLOG = 16
 SOCKET_MODE = 0o660
-#: sun_path is 108 bytes including the terminating NUL (Linux).
-MAX_PATH_BYTES = 107
+MAX_PATH_BYTES = MAX_SOCKET_PATH_BYTES
 #: Suffix of the temporary second link that keeps a socket file on shutdown.
 KEEP_SUFFIX = ".xg-keep"
 
@@ -75,31 +74,6 @@ class _Socket:
     entry: Entry
     port: IListeningPort | None = None
     state: str = "opening"  # opening -> open -> closing
-
-
-def _probe(path: str) -> str:
-    """What is at ``path``: 'absent', 'stale' (a socket file nobody listens
-    on), 'live' (a listener accepts or its backlog is full) or 'other'."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return "absent"
-    if not stat.S_ISSOCK(st.st_mode):
-        return "other"
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.setblocking(False)
-        probe.connect(path)
-    except ConnectionRefusedError:
-        return "stale"
-    except FileNotFoundError:
-        return "absent"
-    except OSError:
-        # EAGAIN (backlog full), EACCES …: someone owns it; never steal it.
-        return "live"
-    finally:
-        probe.close()
-    return "live"
 
 
 @implementer(ISocketRegistry)
@@ -131,7 +105,7 @@ class SocketRegistry:
         self._sockets: dict[str, _Socket] = {}
         self._per_vm: dict[str, int] = {}  # reserved slots per VM
         self._file_lock = DeferredLock()
-        self._save_waiters: list[Deferred[None]] | None = None
+        self._next_save: OneShotObserver[None] | None = None
         self._stopped = False
 
     # -- queries ---------------------------------------------------------------
@@ -196,15 +170,15 @@ class SocketRegistry:
         """Listen on the slot's path (replacing a stale socket file), then
         set its mode and owner; undo the listen if that fails."""
         entry = sock.entry
-        found = _probe(entry.path)
-        if found == "live":
+        found = probe(entry.path)
+        if found is Found.LIVE:
             raise PathInUse(f"socket path {entry.path} is in use by a live listener")
-        if found == "other":
+        if found is Found.OTHER:
             raise PathInUse(f"socket path {entry.path} exists and is not a socket")
         parent = os.path.dirname(entry.path)
         if not os.path.isdir(parent):
             raise InvalidPath(f"directory {parent} of socket path {entry.path} does not exist")
-        if found == "stale":
+        if found is Found.STALE:
             # Routine: every socket kept across a restart is stale until resumed.
             self.log.debug("replacing stale socket file {path}", path=entry.path)
             safe_unlink(entry.path)
@@ -311,29 +285,21 @@ class SocketRegistry:
         """Rewrite the active file with every open socket. Rewrites run one
         at a time; requests made while one waits for the lock share the next
         rewrite (its snapshot is taken when it runs, so it includes them)."""
-        d: Deferred[None] = Deferred()
-        if self._save_waiters is not None:
-            self._save_waiters.append(d)
-            return d
-        waiters = self._save_waiters = [d]
+        if self._next_save is not None:
+            return self._next_save.when_fired()
+        save = self._next_save = OneShotObserver()
 
         def write() -> "Deferred[None]":
-            self._save_waiters = None  # later changes need a later snapshot
+            self._next_save = None  # later changes need a later snapshot
             entries = [s.entry for s in self._open_sockets()]
             written = maybeDeferred(self._runner, activefile.save, self._active_file, entries)
             # Tell the waiters while the lock is still held, so a create
             # whose save failed is marked closing before the next snapshot.
-            return written.addBoth(notify)
-
-        def notify(result: Any) -> None:
-            for waiter in waiters:
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(None)
+            return written.addBoth(lambda result: save.fire(
+                result if isinstance(result, Failure) else None))
 
         self._file_lock.run(write)
-        return d
+        return save.when_fired()
 
     # -- resume / stop -----------------------------------------------------------
     def resume(self) -> "Deferred[None]":
@@ -415,20 +381,10 @@ class SocketRegistry:
 
 
 def _validate(service: Service | str, vm_uuid: str, gid: int, path: str) -> Entry:
-    """The entry to serve, with a normalised path, or the error to report."""
+    """The entry to serve, with a normalised path, or the error to report
+    (InvalidUUID, InvalidPath, ValueError)."""
     try:
         service = Service(service)
     except ValueError:
         raise ValueError(f"unknown service {service!r}") from None
-    if not isinstance(vm_uuid, str) or not is_valid_uuid(vm_uuid):
-        raise InvalidUUID(f"invalid VM uuid {vm_uuid!r}")
-    if not isinstance(path, str) or not os.path.isabs(path):
-        raise InvalidPath(f"socket path {path!r} is not absolute")
-    if "\0" in path:
-        raise InvalidPath(f"socket path {path!r} contains a NUL byte")
-    path = os.path.normpath(path)
-    if len(os.fsencode(path)) > MAX_PATH_BYTES:
-        raise InvalidPath(f"socket path {path} is longer than {MAX_PATH_BYTES} bytes")
-    if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
-        raise ValueError(f"invalid gid {gid!r} for socket {path}")
     return Entry(vm_uuid=vm_uuid, path=path, gid=gid, service=service)

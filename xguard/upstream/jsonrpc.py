@@ -29,8 +29,8 @@ from typing import Any
 
 from twisted.internet import error as net_error
 from twisted.internet.defer import CancelledError
-from twisted.web import _newclient
 
+from xguard._internals.twisted_web import NO_ANSWER
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 
 __all__ = [
@@ -71,11 +71,7 @@ TRANSIENT_CODES: frozenset[str] = frozenset({
 # Failures of the transport: whatever their detail, nobody answered.
 _CONNECTION_LOST = (
     net_error.ConnectionClosed,  # ConnectionLost, ConnectionDone
-    _newclient.ResponseFailed,  # includes ResponseNeverReceived
-    _newclient.RequestTransmissionFailed,
-    _newclient.RequestNotSent,
-    _newclient.ConnectionAborted,
-    _newclient.ParseError,  # garbled HTTP from a dying server
+    *NO_ANSWER,
 )
 
 

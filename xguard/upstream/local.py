@@ -26,9 +26,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
@@ -36,8 +34,7 @@ from xguard.interfaces import IUpstream
 from xguard.status import UpstreamStatus
 from xguard.upstream.reachability import Reachability
 
-__all__ = ["LocalStore", "SCHEMA_VERSION", "SECUREBOOT_STATES", "local_store",
-           "threadpool_runner"]
+__all__ = ["LocalStore", "SCHEMA_VERSION", "SECUREBOOT_STATES"]
 
 #: The schema version this code writes; local-v{SCHEMA_VERSION}.sql exists.
 SCHEMA_VERSION = 1
@@ -115,7 +112,7 @@ class LocalStore:
     """IUpstream on an SQLite database (SPEC §5): records are created on
     first use, so a host with no xapi simply works."""
 
-    _log = Logger()
+    log = Logger()
 
     def __init__(
         self,
@@ -123,14 +120,12 @@ class LocalStore:
         runner: Runner,
         *,
         clock: IReactorTime,
-        on_close: Callable[[], None] | None = None,
         new_uuid: Callable[[], str] = lambda: str(_uuid.uuid4()),
     ) -> None:
         self.path = path
         self.description = f"local store {path}"
         self.reachability = Reachability(clock, self.description)
         self._runner = runner
-        self._on_close = on_close
         self._new_uuid = new_uuid
         self._conn: sqlite3.Connection | None = None
         self._closed = False
@@ -143,7 +138,7 @@ class LocalStore:
             raise TransientUpstreamError(["LOCAL_STORE_CLOSED", self.path])
         if self._conn is None:
             self._conn, found = open_database(self.path)
-            self._log.info("Opened local store {path} (schema v{version}, was v{found})",
+            self.log.info("Opened local store {path} (schema v{version}, was v{found})",
                            path=self.path, version=SCHEMA_VERSION, found=found)
         return self._conn
 
@@ -201,7 +196,7 @@ class LocalStore:
                 return existing
             vtpm_uuid = self._new_uuid()
             conn.execute("INSERT INTO vtpm (uuid, vm_uuid) VALUES (?, ?)", (vtpm_uuid, vm_uuid))
-            self._log.info("Created vTPM {vtpm_uuid} for VM {vm_uuid}",
+            self.log.info("Created vTPM {vtpm_uuid} for VM {vm_uuid}",
                            vtpm_uuid=vtpm_uuid, vm_uuid=vm_uuid)
             return vtpm_uuid
         return self._run(find).addCallback(found)
@@ -281,11 +276,8 @@ class LocalStore:
             if conn is not None:
                 conn.close()
 
-        def done(result: Any) -> Any:
-            if self._on_close is not None:
-                self._on_close()
-            return result
-        return self._runner(work).addBoth(done)
+        result: Deferred[None] = self._runner(work)
+        return result
 
     # -- administration (tests, xguard-ctl) ----------------------------------
     def vm_record(self, vm_uuid: str) -> Deferred[dict[str, Any] | None]:
@@ -336,40 +328,3 @@ def _first_vtpm(conn: sqlite3.Connection, vm_uuid: str) -> str | None:
 
 def _insert_vm(conn: sqlite3.Connection, vm_uuid: str) -> None:
     conn.execute("INSERT OR IGNORE INTO vm (uuid) VALUES (?)", (vm_uuid,))
-
-
-def threadpool_runner(
-    reactor: Any, name: str = "xguard-local-store",
-) -> tuple[Runner, Callable[[], None]]:
-    """A runner on a private one-thread pool, and its idempotent ``stop``.
-
-    The thread starts on first use (no side effect at construction); ``stop``
-    is also hooked to reactor shutdown so a forgotten pool cannot keep the
-    process alive.
-    """
-    pool = ThreadPool(minthreads=1, maxthreads=1, name=name)
-    trigger: list[Any] = []
-
-    def runner(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
-        if not pool.started and not pool.joined:
-            pool.start()
-        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
-
-    def stop() -> None:
-        if trigger:
-            reactor.removeSystemEventTrigger(trigger.pop())
-        if not pool.joined:
-            pool.stop()
-
-    def at_shutdown() -> None:
-        trigger.clear()  # fired triggers cannot be removed
-        stop()
-
-    trigger.append(reactor.addSystemEventTrigger("during", "shutdown", at_shutdown))
-    return runner, stop
-
-
-def local_store(reactor: Any, path: str) -> LocalStore:
-    """A LocalStore on its own thread, stopped when the store is closed."""
-    runner, stop = threadpool_runner(reactor)
-    return LocalStore(path, runner, clock=reactor, on_close=stop)

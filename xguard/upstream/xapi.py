@@ -3,12 +3,13 @@
 
 One session is cached for every call; a login in flight is shared by all
 callers; ``SESSION_INVALID`` (xapi restarted) costs one fresh login and one
-retry. VM and vTPM references are cached by uuid — they cannot change while
-the VM runs — and a ``HANDLE_INVALID`` on a cached one drops it (a VM ref is
-resolved afresh once here; a vTPM ref, the handle callers lock on, is
-resolved afresh by the caller). Each HTTP exchange (request *and* body) has its own deadline on
-the injected clock. Nothing here ever logs a call's parameters or results:
-they carry NVRAM and TPM state.
+retry. VM and vTPM references are cached by uuid in a :class:`HandleCache`
+— they cannot change while the VM runs — and a ``HANDLE_INVALID`` drops the
+reference from it (a VM reference is looked up afresh once here; a vTPM
+reference, the handle callers lock on, is looked up afresh by the caller).
+Each HTTP exchange (request *and* body) has its own deadline on the injected
+clock. Nothing here ever logs a call's parameters or results: they carry
+NVRAM and TPM state.
 """
 
 from __future__ import annotations
@@ -17,20 +18,21 @@ import itertools
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from hyperlink import EncodedURL
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import _newclient
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from xguard._internals.treq import FixedURL
+from xguard._internals.twisted_web import STALE_CONNECTION, ResponseDone
 from xguard.errors import NoVtpm, TransientUpstreamError, UpstreamError
 from xguard.interfaces import IUpstream
+from xguard.observer import OneShotObserver
 from xguard.status import UpstreamStatus
 from xguard.upstream.agent import MAX_PERSISTENT_PER_HOST, make_client, make_pool
 from xguard.upstream.jsonrpc import (
@@ -51,7 +53,7 @@ _HEADERS = {b"Content-Type": [b"application/json"], b"Accept": [b"application/js
 
 # A kept-alive connection that xapi closed while idle fails this way before
 # anything reached xapi; such a call is safely sent once more.
-_STALE_CONNECTION = (_newclient.ResponseNeverReceived, _newclient.RequestTransmissionFailed)
+_STALE_CONNECTION = STALE_CONNECTION
 
 # Calls that must not be repeated blindly (the first may have taken effect).
 _NOT_IDEMPOTENT = frozenset({"message.create"})
@@ -107,17 +109,57 @@ class _Body(Protocol):
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
         if self.done.called:
             return
-        if reason.check(_newclient.ResponseDone, PotentialDataLoss):
+        if reason.check(ResponseDone, PotentialDataLoss):
             self.done.callback(b"".join(self.chunks))
         else:
             self.done.errback(reason)
+
+
+class HandleCache:
+    """xapi references that cannot change while a VM runs, by the uuid
+    they were looked up with: a VM's reference, its (first) vTPM's, a
+    vTPM's. A reference xapi reports as ``HANDLE_INVALID`` is dropped
+    everywhere, so no lookup hands it out again."""
+
+    VM = "vm"
+    VTPM_OF_VM = "vtpm-of-vm"
+    VTPM = "vtpm"
+
+    def __init__(self) -> None:
+        self._refs: dict[tuple[str, str], str] = {}
+
+    def get(self, kind: str, uuid: str) -> str | None:
+        return self._refs.get((kind, uuid))
+
+    def put(self, kind: str, uuid: str, ref: str) -> None:
+        self._refs[(kind, uuid)] = ref
+
+    def invalid(self, ref: str) -> None:
+        """xapi no longer knows ``ref``."""
+        for key in [k for k, r in self._refs.items() if r == ref]:
+            del self._refs[key]
+
+    def forget_vm(self, vm_uuid: str) -> None:
+        """The VM's sockets are gone: its references may change now."""
+        self._refs.pop((self.VM, vm_uuid), None)
+        vtpm = self._refs.pop((self.VTPM_OF_VM, vm_uuid), None)
+        if vtpm is not None:
+            self.invalid(vtpm)
+
+
+class NoHandleCache(HandleCache):
+    """Every operation looks its references up again, as the upstream
+    daemon does (the benchmarks' comparison of designs)."""
+
+    def put(self, kind: str, uuid: str, ref: str) -> None:
+        pass
 
 
 @implementer(IUpstream)
 class XapiUpstream:
     """IUpstream on xapi's JSON-RPC API (SPEC §5)."""
 
-    _log = Logger()
+    log = Logger()
 
     def __init__(
         self,
@@ -130,11 +172,11 @@ class XapiUpstream:
         pool: HTTPConnectionPool | None = None,
         description: str | None = None,
         max_concurrent: int = MAX_PERSISTENT_PER_HOST,
-        cache_handles: bool = True,
+        handles: HandleCache | None = None,
     ) -> None:
         self._reactor = reactor
         self._client = client
-        self._url = _ParsedURL.from_text(url)
+        self._url = FixedURL.from_text(url)
         self._timeout = timeout
         self._version = version
         self._pool = pool
@@ -145,14 +187,9 @@ class XapiUpstream:
         self.description = description or f"xapi {url}"
         self._ids = itertools.count(1)
         self._session: str | None = None
-        self._login_waiters: list[Deferred[str]] | None = None
-        # False only for the benchmarks' upstream-design comparison: resolve
-        # the VM and its vTPM again for every operation, as xapi-guard does.
-        self._cache_handles = cache_handles
-        self._vm_refs: dict[str, str] = {}
-        self._vtpm_of_vm: dict[str, str] = {}
-        self._vtpm_refs: dict[str, str] = {}
-        self._resolving: dict[tuple[int, str], list[Deferred[str]]] = {}
+        self._login: OneShotObserver[str] | None = None
+        self._handles = handles if handles is not None else HandleCache()
+        self._lookups: dict[tuple[str, str], OneShotObserver[str]] = {}
         self._calls = 0
         self.reachability = Reachability(reactor, self.description)
 
@@ -185,7 +222,7 @@ class XapiUpstream:
             else:
                 error = classify_exception(result.value)
             if error is None:
-                self._log.failure("Unexpected failure calling xapi {method}", result,
+                self.log.failure("Unexpected failure calling xapi {method}", result,
                                   method=method)
                 error = TransientUpstreamError(["INTERNAL_ERROR", type(result.value).__name__])
             self._note(error)
@@ -225,31 +262,25 @@ class XapiUpstream:
 
     # -- the session ---------------------------------------------------------
     def _get_session(self) -> Deferred[str]:
+        """The cached session, or a login shared by every caller waiting."""
         if self._session is not None:
             return succeed(self._session)
-        waiter: Deferred[str] = Deferred()
-        if self._login_waiters is not None:
-            self._login_waiters.append(waiter)
-            return waiter
-        self._login_waiters = [waiter]
-        d = self._rpc("session.login_with_password", "root", "", self._version, "xguard")
-        d.addBoth(self._logged_in)
-        return waiter
+        login = self._login
+        if login is None:
+            login = self._login = OneShotObserver()
+            d = self._rpc("session.login_with_password", "root", "", self._version, "xguard")
+            d.addBoth(self._logged_in, login)
+        return login.when_fired()
 
-    def _logged_in(self, result: Any) -> None:
-        waiters, self._login_waiters = self._login_waiters or [], None
+    def _logged_in(self, result: Any, login: OneShotObserver[str]) -> None:
+        self._login = None
         if isinstance(result, Failure):
-            self._log.warn("Login to {target} failed: {codes}", target=self.description,
+            self.log.warn("Login to {target} failed: {codes}", target=self.description,
                            codes=getattr(result.value, "codes", None))
         else:
             self._session = result
-            self._log.info("Logged in to {target}", target=self.description)
-        for waiter in waiters:
-            if not waiter.called:  # a caller may have given up
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
+            self.log.info("Logged in to {target}", target=self.description)
+        login.fire(result)
 
     async def _call(self, method: str, *params: Any) -> Any:
         """``method(session, *params)``, with one fresh login and retry when
@@ -262,61 +293,56 @@ class XapiUpstream:
                 raise
         if self._session == session:  # nobody logged in again meanwhile
             self._session = None
-            self._log.info("Session of {target} invalid (xapi restarted?); logging in again",
+            self.log.info("Session of {target} invalid (xapi restarted?); logging in again",
                            target=self.description)
         session = await self._get_session()
         return await self._rpc(method, session, *params)
 
     # -- cached handles ------------------------------------------------------
-    async def _with_handle(
-        self, cache: dict[str, str], uuid: str, resolve: Callable[[], Coroutine[Any, Any, str]],
-        method: str, *params: Any,
-    ) -> Any:
-        """``method(session, ref, *params)`` with ``ref`` resolved from
-        ``uuid`` (cached); a HANDLE_INVALID on a cached ref re-resolves once."""
+    def _handle(self, kind: str, uuid: str,
+                lookup: Callable[[], Coroutine[Any, Any, str]]) -> Deferred[str]:
+        """The reference of ``kind`` for ``uuid``: cached, or looked up once
+        for every caller waiting (a VM booting asks for its reference from
+        the vTPM and the NVRAM paths at the same moment)."""
+        ref = self._handles.get(kind, uuid)
+        if ref is not None:
+            return succeed(ref)
+        key = (kind, uuid)
+        shared = self._lookups.get(key)
+        if shared is None:
+            shared = self._lookups[key] = OneShotObserver()
+
+            def found(result: Any) -> None:
+                del self._lookups[key]
+                if not isinstance(result, Failure):
+                    self._handles.put(kind, uuid, result)
+                shared.fire(result)  # type: ignore[union-attr]
+
+            Deferred.fromCoroutine(lookup()).addBoth(found)
+        return shared.when_fired()
+
+    def _vm_call(self, vm_uuid: str, method: str, *params: Any) -> Deferred[Any]:
+        """``method(session, vm_ref, *params)``; a cached reference xapi no
+        longer knows (HANDLE_INVALID) is looked up once more (a fresh one
+        is not: no loop)."""
+        return Deferred.fromCoroutine(self._vm_call_retrying(vm_uuid, method, *params))
+
+    async def _vm_call_retrying(self, vm_uuid: str, method: str, *params: Any) -> Any:
+        async def lookup() -> str:
+            return str(await self._call("VM.get_by_uuid", vm_uuid))
+
         for attempt in (1, 2):
-            ref = cache.get(uuid)
-            was_cached = ref is not None
-            if ref is None:
-                ref = await self._resolve_shared(id(cache), uuid, resolve)
-                if self._cache_handles:
-                    cache[uuid] = ref
+            cached = self._handles.get(HandleCache.VM, vm_uuid) is not None
+            ref = await self._handle(HandleCache.VM, vm_uuid, lookup)
             try:
                 return await self._call(method, ref, *params)
             except UpstreamError as e:
-                if not (was_cached and attempt == 1 and e.codes[:1] == ["HANDLE_INVALID"]):
+                if e.codes[:1] != ["HANDLE_INVALID"]:
                     raise
-                if cache.get(uuid) == ref:
-                    del cache[uuid]
+                self._handles.invalid(ref)
+                if attempt == 2 or not cached:
+                    raise  # a reference just looked up: no loop
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _resolve_shared(self, kind: int, uuid: str,
-                        resolve: Callable[[], Coroutine[Any, Any, str]]) -> Deferred[str]:
-        """One lookup in flight per handle: a VM booting asks for its ref
-        from the vTPM and the NVRAM paths at the same moment."""
-        key = (kind, uuid)
-        waiters = self._resolving.get(key)
-        if waiters is not None:
-            waiter: Deferred[str] = Deferred()
-            waiters.append(waiter)
-            return waiter
-        self._resolving[key] = []
-
-        def share(result: Any) -> Any:
-            for waiter in self._resolving.pop(key):
-                if isinstance(result, Failure):
-                    waiter.errback(result)
-                else:
-                    waiter.callback(result)
-            return result
-
-        return Deferred.fromCoroutine(resolve()).addBoth(share)
-
-    def _vm_call(self, vm_uuid: str, method: str, *params: Any) -> Deferred[Any]:
-        async def resolve() -> str:
-            return str(await self._call("VM.get_by_uuid", vm_uuid))
-        return Deferred.fromCoroutine(
-            self._with_handle(self._vm_refs, vm_uuid, resolve, method, *params))
 
     # -- IUpstream -----------------------------------------------------------
     def ensure_vm(self, vm_uuid: str) -> Deferred[None]:
@@ -327,30 +353,18 @@ class XapiUpstream:
         """The VM's first vTPM reference, through VM.get_by_uuid and
         VM.get_VTPMs only (what the upstream daemon uses: an xapi that
         serves those needs nothing more)."""
-        async def find() -> str:
-            cached = self._vtpm_of_vm.get(vm_uuid) if self._cache_handles else None
-            if cached is not None:
-                return cached
+        async def lookup() -> str:
             refs = await self._vm_call(vm_uuid, "VM.get_VTPMs")
             if not refs:
                 raise NoVtpm(vm_uuid)
-            ref = str(refs[0])
-            if self._cache_handles:
-                self._vtpm_of_vm[vm_uuid] = ref
-            return ref
-        return self._resolve_shared(id(self._vtpm_of_vm), vm_uuid, find)
+            return str(refs[0])
+        return self._handle(HandleCache.VTPM_OF_VM, vm_uuid, lookup)
 
     def vtpm_by_uuid(self, vtpm_uuid: str) -> Deferred[str]:
         """The vTPM's reference (VTPM.get_by_uuid), cached."""
-        async def find() -> str:
-            cached = self._vtpm_refs.get(vtpm_uuid) if self._cache_handles else None
-            if cached is not None:
-                return cached
-            ref = str(await self._call("VTPM.get_by_uuid", vtpm_uuid))
-            if self._cache_handles:
-                self._vtpm_refs[vtpm_uuid] = ref
-            return ref
-        return Deferred.fromCoroutine(find())
+        async def lookup() -> str:
+            return str(await self._call("VTPM.get_by_uuid", vtpm_uuid))
+        return self._handle(HandleCache.VTPM, vtpm_uuid, lookup)
 
     def get_vtpm_contents(self, vtpm: str) -> Deferred[str]:
         return Deferred.fromCoroutine(self._vtpm_call(vtpm, "VTPM.get_contents"))
@@ -360,15 +374,14 @@ class XapiUpstream:
             self._vtpm_call(vtpm, "VTPM.set_contents", contents)).addCallback(_none)
 
     async def _vtpm_call(self, vtpm: str, method: str, *params: Any) -> Any:
-        """A call on a vTPM reference; if xapi no longer knows it, no cached
-        lookup may hand it out again (the caller resolves afresh)."""
+        """A call on a vTPM reference; if xapi no longer knows it, no lookup
+        hands it out again (the caller, which locks on the reference, looks
+        the vTPM up afresh: see IUpstream.vtpm_for_vm)."""
         try:
             return await self._call(method, vtpm, *params)
         except UpstreamError as e:
             if e.codes[:1] == ["HANDLE_INVALID"]:
-                for cache in (self._vtpm_of_vm, self._vtpm_refs):
-                    for key in [k for k, ref in cache.items() if ref == vtpm]:
-                        del cache[key]
+                self._handles.invalid(vtpm)
             raise
 
     def get_nvram(self, vm_uuid: str) -> Deferred[dict[str, str]]:
@@ -390,10 +403,7 @@ class XapiUpstream:
             self._call("message.create", name, priority, "VM", vm_uuid, body))
 
     def forget(self, vm_uuid: str) -> None:
-        self._vm_refs.pop(vm_uuid, None)
-        ref = self._vtpm_of_vm.pop(vm_uuid, None)
-        for key in [k for k, r in self._vtpm_refs.items() if r == ref]:
-            del self._vtpm_refs[key]
+        self._handles.forget_vm(vm_uuid)
 
     def status(self) -> UpstreamStatus:
         r = self.reachability
@@ -410,21 +420,12 @@ class XapiUpstream:
         return self._pool.closeCachedConnections().addCallback(_none)
 
 
-class _ParsedURL(EncodedURL):
-    """The xapi URL, parsed once. treq turns every URL it is given into a
-    URI (IDNA-checking the host) on every request, the largest single cost
-    of a Direct write in the profile; ours is ASCII already."""
-
-    def to_uri(self, *args: Any, **kwargs: Any) -> "_ParsedURL":
-        return self
-
-
 def _none(_: object) -> None:
     return None
 
 
 def xapi_upstream(reactor: Any, endpoint: str, timeout: float, *,
-                  cache_handles: bool = True) -> XapiUpstream:
+                  handles: HandleCache | None = None) -> XapiUpstream:
     """An XapiUpstream for an endpoint string (``unix:/path``, ``http://…``).
 
     :raises ValueError: for a malformed endpoint.
@@ -432,4 +433,4 @@ def xapi_upstream(reactor: Any, endpoint: str, timeout: float, *,
     pool = make_pool(reactor)
     client, url = make_client(reactor, endpoint, pool=pool)
     return XapiUpstream(reactor, client, url, timeout=timeout, pool=pool,
-                        description=f"xapi {endpoint}", cache_handles=cache_handles)
+                        description=f"xapi {endpoint}", handles=handles)

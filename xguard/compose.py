@@ -1,0 +1,250 @@
+# -*- test-case-name: tests.unit.test_compose -*-
+"""The composition root: every part of the daemon built from the
+configuration, wired, and handed to :class:`~xguard.service.XguardService`
+as stages in start order. Nothing here has side effects: building opens no
+file and no socket; the stages do, when the service starts them.
+
+Who talks to whom (doc/architecture.md draws it):
+
+- domain sockets (``DomainSite`` per socket) → ``TpmStore``/``NvramStore``
+  → a writer per service (the write-back cache, or ``DirectWriter`` with
+  ``--no-cache``) → a sink per service → the upstream;
+- reads fall back to the last known state (``KnownState``), which the sinks
+  record;
+- the control channel → the socket registry, and the orchestrator's vTPM
+  calls (``VtpmContents``) → the swtpm writer;
+- the upstream's reachability → the caches (retry now) and the last known
+  state (sweep stopped VMs).
+
+:class:`Design` is the one seam through which the benchmarks run the
+upstream daemon's design (serial deliveries, no coalescing, no handle
+cache) for comparison: the daemon itself has no option or variable for it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
+
+from . import __version__, rlimits, sdnotify
+from .cache.cache import WriteBackCache
+from .cache.known import KnownState
+from .config import Config
+from .control.listener import ControlListener
+from .control.server import control_factory
+from .domain.site import DomainSite
+from .domain.sockets import SocketRegistry
+from .domain.swtpm import SwtpmSocket
+from .domain.varstored import VarstoredSocket
+from .durable import makedirs
+from .interfaces import IItemSink, IItemWriter, IUpstream
+from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
+from .locks import KeyedLocks
+from .memory import IdleTrimmer
+from .model import Service as Kind
+from .process import ExitStatus, InstanceLock
+from .service import Stage, XguardService
+from .status import CacheStatus, DaemonStatus
+from .threads import ThreadPoolRunner
+from .upstream.local import LocalStore
+from .upstream.xapi import HandleCache, NoHandleCache, xapi_upstream
+from .vtpm_contents import VtpmContents
+
+__all__ = ["Design", "build_service"]
+
+log = Logger(namespace="xguard.compose")
+
+
+@attrs.frozen
+class Design:
+    """How deliveries and lookups are made. The defaults are xguard's."""
+
+    #: Deliveries the flusher runs at once (None: ``--flush-concurrency``).
+    flush_concurrency: int | None = None
+    #: All pending keys of a VM in one upstream read-modify-write.
+    coalesce: bool = True
+    #: Cache VM and vTPM references (they cannot change while a VM runs).
+    cache_handles: bool = True
+
+
+def build_service(config: Config, reactor: Any, *, design: Design = Design(),
+                  monotonic_ns: Callable[[], int] = time.monotonic_ns) -> XguardService:
+    """The daemon for ``config`` on ``reactor`` (nothing starts yet)."""
+    cfg = config
+    io = ThreadPoolRunner(reactor, "xguard-io", maxthreads=4)
+    lock = InstanceLock(os.path.join(cfg.state_dir, "xguard.lock"))
+    upstream, upstream_stage = _upstream(cfg, reactor, design)
+
+    registry: SocketRegistry  # built below; the closures run only once it is
+    known = KnownState(cfg.state_dir, runner=io,
+                       # --no-cache is the pre-cache behaviour: nothing of a
+                       # VM is kept locally, so reads fail while upstream is
+                       # down, like writes.
+                       is_live=lambda vm: not cfg.no_cache and registry.serves(vm))
+    locks = KeyedLocks()
+    vtpm_sink = VtpmSink(upstream, locks, known)
+    nvram_sink = NvramSink(upstream, locks, known)
+
+    def writer(sink: IItemSink) -> IItemWriter:
+        if cfg.no_cache:
+            return DirectWriter(sink)
+        return WriteBackCache(
+            sink, cfg.state_dir, clock=reactor, runner=io, monotonic_ns=monotonic_ns,
+            queue_size=cfg.queue_size, direct_deadline=cfg.direct_deadline,
+            max_concurrency=design.flush_concurrency or cfg.flush_concurrency,
+            coalesce=design.coalesce, enabled=lambda: not os.path.exists(cfg.fault_file))
+
+    swtpm_writer, nvram_writer = writer(vtpm_sink), writer(nvram_sink)
+    writers = {Kind.SWTPM: swtpm_writer, Kind.VARSTORED: nvram_writer}
+    caches = {kind: w for kind, w in writers.items() if isinstance(w, WriteBackCache)}
+    tpm = TpmStore(swtpm_writer, vtpm_sink, known, clock=reactor, deadline=cfg.direct_deadline)
+    nvram = NvramStore(nvram_writer, nvram_sink, known, clock=reactor,
+                       deadline=cfg.direct_deadline)
+
+    activity = _Activity()
+
+    def site_for(kind: Kind, vm_uuid: str) -> DomainSite:
+        if kind is Kind.SWTPM:
+            resource = SwtpmSocket(vm_uuid, tpm).resource()
+        else:
+            resource = VarstoredSocket(vm_uuid, upstream, nvram).resource()
+        return DomainSite(resource, reactor=reactor, timeout=cfg.request_timeout,
+                          on_connection=activity.count)
+
+    def vm_gone(vm_uuid: str) -> None:
+        """The VM's last socket was destroyed (it stopped, or reboots)."""
+        upstream.forget(vm_uuid)
+        known.vm_gone(vm_uuid, upstream.reachability.reachable).addErrback(
+            lambda f: log.failure("dropping the last known state of {vm} failed", f,
+                                  vm=vm_uuid))
+
+    registry = SocketRegistry(reactor, cfg.sockets_file, site_for, on_forget=vm_gone,
+                              runner=io)
+    vtpms = VtpmContents(upstream, vtpm_sink, swtpm_writer, known,
+                         candidates=lambda: registry.vms(Kind.SWTPM), clock=reactor,
+                         deadline=cfg.direct_deadline)
+
+    def reachable(up: bool) -> None:
+        """Upstream answers again: cached writes go now, and the copies of
+        VMs that stopped during the outage are dropped."""
+        if not up:
+            return
+        for cache in caches.values():
+            cache.upstream_answers()
+        if not cfg.no_cache:
+            known.sweep(lambda vm: any(w.has_pending(vm) for w in writers.values())).addErrback(
+                lambda f: log.failure("sweeping the last known state failed", f))
+
+    upstream.reachability.subscribe(reachable)
+
+    def status() -> DaemonStatus:
+        services = {}
+        for kind in Kind:
+            cache = caches.get(kind)
+            svc = (cache.status() if cache is not None
+                   else CacheStatus(service=kind.value, cache="off", enabled=False))
+            services[kind.value] = attrs.evolve(
+                svc, outage_since=upstream.reachability.down_since,
+                # Why writes are cached: the flusher's last failure, else
+                # what made upstream unreachable; cleared when it answers.
+                last_error=svc.last_error or upstream.reachability.last_error)
+        return DaemonStatus(
+            version=__version__, ready=service.ready,
+            cache_enabled=not cfg.no_cache and not os.path.exists(cfg.fault_file),
+            upstream=upstream.status(), sockets=registry.count_by_service(),
+            services=services, known_state_vms=len(known.kept()))
+
+    control = ControlListener(reactor, cfg.control, cfg.control_path or "",
+                              control_factory(registry=registry, vtpms=vtpms, status=status))
+    trimmer = IdleTrimmer(reactor, activity.value)
+
+    def ready() -> None:
+        sdnotify.notify(sdnotify.READY)
+        log.info("xguard ready: {sockets} domain sockets, cache {cache}",
+                 sockets=len(registry.entries()), cache="off" if cfg.no_cache else "on")
+
+    def prepare() -> None:
+        log.info("xguard {version} starting", version=__version__)
+        makedirs(cfg.state_dir, 0o700)
+        lock.acquire()
+        control.check()
+
+    def stopping() -> None:
+        sdnotify.notify(sdnotify.STOPPING)
+
+    stages = [
+        Stage("the instance lock", prepare, lock.release),
+        Stage("the I/O threads", io.start, io.stop),
+        upstream_stage,
+        Stage("the last known state", lambda: None if cfg.no_cache else known.open(),
+              None if cfg.no_cache else known.close),
+        *[Stage(f"the {kind.value} cache", _recover_and_start(cache), cache.stop)
+          for kind, cache in caches.items()],
+        Stage("the domain sockets", registry.resume, registry.stop_accepting),
+        Stage("the control channel", control.listen, control.stop),
+        Stage("the memory trimmer", trimmer.start, trimmer.stop),
+        Stage("readiness", lambda: None, stopping),
+    ]
+    service = XguardService(stages, clock=reactor, ready=ready, status=status,
+                            exit_status=ExitStatus(reactor), privileged=rlimits.raise_nofile)
+    return service
+
+
+def _upstream(cfg: Config, reactor: Any, design: Design) -> tuple[IUpstream, Stage]:
+    """xapi when --xapi is given (start-up never waits for it), else the
+    embedded store, opened at start so a broken database fails it."""
+    if cfg.xapi is not None:
+        handles = HandleCache() if design.cache_handles else NoHandleCache()
+        xapi = xapi_upstream(reactor, cfg.xapi, cfg.xapi_timeout, handles=handles)
+
+        def connected() -> None:
+            log.info("upstream: {target}", target=xapi.description)
+
+        return xapi, Stage("the upstream", connected, xapi.close)
+    path = cfg.store_path
+    assert path is not None
+    runner = ThreadPoolRunner(reactor, "xguard-local-store", maxthreads=1)
+    store = LocalStore(path, runner, clock=reactor)
+
+    def open_store() -> "Deferred[None]":
+        async def run() -> None:
+            log.info("upstream: {target}", target=store.description)
+            makedirs(os.path.dirname(os.path.abspath(path)), 0o700)
+            runner.start()
+            await store.open()
+        return ensureDeferred(run())
+
+    def close_store() -> "Deferred[None]":
+        async def run() -> None:
+            try:
+                await store.close()
+            finally:
+                runner.stop()
+        return ensureDeferred(run())
+
+    return store, Stage("the upstream", open_store, close_store)
+
+
+def _recover_and_start(cache: WriteBackCache) -> Callable[[], "Deferred[None]"]:
+    def run() -> "Deferred[None]":
+        return cache.recover().addCallback(lambda _: cache.start())
+    return run
+
+
+class _Activity:
+    """Counts domain connections (the memory trimmer waits for quiet)."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+
+    def count(self) -> None:
+        self.connections += 1
+
+    def value(self) -> int:
+        return self.connections
