@@ -47,13 +47,14 @@ from .interfaces import IItemSink, IItemWriter, IUpstream
 from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
 from .locks import KeyedLocks
 from .memory import IdleTrimmer
+from .metrics import Metrics, MetricsListener
 from .model import Service as Kind
 from .process import ExitStatus, InstanceLock
 from .service import Stage, XguardService
 from .status import CacheStatus, DaemonStatus
 from .threads import ThreadPoolRunner
 from .upstream.local import LocalStore
-from .upstream.xapi import HandleCache, NoHandleCache, xapi_upstream
+from .upstream.xapi import HandleCache, NoHandleCache, XapiUpstream, xapi_upstream
 from .vtpm_contents import VtpmContents
 
 __all__ = ["Design", "build_service"]
@@ -162,6 +163,10 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
 
     control = ControlListener(reactor, cfg.control, cfg.control_path or "",
                               control_factory(registry=registry, vtpms=vtpms, status=status))
+    metrics = Metrics(status, reactor)
+    if isinstance(upstream, XapiUpstream):
+        upstream.calls.subscribe(metrics.upstream_call)
+    metrics_listener = MetricsListener(reactor, cfg.metrics, metrics) if cfg.metrics else None
     trimmer = IdleTrimmer(reactor, activity.value)
 
     def ready() -> None:
@@ -188,6 +193,8 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
           for kind, cache in caches.items()],
         Stage("the domain sockets", registry.resume, registry.stop_accepting),
         Stage("the control channel", control.listen, control.stop),
+        *([Stage("the metrics endpoint", metrics_listener.listen, metrics_listener.stop)]
+          if metrics_listener is not None else []),
         Stage("the memory trimmer", trimmer.start, trimmer.stop),
         Stage("readiness", lambda: None, stopping),
     ]
@@ -201,7 +208,8 @@ def _upstream(cfg: Config, reactor: Any, design: Design) -> tuple[IUpstream, Sta
     embedded store, opened at start so a broken database fails it."""
     if cfg.xapi is not None:
         handles = HandleCache() if design.cache_handles else NoHandleCache()
-        xapi = xapi_upstream(reactor, cfg.xapi, cfg.xapi_timeout, handles=handles)
+        xapi = xapi_upstream(reactor, cfg.xapi, cfg.xapi_timeout, handles=handles,
+                             unresponsive_after=cfg.unresponsive_after)
 
         def connected() -> None:
             log.info("upstream: {target}", target=xapi.description)

@@ -67,6 +67,24 @@ def _control_endpoint(_: object, __: attrs.Attribute[Any], value: str) -> None:
                          f"{MAX_SOCKET_PATH} bytes")
 
 
+def _metrics_endpoint(_: object, __: attrs.Attribute[Any], value: str | None) -> None:
+    """Metrics carry no VM content, but a TCP endpoint without an explicit
+    interface would listen on every network the host has."""
+    if value is None:
+        return
+    if value.startswith("unix:"):
+        path = unix_endpoint_path(value) or ""
+        if not os.path.isabs(path):
+            raise ValueError(f"--metrics unix: needs an absolute socket path, got {value!r}")
+        return
+    if value.startswith("tcp:"):
+        if ":interface=" not in value:
+            raise ValueError("--metrics tcp: needs an explicit interface, e.g. "
+                             f"tcp:9101:interface=127.0.0.1, got {value!r}")
+        return
+    raise ValueError(f"--metrics must be unix:PATH or tcp:PORT:interface=ADDRESS, got {value!r}")
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Everything the daemon needs to know at start-up."""
@@ -87,6 +105,10 @@ class Config:
     fault_file: str = FAULT_FILE
     #: Deliveries the flusher runs at once (different VMs).
     flush_concurrency: int = attrs.field(default=8, validator=_positive)
+    #: Where the Prometheus metrics are served (None: nowhere).
+    metrics: str | None = attrs.field(default=None, validator=_metrics_endpoint)
+    #: A call in flight this long marks upstream unresponsive.
+    unresponsive_after: float = attrs.field(default=5.0, validator=_positive)
     def __attrs_post_init__(self) -> None:
         if self.xapi is not None and self.local_store is not None:
             raise ValueError("--xapi and --local-store are mutually exclusive")
@@ -121,4 +143,6 @@ class Config:
             request_timeout=float(options["request-timeout"]),
             fault_file=options["fault-file"],
             flush_concurrency=int(options["flush-concurrency"]),
+            metrics=options["metrics"],
+            unresponsive_after=float(options["unresponsive-after"]),
         )

@@ -38,6 +38,9 @@ class UpstreamStatus:
     #: When the oldest call still in flight started, if it has been running
     #: longer than the "unresponsive" threshold (a hung upstream).
     unresponsive_since: float | None = None
+    #: Calls in flight now, and when the oldest of them started.
+    inflight: int = 0
+    oldest_inflight_since: float | None = None
 
 
 @attrs.frozen
@@ -75,6 +78,8 @@ class CacheStatus:
     #: When the oldest pending write was acknowledged (epoch seconds).
     oldest_pending_since: float | None = None
     pending_bytes: int = 0
+    #: Direct writes upstream did not answer within --direct-deadline.
+    deadline_fallbacks: int = 0
 
     @property
     def pending_items(self) -> int:

@@ -46,6 +46,10 @@ class Options(usage.Options):
          "is disconnected."],
         ["fault-file", None, FAULT_FILE, "While this file exists the cache is disabled."],
         ["flush-concurrency", None, "8", "Deliveries the cache flusher runs at once."],
+        ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint: "
+         "unix:PATH or tcp:PORT:interface=ADDRESS (off by default)."],
+        ["unresponsive-after", None, "5", "Seconds an upstream call may wait for its answer "
+         "before upstream is reported unresponsive."],
     ]
 
     def postOptions(self) -> None:
@@ -56,7 +60,7 @@ class Options(usage.Options):
                 int(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name} must be an integer, got {self[name]!r}") from None
-        for name in ("xapi-timeout", "direct-deadline", "request-timeout"):
+        for name in ("xapi-timeout", "direct-deadline", "request-timeout", "unresponsive-after"):
             try:
                 float(self[name])
             except ValueError:

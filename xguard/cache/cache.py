@@ -98,6 +98,8 @@ class WriteBackCache:
         #: Why the disk refuses writes, and since when (None: it takes them).
         self.disk_error: str | None = None
         self.disk_error_since: float | None = None
+        #: Direct writes upstream did not answer in time (made durable here).
+        self.deadline_fallbacks = 0
         self._last_ts: dict[Item, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
         self._attempts: set[_Attempt] = set()
@@ -206,8 +208,8 @@ class WriteBackCache:
     def attempt_direct(self, batch: Batch, done: "Deferred[None]") -> None:
         attempt = _Attempt(batch, done)
         self._attempts.add(attempt)
-        attempt.timer = self.clock.callLater(self.direct_deadline, self._give_up, attempt,
-                                             "no answer within the deadline")
+        attempt.timer = self.clock.callLater(self.direct_deadline, self._deadline_passed,
+                                             attempt)
         self.vm_locks.run(batch.vm, lambda: self._run_attempt(attempt))
 
     async def _run_attempt(self, attempt: _Attempt) -> None:
@@ -242,6 +244,11 @@ class WriteBackCache:
         self._attempts.discard(attempt)
         if attempt.timer is not None and attempt.timer.active():
             attempt.timer.cancel()
+
+    def _deadline_passed(self, attempt: _Attempt) -> None:
+        if not attempt.abandoned:
+            self.deadline_fallbacks += 1
+        self._give_up(attempt, "no answer within the deadline")
 
     def _give_up(self, attempt: _Attempt, reason: str) -> "Deferred[None] | None":
         """Treat the attempt as a transient failure: durable on disk, queued,
@@ -455,4 +462,5 @@ class WriteBackCache:
             oldest_pending_since=None if oldest is None else
             self.clock.seconds() - max(0, self.monotonic_ns() - oldest) / 1e9,
             pending_bytes=sum(self.sizes.values()),
+            deadline_fallbacks=self.deadline_fallbacks,
         )

@@ -35,6 +35,7 @@ from xguard.interfaces import IUpstream
 from xguard.observer import OneShotObserver
 from xguard.status import UpstreamStatus
 from xguard.upstream.agent import MAX_PERSISTENT_PER_HOST, make_client, make_pool
+from xguard.upstream.calls import CallMonitor
 from xguard.upstream.jsonrpc import (
     classify_exception,
     classify_http_status,
@@ -173,6 +174,7 @@ class XapiUpstream:
         description: str | None = None,
         max_concurrent: int = MAX_PERSISTENT_PER_HOST,
         handles: HandleCache | None = None,
+        unresponsive_after: float = 5.0,
     ) -> None:
         self._reactor = reactor
         self._client = client
@@ -192,12 +194,15 @@ class XapiUpstream:
         self._lookups: dict[tuple[str, str], OneShotObserver[str]] = {}
         self._calls = 0
         self.reachability = Reachability(reactor, self.description)
+        self.calls = CallMonitor(reactor, self.description,
+                                 unresponsive_after=unresponsive_after)
 
     # -- one HTTP exchange ---------------------------------------------------
     def _rpc(self, method: str, *params: Any) -> Deferred[Any]:
         """Call ``method`` once, within the deadline; failures are always
         Transient/PermanentUpstreamError."""
         self._calls += 1
+        token = self.calls.started(method)
         call_id = next(self._ids)
         body = encode_call(method, params, call_id)
         timed_out: list[bool] = []
@@ -215,6 +220,7 @@ class XapiUpstream:
                 timer.cancel()
             if not isinstance(result, Failure):
                 self._note(None)
+                self.calls.finished(token, "ok")
                 return result
             if timed_out:
                 error: UpstreamError | None = TransientUpstreamError(
@@ -226,6 +232,8 @@ class XapiUpstream:
                                   method=method)
                 error = TransientUpstreamError(["INTERNAL_ERROR", type(result.value).__name__])
             self._note(error)
+            self.calls.finished(token, "transient" if isinstance(error, TransientUpstreamError)
+                                else "permanent")
             raise error
 
         return d.addBoth(finish)
@@ -409,12 +417,15 @@ class XapiUpstream:
         r = self.reachability
         return UpstreamStatus(kind="xapi", target=self.description, reachable=r.reachable,
                               down_since=r.down_since, last_error=r.last_error,
-                              calls=self._calls)
+                              calls=self._calls, unresponsive_since=self.calls.unresponsive_since,
+                              inflight=self.calls.inflight,
+                              oldest_inflight_since=self.calls.oldest_inflight_start)
 
     def close(self) -> Deferred[None]:
         """Close kept-alive connections (the session is left to expire:
         logging out would need xapi, which may be gone)."""
         self.reachability.stop()
+        self.calls.stop()
         if self._pool is None:
             return succeed(None)
         return self._pool.closeCachedConnections().addCallback(_none)
@@ -425,7 +436,8 @@ def _none(_: object) -> None:
 
 
 def xapi_upstream(reactor: Any, endpoint: str, timeout: float, *,
-                  handles: HandleCache | None = None) -> XapiUpstream:
+                  handles: HandleCache | None = None,
+                  unresponsive_after: float = 5.0) -> XapiUpstream:
     """An XapiUpstream for an endpoint string (``unix:/path``, ``http://…``).
 
     :raises ValueError: for a malformed endpoint.
@@ -433,4 +445,5 @@ def xapi_upstream(reactor: Any, endpoint: str, timeout: float, *,
     pool = make_pool(reactor)
     client, url = make_client(reactor, endpoint, pool=pool)
     return XapiUpstream(reactor, client, url, timeout=timeout, pool=pool,
-                        description=f"xapi {endpoint}", handles=handles)
+                        description=f"xapi {endpoint}", handles=handles,
+                        unresponsive_after=unresponsive_after)
