@@ -12,12 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from xguard.domain.steps import drain
 from xguard.domain.xmlrpc import (
     MAX_DEPTH,
+    MAX_ELEMENTS,
+    MAX_SIZE,
+    MAX_TOKEN,
+    SLICE,
     XmlRpcError,
     encode_failure,
     encode_success,
     encode_value,
+    iter_method_call,
+    iter_success,
     parse_method_call,
 )
 
@@ -155,6 +162,108 @@ class ParseTests(SynchronousTestCase):
         n = 100_000
         self.assertRaises(XmlRpcError, parse_method_call,
                           call("a", "<value><array><data>" * n + "</data></array></value>" * n))
+
+
+def steps_until_refused(data: bytes) -> int:
+    """How many steps of parsing ``data`` ran before it was refused."""
+    steps = iter_method_call(data)
+    count = 0
+    while True:
+        count += 1
+        try:
+            next(steps)
+        except XmlRpcError:
+            return count
+        except StopIteration:
+            raise AssertionError("accepted") from None
+
+
+class LimitTests(SynchronousTestCase):
+    """Hostile bodies are refused as soon as they break a limit, while
+    expat reads them, in bounded steps."""
+
+    def test_int_beyond_pythons_digit_limit_is_a_parse_error(self) -> None:
+        self.assertRaises(XmlRpcError, parse_method_call,
+                          call("a", "<value><int>" + "9" * 4301 + "</int></value>"))
+        self.assertRaises(XmlRpcError, parse_method_call,
+                          call("a", "<value><i8>" + "0" * 40 + "1</i8></value>"))
+
+    def test_element_count(self) -> None:
+        many = "<value><array><data>" + "<value/>" * MAX_ELEMENTS + "</data></array></value>"
+        self.assertRaises(XmlRpcError, parse_method_call, call("a", many))
+        fine = "<value><array><data>" + "<value/>" * 100 + "</data></array></value>"
+        self.assertEqual(parse_method_call(call("a", fine))[1], [[""] * 100])
+
+    def test_deep_nesting_stops_in_the_first_step(self) -> None:
+        # The issue's 684 KiB body of 100,000 nested elements.
+        body = call("a", "<value><array><data>" * 33_334)
+        self.assertEqual(steps_until_refused(body), 1)
+
+    def test_many_elements_stop_in_the_first_step(self) -> None:
+        body = call("a", "<value><array><data>" + "<value/>" * 100_000)
+        self.assertEqual(steps_until_refused(body), 1)
+
+    def test_attributes_are_refused(self) -> None:
+        self.assertRaises(XmlRpcError, parse_method_call,
+                          b'<methodCall a="1"><methodName>a</methodName></methodCall>')
+
+    def test_huge_tokens_are_refused_before_they_end(self) -> None:
+        for token in [b'<string a="' + b"x" * MAX_SIZE, b"<a" + b"x" * MAX_SIZE,
+                      b"<!--" + b"x" * MAX_SIZE, b"<?pi " + b"x" * MAX_SIZE,
+                      b"<a " + b'b="" ' * 200_000]:
+            body = call("a", "<value>")[:-len("</param></params></methodCall>")] + token
+            body = body[:MAX_SIZE]
+            self.assertLessEqual(steps_until_refused(body), MAX_TOKEN // SLICE + 2)
+
+    def test_a_long_string_is_fine(self) -> None:
+        text = "x" * (MAX_SIZE - 200)
+        self.assertEqual(parse_method_call(call("a", f"<value>{text}</value>"))[1], [text])
+        cdata = f"<value><![CDATA[{text[:1000]}]]></value>"
+        self.assertEqual(parse_method_call(call("a", cdata))[1], [text[:1000]])
+
+    def test_leading_whitespace_is_bounded(self) -> None:
+        self.assertRaises(XmlRpcError, parse_method_call, b" " * (MAX_TOKEN + SLICE) + call("a"))
+
+    def test_over_size(self) -> None:
+        self.assertRaises(XmlRpcError, parse_method_call, call("a", "<value>" + "x" * MAX_SIZE
+                                                              + "</value>"))
+
+    def test_dtd_is_refused_in_the_first_step(self) -> None:
+        body = BILLION_LAUGHS + b" " * (4 * SLICE)
+        self.assertEqual(steps_until_refused(body), 1)
+
+    def test_declared_encoding_is_ignored_utf8_only(self) -> None:
+        declared = b'<?xml version="1.0" encoding="iso-8859-1"?>'
+        body = call("a", "<value>\xe9</value>").replace(b'<?xml version="1.0"?>', declared)
+        self.assertRaises(XmlRpcError, parse_method_call, body.replace("é".encode(), b"\xe9"))
+        self.assertEqual(parse_method_call(body)[1], ["é"])
+
+    def test_steps_are_slices_of_the_body(self) -> None:
+        body = call("a", "<value>" + "x" * (10 * SLICE) + "</value>")
+        steps = iter_method_call(body)
+        count = 0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                self.assertEqual(done.value[0], "a")
+                break
+            count += 1
+        self.assertEqual(count, -(-len(body) // SLICE) - 1)
+
+    def test_answers_are_encoded_in_steps(self) -> None:
+        value = {"EFI-variables": "<&>" * 100_000}
+        steps = iter_success(value)
+        count = 0
+        while True:
+            try:
+                next(steps)
+                count += 1
+            except StopIteration as done:
+                self.assertEqual(done.value, encode_success(value))
+                break
+        self.assertGreater(count, 10)
+        self.assertEqual(drain(iter_success(value)), encode_success(value))
 
 
 class EncodeTests(SynchronousTestCase):
