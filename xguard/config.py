@@ -63,6 +63,8 @@ class Config:
     fault_file: str = FAULT_FILE
     #: Deliveries the flusher runs at once (different VMs).
     flush_concurrency: int = attrs.field(default=8, validator=_positive)
+    #: Listen backlog of each domain socket (capped by SOMAXCONN).
+    listen_backlog: int = attrs.field(default=128, validator=_positive)
     #: Internal knobs reproducing the upstream daemon's design, for the
     #: benchmarks' comparison only (see :data:`KNOBS`); not an operator option.
     knobs: frozenset[str] = attrs.field(default=frozenset(), converter=frozenset)
@@ -111,4 +113,5 @@ class Config:
             request_timeout=float(options["request-timeout"]),
             fault_file=options["fault-file"],
             flush_concurrency=int(options["flush-concurrency"]),
+            listen_backlog=int(options.get("listen-backlog", 128)),
         )

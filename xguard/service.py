@@ -126,7 +126,7 @@ class XguardService(Service):
 
         self.registry = SocketRegistry(
             self.reactor, cfg.sockets_file, site_for, on_forget=upstream.forget,
-            runner=self._run_blocking,
+            runner=self._run_blocking, backlog=cfg.listen_backlog,
         )
         await self.registry.resume()
         for cache in self.caches.values():

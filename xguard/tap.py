@@ -45,12 +45,14 @@ class Options(usage.Options):
          "is disconnected."],
         ["fault-file", None, FAULT_FILE, "While this file exists the cache is disabled."],
         ["flush-concurrency", None, "8", "Deliveries the cache flusher runs at once."],
+        ["listen-backlog", None, "128", "Connections each domain socket queues before "
+         "accepting them (capped by SOMAXCONN)."],
     ]
 
     def postOptions(self) -> None:
         if self["log-level"] not in LOG_LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
-        for name in ("queue-size", "flush-concurrency"):
+        for name in ("queue-size", "flush-concurrency", "listen-backlog"):
             try:
                 int(self[name])
             except ValueError:
