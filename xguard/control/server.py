@@ -36,6 +36,7 @@ from .commands import (
     VtpmGetContents,
     VtpmSetContents,
 )
+from .protocol import ControlProtocol
 
 __all__ = ["ControlLocator", "control_factory", "control_endpoint"]
 
@@ -210,7 +211,7 @@ class _ControlFactory(ServerFactory):
         self.locator = locator
 
     def buildProtocol(self, addr: object) -> amp.AMP:
-        proto = amp.AMP(locator=self.locator)
+        proto = ControlProtocol(locator=self.locator)
         proto.factory = self
         return proto
 
