@@ -4,6 +4,7 @@ HTTPChannel driven with raw bytes over a StringTransport and a Clock."""
 
 from __future__ import annotations
 
+from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -79,10 +80,14 @@ class TurnClock(Clock):
 
 
 class HalfCloseTransport(StringTransport):
-    """A StringTransport that, like a real UNIX or TCP connection, can shut
-    its writing side only (``loseWriteConnection``)."""
+    """A StringTransport like a domain socket's connection: its addresses
+    are UNIX addresses (no host, no port), and it can shut its writing side
+    only (``loseWriteConnection``)."""
 
     write_closed = False
+
+    def __init__(self) -> None:
+        super().__init__(hostAddress=UNIXAddress("/run/xg/vm.sock"), peerAddress=UNIXAddress(None))
 
     def loseWriteConnection(self) -> None:
         self.write_closed = True
@@ -384,6 +389,7 @@ class FramingTests(SynchronousTestCase):
     def test_content_length_with_chunked_is_400(self) -> None:
         self.wire.send(self.head(b"Transfer-Encoding: chunked", b"Content-Length: 5") + b"hello")
         self.assertEqual(codes(self.wire), [400])
+        self.assertTrue(self.wire.transport.write_closed)  # a lingering close
 
     def test_codings_other_than_a_single_chunked_are_400(self) -> None:
         for coding in [b"gzip", b"gzip, chunked", b"chunked, chunked", b"chunked;x=1",
@@ -407,6 +413,7 @@ class FramingTests(SynchronousTestCase):
     def test_two_content_lengths_are_400(self) -> None:
         self.wire.send(self.head(b"Content-Length: 1", b"Content-Length: 1") + b"x")
         self.assertEqual(codes(self.wire), [400])
+        self.assertTrue(self.wire.transport.write_closed)
 
     def test_huge_content_length_is_413_not_a_crash(self) -> None:
         # 5,000 digits: Python's int() refuses that many (ValueError).
@@ -441,6 +448,7 @@ class FramingTests(SynchronousTestCase):
     def test_malformed_request_line_is_400(self) -> None:
         self.wire.send(b"GET /\r\n\r\n")
         self.assertEqual(codes(self.wire), [400])
+        self.assertTrue(self.wire.transport.write_closed)
 
     def test_overlong_header_line_is_400(self) -> None:
         self.wire.send(b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n")
@@ -451,6 +459,7 @@ class FramingTests(SynchronousTestCase):
                        + self.head(b"Transfer-Encoding: gzip") + b"zzz")
         self.assertEqual(codes(self.wire), [200, 400])
         self.assertEqual(self.resource.seen, [b"ok"])
+        self.assertTrue(self.wire.transport.write_closed)
 
 
 class LingerTests(SynchronousTestCase):

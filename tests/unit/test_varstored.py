@@ -335,6 +335,8 @@ class HostileRequestTests(SynchronousTestCase):
         self.wire.send(http_request(b"POST", b"/", body), pump=False)
         self.assertEqual([r[0] for r in self.wire.responses()], [400])
         self.assertEqual(self.wire.pump(), 0)
+        # Refused for its depth while reading, not after reading it all.
+        self.assertEqual([e["why"] for e in self.events], ["elements nested too deeply"])
 
     def test_another_vm_is_served_while_a_large_body_is_parsed(self) -> None:
         other = self.connect(OTHER)

@@ -164,18 +164,27 @@ class ParseTests(SynchronousTestCase):
                           call("a", "<value><array><data>" * n + "</data></array></value>" * n))
 
 
-def steps_until_refused(data: bytes) -> int:
-    """How many steps of parsing ``data`` ran before it was refused."""
+def steps_until_refused(data: bytes) -> tuple[int, str]:
+    """How many steps of parsing ``data`` ran before it was refused, and
+    why. Hostile bodies below end with bytes that are not XML at all: a
+    parser that read that far would report them instead."""
     steps = iter_method_call(data)
     count = 0
     while True:
         count += 1
         try:
             next(steps)
-        except XmlRpcError:
-            return count
+        except XmlRpcError as e:
+            return count, str(e)
         except StopIteration:
             raise AssertionError("accepted") from None
+
+
+def hostile(inner: bytes) -> bytes:
+    """``inner`` inside a call, cut to the size limit, then bytes no XML
+    parser accepts (so a parser reading to the end says so)."""
+    body = call("a", "<value>")[:-len("</param></params></methodCall>")] + inner
+    return body[:MAX_SIZE - 2] + b"\xff\xfe"
 
 
 class LimitTests(SynchronousTestCase):
@@ -196,12 +205,12 @@ class LimitTests(SynchronousTestCase):
 
     def test_deep_nesting_stops_in_the_first_step(self) -> None:
         # The issue's 684 KiB body of 100,000 nested elements.
-        body = call("a", "<value><array><data>" * 33_334)
-        self.assertEqual(steps_until_refused(body), 1)
+        body = hostile(b"<array><data><value>" * 33_334)
+        self.assertEqual(steps_until_refused(body), (1, "elements nested too deeply"))
 
     def test_many_elements_stop_in_the_first_step(self) -> None:
-        body = call("a", "<value><array><data>" + "<value/>" * 100_000)
-        self.assertEqual(steps_until_refused(body), 1)
+        body = hostile(b"<array><data>" + b"<value/>" * 100_000)
+        self.assertEqual(steps_until_refused(body), (1, f"more than {MAX_ELEMENTS} elements"))
 
     def test_attributes_are_refused(self) -> None:
         self.assertRaises(XmlRpcError, parse_method_call,
@@ -211,9 +220,9 @@ class LimitTests(SynchronousTestCase):
         for token in [b'<string a="' + b"x" * MAX_SIZE, b"<a" + b"x" * MAX_SIZE,
                       b"<!--" + b"x" * MAX_SIZE, b"<?pi " + b"x" * MAX_SIZE,
                       b"<a " + b'b="" ' * 200_000]:
-            body = call("a", "<value>")[:-len("</param></params></methodCall>")] + token
-            body = body[:MAX_SIZE]
-            self.assertLessEqual(steps_until_refused(body), MAX_TOKEN // SLICE + 2)
+            steps, why = steps_until_refused(hostile(token))
+            self.assertLessEqual(steps, MAX_TOKEN // SLICE + 2, token[:10])
+            self.assertEqual(why, f"an XML token longer than {MAX_TOKEN} bytes")
 
     def test_a_long_string_is_fine(self) -> None:
         text = "x" * (MAX_SIZE - 200)
@@ -222,15 +231,18 @@ class LimitTests(SynchronousTestCase):
         self.assertEqual(parse_method_call(call("a", cdata))[1], [text[:1000]])
 
     def test_leading_whitespace_is_bounded(self) -> None:
-        self.assertRaises(XmlRpcError, parse_method_call, b" " * (MAX_TOKEN + SLICE) + call("a"))
+        steps, why = steps_until_refused(b" " * (MAX_TOKEN + SLICE) + call("a"))
+        self.assertEqual((steps, why), (3, f"an XML token longer than {MAX_TOKEN} bytes"))
 
     def test_over_size(self) -> None:
         self.assertRaises(XmlRpcError, parse_method_call, call("a", "<value>" + "x" * MAX_SIZE
                                                               + "</value>"))
 
     def test_dtd_is_refused_in_the_first_step(self) -> None:
-        body = BILLION_LAUGHS + b" " * (4 * SLICE)
-        self.assertEqual(steps_until_refused(body), 1)
+        body = BILLION_LAUGHS + b" " * (4 * SLICE) + b"\xff"
+        steps, why = steps_until_refused(body)
+        self.assertEqual(steps, 1)
+        self.assertIn("DTD", why)
 
     def test_declared_encoding_is_ignored_utf8_only(self) -> None:
         declared = b'<?xml version="1.0" encoding="iso-8859-1"?>'
