@@ -304,6 +304,26 @@ class EncodeTests(SynchronousTestCase):
         self.assertRaises(ValueError, encode_value, 2**70)
         self.assertRaises(ValueError, encode_value, float("nan"))
 
+    def test_characters_xml_cannot_carry(self) -> None:
+        for bad in ["\x00", "\x08", "\x0b", "\x1f", "\ud800", "a\udfffb", "\ufffe", "\uffff"]:
+            self.assertRaises(ValueError, encode_value, bad)
+        for fine in ["\t\n", "\ud7ff\ue000\ufffd", "\U00010000\U0010ffff", "\x7f\x80"]:
+            self.assertEqual(xmlrpc.client.loads(encode_success(fine))[0][0]["Value"], fine)
+
+    @settings(deadline=None, max_examples=300)
+    @given(st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
+                                 blacklist_categories=()), max_size=30))
+    def test_refuses_exactly_what_xml_cannot_carry(self, text: str) -> None:
+        import re
+
+        not_xml = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+        try:
+            encode_value(text)
+            refused = False
+        except ValueError:
+            refused = True
+        self.assertEqual(refused, not_xml.search(text) is not None, repr(text))
+
     def test_failure_codes_are_strings(self) -> None:
         ((answer,), _) = xmlrpc.client.loads(encode_failure(["X", 3]))
         self.assertEqual(answer, {"Status": "Failure", "ErrorDescription": ["X", "3"]})

@@ -69,8 +69,9 @@ _METHOD_NAME = re.compile(r"[A-Za-z0-9_.:/]+")
 _BASE64_CHARS = re.compile(r"[A-Za-z0-9+/=]*")
 _INT32 = (-(2**31), 2**31 - 1)
 _INT64 = (-(2**63), 2**63 - 1)
-# Characters XML 1.0 cannot carry at all, even escaped.
-_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Characters XML 1.0 cannot carry at all, even escaped: C0 controls but tab,
+# LF and CR; also surrogates, U+FFFE and U+FFFF (checked in _escape_piece).
+_CONTROL = bytes(c for c in range(32) if c not in (9, 10, 13))
 
 _HEAD = b'<?xml version="1.0"?><methodResponse><params><param><value><struct>'
 _TAIL = b"</struct></value></param></params></methodResponse>"
@@ -313,13 +314,19 @@ def _decode_value(value: Element, depth: int) -> Any:
 
 
 def _escape_piece(text: str) -> bytes:
-    if _NOT_XML.search(text):
+    """``text`` escaped, as UTF-8; ValueError if XML cannot carry it. Done
+    on bytes: 2-3 times faster than on str (it is most of the work of a
+    large answer)."""
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate
+        raise ValueError("string holds a character XML cannot carry") from None
+    if (len(data.translate(None, _CONTROL)) != len(data)
+            or b"\xef\xbf\xbe" in data or b"\xef\xbf\xbf" in data):  # U+FFFE, U+FFFF
         raise ValueError("string holds a character XML cannot carry")
     # \r is escaped: a parser turns a literal one into \n.
-    return (
-        text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-        .replace("\r", "&#13;").encode("utf-8")
-    )
+    return (data.replace(b"&", b"&amp;").replace(b"<", b"&lt;").replace(b">", b"&gt;")
+            .replace(b"\r", b"&#13;"))
 
 
 def _escape(text: str, out: list[bytes]) -> Steps[None]:
