@@ -472,7 +472,8 @@ class Answer:
     """What came back on one connection."""
 
     data: bytes
-    #: how the exchange ended: eof, reset, timeout, refused (connect)
+    #: how the exchange ended: eof, answered, quiet, timeout, reset,
+    #: reset-while-sending, send-blocked, refused (connect)
     end: str
     seconds: float
 
@@ -498,6 +499,10 @@ def exchange(path: str, probe: Probe, *, answer_timeout: float = 5.0,
             s.sendall(probe.data)
         except (BrokenPipeError, ConnectionResetError):
             end = "reset-while-sending"
+        except TimeoutError:
+            # The server stopped reading (a request ahead is still being
+            # served and its buffer is full): back-pressure, not a fault.
+            end = "send-blocked"
         s.settimeout(answer_timeout if probe.answered else quiet_timeout)
         while True:
             try:
