@@ -545,3 +545,57 @@ class LogLimitTests(SynchronousTestCase):
         wire.site.doStop()
         self.assertEqual([e.get("count") for e in events][-1], 2)
         self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class ReadTurnTests(SynchronousTestCase):
+    """One connection of a socket parses input per reactor iteration,
+    however many connections its client opened."""
+
+    def setUp(self) -> None:
+        self.resource = _Echo()
+        self.first = Wire(self.resource)
+        self.others = [Wire.another(self.first) for _ in range(7)]
+
+    def tearDown(self) -> None:
+        for wire in [self.first, *self.others]:
+            wire.lose()
+        self.first.pump()  # the next iteration's turn, with nobody waiting
+        self.assertEqual(self.first.clock.getDelayedCalls(), [])
+
+    def test_one_connection_per_iteration(self) -> None:
+        wires = [self.first, *self.others]
+        for n, wire in enumerate(wires):
+            wire.send(http_request(b"POST", b"/", b"%d" % n), pump=False)
+        # In this iteration only the first was parsed; the others keep what
+        # they read and stop reading.
+        self.assertEqual(self.resource.seen, [b"0"])
+        self.assertEqual([w.transport.producerState for w in self.others], ["paused"] * 7)
+        for turn in range(1, 8):
+            self.first.clock.advance(0)
+            self.assertEqual(len(self.resource.seen), turn + 1)
+        self.assertEqual(self.resource.seen, [b"%d" % n for n in range(8)])
+        self.assertEqual([w.transport.producerState for w in wires], ["producing"] * 8)
+        self.assertEqual([codes(w) for w in wires], [[200]] * 8)
+
+    def test_another_socket_is_not_made_to_wait(self) -> None:
+        other = Wire(_Echo(), clock=self.first.clock)
+        for wire in [self.first, *self.others]:
+            wire.send(http_request(b"POST", b"/", b"x"), pump=False)
+        other.send(http_request(b"POST", b"/", b"y"), pump=False)
+        self.assertEqual(codes(other), [200])
+        other.lose()
+        self.first.pump()
+
+    def test_a_connection_lost_while_waiting_loses_its_turn(self) -> None:
+        self.first.send(http_request(b"POST", b"/", b"a"), pump=False)
+        self.others[0].send(http_request(b"POST", b"/", b"b"), pump=False)
+        self.others[1].send(http_request(b"POST", b"/", b"c"), pump=False)
+        self.others[0].lose()
+        self.first.pump()
+        self.assertEqual(self.resource.seen, [b"a", b"c"])
+
+    def test_refused_connections_discard_without_a_turn(self) -> None:
+        self.first.send(http_request(b"POST", b"/", b"a"), pump=False)
+        self.others[0].send(b"BAD\r\n\r\n")
+        self.first.send(b"x" * 100, pump=False)  # data after its turn: kept
+        self.assertEqual(codes(self.others[0]), [400])
