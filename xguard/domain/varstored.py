@@ -45,9 +45,16 @@ from ..errors import UpstreamError
 from ..interfaces import IUpstream
 from ..items import NvramStore
 from ..model import normalise_update
-from .site import VmResource, next_turn, plain_response, request_logger, routing_error_response
+from .site import (
+    VmResource,
+    next_turn,
+    plain_response,
+    request_logger,
+    routing_error_response,
+    write_in_steps,
+)
 from .steps import run_steps
-from .xmlrpc import XmlRpcError, encode_failure, iter_method_call, iter_success
+from .xmlrpc import XmlRpcError, encode_failure, iter_method_call, iter_success_pieces
 
 __all__ = ["VarstoredSocket", "SESSION_HANDLE", "VM_HANDLE", "MESSAGE_NAME"]
 
@@ -169,32 +176,36 @@ class VarstoredSocket:
             log.info("Refused an undecodable XML-RPC request for VM {vm}: {why}",
                      vm=self.vm_uuid, why=str(e))
             return plain_response(request, 400, "not an XML-RPC methodCall")
-        answer = await self._answer(method, params, log, turn)
-        return _fixed_length(request, answer)
+        pieces = await self._answer(method, params, log, turn)
+        # Clients (varstored) expect a Content-Length, not a chunked answer.
+        request.setHeader(b"content-length", b"%d" % sum(map(len, pieces)))
+        await write_in_steps(request, pieces, turn)
+        return b""
 
     async def _answer(self, method: str, params: list[Any], log: Logger,
-                      turn: Callable[[], "Deferred[None]"]) -> bytes:
+                      turn: Callable[[], "Deferred[None]"]) -> list[bytes]:
+        """The answer's bytes, in pieces."""
         try:
             checked = _check(method, params)
             value = await self._handlers[method](checked)
         except _CallRefused as e:
             log.info("Refused {method} for VM {vm}: {code}",
                      method=method[:80], vm=self.vm_uuid, code=e.codes[0])
-            return encode_failure(e.codes)
+            return [encode_failure(e.codes)]
         except UpstreamError as e:
             log.info("{method} for VM {vm} failed upstream: {codes}",
                      method=method, vm=self.vm_uuid, codes=e.codes)
-            return encode_failure(e.codes)
+            return [encode_failure(e.codes)]
         except Exception:  # noqa: BLE001 - a bug must not kill the socket
             log.failure("{method} for VM {vm} failed", Failure(),
                         method=method, vm=self.vm_uuid)
-            return encode_failure(["INTERNAL_ERROR", "xguard"])
+            return [encode_failure(["INTERNAL_ERROR", "xguard"])]
         try:
-            return await run_steps(iter_success(value), turn)
+            return await run_steps(iter_success_pieces(value), turn)
         except (TypeError, ValueError):
             log.failure("Cannot encode the answer to {method} for VM {vm}", Failure(),
                         method=method, vm=self.vm_uuid)
-            return encode_failure(["INTERNAL_ERROR", "xguard"])
+            return [encode_failure(["INTERNAL_ERROR", "xguard"])]
 
     @app.handle_errors(WerkzeugHTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -234,9 +245,3 @@ class VarstoredSocket:
         await self.upstream.create_message(self.vm_uuid, MESSAGE_NAME, priority, body)
         # xapi-guard answers unit here (the samples show <nil/>), not the ref.
         return None
-
-
-def _fixed_length(request: IRequest, body: bytes) -> bytes:
-    """Clients (varstored) expect a Content-Length, not a chunked answer."""
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body

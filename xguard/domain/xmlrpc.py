@@ -18,8 +18,8 @@ raises :class:`XmlRpcError`, and nothing else.
 Answers are written by hand, byte for byte like xapi's: the ``Status``
 member first, ``Value`` (or ``ErrorDescription``) second, strings untyped and
 no whitespace anywhere, because varstored reads the struct by position and
-compares ``<value>`` contents exactly. :func:`iter_success` escapes long
-strings in slices too.
+compares ``<value>`` contents exactly. :func:`iter_success_pieces` escapes
+long strings in slices too, and leaves the answer in pieces.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ __all__ = [
     "encode_success",
     "encode_failure",
     "iter_success",
+    "iter_success_pieces",
 ]
 
 #: Deeper nesting of values is refused: no xapi call needs more than a few
@@ -388,13 +389,20 @@ def encode_value(value: Any) -> str:
     return b"".join(out).decode("utf-8")
 
 
-def iter_success(value: Any) -> Steps[bytes]:
-    """xapi's ``{Status: Success, Value: value}`` answer, in steps."""
+def iter_success_pieces(value: Any) -> Steps[list[bytes]]:
+    """xapi's ``{Status: Success, Value: value}`` answer, in steps, as
+    pieces: a large answer is written piece by piece, never joined (each
+    copy of a 4 MiB answer costs milliseconds)."""
     out = [_HEAD, b"<member><name>Status</name><value>Success</value></member>"
                   b"<member><name>Value</name>"]
     yield from _encode(value, out)
     out += [b"</member>", _TAIL]
-    return b"".join(out)
+    return out
+
+
+def iter_success(value: Any) -> Steps[bytes]:
+    """:func:`iter_success_pieces`, joined."""
+    return b"".join((yield from iter_success_pieces(value)))
 
 
 def encode_success(value: Any) -> bytes:
