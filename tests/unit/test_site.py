@@ -594,6 +594,19 @@ class ReadTurnTests(SynchronousTestCase):
         self.first.pump()
         self.assertEqual(self.resource.seen, [b"a", b"c"])
 
+    def test_a_turn_does_not_resume_what_http_paused(self) -> None:
+        # A client that reads none of its answers: HTTPChannel stops reading
+        # it (write buffer full); its turn must not start reading again.
+        waiting = self.others[0]
+        self.first.send(http_request(b"POST", b"/", b"a"), pump=False)
+        waiting.send(http_request(b"POST", b"/", b"b"), pump=False)
+        waiting.protocol.pauseProducing()  # the transport's buffer is full
+        self.first.pump()
+        self.assertEqual(waiting.transport.producerState, "paused")
+        self.assertEqual(self.resource.seen, [b"a", b"b"])
+        waiting.protocol.resumeProducing()  # drained
+        self.assertEqual(waiting.transport.producerState, "producing")
+
     def test_refused_connections_discard_without_a_turn(self) -> None:
         self.first.send(http_request(b"POST", b"/", b"a"), pump=False)
         self.others[0].send(b"BAD\r\n\r\n")

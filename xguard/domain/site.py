@@ -190,9 +190,19 @@ class _LimitedChannel(http.HTTPChannel):
         data, self._held = b"".join(self._held), []
         if self.transport is None or self.transport.disconnected:
             return
-        self.transport.resumeProducing()
+        if not self._channel_wants_pause():
+            self.transport.resumeProducing()
         if data:
             self.dataReceived(data)
+
+    def _channel_wants_pause(self) -> bool:
+        """Would HTTPChannel itself keep reading paused? (Its write buffer
+        is full, or it buffers a pipelined request behind the one it
+        serves.) Resuming then would let a client that reads nothing make
+        us buffer without bound."""
+        return bool(self._waitingForTransport or (
+            self._handlingRequest
+            and sum(map(len, self._dataBuffer)) > self._optimisticEagerReadSize))
 
     def lineReceived(self, line: bytes) -> None:
         if not self.refused:
