@@ -108,6 +108,9 @@ def flood_worker(sockets: dict[str, str], connections: int, stop_file: str,
     """The flooder process: ``connections`` threads sending the worst cases
     named in turn until ``stop_file`` exists; prints what was answered."""
     cases = [case for case in worst_cases() if case[0] in names]
+    # The flooder's own client work is not what is measured: let the
+    # scheduler prefer the daemon and the probe on this small machine.
+    os.nice(10)
     answered = [0] * connections
     codes: dict[bytes, int] = {}
 
@@ -132,9 +135,11 @@ def flood_worker(sockets: dict[str, str], connections: int, stop_file: str,
 
 def _quantiles(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
-    return {"p50_ms": statistics.median(ordered) * 1000,
-            "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000,
-            "max_ms": ordered[-1] * 1000, "n": len(ordered)}
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q))] * 1000
+
+    return {"p50_ms": statistics.median(ordered) * 1000, "p90_ms": at(0.90),
+            "p99_ms": at(0.99), "max_ms": ordered[-1] * 1000, "n": len(ordered)}
 
 
 def _probe(sockets: dict[str, str], count: int) -> dict[str, dict[str, float]]:
@@ -224,7 +229,8 @@ def measure(root: str | None = None, *, probes: int = 300, connections: int = 8,
 
 def print_flood(r: dict[str, Any]) -> None:
     q, f = r["quiet"]["all"], r["flooded"]["all"]
-    print(f"7. flood: another VM's request p50 {f['p50_ms']:.2f} ms, p99 {f['p99_ms']:.2f} ms "
+    print(f"7. flood: another VM's request p50 {f['p50_ms']:.2f} ms, p90 {f['p90_ms']:.2f} ms, "
+          f"p99 {f['p99_ms']:.2f} ms "
           f"(max {f['max_ms']:.1f}) while one VM floods from {r['connections']} connections; "
           f"no flood p50 {q['p50_ms']:.2f} ms, p99 {q['p99_ms']:.2f} ms; ratio p99 "
           f"{r['ratio_p99']:.2f}x, p50 {r['ratio_p50']:.2f}x; goal p99 <= {r['goal_p99_ms']:.0f} "

@@ -174,12 +174,15 @@ def test_oversized_body_gets_its_413_not_a_broken_pipe(bed: FuzzBed) -> None:
 
 def test_bad_requests_flood_writes_a_bounded_log(bed: FuzzBed) -> None:
     before = bed.log_bytes()
-    probe = Probe(b"PUT /tpm2-00.permall HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nxyz",
-                  (b"PUT",), True, "flood")
-    for _ in range(500):
-        assert status_codes(exchange(bed.sockets["swtpm"], probe).data) == [400]
-    # 500 refusals: at most a burst of lines (and a summary later).
-    assert bed.log_bytes() - before < 2_000, bed.log_text()[-3000:]
+    refused = Probe(b"POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: 4\r\n\r\n<x/>",
+                    (b"POST",), True, "flood")
+    framing = Probe(b"PUT /tpm2-00.permall HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nxyz",
+                    (b"PUT",), True, "flood")
+    for _ in range(300):
+        assert status_codes(exchange(bed.sockets["varstored"], refused).data) == [400]
+        assert status_codes(exchange(bed.sockets["swtpm"], framing).data) == [400]
+    # 600 refusals: a burst of lines per socket (and a summary later).
+    assert bed.log_bytes() - before < 3_000, bed.log_text()[-3000:]
 
 
 def test_boot_storm_of_connections_needs_no_retry(bed: FuzzBed) -> None:
