@@ -16,6 +16,8 @@ TARGETS = {
     "storm_1000_s": 30.0,
     "idle_rss_mb": 150.0,
     "resume_s": 2.0,
+    # Issue 8: another VM's p99 while one VM floods (bench/flood.py).
+    "flood_p99_ms": 50.0,
 }
 
 
@@ -80,6 +82,8 @@ def measured(results: dict[str, Any]) -> dict[str, Any]:
     for r in results.get("storm", []):
         if not r["design"] and r["n"] == 1000:
             out["storm_1000_s"] = r["total_s"]
+    if results.get("flood"):
+        out["flood_p99_ms"] = results["flood"]["flooded"]["all"]["p99_ms"]
     fp = results.get("footprint")
     if fp:
         out["idle_rss_mb"] = fp["rss_mb"]

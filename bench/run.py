@@ -1,7 +1,7 @@
 """xguard benchmarks: ``python bench/run.py [--quick] [--json FILE]``.
 
 Starts the xapi simulator, a bare Twisted server and the daemon as real
-processes, runs the six scenarios of doc/performance.md and prints each
+processes, runs the scenarios of doc/performance.md (and bench/flood.py's) and prints each
 xguard figure next to its floor measured in the same run. ``--quick``
 scales everything down (under 3 minutes); ``--plots DIR`` writes the PNGs;
 ``--profile DIR`` also records the daemon with py-spy (separate, unmeasured
@@ -26,10 +26,10 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's code, whatever is installed
 
-from bench import report, scenarios  # noqa: E402
+from bench import flood, report, scenarios  # noqa: E402
 from bench.procs import UPSTREAM_DESIGN  # noqa: E402
 
-ALL = ("latency", "storm", "footprint", "drain")
+ALL = ("latency", "flood", "storm", "footprint", "drain")
 #: Drain configurations: xguard, the upstream design, then each knob alone.
 DRAINS = {"xguard": (), "upstream": UPSTREAM_DESIGN, "serial": ("serial",),
           "no-coalesce": ("no-coalesce",), "no-handle-cache": ("no-handle-cache",)}
@@ -114,6 +114,14 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         if "latency" in only:
             results["latency"] = await scenarios.latency(ctx, samples)
             report.print_latency(results["latency"])
+            save()
+        if "flood" in only:
+            # Its own daemon on the embedded store (bench/flood.py), blocking.
+            from twisted.internet.threads import deferToThread
+
+            results["flood"] = await deferToThread(flood.measure, ctx.root("flood"),
+                                                   probes=100 if args.quick else 300)
+            flood.print_flood(results["flood"])
             save()
         if only & {"storm", "footprint", "drain"}:
             results["storm"] = []

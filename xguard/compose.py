@@ -116,7 +116,8 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         else:
             resource = VarstoredSocket(vm_uuid, upstream, nvram).resource()
         return DomainSite(resource, reactor=reactor, timeout=cfg.request_timeout,
-                          on_connection=activity.count)
+                          on_connection=activity.count,
+                          on_response=lambda code: metrics.domain_request(kind.value, code))
 
     def vm_gone(vm_uuid: str) -> None:
         """The VM's last socket was destroyed (it stopped, or reboots)."""
@@ -126,7 +127,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
                                   vm=vm_uuid))
 
     registry = SocketRegistry(reactor, cfg.sockets_file, site_for, on_forget=vm_gone,
-                              runner=io)
+                              runner=io, backlog=cfg.listen_backlog)
     vtpms = VtpmContents(upstream, vtpm_sink, swtpm_writer, known,
                          candidates=lambda: registry.vms(Kind.SWTPM), clock=reactor,
                          deadline=cfg.direct_deadline)

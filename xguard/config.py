@@ -109,6 +109,8 @@ class Config:
     metrics: str | None = attrs.field(default=None, validator=_metrics_endpoint)
     #: A call in flight this long marks upstream unresponsive.
     unresponsive_after: float = attrs.field(default=5.0, validator=_positive)
+    #: Listen backlog of each domain socket (capped by SOMAXCONN).
+    listen_backlog: int = attrs.field(default=128, validator=_positive)
     def __attrs_post_init__(self) -> None:
         if self.xapi is not None and self.local_store is not None:
             raise ValueError("--xapi and --local-store are mutually exclusive")
@@ -145,4 +147,5 @@ class Config:
             flush_concurrency=int(options["flush-concurrency"]),
             metrics=options["metrics"],
             unresponsive_after=float(options["unresponsive-after"]),
+            listen_backlog=int(options.get("listen-backlog", 128)),
         )

@@ -50,12 +50,14 @@ class Options(usage.Options):
          "unix:PATH or tcp:PORT:interface=ADDRESS (off by default)."],
         ["unresponsive-after", None, "5", "Seconds an upstream call may wait for its answer "
          "before upstream is reported unresponsive."],
+        ["listen-backlog", None, "128", "Connections each domain socket queues before "
+         "accepting them (capped by SOMAXCONN)."],
     ]
 
     def postOptions(self) -> None:
         if self["log-level"] not in LOG_LEVELS:
             raise usage.UsageError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
-        for name in ("queue-size", "flush-concurrency"):
+        for name in ("queue-size", "flush-concurrency", "listen-backlog"):
             try:
                 int(self[name])
             except ValueError:

@@ -44,6 +44,13 @@ def test_scraped_during_and_after_an_outage(hosts: Callable[..., Host],
     assert m["xguard_upstream_up{}"] == 1
     assert m["xguard_domain_sockets{service=Swtpm}"] == 1
     assert m["xguard_cache_mode{mode=Direct,service=Swtpm}"] == 1
+    assert m["xguard_domain_requests_total{code=204,service=Swtpm}"] == 1
+    assert request(vm["tpm"], "GET", "/nothing", None, {"Connection": "close"})[0] == 404
+    assert request(vm["tpm"], "PUT", "/tpm2-00.permall", b"not base64!",
+                   {"Connection": "close"})[0] == 400
+    m = scrape(host)
+    assert m["xguard_domain_requests_total{code=404,service=Swtpm}"] == 1
+    assert m["xguard_domain_requests_total{code=400,service=Swtpm}"] == 1
     assert m["xguard_upstream_calls_total{method=VTPM.set_contents,outcome=ok}"] >= 1
 
     sim_up.client.set_mode("refuse")

@@ -26,7 +26,7 @@ from zope.interface.verify import verifyObject
 
 from xguard import activefile
 from xguard.activefile import Entry
-from xguard.domain.sockets import KEEP_SUFFIX, SocketRegistry
+from xguard.domain.sockets import BACKLOG, KEEP_SUFFIX, SocketRegistry, listen_backlog
 from xguard.errors import InvalidPath, InvalidUUID, PathInUse
 from xguard.interfaces import ISocketRegistry
 from xguard.model import Service
@@ -158,6 +158,46 @@ def env(short_tmp: str) -> Any:
 
 
 # -- create -------------------------------------------------------------------
+
+def queued_connections(path: str, attempts: int) -> int:
+    """Open ``attempts`` connections at once while nothing accepts them
+    (the reactor does not run during this call); how many the kernel
+    queued before refusing with EAGAIN."""
+    clients = []
+    try:
+        for _ in range(attempts):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(s)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+            except BlockingIOError:
+                return len(clients) - 1
+        return attempts
+    finally:
+        for s in clients:
+            s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_default_backlog_absorbs_a_burst_of_connections(env: Any) -> None:
+    # A boot storm: many connections arrive while the reactor is busy; the
+    # kernel must queue them (16 refused the 17th with EAGAIN).
+    registry = env.registry()
+    path = env.path("burst.sock")
+    await registry.create(Service.VARSTORED, VM1, GID, path)
+    assert BACKLOG >= 128
+    assert queued_connections(path, 128) == 128
+
+
+@pytest_twisted.ensureDeferred
+async def test_backlog_is_configurable(env: Any) -> None:
+    registry = env.registry(backlog=4)
+    path = env.path("small.sock")
+    await registry.create(Service.VARSTORED, VM1, GID, path)
+    assert queued_connections(path, 50) in (4, 5)  # Linux queues backlog + 1
+
+
 
 @pytest_twisted.ensureDeferred
 async def test_create_listens_secures_and_records(env: Any) -> None:
@@ -399,6 +439,25 @@ class SynchronousTests(SynchronousTestCase):
         with capturedLogs() as events:
             self.successResultOf(self.registry.destroy(Service.SWTPM, GID, "/x/none.sock"))
         self.assertEqual([e["log_level"].name for e in events], ["warn"])
+
+    def test_backlog_is_capped_by_somaxconn(self) -> None:
+        self.assertEqual(listen_backlog(10**9), socket.SOMAXCONN)
+        self.assertEqual(listen_backlog(0), 1)
+        self.assertEqual(listen_backlog(300), min(300, socket.SOMAXCONN))
+
+    def test_listen_backlog_option(self) -> None:
+        from twisted.python.usage import UsageError
+
+        from xguard.tap import Options
+
+        options = Options()
+        options.parseOptions([])
+        self.assertEqual(options.config.listen_backlog, 128)
+        options = Options()
+        options.parseOptions(["--listen-backlog", "2048"])
+        self.assertEqual(options.config.listen_backlog, 2048)
+        for bad in ("x", "0"):
+            self.assertRaises(UsageError, Options().parseOptions, ["--listen-backlog", bad])
 
     def test_nothing_listed_initially(self) -> None:
         self.assertEqual(self.registry.entries(), [])

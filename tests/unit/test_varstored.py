@@ -13,7 +13,7 @@ from treq.testing import StubTreq
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import FakeUpstream, StoreKit
-from tests.unit.test_site import Wire, http_request
+from tests.unit.test_site import TurnClock, Wire, http_request
 from tests.unit.test_xmlrpc import BILLION_LAUGHS, WIRE, XXE, call, sample
 from xguard.domain.site import MAX_BODY
 from xguard.domain.varstored import MESSAGE_NAME, SESSION_HANDLE, VM_HANDLE, VarstoredSocket
@@ -279,3 +279,112 @@ class VarstoredWireTests(SynchronousTestCase):
         [(code, headers, body)] = self.wire.responses()
         self.assertEqual((code, headers[b"allow"]), (405, b"POST"))
         self.assertEqual(headers[b"content-length"], b"%d" % len(body))
+
+
+def nvram_call(value: str) -> bytes:
+    return call("VM.set_NVRAM_EFI_variables", "<value>s</value>", "<value>v</value>",
+                "<value>" + value + "</value>")
+
+
+class HostileRequestTests(SynchronousTestCase):
+    """Requests varstored never sends get a deliberate answer (each of these
+    was an unhandled exception), and one VM's large bodies are parsed in
+    its own queue, in steps, while other VMs are served."""
+
+    def setUp(self) -> None:
+        self.clock = TurnClock()
+        self.upstream = FakeUpstream()
+        self.upstream.add_vm(VM)
+        self.upstream.add_vm(OTHER, nvram={"EFI-variables": "other-vars"})
+        self.events: list[dict[str, object]] = []
+        self.wire = self.connect(VM)
+
+    def connect(self, vm: str) -> Wire:
+        kit = StoreKit(self.upstream)
+        self.addCleanup(kit.cleanup)
+        socket = VarstoredSocket(vm, self.upstream, kit.nvram)
+        return Wire(socket.resource(), clock=self.clock, events=self.events)
+
+    def tearDown(self) -> None:
+        self.wire.lose()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertNotIn("log_failure", repr(self.events))
+
+    def test_without_host(self) -> None:
+        body = sample("requests", "VM.get_NVRAM.request.0")
+        for version in (b"HTTP/1.0", b"HTTP/1.1"):
+            self.wire.reconnect()
+            self.wire.send(b"POST / %s\r\nContent-Length: %d\r\n\r\n%s"
+                           % (version, len(body), body))
+            [(code, _, answer)] = self.wire.responses()
+            self.assertEqual((code, decode(answer)["Status"]), (200, "Success"))
+
+    def test_int_too_long_for_python_is_400(self) -> None:
+        body = call("message.create", *["<value>x</value>"] * 2,
+                    "<value><int>" + "9" * 4301 + "</int></value>", *["<value>x</value>"] * 3)
+        self.wire.send(http_request(b"POST", b"/", body))
+        self.assertEqual([r[0] for r in self.wire.responses()], [400])
+        self.assertEqual(self.upstream.calls, [])
+
+    def test_deep_nesting_is_refused_in_the_first_step(self) -> None:
+        # The issue's body: 684 KiB, 100,000 nested elements (~130 ms to
+        # parse whole on the reactor before the depth limit applied).
+        n = 100_000 // 3
+        body = call("VM.get_NVRAM", "<value><array><data>" * n)
+        self.assertGreater(len(body), 600_000)
+        self.wire.send(http_request(b"POST", b"/", body), pump=False)
+        self.assertEqual([r[0] for r in self.wire.responses()], [400])
+        self.assertLessEqual(self.wire.pump(), 1)  # the next read turn, no parse step
+        # Refused for its depth while reading, not after reading it all.
+        self.assertEqual([e["why"] for e in self.events], ["elements nested too deeply"])
+
+    def test_another_vm_is_served_while_a_large_body_is_parsed(self) -> None:
+        other = self.connect(OTHER)
+        self.wire.send(http_request(b"POST", b"/", nvram_call("A" * (MAX_BODY - 300))),
+                       pump=False)
+        other.send(http_request(b"POST", b"/", sample("requests", "VM.get_NVRAM.request.0")),
+                   pump=False)
+        self.assertEqual(decode(other.responses()[0][2])["Value"],
+                         {"EFI-variables": "other-vars"})
+        self.assertEqual(self.wire.responses(), [])
+        self.assertGreaterEqual(self.wire.pump(), 60)
+        self.assertEqual(decode(self.wire.responses()[0][2])["Status"], "Success")
+        other.lose()
+
+    def test_one_vm_from_many_connections_competes_with_itself(self) -> None:
+        # Two connections of the same VM: their bodies are parsed one after
+        # the other (in the VM's queue), not side by side.
+        second = Wire.another(self.wire)
+        body = http_request(b"POST", b"/", nvram_call("B" * (MAX_BODY - 300)))
+        self.wire.send(body, pump=False)
+        second.send(body, pump=False)
+        one_body_steps = (len(body) // (16 * 1024))
+        self.assertGreaterEqual(self.wire.pump(), 2 * one_body_steps - 2)
+        self.assertEqual(len(self.wire.responses()) + len(second.responses()), 2)
+        second.lose()
+
+    def test_large_answer_is_encoded_in_steps(self) -> None:
+        self.upstream.vms[VM]["nvram"] = {"EFI-variables": "<&>" * 300_000}
+        self.wire.send(http_request(b"POST", b"/", sample("requests", "VM.get_NVRAM.request.0")),
+                       pump=False)
+        self.assertEqual(self.wire.responses(), [])
+        sizes = []
+        while any(call.getTime() <= self.clock.seconds()
+                  for call in self.clock.getDelayedCalls()):
+            self.clock.advance(0)
+            sizes.append(len(self.wire.transport.value()))
+        self.assertGreater(len(sizes), 40)
+        # Written in pieces of about 64 KiB, one per reactor iteration.
+        growth = [b - a for a, b in zip(sizes, sizes[1:]) if b > a]
+        self.assertGreater(len(growth), 20)
+        self.assertLess(max(growth), 200_000)
+        [(code, _, answer)] = self.wire.responses()
+        self.assertEqual(decode(answer)["Value"], {"EFI-variables": "<&>" * 300_000})
+
+    def test_refusals_are_logged_rate_limited_without_content(self) -> None:
+        for n in range(40):
+            self.wire.send(http_request(b"POST", b"/", b"<SECRET-NVRAM-%d/>" % n))
+        self.assertEqual(len(self.events), 5)
+        self.clock.advance(60)
+        self.assertEqual([e["count"] for e in self.events if "count" in e], [35])
+        self.assertNotIn("SECRET", repr(self.events))

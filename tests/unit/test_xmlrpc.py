@@ -12,12 +12,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
+from xguard.domain.steps import drain
 from xguard.domain.xmlrpc import (
     MAX_DEPTH,
+    MAX_ELEMENTS,
+    MAX_SIZE,
+    MAX_TOKEN,
+    SLICE,
     XmlRpcError,
     encode_failure,
     encode_success,
     encode_value,
+    iter_method_call,
+    iter_success,
     parse_method_call,
 )
 
@@ -157,6 +164,120 @@ class ParseTests(SynchronousTestCase):
                           call("a", "<value><array><data>" * n + "</data></array></value>" * n))
 
 
+def steps_until_refused(data: bytes) -> tuple[int, str]:
+    """How many steps of parsing ``data`` ran before it was refused, and
+    why. Hostile bodies below end with bytes that are not XML at all: a
+    parser that read that far would report them instead."""
+    steps = iter_method_call(data)
+    count = 0
+    while True:
+        count += 1
+        try:
+            next(steps)
+        except XmlRpcError as e:
+            return count, str(e)
+        except StopIteration:
+            raise AssertionError("accepted") from None
+
+
+def hostile(inner: bytes) -> bytes:
+    """``inner`` inside a call, cut to the size limit, then bytes no XML
+    parser accepts (so a parser reading to the end says so)."""
+    body = call("a", "<value>")[:-len("</param></params></methodCall>")] + inner
+    return body[:MAX_SIZE - 2] + b"\xff\xfe"
+
+
+class LimitTests(SynchronousTestCase):
+    """Hostile bodies are refused as soon as they break a limit, while
+    expat reads them, in bounded steps."""
+
+    def test_int_beyond_pythons_digit_limit_is_a_parse_error(self) -> None:
+        self.assertRaises(XmlRpcError, parse_method_call,
+                          call("a", "<value><int>" + "9" * 4301 + "</int></value>"))
+        self.assertRaises(XmlRpcError, parse_method_call,
+                          call("a", "<value><i8>" + "0" * 40 + "1</i8></value>"))
+
+    def test_element_count(self) -> None:
+        many = "<value><array><data>" + "<value/>" * MAX_ELEMENTS + "</data></array></value>"
+        self.assertRaises(XmlRpcError, parse_method_call, call("a", many))
+        fine = "<value><array><data>" + "<value/>" * 100 + "</data></array></value>"
+        self.assertEqual(parse_method_call(call("a", fine))[1], [[""] * 100])
+
+    def test_deep_nesting_stops_in_the_first_step(self) -> None:
+        # The issue's 684 KiB body of 100,000 nested elements.
+        body = hostile(b"<array><data><value>" * 33_334)
+        self.assertEqual(steps_until_refused(body), (1, "elements nested too deeply"))
+
+    def test_many_elements_stop_in_the_first_step(self) -> None:
+        body = hostile(b"<array><data>" + b"<value/>" * 100_000)
+        self.assertEqual(steps_until_refused(body), (1, f"more than {MAX_ELEMENTS} elements"))
+
+    def test_attributes_are_refused(self) -> None:
+        self.assertRaises(XmlRpcError, parse_method_call,
+                          b'<methodCall a="1"><methodName>a</methodName></methodCall>')
+
+    def test_huge_tokens_are_refused_before_they_end(self) -> None:
+        for token in [b'<string a="' + b"x" * MAX_SIZE, b"<a" + b"x" * MAX_SIZE,
+                      b"<!--" + b"x" * MAX_SIZE, b"<?pi " + b"x" * MAX_SIZE,
+                      b"<a " + b'b="" ' * 200_000]:
+            steps, why = steps_until_refused(hostile(token))
+            self.assertLessEqual(steps, MAX_TOKEN // SLICE + 2, token[:10])
+            self.assertEqual(why, f"an XML token longer than {MAX_TOKEN} bytes")
+
+    def test_a_long_string_is_fine(self) -> None:
+        text = "x" * (MAX_SIZE - 200)
+        self.assertEqual(parse_method_call(call("a", f"<value>{text}</value>"))[1], [text])
+        cdata = f"<value><![CDATA[{text[:1000]}]]></value>"
+        self.assertEqual(parse_method_call(call("a", cdata))[1], [text[:1000]])
+
+    def test_leading_whitespace_is_bounded(self) -> None:
+        steps, why = steps_until_refused(b" " * (MAX_TOKEN + SLICE) + call("a"))
+        self.assertEqual((steps, why), (3, f"an XML token longer than {MAX_TOKEN} bytes"))
+
+    def test_over_size(self) -> None:
+        self.assertRaises(XmlRpcError, parse_method_call, call("a", "<value>" + "x" * MAX_SIZE
+                                                              + "</value>"))
+
+    def test_dtd_is_refused_in_the_first_step(self) -> None:
+        body = BILLION_LAUGHS + b" " * (4 * SLICE) + b"\xff"
+        steps, why = steps_until_refused(body)
+        self.assertEqual(steps, 1)
+        self.assertIn("DTD", why)
+
+    def test_declared_encoding_is_ignored_utf8_only(self) -> None:
+        declared = b'<?xml version="1.0" encoding="iso-8859-1"?>'
+        body = call("a", "<value>\xe9</value>").replace(b'<?xml version="1.0"?>', declared)
+        self.assertRaises(XmlRpcError, parse_method_call, body.replace("é".encode(), b"\xe9"))
+        self.assertEqual(parse_method_call(body)[1], ["é"])
+
+    def test_steps_are_slices_of_the_body(self) -> None:
+        body = call("a", "<value>" + "x" * (10 * SLICE) + "</value>")
+        steps = iter_method_call(body)
+        count = 0
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                self.assertEqual(done.value[0], "a")
+                break
+            count += 1
+        self.assertEqual(count, -(-len(body) // SLICE) - 1)
+
+    def test_answers_are_encoded_in_steps(self) -> None:
+        value = {"EFI-variables": "<&>" * 100_000}
+        steps = iter_success(value)
+        count = 0
+        while True:
+            try:
+                next(steps)
+                count += 1
+            except StopIteration as done:
+                self.assertEqual(done.value, encode_success(value))
+                break
+        self.assertGreater(count, 10)
+        self.assertEqual(drain(iter_success(value)), encode_success(value))
+
+
 class EncodeTests(SynchronousTestCase):
     def test_matches_samples_exactly(self) -> None:
         self.assertEqual(encode_success("string"), sample("responses", "VM.get_by_uuid.response.0"))
@@ -182,6 +303,26 @@ class EncodeTests(SynchronousTestCase):
         self.assertRaises(TypeError, encode_value, object())
         self.assertRaises(ValueError, encode_value, 2**70)
         self.assertRaises(ValueError, encode_value, float("nan"))
+
+    def test_characters_xml_cannot_carry(self) -> None:
+        for bad in ["\x00", "\x08", "\x0b", "\x1f", "\ud800", "a\udfffb", "\ufffe", "\uffff"]:
+            self.assertRaises(ValueError, encode_value, bad)
+        for fine in ["\t\n", "\ud7ff\ue000\ufffd", "\U00010000\U0010ffff", "\x7f\x80"]:
+            self.assertEqual(xmlrpc.client.loads(encode_success(fine))[0][0]["Value"], fine)
+
+    @settings(deadline=None, max_examples=300)
+    @given(st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF,
+                                 blacklist_categories=()), max_size=30))
+    def test_refuses_exactly_what_xml_cannot_carry(self, text: str) -> None:
+        import re
+
+        not_xml = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+        try:
+            encode_value(text)
+            refused = False
+        except ValueError:
+            refused = True
+        self.assertEqual(refused, not_xml.search(text) is not None, repr(text))
 
     def test_failure_codes_are_strings(self) -> None:
         ((answer,), _) = xmlrpc.client.loads(encode_failure(["X", 3]))

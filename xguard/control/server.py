@@ -41,6 +41,7 @@ from .commands import (
     VtpmGetContents,
     VtpmSetContents,
 )
+from .protocol import ControlProtocol
 
 __all__ = ["ControlLocator", "control_factory", "control_endpoint"]
 
@@ -274,7 +275,7 @@ class _ControlFactory(ServerFactory):
         self.peer_credentials = peer_credentials
 
     def buildProtocol(self, addr: object) -> Protocol:
-        proto = amp.AMP(locator=self.locator)
+        proto = ControlProtocol(locator=self.locator)
         proto.factory = self
         return _RootOnly(self, proto)
 

@@ -1,59 +1,130 @@
 # -*- test-case-name: tests.unit.test_site -*-
 """The HTTP server behind every domain socket, hardened for untrusted
-clients.
+clients: every request gets a deliberate answer, and no client can make the
+reactor work for long on its behalf.
 
-- Bodies over ``max_body`` are refused with 413 before the handler runs:
-  from ``Content-Length`` before a byte of the body is read, and by counting
-  for chunked bodies. Bodies are kept in memory (they are bounded), so VM
+- **Framing** is decided once per request from the whole header section by
+  :mod:`xguard.domain.framing` (RFC 9112): a malformed request line or
+  header, an unusable request target, a transfer coding other than a single
+  ``chunked``, ``Content-Length`` with ``Transfer-Encoding`` → 400. The
+  request target is rewritten to origin-form, so absolute-form targets are
+  served. ``Host`` is not needed: it means nothing on a UNIX socket.
+- **Bodies** over ``max_body`` are refused with 413, from
+  ``Content-Length`` before a byte of the body is read, from chunk sizes for
+  chunked bodies. Bodies are kept in memory (they are bounded), so VM
   content never lands in a temporary file.
-- ``timeout`` bounds both silence (a client that connects and sends nothing,
-  a keep-alive connection left idle, a request stalled mid-way) and the time
-  a request may take to arrive in full, so a client trickling a byte at a
-  time cannot hold its socket forever. Clients reconnect when an idle
-  keep-alive connection is closed (swtpm and the XenAPI SDK do).
-- ``Connection: close`` is honoured by Twisted's HTTPChannel; keep-alive too.
-- There is no access log of the combined format (it would need a log file and
-  a once-a-second timer per socket); each request is logged at debug level
-  with its method, path and code only — never a body.
+- **Refusals are read to the end** (a lingering close): the answer is
+  written, our side of the connection shut, and what the client still
+  sends is read and discarded — up to ``linger_bytes`` or
+  ``linger_timeout`` — so a client still sending its body reads the answer
+  instead of a reset or a broken pipe.
+- **Time**: ``timeout`` bounds both silence (a client that connects and
+  sends nothing, a keep-alive connection left idle, a request stalled
+  mid-way) and the time a request may take to arrive in full, so a client
+  trickling a byte at a time cannot hold its socket forever.
+- **Log volume**: everything logged about this socket's requests, here and
+  in the apps (:func:`request_logger`), goes through one
+  :class:`~xguard.domain.loglimit.RateLimitedObserver` per socket. No body
+  is ever logged; each request is logged at debug level with its method,
+  path and code only.
+- **Fairness**: one connection of a socket parses input per reactor
+  iteration (:mod:`xguard.domain.turns`), whatever the number of
+  connections; the apps cut their work on large bodies into steps and
+  give the reactor a turn between two (:func:`next_turn`).
+
+Twisted's ``HTTPChannel`` has no public hook for framing, so the channel
+overrides a few of its private methods (``_maybeChooseTransferDecoder``,
+``_respondToBadRequestAndDisconnect``) and reads ``_path``/``_version``;
+tests/unit/test_site.py pins each of them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from io import BytesIO
+from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web import http
-from twisted.web.resource import IResource
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
-__all__ = ["DomainSite", "MAX_BODY", "DEFAULT_TIMEOUT", "plain_response", "routing_error_response"]
+from .framing import ChunkedDecoder, FramingError, body_length, origin_form
+from .loglimit import RateLimitedObserver
+from .turns import ReadTurns
+
+__all__ = [
+    "DomainSite",
+    "VmResource",
+    "MAX_BODY",
+    "DEFAULT_TIMEOUT",
+    "LINGER_BYTES",
+    "LINGER_TIMEOUT",
+    "next_turn",
+    "write_in_steps",
+    "WRITE_SLICE",
+    "request_logger",
+    "plain_response",
+    "routing_error_response",
+]
 
 #: SPEC §4: request bodies (and swtpm's states) are limited to 1 MiB.
 MAX_BODY = 1024 * 1024
 #: Seconds of silence, or of request arrival, before a client is dropped.
 DEFAULT_TIMEOUT = 60.0
+#: After a refusal, bytes read and discarded before the connection is closed.
+LINGER_BYTES = 8 * MAX_BODY
+#: After a refusal, seconds the client has to stop sending.
+LINGER_TIMEOUT = 10.0
+#: Bytes of a large answer written per step (see write_in_steps).
+WRITE_SLICE = 64 * 1024
 
-_TOO_LARGE = (
-    b"HTTP/1.1 413 Request Entity Too Large\r\n"
-    b"Content-Type: text/plain\r\n"
-    b"Content-Length: 24\r\n"
-    b"Connection: close\r\n\r\n"
-    b"request body over limit\n"
-)
-assert len(b"request body over limit\n") == 24
+_REASONS = {400: b"Bad Request", 413: b"Request Entity Too Large"}
+_NAMESPACE = "xguard.domain.site"
+
+
+def _refusal(code: int, text: str) -> bytes:
+    body = text.encode("ascii", "replace") + b"\n"
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n\r\n%s"
+            % (code, _REASONS.get(code, b"Error"), len(body), body))
+
+
+class VmResource(Resource):
+    """A domain app's resource, labelled with the VM it serves, so the
+    socket's own log lines name the VM."""
+
+    isLeaf = True
+
+    def __init__(self, resource: IResource, vm_uuid: str) -> None:
+        super().__init__()
+        self.resource = resource
+        self.vm_uuid = vm_uuid
+
+    def render(self, request: IRequest) -> Any:
+        return self.resource.render(request)
 
 
 class _LimitedRequest(Request):
-    """Keeps the body in memory and refuses a chunked body over the limit."""
+    """Keeps the body in memory, refuses one over the limit, ignores Host,
+    and logs its processing failures through the socket's limiter."""
 
     _received = 0
 
+    def __init__(self, channel: http.HTTPChannel, *args: Any, **kwargs: Any) -> None:
+        super().__init__(channel, *args, **kwargs)
+        site = getattr(channel, "site", None)
+        if isinstance(site, DomainSite):
+            self._log = site.logger("twisted.web.server")
+
     def gotLength(self, length: int | None) -> None:
-        # The channel already refused a Content-Length over the limit, so the
-        # body is bounded: no temporary file holding VM state.
+        # The channel already refused a length over the limit, so the body
+        # is bounded: no temporary file holding VM state.
         self.content = BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -62,22 +133,41 @@ class _LimitedRequest(Request):
             return
         self._received += len(data)
         if self._received > channel.max_body:
-            channel.refuse_too_large()
+            channel.refuse(413, "request body over limit")
             return
         super().handleContentChunk(data)
 
+    def getRequestHostname(self) -> bytes:
+        """Host means nothing on a UNIX socket (and HTTP/1.0 has none):
+        every request is for the one VM this socket serves."""
+        return b"localhost"
+
 
 class _LimitedChannel(http.HTTPChannel):
-    """An HTTPChannel with a body limit and a whole-request deadline."""
+    """An HTTPChannel with strict framing, a body limit, a whole-request
+    deadline and lingering refusals."""
 
     max_body = MAX_BODY
     request_timeout: float | None = DEFAULT_TIMEOUT
+    linger_bytes = LINGER_BYTES
+    linger_timeout = LINGER_TIMEOUT
     refused = False
+    turns: ReadTurns | None = None
     _deadline: IDelayedCall | None = None
-    _log = Logger()
+    _linger: IDelayedCall | None = None
+    _discarded = 0
+    _log = Logger(namespace=_NAMESPACE)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._lengths: list[bytes] = []
+        self._codings: list[bytes] = []
+        self._held: list[bytes] = []
+
+    # -- input -----------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
+            self._discard(data)
             return
         if (
             data
@@ -87,20 +177,80 @@ class _LimitedChannel(http.HTTPChannel):
         ):
             # The first bytes of a request: it must be complete in time.
             self._deadline = self.callLater(self.request_timeout, self._request_too_slow)
+        if self.turns is not None and (self._held or not self.turns.take(self)):
+            # Another connection of this socket parsed input in this
+            # iteration: keep this and stop reading until our turn.
+            self._held.append(data)
+            self.transport.pauseProducing()
+            return
         super().dataReceived(data)
+
+    def resume_reading(self) -> None:
+        """Our turn (see :mod:`xguard.domain.turns`)."""
+        data, self._held = b"".join(self._held), []
+        if self.transport is None or self.transport.disconnected:
+            return
+        if not self._channel_wants_pause():
+            self.transport.resumeProducing()
+        if data:
+            self.dataReceived(data)
+
+    def _channel_wants_pause(self) -> bool:
+        """Would HTTPChannel itself keep reading paused? (Its write buffer
+        is full, or it buffers a pipelined request behind the one it
+        serves.) Resuming then would let a client that reads nothing make
+        us buffer without bound."""
+        return bool(self._waitingForTransport or (
+            self._handlingRequest
+            and sum(map(len, self._dataBuffer)) > self._optimisticEagerReadSize))
 
     def lineReceived(self, line: bytes) -> None:
         if not self.refused:
             super().lineReceived(line)
 
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.refuse(400, "request line or header field too long")
+
     def rawDataReceived(self, data: bytes) -> None:
-        if not self.refused:
+        if self.refused:
+            return
+        try:
             super().rawDataReceived(data)
+        except FramingError as e:
+            self.refuse(e.code, str(e))
+
+    # -- framing ---------------------------------------------------------------
+    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+        # Collected here, decided in allHeadersReceived from all of them.
+        if header == b"Content-Length":
+            self._lengths.append(data)
+        elif header == b"Transfer-Encoding":
+            self._codings.append(data)
+        return True
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's answer for a bad request line or header: ours lingers.
+        self.refuse(400, "malformed request line or header")
 
     def allHeadersReceived(self) -> None:
-        if self.length is not None and self.length > self.max_body:
-            self.refuse_too_large()
+        lengths, codings = self._lengths, self._codings
+        self._lengths, self._codings = [], []
+        try:
+            self._path = origin_form(self._path)
+            length = body_length(self._version, lengths, codings)
+        except FramingError as e:
+            self.refuse(e.code, str(e))
             return
+        if length is None:
+            self.length = None
+            self._transferDecoder = ChunkedDecoder(
+                self.requests[-1].handleContentChunk, self._finishRequestBody,
+                max_body=self.max_body)
+        elif length > self.max_body:
+            self.refuse(413, "request body over limit")
+            return
+        elif length:
+            super()._maybeChooseTransferDecoder(b"Content-Length", b"%d" % length)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -109,14 +259,39 @@ class _LimitedChannel(http.HTTPChannel):
         self._cancel_deadline()
         super().allContentReceived()
 
-    def refuse_too_large(self) -> None:
-        """Answer 413 and drop the connection without reading the rest."""
+    # -- refusals --------------------------------------------------------------
+    def refuse(self, code: int, reason: str) -> None:
+        """Answer ``code``, stop parsing, and linger: shut our side, read
+        and discard what the client still sends (bounded), then close."""
+        if self.refused or self.transport is None:
+            return
         self.refused = True
         self._cancel_deadline()
-        self._log.info("Refused a request body over {limit} bytes", limit=self.max_body)
-        self.transport.write(_TOO_LARGE)
-        self.loseConnection()
+        self.setTimeout(None)
+        self._log.info("Refused a request ({code}): {reason}", code=code, reason=reason)
+        if isinstance(self.site, DomainSite):
+            self.site.answered(code)
+        self.transport.write(_refusal(code, reason))
+        shut_write = getattr(self.transport, "loseWriteConnection", None)
+        if shut_write is None:
+            self.loseConnection()
+            return
+        shut_write()
+        self._linger = self.callLater(self.linger_timeout, self._stop_lingering)
 
+    def _discard(self, data: bytes) -> None:
+        self._discarded += len(data)
+        if self._discarded > self.linger_bytes:
+            self._stop_lingering()
+
+    def _stop_lingering(self) -> None:
+        if self._linger is not None:
+            if self._linger.active():
+                self._linger.cancel()
+            self._linger = None
+            self.loseConnection()
+
+    # -- time ------------------------------------------------------------------
     def _request_too_slow(self) -> None:
         self._deadline = None
         self._log.info("Request not received in {seconds}s: dropping the client",
@@ -139,19 +314,33 @@ class _LimitedChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: object) -> None:
         self._cancel_deadline()
+        self._held = []
+        if self.turns is not None:
+            self.turns.forget(self)
+        if self._linger is not None:
+            if self._linger.active():
+                self._linger.cancel()
+            self._linger = None
         super().connectionLost(reason)
 
 
 class DomainSite(Site):
     """A :class:`Site` for one domain socket.
 
-    :param resource: what requests are served by (a Klein resource).
-    :param reactor: drives the timeouts (a ``Clock`` in tests).
+    :param resource: what requests are served by (a :class:`VmResource`
+        names the VM in the socket's log lines).
+    :param reactor: drives the timeouts, the log windows and the turns
+        between steps of work (a ``Clock`` in tests).
     :param max_body: largest accepted request body, in bytes.
     :param timeout: seconds a connection may stay silent, and seconds a
         request may take to arrive in full.
     :param on_connection: called for every accepted connection (the
         daemon's activity count).
+    :param on_response: called with the status code of every answer (the
+        metrics), refusals included.
+    :param linger_bytes: after a refusal, bytes read and discarded at most.
+    :param linger_timeout: after a refusal, seconds before the connection
+        is closed anyway.
     """
 
     noisy = False
@@ -167,8 +356,12 @@ class DomainSite(Site):
         max_body: int = MAX_BODY,
         timeout: float = DEFAULT_TIMEOUT,
         on_connection: Callable[[], None] | None = None,
+        on_response: Callable[[int], None] | None = None,
+        linger_bytes: int = LINGER_BYTES,
+        linger_timeout: float = LINGER_TIMEOUT,
     ) -> None:
         self._on_connection = on_connection
+        self._on_response = on_response
         super().__init__(
             resource,
             requestFactory=_LimitedRequest,
@@ -177,6 +370,21 @@ class DomainSite(Site):
             timeout=timeout,
         )
         self.max_body = max_body
+        self.linger_bytes = linger_bytes
+        self.linger_timeout = linger_timeout
+        vm = resource.vm_uuid if isinstance(resource, VmResource) else "(unknown)"
+        #: Every line about this socket's requests goes through here.
+        self.log_observer = RateLimitedObserver(reactor, vm)
+        #: One connection parses input per reactor iteration.
+        self.turns = ReadTurns(reactor)
+
+    def logger(self, namespace: str) -> Logger:
+        """A Logger writing through this socket's rate limit."""
+        return Logger(namespace=namespace, observer=self.log_observer)
+
+    def next_turn(self) -> "Deferred[None]":
+        """Fires on a later reactor iteration, after pending I/O."""
+        return deferLater(self.reactor, 0, lambda: None)
 
     def buildProtocol(self, addr: object) -> _LimitedChannel:
         if self._on_connection is not None:
@@ -187,23 +395,81 @@ class DomainSite(Site):
         channel.requestFactory = self.requestFactory
         channel.max_body = self.max_body
         channel.request_timeout = self.timeOut
+        channel.linger_bytes = self.linger_bytes
+        channel.linger_timeout = self.linger_timeout
         channel.timeOut = self.timeOut
         channel.callLater = self.reactor.callLater  # type: ignore[method-assign]
+        channel._log = self.logger(_NAMESPACE)
+        channel.turns = self.turns
         return channel
 
     def startFactory(self) -> None:
         """No access-log file and no once-a-second date timer."""
 
     def stopFactory(self) -> None:
-        """Nothing to release (see :meth:`startFactory`)."""
+        """The socket closed: report any log lines still being counted."""
+        self.log_observer.stop()
+        self.turns.stop()
+
+    def answered(self, code: int) -> None:
+        if self._on_response is not None:
+            self._on_response(code)
 
     def log(self, request: http.Request) -> None:
+        """Every request Twisted finished answering (refusals: see refuse)."""
+        self.answered(request.code)
         self._log.debug(
             "{method} {path} -> {code}",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace")[:100],
             code=request.code,
         )
+
+
+def _domain_site(request: IRequest) -> DomainSite | None:
+    site = getattr(request, "site", None)
+    return site if isinstance(site, DomainSite) else None
+
+
+def next_turn(request: IRequest) -> "Deferred[None]":
+    """Let the reactor serve others before the next step of ``request``'s
+    work; immediate when the request is not served by a DomainSite (an
+    in-memory test client)."""
+    site = _domain_site(request)
+    return site.next_turn() if site is not None else succeed(None)
+
+
+async def write_in_steps(request: IRequest, pieces: list[bytes],
+                         turn: Callable[[], "Deferred[None]"]) -> None:
+    """Write an answer's ``pieces`` (its length already set), about
+    :data:`WRITE_SLICE` bytes per step. Twisted joins everything written in
+    one iteration before sending it, so a 4 MiB answer written at once cost
+    a 4 MiB copy (several ms) on the reactor."""
+    batch: list[bytes] = []
+    size = 0
+    started = False
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece)
+        if size >= WRITE_SLICE:
+            if started:
+                await turn()
+            request.write(b"".join(batch))
+            started = True
+            batch, size = [], 0
+    if batch:
+        if started:
+            await turn()
+        request.write(b"".join(batch))
+
+
+def request_logger(request: IRequest, log: Logger) -> Logger:
+    """``log``, writing through the rate limit of the socket ``request``
+    came in on."""
+    site = _domain_site(request)
+    if site is None:
+        return log
+    return site.logger(log.namespace)
 
 
 def plain_response(request: http.Request, code: int, text: str) -> bytes:
@@ -217,8 +483,11 @@ def plain_response(request: http.Request, code: int, text: str) -> bytes:
 
 
 def routing_error_response(request: http.Request, error: HTTPException) -> bytes:
-    """werkzeug's routing errors as the domain apps answer them: 404 for an
-    unknown path, 405 with ``Allow`` for a method the route does not take."""
-    if isinstance(error, MethodNotAllowed) and error.valid_methods:
-        request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
-    return plain_response(request, error.code or 500, error.name)
+    """werkzeug's routing errors as the domain apps answer them: 405 with
+    ``Allow`` for a method the route does not take, 404 for anything else
+    (an unknown path, or a path werkzeug would redirect)."""
+    if isinstance(error, MethodNotAllowed):
+        if error.valid_methods:
+            request.setHeader(b"allow", ", ".join(error.valid_methods).encode("ascii"))
+        return plain_response(request, 405, "Method Not Allowed")
+    return plain_response(request, 404, "Not Found")

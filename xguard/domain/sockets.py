@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -45,12 +46,15 @@ from ..model import MAX_SOCKET_PATH_BYTES, Service
 from ..observer import OneShotObserver
 from ..unixsock import Found, probe
 
-__all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES"]
+__all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES", "listen_backlog"]
 
-#: The upstream daemon uses 2 ("one client per socket"), but a client that
-#: opens a connection per request (varstored does) bursts past that and gets
-#: EAGAIN while the reactor is busy; 16 costs nothing and absorbs bursts.
-BACKLOG = 16
+#: Default listen backlog of each domain socket (``--listen-backlog``). The
+#: upstream daemon uses 2 ("one client per socket"), but a client that opens
+#: a connection per request (varstored does) bursts past that and gets
+#: EAGAIN while the reactor is busy with a boot storm: with 16, opening
+#: 2,000 connections at once needed ~100 connect retries. Queued
+#: connections cost the kernel a few hundred bytes each, nothing to us.
+BACKLOG = 128
 SOCKET_MODE = 0o660
 MAX_PATH_BYTES = MAX_SOCKET_PATH_BYTES
 #: Suffix of the temporary second link that keeps a socket file on shutdown.
@@ -58,6 +62,12 @@ KEEP_SUFFIX = ".xg-keep"
 
 Runner = Callable[..., "Deferred[Any]"]
 SiteFactory = Callable[[Service, str], IProtocolFactory]
+
+
+def listen_backlog(requested: int) -> int:
+    """The backlog to ask for: at least 1, at most SOMAXCONN (the kernel
+    would cap it silently to net.core.somaxconn anyway)."""
+    return max(1, min(requested, socket.SOMAXCONN))
 
 
 def _inline_runner(f: Callable[..., Any], *args: Any, **kwargs: Any) -> "Deferred[Any]":
@@ -88,7 +98,7 @@ class SocketRegistry:
         (the upstream drops cached handles).
     :param runner: runs blocking file I/O (``runner(f, *args)`` ->
         Deferred); inline by default.
-    :param backlog: listen backlog of each socket.
+    :param backlog: listen backlog of each socket (capped by SOMAXCONN).
     """
 
     log = Logger()
@@ -101,7 +111,7 @@ class SocketRegistry:
         self._site_factory = site_factory
         self._on_forget = on_forget
         self._runner = runner or _inline_runner
-        self._backlog = backlog
+        self._backlog = listen_backlog(backlog)
         self._sockets: dict[str, _Socket] = {}
         self._per_vm: dict[str, int] = {}  # reserved slots per VM
         self._file_lock = DeferredLock()

@@ -17,6 +17,12 @@ and retries 5xx and broken connections:
   locally; a PUT can only fail so without the disk cache) → 503, retried;
 - a permanent upstream error (e.g. the VM has no vTPM) → 500: it is the
   server side that is wrong, not the request.
+
+The key is the route's (a percent-encoded or absolute-form target that
+decodes to a key's path is that key), never parsed again from the raw
+path. The body's base64 check runs inside the VM's queue, in steps of
+:data:`B64_SLICE` bytes, so a VM flooding its socket with large bodies
+competes with itself and delays other VMs by one step at most.
 """
 
 from __future__ import annotations
@@ -34,13 +40,14 @@ from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 from ..errors import PermanentUpstreamError, TransientUpstreamError
 from ..items import TpmStore
 from ..model import TpmKey
-from .site import plain_response, routing_error_response
+from .site import VmResource, next_turn, plain_response, request_logger, routing_error_response
+from .steps import Steps, run_steps
 
-__all__ = ["SwtpmSocket", "HTTPError"]
+__all__ = ["SwtpmSocket", "HTTPError", "iter_check_base64", "B64_SLICE"]
 
 _METHODS = ["GET", "PUT", "DELETE", "HEAD"]
-# Strict base64: whole quanta of the alphabet, padding only at the end, no
-# whitespace of any kind (b64decode(validate=True) lets "QUJD=" through).
+#: Bytes of a body checked per step (a multiple of 4; ~0.2 ms here).
+B64_SLICE = 64 * 1024
 
 
 class HTTPError(Exception):
@@ -52,17 +59,25 @@ class HTTPError(Exception):
         self.text = text
 
 
-def _check_base64(body: bytes) -> None:
-    """Strict base64: whole groups of four, at most two ``=`` and only at
-    the end, nothing outside the alphabet (no whitespace). binascii's
-    strict mode alone still accepts a stray ``=`` group at the end."""
+def iter_check_base64(body: bytes, slice_size: int = B64_SLICE) -> Steps[None]:
+    """Strict base64, in steps: whole groups of four, at most two ``=`` and
+    only at the end, nothing outside the alphabet (no whitespace; what
+    b64decode(validate=True) lets through, like "QUJD=", is refused too:
+    binascii's strict mode alone still accepts a stray ``=`` group at the
+    end). ``slice_size`` must be a multiple of 4."""
     padding = len(body) - len(body.rstrip(b"="))
     if len(body) % 4 or padding > 2:
         raise HTTPError(400, "body is not base64")
-    try:
-        binascii.a2b_base64(body, strict_mode=True)
-    except (binascii.Error, ValueError):
-        raise HTTPError(400, "body is not base64") from None
+    for start in range(0, len(body), slice_size):
+        if start:
+            yield
+        piece = body[start:start + slice_size]
+        if start + slice_size < len(body) and piece.endswith(b"="):
+            raise HTTPError(400, "body is not base64")
+        try:
+            binascii.a2b_base64(piece, strict_mode=True)
+        except (binascii.Error, ValueError):
+            raise HTTPError(400, "body is not base64") from None
 
 
 class SwtpmSocket:
@@ -83,19 +98,24 @@ class SwtpmSocket:
 
     def resource(self) -> IResource:
         """The Klein resource to serve (wrap it in a DomainSite)."""
-        return self.app.resource()
+        return VmResource(self.app.resource(), self.vm_uuid)
 
-    @app.route(TpmKey.PERMALL.path, methods=_METHODS, endpoint="permall")
-    @app.route(TpmKey.SAVESTATE.path, methods=_METHODS, endpoint="savestate")
-    @app.route(TpmKey.VOLATILESTATE.path, methods=_METHODS, endpoint="volatilestate")
-    def key_request(self, request: IRequest) -> "Deferred[bytes]":
-        key = TpmKey.from_path(request.path.decode("ascii"))
-        assert key is not None  # only the three routes lead here
+    @app.route(TpmKey.PERMALL.path, methods=_METHODS)
+    def permall(self, request: IRequest) -> "Deferred[bytes]":
+        return self.key_request(request, TpmKey.PERMALL)
+
+    @app.route(TpmKey.SAVESTATE.path, methods=_METHODS)
+    def savestate(self, request: IRequest) -> "Deferred[bytes]":
+        return self.key_request(request, TpmKey.SAVESTATE)
+
+    @app.route(TpmKey.VOLATILESTATE.path, methods=_METHODS)
+    def volatilestate(self, request: IRequest) -> "Deferred[bytes]":
+        return self.key_request(request, TpmKey.VOLATILESTATE)
+
+    def key_request(self, request: IRequest, key: TpmKey) -> "Deferred[bytes]":
+        """Queue the request behind the VM's earlier ones."""
         method = request.method
-        body = b""
-        if method == b"PUT":
-            body = request.content.read()
-            _check_base64(body)
+        body = request.content.read() if method == b"PUT" else b""
         # Shielded from Klein's cancellation when the client hangs up: an
         # accepted write completes, and later requests keep their order.
         d: Deferred[bytes] = Deferred()
@@ -103,13 +123,15 @@ class SwtpmSocket:
         return d
 
     async def _handle(self, request: IRequest, method: bytes, key: TpmKey, body: bytes) -> bytes:
+        log = request_logger(request, self.log)
         if method == b"PUT":
-            await self._put(key, body)
+            await run_steps(iter_check_base64(body), lambda: next_turn(request))
+            await self._put(key, body, log)
             return self._no_content(request)
         if method == b"DELETE":
-            await self._put(key, b"")
+            await self._put(key, b"", log)
             return self._no_content(request)
-        content = await self._get(key)
+        content = await self._get(key, log)
         if method == b"HEAD":
             # No body and a zero length, whatever the content's size.
             request.setResponseCode(200 if content else 404)
@@ -120,32 +142,32 @@ class SwtpmSocket:
         request.setHeader(b"content-length", b"%d" % len(content))
         return content
 
-    async def _get(self, key: TpmKey) -> bytes:
+    async def _get(self, key: TpmKey, log: Logger) -> bytes:
         try:
             return await self.store.get(self.vm_uuid, key)
         except Exception as e:  # noqa: BLE001 - mapped to a status swtpm retries
-            raise self._upstream_failed("GET", key, e) from None
+            raise self._upstream_failed("GET", key, e, log) from None
 
-    async def _put(self, key: TpmKey, body: bytes) -> None:
+    async def _put(self, key: TpmKey, body: bytes, log: Logger) -> None:
         try:
             await self.store.put(self.vm_uuid, key, body)
         except Exception as e:  # noqa: BLE001 - mapped to a status swtpm retries
-            raise self._upstream_failed("PUT", key, e) from None
-        self.log.debug("Stored {key} of VM {vm} ({size} bytes)",
-                       key=key.name.lower(), vm=self.vm_uuid, size=len(body))
+            raise self._upstream_failed("PUT", key, e, log) from None
+        log.debug("Stored {key} of VM {vm} ({size} bytes)",
+                  key=key.name.lower(), vm=self.vm_uuid, size=len(body))
 
-    def _upstream_failed(self, what: str, key: TpmKey, e: Exception) -> HTTPError:
+    def _upstream_failed(self, what: str, key: TpmKey, e: Exception, log: Logger) -> HTTPError:
         name = key.name.lower()
         if isinstance(e, TransientUpstreamError):
-            self.log.info("{what} {key} of VM {vm}: upstream unavailable ({codes})",
-                          what=what, key=name, vm=self.vm_uuid, codes=e.codes)
+            log.info("{what} {key} of VM {vm}: upstream unavailable ({codes})",
+                     what=what, key=name, vm=self.vm_uuid, codes=e.codes)
             return HTTPError(503, "upstream unavailable, retry later")
         if isinstance(e, PermanentUpstreamError):
-            self.log.warn("{what} {key} of VM {vm}: upstream refused ({codes})",
-                          what=what, key=name, vm=self.vm_uuid, codes=e.codes)
+            log.warn("{what} {key} of VM {vm}: upstream refused ({codes})",
+                     what=what, key=name, vm=self.vm_uuid, codes=e.codes)
             return HTTPError(500, "upstream error: " + " ".join(e.codes)[:200])
-        self.log.failure("{what} {key} of VM {vm} failed", Failure(e),
-                         what=what, key=name, vm=self.vm_uuid)
+        log.failure("{what} {key} of VM {vm} failed", Failure(e),
+                    what=what, key=name, vm=self.vm_uuid)
         return HTTPError(500, "internal error")
 
     @staticmethod

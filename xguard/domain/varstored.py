@@ -20,6 +20,12 @@ Error mapping, chosen among what SPEC §4.1 allows:
 
 The VM a call targets is never taken from the request: handles and uuids
 sent by the client are checked for type and ignored.
+
+Fairness: a request is parsed (and its answer encoded) inside the VM's
+one-at-a-time queue, in bounded steps with a reactor turn between two
+(:mod:`xguard.domain.xmlrpc`), so a VM flooding its socket, from however
+many connections, competes with itself and delays another VM's request by
+one step at most.
 """
 
 from __future__ import annotations
@@ -39,8 +45,16 @@ from ..errors import UpstreamError
 from ..interfaces import IUpstream
 from ..items import NvramStore
 from ..model import normalise_update
-from .site import plain_response, routing_error_response
-from .xmlrpc import XmlRpcError, encode_failure, encode_success, parse_method_call
+from .site import (
+    VmResource,
+    next_turn,
+    plain_response,
+    request_logger,
+    routing_error_response,
+    write_in_steps,
+)
+from .steps import run_steps
+from .xmlrpc import XmlRpcError, encode_failure, iter_method_call, iter_success_pieces
 
 __all__ = ["VarstoredSocket", "SESSION_HANDLE", "VM_HANDLE", "MESSAGE_NAME"]
 
@@ -138,46 +152,61 @@ class VarstoredSocket:
 
     def resource(self) -> IResource:
         """The Klein resource to serve (wrap it in a DomainSite)."""
-        return self.app.resource()
+        return VmResource(self.app.resource(), self.vm_uuid)
 
     @app.route("/", methods=["POST"], branch=True)
     def rpc(self, request: IRequest) -> "Deferred[bytes]":
         body = request.content.read()
         request.setHeader(b"content-type", b"text/xml")
-        try:
-            method, params = parse_method_call(body)
-        except XmlRpcError as e:
-            self.log.info("Refused an undecodable XML-RPC request for VM {vm}: {why}",
-                          vm=self.vm_uuid, why=str(e))
-            return plain_response(request, 400, "not an XML-RPC methodCall")
         # Shielded: a client hanging up must not cancel a write half-way,
         # and the calls queued behind it keep their order.
-        d = Deferred()
-        self._lock.run(self._answer, method, params).chainDeferred(d)
-        return d.addCallback(lambda answer: _fixed_length(request, answer))
+        d: Deferred[bytes] = Deferred()
+        self._lock.run(self._serve, request, body).chainDeferred(d)
+        return d
 
-    async def _answer(self, method: str, params: list[Any]) -> bytes:
+    async def _serve(self, request: IRequest, body: bytes) -> bytes:
+        """Parse, run and answer one call, in the VM's turn."""
+        log = request_logger(request, self.log)
+
+        def turn() -> "Deferred[None]":
+            return next_turn(request)
+
+        try:
+            method, params = await run_steps(iter_method_call(body), turn)
+        except XmlRpcError as e:
+            log.info("Refused an undecodable XML-RPC request for VM {vm}: {why}",
+                     vm=self.vm_uuid, why=str(e))
+            return plain_response(request, 400, "not an XML-RPC methodCall")
+        pieces = await self._answer(method, params, log, turn)
+        # Clients (varstored) expect a Content-Length, not a chunked answer.
+        request.setHeader(b"content-length", b"%d" % sum(map(len, pieces)))
+        await write_in_steps(request, pieces, turn)
+        return b""
+
+    async def _answer(self, method: str, params: list[Any], log: Logger,
+                      turn: Callable[[], "Deferred[None]"]) -> list[bytes]:
+        """The answer's bytes, in pieces."""
         try:
             checked = _check(method, params)
             value = await self._handlers[method](checked)
         except _CallRefused as e:
-            self.log.info("Refused {method} for VM {vm}: {code}",
-                          method=method[:80], vm=self.vm_uuid, code=e.codes[0])
-            return encode_failure(e.codes)
+            log.info("Refused {method} for VM {vm}: {code}",
+                     method=method[:80], vm=self.vm_uuid, code=e.codes[0])
+            return [encode_failure(e.codes)]
         except UpstreamError as e:
-            self.log.info("{method} for VM {vm} failed upstream: {codes}",
-                          method=method, vm=self.vm_uuid, codes=e.codes)
-            return encode_failure(e.codes)
+            log.info("{method} for VM {vm} failed upstream: {codes}",
+                     method=method, vm=self.vm_uuid, codes=e.codes)
+            return [encode_failure(e.codes)]
         except Exception:  # noqa: BLE001 - a bug must not kill the socket
-            self.log.failure("{method} for VM {vm} failed", Failure(),
-                             method=method, vm=self.vm_uuid)
-            return encode_failure(["INTERNAL_ERROR", "xguard"])
+            log.failure("{method} for VM {vm} failed", Failure(),
+                        method=method, vm=self.vm_uuid)
+            return [encode_failure(["INTERNAL_ERROR", "xguard"])]
         try:
-            return encode_success(value)
+            return await run_steps(iter_success_pieces(value), turn)
         except (TypeError, ValueError):
-            self.log.failure("Cannot encode the answer to {method} for VM {vm}", Failure(),
-                             method=method, vm=self.vm_uuid)
-            return encode_failure(["INTERNAL_ERROR", "xguard"])
+            log.failure("Cannot encode the answer to {method} for VM {vm}", Failure(),
+                        method=method, vm=self.vm_uuid)
+            return [encode_failure(["INTERNAL_ERROR", "xguard"])]
 
     @app.handle_errors(WerkzeugHTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -217,9 +246,3 @@ class VarstoredSocket:
         await self.upstream.create_message(self.vm_uuid, MESSAGE_NAME, priority, body)
         # xapi-guard answers unit here (the samples show <nil/>), not the ref.
         return None
-
-
-def _fixed_length(request: IRequest, body: bytes) -> bytes:
-    """Clients (varstored) expect a Content-Length, not a chunked answer."""
-    request.setHeader(b"content-length", b"%d" % len(body))
-    return body
