@@ -2,8 +2,9 @@
 floors so the client's own cost is the same on both sides of a ratio.
 
 - :func:`blocking_request`: one request on a fresh UNIX connection with
-  ``Connection: close``, read until the server closes. Used for the latency
-  scenarios (one request at a time, nothing else running in the runner).
+  ``Connection: close``, read until the server closes (varstored's way).
+- :class:`KeepAlive`: sequential requests on one kept-alive connection
+  (swtpm's way), for the latency scenarios.
 - :class:`RawHTTP`: a minimal Twisted HTTP/1.1 client protocol (keep-alive,
   Content-Length or chunked bodies), used where many clients run at once.
 - :class:`JsonRpc`: xapi's JSON-RPC over a kept-alive blocking connection,
@@ -76,6 +77,62 @@ def blocking_request(path: str, data: bytes, timeout: float = 30.0) -> tuple[int
         s.close()
     raw = b"".join(chunks)
     return int(raw[9:12] or 0), raw
+
+
+class KeepAlive:
+    """Sequential requests on one kept-alive UNIX connection, as swtpm
+    makes them (one connection per process, reconnect if closed)."""
+
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buf = b""
+
+    def _connect(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        s.connect(self.path)
+        self._sock, self._buf = s, b""
+        return s
+
+    def request(self, data: bytes) -> int:
+        """Send ``data`` (a whole request without ``Connection: close``)
+        and read one answer with a Content-Length; returns its status."""
+        s = self._sock or self._connect()
+        try:
+            s.sendall(data)
+            return self._answer(s)
+        except (OSError, ConnectionError):
+            self.close()
+            s = self._connect()  # the server closed an idle connection: retry once
+            s.sendall(data)
+            return self._answer(s)
+
+    def _answer(self, s: socket.socket) -> int:
+        while b"\r\n\r\n" not in self._buf:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before the answer")
+            self._buf += chunk
+        head, _, rest = self._buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed mid-body")
+            rest += chunk
+        self._buf = rest[length:]
+        return int(head[9:12])
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
 
 def timed(f: Any, *args: Any) -> tuple[float, Any]:

@@ -17,8 +17,8 @@ from twisted.internet.defer import DeferredSemaphore, ensureDeferred, gatherResu
 from twisted.internet.task import deferLater
 
 from bench import clients
-from bench.clients import JsonRpc, blocking_request, swtpm_put, timed
-from bench.floors import BareServer, durable_write, sim_calls_floor
+from bench.clients import JsonRpc, KeepAlive, swtpm_put, timed
+from bench.floors import BareServer, durable_replace, sim_calls_floor
 from bench.procs import BenchDaemon, PySpy, cpu_seconds, open_fds, rss_mb
 from xguard.control.commands import Status, VarstoreCreate, VtpmCreate
 from xguard.testing.simclient import SimProcess
@@ -90,8 +90,26 @@ def sim_calls(counters: dict[str, int]) -> int:
 
 
 # -- 1 and 2: latency of one PUT, direct and cached ----------------------------------
+#: Each series is measured in blocks of this many back-to-back requests,
+#: xguard's and the floor's alternating (A B A B …): background work one
+#: block leaves (xguard deleting superseded files, a GC) lands in that
+#: block's own timing, never in the other's, and alternation cancels drift.
+BLOCK = 100
+
+
+def _blocks(samples: int) -> int:
+    return max(2, samples // BLOCK)
+
+
+def _ratio(xg: dict[str, float], floor: dict[str, float]) -> dict[str, float]:
+    return {"ratio_p50": xg["p50_ms"] / floor["p50_ms"],
+            "ratio_p99": xg["p99_ms"] / floor["p99_ms"]}
+
+
 async def latency(ctx: Ctx, samples: int) -> dict[str, Any]:
-    """Scenario 1 (xapi up) and 2 (xapi down) on one daemon and one VM."""
+    """Scenarios 1 (xapi up) and 2 (xapi down) on one daemon and one VM,
+    as swtpm writes: one kept-alive connection, the same key rewritten back
+    to back (each PUT supersedes the previous version)."""
     bare = BareServer(os.path.join(ctx.tmp, "bare.sock")).start()
     d = BenchDaemon(ctx.root("lat"), ctx.xapi).start()
     try:
@@ -100,81 +118,86 @@ async def latency(ctx: Ctx, samples: int) -> dict[str, Any]:
         sock = os.path.join(ctx.tmp, "lat.tpm")
         await ctl.callRemote(VtpmCreate, dbg="bench", vm_uuid=vm["vm_uuid"], gid=0, path=sock)
         bodies = [b64(16384, ctx.rng) for _ in range(16)]
-        reqs = [swtpm_put(0, b) for b in bodies]
+        reqs = [swtpm_put(0, b, close=False) for b in bodies]
+        xguard, floor_put = KeepAlive(sock), KeepAlive(bare.path)
         rpc = JsonRpc(ctx.sim.socket)
         ref = vm["vtpm_ref"]
 
-        def check(status: int, what: str) -> None:
+        def put(client: KeepAlive, i: int, what: str) -> float:
+            t, status = timed(client.request, reqs[i % 16])
             if status != 204:
                 raise RuntimeError(f"{what}: HTTP {status}")
+            return t
 
         # -- 1. direct -------------------------------------------------------
-        for i in range(30):  # warm-up: login, handles, connections, JIT-free caches
-            check(blocking_request(sock, reqs[i % 16])[0], "warm-up PUT")
-            blocking_request(bare.path, reqs[i % 16])
+        for i in range(30):  # warm-up: login, handles, connections
+            put(xguard, i, "warm-up PUT")
+            put(floor_put, i, "warm-up bare PUT")
             rpc.rmw(ref, 0, bodies[i % 16].decode())
         xg, bare_t, rmw_t = [], [], []
-        for i in range(samples):
-            t, (status, _) = timed(blocking_request, sock, reqs[i % 16])
-            check(status, "direct PUT")
-            xg.append(t)
-            t, (status, _) = timed(blocking_request, bare.path, reqs[i % 16])
-            check(status, "bare PUT")
-            bare_t.append(t)
-            t, _ = timed(rpc.rmw, ref, 0, bodies[i % 16].decode())
-            rmw_t.append(t)
+        for _ in range(_blocks(samples)):
+            xg += [put(xguard, i, "direct PUT") for i in range(BLOCK)]
+            for i in range(BLOCK):
+                bare_t.append(put(floor_put, i, "bare PUT"))
+                rmw_t.append(timed(rpc.rmw, ref, 0, bodies[i % 16].decode())[0])
         st = await ctx.status(ctl)
         assert st["services"]["Swtpm"]["mode"] == "Direct", st["services"]["Swtpm"]
         profile = None
         if ctx.profile_dir:
             spy = PySpy(d.pid, os.path.join(ctx.profile_dir, "direct-write.txt"))
             for i in range(samples):
-                blocking_request(sock, reqs[i % 16])
+                put(xguard, i, "profiled PUT")
             profile = spy.stop()
+        floor = [b + r for b, r in zip(bare_t, rmw_t)]
         direct = {
             "xguard": summary(xg), "bare_put": summary(bare_t), "rmw": summary(rmw_t),
-            "floor": summary([b + r for b, r in zip(bare_t, rmw_t)]),
-            "samples_ms": {"xguard": [x * 1e3 for x in xg],
-                           "floor": [(b + r) * 1e3 for b, r in zip(bare_t, rmw_t)]},
+            "floor": summary(floor),
+            "samples_ms": {"xguard": [x * 1e3 for x in xg], "floor": [f * 1e3 for f in floor]},
             "profile": profile,
         }
-        direct["ratio_p50"] = direct["xguard"]["p50_ms"] / direct["floor"]["p50_ms"]
-        direct["ratio_p99"] = direct["xguard"]["p99_ms"] / direct["floor"]["p99_ms"]
+        direct.update(_ratio(direct["xguard"], direct["floor"]))
         rpc.close()
 
         # -- 2. cached -------------------------------------------------------
         ctx.sim.client.set_mode("refuse")
         floor_dir = os.path.join(d.root, "floor-cache")
         os.makedirs(floor_dir, 0o700, exist_ok=True)
+        previous: list[str | None] = [None]
+
+        def durable(i: int) -> float:
+            name = str(time.monotonic_ns())
+            t, _ = timed(durable_replace, floor_dir, name, bodies[i % 16], previous[0])
+            previous[0] = name
+            return t
+
         for i in range(30):
-            check(blocking_request(sock, reqs[i % 16])[0], "warm-up cached PUT")
-            blocking_request(bare.path, reqs[i % 16])
+            put(xguard, i, "warm-up cached PUT")
+            put(floor_put, i, "warm-up bare PUT")
+            durable(i)
         st = await ctx.status(ctl)
         mode_before = st["services"]["Swtpm"]["mode"]
         xg, bare_t, disk_t = [], [], []
-        last = None
-        for i in range(samples):
-            t, (status, _) = timed(blocking_request, sock, reqs[i % 16])
-            check(status, "cached PUT")
-            xg.append(t)
-            t, (status, _) = timed(blocking_request, bare.path, reqs[i % 16])
-            bare_t.append(t)
-            name = str(time.monotonic_ns())
-            t, _ = timed(durable_write, floor_dir, name, bodies[i % 16])
-            disk_t.append(t)
-            if last:
-                os.unlink(os.path.join(floor_dir, last))  # untimed, keeps the dir small
-            last = name
+        for _ in range(_blocks(samples)):
+            xg += [put(xguard, i, "cached PUT") for i in range(BLOCK)]
+            for i in range(BLOCK):
+                bare_t.append(put(floor_put, i, "bare PUT"))
+                disk_t.append(durable(i))
         st = await ctx.status(ctl)
+        if ctx.profile_dir:
+            spy = PySpy(d.pid, os.path.join(ctx.profile_dir, "cached-write.txt"))
+            for i in range(samples):
+                put(xguard, i, "profiled cached PUT")
+            spy.stop()
+        floor = [b + w for b, w in zip(bare_t, disk_t)]
         cached = {
             "xguard": summary(xg), "bare_put": summary(bare_t), "durable_write": summary(disk_t),
-            "floor": summary([b + w for b, w in zip(bare_t, disk_t)]),
-            "samples_ms": {"xguard": [x * 1e3 for x in xg],
-                           "floor": [(b + w) * 1e3 for b, w in zip(bare_t, disk_t)]},
+            "floor": summary(floor),
+            "samples_ms": {"xguard": [x * 1e3 for x in xg], "floor": [f * 1e3 for f in floor]},
             "modes": [mode_before, st["services"]["Swtpm"]["mode"]],
         }
-        cached["ratio_p50"] = cached["xguard"]["p50_ms"] / cached["floor"]["p50_ms"]
-        cached["ratio_p99"] = cached["xguard"]["p99_ms"] / cached["floor"]["p99_ms"]
+        cached.update(_ratio(cached["xguard"], cached["floor"]))
+        xguard.close()
+        floor_put.close()
         ctl.transport.loseConnection()
         return {"direct": direct, "cached": cached}
     finally:

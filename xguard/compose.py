@@ -122,6 +122,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
     def vm_gone(vm_uuid: str) -> None:
         """The VM's last socket was destroyed (it stopped, or reboots)."""
         upstream.forget(vm_uuid)
+        vtpm_sink.forget(vm_uuid)
         known.vm_gone(vm_uuid, upstream.reachability.reachable).addErrback(
             lambda f: log.failure("dropping the last known state of {vm} failed", f,
                                   vm=vm_uuid))

@@ -45,9 +45,17 @@ T = TypeVar("T")
 class VtpmSink:
     """Delivers vTPM keys with one serialized read-modify-write per vTPM.
 
-    A delivery that sets all three keys (the orchestrator's whole state, or
-    a coalesced round of the flusher) does not read: nothing of upstream's
-    string survives it.
+    The read is skipped when it can add nothing:
+
+    - a delivery that sets all three keys (the orchestrator's whole state,
+      or a coalesced round of the flusher): nothing of upstream's string
+      survives it;
+    - a vTPM *confirmed* in this process: its last known copy holds exactly
+      what upstream holds, because this sink read it or wrote it, under the
+      vTPM's lock, and every write of a running VM's vTPM goes through this
+      sink (doc/cache.md gives the argument). A write whose outcome is
+      unknown (an error, a timeout) unconfirms it, and so does a copy that
+      could not be recorded; the next delivery reads again.
     """
 
     service = Service.SWTPM
@@ -56,6 +64,8 @@ class VtpmSink:
         self.upstream = upstream
         self.locks = locks
         self.known = known
+        #: vTPM handles whose copy is exactly upstream's (see the class doc).
+        self.confirmed: set[str] = set()
 
     def lock_key(self, vtpm: str) -> tuple[str, str]:
         """The lock every read-modify-write of the vTPM handle ``vtpm`` takes."""
@@ -68,14 +78,24 @@ class VtpmSink:
             return fail()
 
         async def update(vtpm: str) -> None:
-            if len(changes) == len(TpmKey):
-                state = _updated(vm_uuid, "", changes)
-            else:
-                state = _updated(vm_uuid, await self.upstream.get_vtpm_contents(vtpm), changes)
+            state = await self._current(vm_uuid, vtpm, changes)
+            self.confirmed.discard(vtpm)  # until upstream says it took it
             await self.upstream.set_vtpm_contents(vtpm, state.serialize())
-            await self.known.record_tpm(vm_uuid, state)
+            if await self.known.record_tpm(vm_uuid, state):
+                self.confirmed.add(vtpm)
 
         return ensureDeferred(self._locked(vm_uuid, update))
+
+    async def _current(self, vm_uuid: str, vtpm: str,
+                       changes: Mapping[TpmKey, str]) -> TpmState:
+        """The state to write: ``changes`` over what upstream holds."""
+        if len(changes) == len(TpmKey):
+            return _updated(vm_uuid, "", changes)
+        if vtpm in self.confirmed:
+            copy = await self.known.tpm(vm_uuid)
+            if copy is not None:
+                return copy.update(changes)
+        return _updated(vm_uuid, await self.upstream.get_vtpm_contents(vtpm), changes)
 
     def read_contents(self, vm_uuid: str) -> "Deferred[str]":
         """The vTPM's whole contents string as upstream has it, read under
@@ -85,8 +105,12 @@ class VtpmSink:
             try:
                 state = TpmState.deserialize(contents)
             except ValueError:
+                self.confirmed.discard(vtpm)
                 return contents  # not ours to judge here; readers of keys refuse it
-            await self.known.record_tpm(vm_uuid, state)
+            if await self.known.record_tpm(vm_uuid, state):
+                self.confirmed.add(vtpm)
+            else:
+                self.confirmed.discard(vtpm)
             return contents
 
         return ensureDeferred(self._locked(vm_uuid, get))
@@ -107,9 +131,16 @@ class VtpmSink:
             try:
                 return await self.locks.run(self.lock_key(vtpm), functools.partial(f, vtpm))
             except PermanentUpstreamError as e:
+                self.confirmed.discard(vtpm)
                 if attempt == 2 or e.codes[:1] != ["HANDLE_INVALID"]:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def forget(self, vm_uuid: str) -> None:
+        """The VM's sockets are gone: upstream may change its vTPM now."""
+        vtpm = self.known.vtpm_of_vm(vm_uuid)
+        if vtpm is not None:
+            self.confirmed.discard(vtpm)
 
 
 @implementer(IItemSink)

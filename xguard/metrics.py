@@ -70,14 +70,27 @@ class Metrics:
             "xguard_domain_requests", "Requests answered on domain sockets, by service and "
             "HTTP status code.", ["service", "code"], registry=self.registry)
         self.registry.register(_StatusCollector(self))
+        self._children: dict[Any, Any] = {}
 
     def upstream_call(self, method: str, outcome: str, seconds: float) -> None:
-        """A CallMonitor observer."""
-        self.upstream_calls.labels(method, outcome).inc()
-        self.upstream_call_duration.labels(method).observe(seconds)
+        """A CallMonitor observer (on every upstream call: the labelled
+        children are looked up once)."""
+        counter = self._children.get((method, outcome))
+        if counter is None:
+            counter = self._children[(method, outcome)] = self.upstream_calls.labels(
+                method, outcome)
+        counter.inc()
+        histogram = self._children.get(method)
+        if histogram is None:
+            histogram = self._children[method] = self.upstream_call_duration.labels(method)
+        histogram.observe(seconds)
 
     def domain_request(self, service: str, code: int) -> None:
-        self.domain_requests.labels(service, str(code)).inc()
+        counter = self._children.get((service, code))
+        if counter is None:
+            counter = self._children[(service, code)] = self.domain_requests.labels(
+                service, str(code))
+        counter.inc()
 
     def resource(self) -> Resource:
         """``/metrics`` (everything else: 404)."""

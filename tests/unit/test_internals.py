@@ -51,5 +51,7 @@ class TreqFixedURLTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(calls, [True])  # treq still converts through to_uri()
         self.assertEqual(echo.seen[-1], b"/jsonrpc")
-        fixed = treq_internals.FixedURL.from_text("http://a/")
+        fixed = treq_internals.FixedURL.from_text("http://a/jsonrpc")
         self.assertIs(fixed.to_uri(), fixed)
+        self.assertIs(fixed.to_text(), fixed.to_text())
+        self.assertEqual(fixed.to_text(), "http://a/jsonrpc")

@@ -56,6 +56,38 @@ class SinkTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(self.kit.known.tpm(VM)), TpmState("p", "S", "v"))
         self.assertEqual(self.kit.known.vtpm_of_vm(VM), self.vtpm)
 
+    def test_a_confirmed_vtpm_is_not_read_before_a_write(self) -> None:
+        """Its copy is exactly upstream's: the read adds nothing."""
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(self.sink.read(VM, TpmKey.PERMALL))  # confirms it
+        reads = self.upstream.count("get_vtpm_contents")
+        for value in (b"P1", b"P2"):
+            self.successResultOf(self.sink.deliver(VM, {0: value}))
+        self.assertEqual(self.upstream.count("get_vtpm_contents"), reads)
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "P2 s v")
+
+    def test_an_unknown_outcome_unconfirms(self) -> None:
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(self.sink.read(VM, TpmKey.PERMALL))
+        set_contents = self.upstream.set_vtpm_contents
+        self.upstream.set_vtpm_contents = lambda vtpm, c: fail(  # type: ignore[method-assign]
+            TransientUpstreamError(["TIMEOUT"]))
+        self.failureResultOf(self.sink.deliver(VM, {0: b"X"}), TransientUpstreamError)
+        self.upstream.set_vtpm_contents = set_contents  # type: ignore[method-assign]
+        self.upstream.vtpms[self.vtpm] = "p s2 v"  # whatever upstream holds now
+        reads = self.upstream.count("get_vtpm_contents")
+        self.successResultOf(self.sink.deliver(VM, {0: b"Y"}))
+        self.assertEqual(self.upstream.count("get_vtpm_contents"), reads + 1)  # read again
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "Y s2 v")
+
+    def test_a_stopped_vm_is_read_again(self) -> None:
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(self.sink.read(VM, TpmKey.PERMALL))
+        self.sink.forget(VM)  # its sockets were destroyed: xapi may change it now
+        self.upstream.vtpms[self.vtpm] = "p reverted v"
+        self.successResultOf(self.sink.deliver(VM, {0: b"P"}))
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "P reverted v")
+
     def test_failed_delivery_is_not_copied(self) -> None:
         self.upstream.vtpms[self.vtpm] = "p"
         self.successResultOf(self.sink.read(VM, TpmKey.PERMALL))

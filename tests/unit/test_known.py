@@ -138,6 +138,15 @@ class KnownTests(SynchronousTestCase):
         self.successResultOf(again.vm_gone(VM, upstream_reachable=True))
         self.assertIsNone(again.vm_of_vtpm("vtpm-uuid"))
 
+    def test_a_torn_copy_reads_as_none(self) -> None:
+        """A kill in the middle of an in-place write: never half a copy."""
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p" * 100, "s", "v")))
+        path = os.path.join(self.root, KNOWN, VM, "vtpm")
+        with open(path, "r+b") as f:
+            f.seek(60)
+            f.write(b"NEWNEWNEW")  # the start of a newer content, the rest old
+        self.assertIsNone(self.tpm(self.open()))
+
     def test_leftovers_are_cleaned_at_open(self) -> None:
         self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
         base = os.path.join(self.root, KNOWN)

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -50,7 +51,9 @@ __all__ = ["XapiUpstream", "xapi_upstream", "MAX_RESPONSE_BYTES"]
 #: a few hundred KiB).
 MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 
-_HEADERS = {b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]}
+#: Built once: treq takes a Headers object as it is (a dict is converted on
+#: every request).
+_HEADERS = Headers({b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]})
 
 # A kept-alive connection that xapi closed while idle fails this way before
 # anything reached xapi; such a call is safely sent once more.
