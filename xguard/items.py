@@ -15,8 +15,10 @@ order and before the write is acknowledged.
 :class:`DirectWriter` is the no-cache writer; the write-back cache
 (:mod:`xguard.cache`) provides the same :class:`IItemWriter` seam.
 :class:`TpmStore` and :class:`NvramStore` are what the domain sockets use:
-reads see the latest pending version first, then upstream (within the
-direct deadline), then the last known state.
+reads see the latest pending version first, then upstream, then the last
+known state. Upstream gets the direct deadline only when there is a last
+known state to fall back on: without one, waiting longer is better than a
+certain error.
 """
 
 from __future__ import annotations
@@ -229,13 +231,13 @@ class TpmStore:
         pending = await self.writer.pending(vm_uuid, key)
         if pending is not None:
             return pending
+        copy = await self.known.tpm(vm_uuid)
+        read = self.sink.read(vm_uuid, key)
+        if copy is None:
+            return await read  # nothing to fall back on: upstream's answer or error
         try:
-            return await within(self.clock, self.deadline, self.sink.read(vm_uuid, key),
-                                "vTPM read")
+            return await within(self.clock, self.deadline, read, "vTPM read")
         except TransientUpstreamError:
-            copy = await self.known.tpm(vm_uuid)
-            if copy is None:
-                raise
             return copy.get(key).encode("ascii")
 
     def put(self, vm_uuid: str, key: TpmKey, content: bytes) -> "Deferred[None]":
@@ -256,28 +258,30 @@ class NvramStore:
     async def get(self, vm_uuid: str) -> dict[str, str]:
         pending = await self.writer.pending(vm_uuid, 0)
         overlay = None if pending is None else NvramWrite.decode(pending).value
+        copy = await self.known.nvram(vm_uuid)
+        read = self.sink.read(vm_uuid)
         try:
-            nvram = await within(self.clock, self.deadline, self.sink.read(vm_uuid),
-                                 "NVRAM read")
+            if copy is None and overlay is None:
+                nvram = await read  # nothing to fall back on
+            else:
+                nvram = await within(self.clock, self.deadline, read, "NVRAM read")
         except TransientUpstreamError:
-            copy = await self.known.nvram(vm_uuid)
-            if copy is None:
-                if overlay is None:
-                    raise
-                copy = {}  # this VM's latest write is ours: serve it
-            nvram = copy
+            if copy is None and overlay is None:
+                raise
+            # This VM's latest write is ours, or its last known state is.
+            nvram = dict(copy or {})
         if overlay is not None:
             nvram[NVRAM_EFI_VARIABLES] = overlay
         return nvram
 
     async def secureboot_state(self, vm_uuid: str) -> str:
+        copy = await self.known.sb_state(vm_uuid)
+        read = self.sink.secureboot_state(vm_uuid)
+        if copy is None:
+            return await read
         try:
-            return await within(self.clock, self.deadline, self.sink.secureboot_state(vm_uuid),
-                                "secure-boot state read")
+            return await within(self.clock, self.deadline, read, "secure-boot state read")
         except TransientUpstreamError:
-            copy = await self.known.sb_state(vm_uuid)
-            if copy is None:
-                raise
             return copy
 
     def set_efi_variables(self, vm_uuid: str, value: str, update: str) -> "Deferred[None]":

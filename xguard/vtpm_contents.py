@@ -91,15 +91,17 @@ class VtpmContents:
         pending = {key: await self.writer.pending(vm, key) for key in TpmKey}
         overlay = {key: value.decode("ascii") for key, value in pending.items()
                    if value is not None}
+        copy = await self.known.tpm(vm)
+        fallback = copy if copy is not None else (
+            TpmState() if len(overlay) == len(TpmKey) else None)
+        read = self.sink.read_contents(vm)
         try:
-            contents = await within(self.clock, self.deadline, self.sink.read_contents(vm),
-                                    "vTPM read")
+            contents = await (read if fallback is None else
+                              within(self.clock, self.deadline, read, "vTPM read"))
         except TransientUpstreamError:
-            base = await self.known.tpm(vm)
-            if base is None:
-                if len(overlay) < len(TpmKey):
-                    raise
-                base = TpmState()
+            if fallback is None:
+                raise
+            base = fallback
         else:
             if not overlay:
                 return contents
