@@ -253,6 +253,46 @@ class DiskErrorTests(CacheTestCase):
         self.env.upstream.release()
 
 
+class DeliveredDeletionTests(CacheTestCase):
+    """A round's deliveries are deleted together, durably, before the next
+    round (and before the mode goes Direct)."""
+
+    def test_one_batch_per_round_and_the_tree_is_pruned(self) -> None:
+        batches: list[int] = []
+        store = self.cache.store
+        delete_many = store.delete_many
+
+        def counting(versions: list[Version]) -> None:
+            batches.append(len(versions))
+            delete_many(versions)
+
+        store.delete_many = counting  # type: ignore[method-assign]
+        self.env.upstream.down = True
+        for vm in (VM1, VM2):
+            for key in (0, 1, 2):
+                self.successResultOf(self.cache.write(vm, key, b"v"))
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(batches, [6])
+        self.assertEqual(os.listdir(os.path.join(self.env.root, "Swtpm")), [])
+
+    def test_a_failed_deletion_keeps_the_items_pending(self) -> None:
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"v"))
+        store = self.cache.store
+        delete_many = store.delete_many
+        store.delete_many = lambda versions: (_ for _ in ()).throw(  # type: ignore[method-assign]
+            OSError(5, "Input/output error"))
+        self.env.upstream.down = False
+        self.env.clock.advance(0.5)
+        self.assertEqual(self.cache.status().pending, {VM1: 1})  # delivered, file still there
+        self.flushLoggedErrors(OSError)
+        store.delete_many = delete_many  # type: ignore[method-assign]
+        self.env.settle()
+        self.assertEqual(self.cache.status().pending, {})
+        self.assertEqual(files(self.env.root), [])
+
+
 class RecoveryTests(SynchronousTestCase):
     def test_upstream_tree_is_delivered_on_first_start(self) -> None:
         env = Env()

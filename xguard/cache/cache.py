@@ -37,6 +37,7 @@ from twisted.internet.defer import (
     ensureDeferred,
     gatherResults,
     maybeDeferred,
+    succeed,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -103,6 +104,7 @@ class WriteBackCache:
         self._last_ts: dict[Item, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
         self._attempts: set[_Attempt] = set()
+        self._done: list[Version] = []  # delivered this round, files to delete
         self._cleanups: set[Deferred[None]] = set()
         self.flusher = Flusher(self, clock, interval=interval,
                                backoff=backoff or default_backoff(),
@@ -419,18 +421,50 @@ class WriteBackCache:
         return self.sink.deliver(vm, contents)
 
     async def snapshot(self, vm: str, keys: Iterable[int]) -> dict[int, tuple[Version, bytes]]:
-        """The latest version of each of ``keys`` with its content."""
+        """The latest version of each of ``keys`` with its content, read in
+        one go (one trip to the I/O threads, not one per key)."""
+        latest = {key: Version(Item(vm, key), self.index[Item(vm, key)][-1])
+                  for key in sorted(keys) if self.index.get(Item(vm, key))}
+        contents = await self.runner(self.store.read_many, list(latest.values()))
         out: dict[int, tuple[Version, bytes]] = {}
-        for key in sorted(keys):
-            found = await self._read_latest(Item(vm, key))
-            if found is not None:
+        for key, version in latest.items():
+            data = contents.get(version)
+            if data is None:  # deleted meanwhile (superseded): the slow way
+                found = await self._read_latest(version.item)
+                if found is None:
+                    continue
                 out[key] = found
+            else:
+                out[key] = (version, data)
         return out
 
     async def delivered(self, version: Version) -> None:
-        """Upstream confirmed ``version``: its file (and older ones) go."""
-        await self._superseded_by([version])
-        await self._forget(version)
+        """Upstream confirmed ``version``: it and older versions of its item
+        are no longer pending; their files go in :meth:`round_done`."""
+        item = version.item
+        self._newest[item] = max(self._newest.get(item, -1), version.ts)
+        for ts in [t for t in self.index.get(item, []) if t <= version.ts]:
+            self._done.append(Version(item, ts))
+            self._unindex(Version(item, ts))
+
+    def round_done(self) -> "Deferred[None]":
+        """The flusher's round ended: delete what it delivered, durably, in
+        one go. Awaited before the next round and before the mode changes,
+        so no newer version of these items reaches upstream before their
+        deletion is durable (else a crash could bring an old file back)."""
+        done, self._done = sorted(self._done), []
+        if not done:
+            return succeed(None)
+
+        def failed(failure: Failure) -> Failure:
+            # Files that may still be there are pending again: delivered
+            # again (the same content upstream has) or superseded by a newer
+            # version, and deleted in a later round.
+            for version in done:
+                self._record(version, 0)
+            return failure
+
+        return self.runner(self.store.delete_many, done).addErrback(failed)
 
     async def quarantine(self, version: Version, reason: str) -> None:
         path = await self.runner(self.store.quarantine, version, reason)

@@ -80,7 +80,10 @@ class FlushTarget(Protocol):
         "Send ``contents`` upstream (the sink)."
 
     def delivered(self, version: Version) -> Awaitable[None]:
-        "Upstream took ``version``: its file (and older ones) go."
+        "Upstream took ``version``: it (and older ones) are no longer pending."
+
+    def round_done(self) -> "Deferred[None]":
+        "The round ended: the delivered versions' files go, durably."
 
     def quarantine(self, version: Version, reason: str) -> Awaitable[None]:
         "Upstream refused ``version`` for good."
@@ -179,7 +182,14 @@ class Flusher:
         if not work:
             work = set(self.target.pending_items())
         self.retry = set()
-        if await self.deliver(work):
+        retry = await self.deliver(work)
+        try:
+            await self.target.round_done()
+        except Exception:
+            self.log.failure("{service}: deleting the delivered versions failed; they stay "
+                             "pending", service=self.target.service.value)
+            retry = True
+        if retry:
             self.attempt += 1
             self.state = _State.BACKING_OFF
             await self._sleep(self.backoff(self.attempt))

@@ -78,6 +78,15 @@ class DiskStore:
         except FileNotFoundError:
             return None
 
+    def read_many(self, versions: list[Version]) -> dict[Version, bytes]:
+        """The contents of ``versions`` still on disk."""
+        out = {}
+        for version in versions:
+            data = self.read(version)
+            if data is not None:
+                out[version] = data
+        return out
+
     def delete(self, version: Version) -> None:
         """Remove ``version`` durably and prune the directories it leaves
         empty."""
@@ -85,6 +94,30 @@ class DiskStore:
         if safe_unlink(path):
             sync_removal(os.path.dirname(path), self.root)
         self._prune(item_dir(self.root, self.service, version.item))
+
+    def delete_many(self, versions: list[Version]) -> None:
+        """Remove ``versions`` (a flusher round's deliveries) and the
+        directories they leave empty, then make it all durable with one
+        fsync per directory still standing — instead of one or two per
+        version: a drain of 300 items made ~600 fsyncs."""
+        touched: set[str] = set()
+        for version in versions:
+            path = version_path(self.root, self.service, version)
+            if safe_unlink(path):
+                touched.add(os.path.dirname(path))
+        parents: set[str] = set()
+        for directory in sorted(touched, key=len, reverse=True):
+            for d in (directory, os.path.dirname(directory)):
+                try:
+                    os.rmdir(d)
+                except OSError as e:
+                    if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                        parents.add(d)  # still there: its entries changed
+                        break
+                    raise
+                parents.add(os.path.dirname(d))
+        for d in sorted(parents, key=len, reverse=True):
+            sync_removal(d, self.root)
 
     def _prune(self, directory: str) -> None:
         for d in (directory, os.path.dirname(directory)):
