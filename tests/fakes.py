@@ -178,6 +178,9 @@ class FakeUpstream:
     def forget(self, vm_uuid: str) -> None:
         self.calls.append(("forget", (vm_uuid,)))
 
+    def probe(self) -> "Deferred[None]":
+        return self._call("probe", (), lambda: None)
+
     def status(self) -> dict[str, Any]:
         return {"kind": "fake", "target": self.description, "reachable": not self.down}
 

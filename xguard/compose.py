@@ -54,6 +54,7 @@ from .service import Stage, XguardService
 from .status import CacheStatus, DaemonStatus
 from .threads import ThreadPoolRunner
 from .upstream.local import LocalStore
+from .upstream.probe import Prober
 from .upstream.xapi import HandleCache, NoHandleCache, XapiUpstream, xapi_upstream
 from .vtpm_contents import VtpmContents
 
@@ -145,6 +146,11 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
                 lambda f: log.failure("sweeping the last known state failed", f))
 
     upstream.reachability.subscribe(reachable)
+    # The first answer after a silence: cached writes go now (the outage's
+    # end is declared a second later, once nothing failed meanwhile).
+    upstream.reachability.subscribe_answer(
+        lambda: [cache.upstream_answers() for cache in caches.values()])
+    prober = Prober(reactor, upstream.reachability, upstream.probe)
 
     def status() -> DaemonStatus:
         services = {}
@@ -198,6 +204,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         *([Stage("the metrics endpoint", metrics_listener.listen, metrics_listener.stop)]
           if metrics_listener is not None else []),
         Stage("the memory trimmer", trimmer.start, trimmer.stop),
+        Stage("the upstream prober", lambda: None, prober.stop),
         Stage("readiness", lambda: None, stopping),
     ]
     service = XguardService(stages, clock=reactor, ready=ready, status=status,

@@ -61,6 +61,10 @@ class IUpstream(Interface):
         """Drop cached handles of a VM: its sockets were destroyed, so they
         may change now (it stopped; it may be re-created)."""
 
+    def probe():  # type: ignore[no-untyped-def]
+        """Deferred[None]: one cheap call telling whether upstream answers
+        (its outcome is reported to ``reachability``, like any call's)."""
+
     def status():  # type: ignore[no-untyped-def]
         """xguard.status.UpstreamStatus."""
 

@@ -39,7 +39,7 @@ class ComposeTests(SynchronousTestCase):
         self.assertEqual([s.name for s in service.stages], [
             "the instance lock", "the I/O threads", "the upstream", "the last known state",
             "the Swtpm cache", "the Varstored cache", "the domain sockets",
-            "the control channel", "the memory trimmer", "readiness"])
+            "the control channel", "the memory trimmer", "the upstream prober", "readiness"])
 
     def test_no_cache(self) -> None:
         service = build_service(config(self.root, no_cache=True), MemoryReactorClock())

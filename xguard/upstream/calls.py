@@ -57,7 +57,12 @@ class CallMonitor:
 
     @property
     def oldest_inflight_start(self) -> float | None:
-        return min((start for _, start in self._inflight.values()), default=None)
+        # Tokens are handed out in start order and a dict keeps insertion
+        # order: the first entry is the oldest (O(1); a boot storm has
+        # hundreds of calls in flight).
+        for _, start in self._inflight.values():
+            return start
+        return None
 
     @property
     def inflight(self) -> int:
@@ -76,8 +81,8 @@ class CallMonitor:
         for observer in self._observers:
             observer(method, outcome, elapsed)
         self._evaluate()
-        if self._check is not None and (not self._inflight or start <= min(
-                s for _, s in self._inflight.values())):
+        oldest = self.oldest_inflight_start
+        if self._check is not None and (oldest is None or start <= oldest):
             self.stop()  # the call it watched is done: watch the next oldest
             self._watch()
 

@@ -153,6 +153,13 @@ def classify_http_status(status: int) -> UpstreamError | None:
     return PermanentUpstreamError(codes)
 
 
+#: Codes of transient errors where upstream did not answer at all (as
+#: opposed to answering "not now", e.g. HOST_STILL_BOOTING or HTTP 503).
+NO_ANSWER_CODES = frozenset({"CONNECTION_REFUSED", "TIMEOUT", "DNS_LOOKUP_FAILED",
+                             "CONNECT_FAILED", "CONNECTION_LOST", "CONNECTION_FAILED",
+                             "TLS_ERROR"})
+
+
 def classify_exception(exc: BaseException) -> UpstreamError | None:
     """The transient error for a transport failure; None when ``exc`` is not
     one (a bug, which the caller should not disguise as an outage)."""

@@ -262,6 +262,11 @@ class LocalStore:
     def forget(self, vm_uuid: str) -> None:
         """Nothing is cached: every call reads the database."""
 
+    def probe(self) -> Deferred[None]:
+        """The database answers (its file system is back)."""
+        return self._run(lambda conn: conn.execute("SELECT 1").fetchone()).addCallback(
+            lambda _: None)
+
     def status(self) -> UpstreamStatus:
         r = self.reachability
         return UpstreamStatus(kind="local", target=self.path,

@@ -9,7 +9,7 @@ the calls (domain reads, cache deliveries, the control channel), so a long
 outage writes two lines, not one per retry.
 
 An outage ends once upstream has answered and then not failed for
-``settle`` seconds: an xapi that answers reads but still refuses writes
+``settle`` seconds (one): an xapi that answers reads but still refuses writes
 (``HOST_STILL_BOOTING`` on some calls) is not "back", and must not flap
 the log at every retry.
 
@@ -39,7 +39,7 @@ class Reachability:
 
     log = Logger()
 
-    def __init__(self, clock: IReactorTime, target: str, *, settle: float = 2.0) -> None:
+    def __init__(self, clock: IReactorTime, target: str, *, settle: float = 1.0) -> None:
         self._clock = clock
         self.target = target
         self.settle = settle
@@ -50,19 +50,40 @@ class Reachability:
         self.down_since: float | None = None
         #: The transient error that started (or last prolonged) the outage.
         self.last_error: str | None = None
+        #: During an outage: whether upstream answered at all (with "not
+        #: now", e.g. HOST_STILL_BOOTING) or gave no answer (refused, timed
+        #: out). Only the latter is probed (xguard.upstream.probe).
+        self.answering = False
         self._observers: list[Callable[[bool], None]] = []
+        self._answer_observers: list[Callable[[], None]] = []
 
     def subscribe(self, observer: Callable[[bool], None]) -> None:
         """Call ``observer(True)`` when upstream answers again after being
         down or unknown, ``observer(False)`` when an outage starts."""
         self._observers.append(observer)
 
+    def subscribe_answer(self, observer: Callable[[], None]) -> None:
+        """Call ``observer()`` at the first answer after upstream gave none
+        (the prober's, typically): retry now, without waiting for the
+        outage's end to be declared."""
+        self._answer_observers.append(observer)
+
     def answered(self) -> None:
         """A call got an answer from upstream."""
         if self.reachable is None:
             self.reachable = True
             self._notify(True)
-        elif self.reachable is False and self._check is None:
+            return
+        if self.reachable is not False:
+            return
+        if not self.answering:
+            self.answering = True
+            for observer in list(self._answer_observers):
+                try:
+                    observer()
+                except Exception:
+                    self.log.failure("reachability observer failed")
+        if self._check is None:
             self._check = self._clock.callLater(self.settle, self._settled,
                                                 self._clock.seconds())
 
@@ -72,6 +93,7 @@ class Reachability:
             return  # it failed again since that answer: still down
         since = self.down_since
         self.reachable, self.down_since, self.last_error = True, None, None
+        self.answering = False
         if since is not None:
             self.log.warn("upstream {target} answers again after {seconds:.1f}s",
                           target=self.target, seconds=answered_at - since)
@@ -83,9 +105,11 @@ class Reachability:
             self._check.cancel()
         self._check = None
 
-    def failed(self, error: str) -> None:
-        """A call failed transiently: upstream is not there (or not ready)."""
+    def failed(self, error: str, *, answered: bool = False) -> None:
+        """A call failed transiently: upstream is not there (``answered``
+        False), or answered that it is not ready."""
         self.last_error = error
+        self.answering = answered
         self._last_failure = self._clock.seconds()
         if self.reachable is False:
             return

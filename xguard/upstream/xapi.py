@@ -38,6 +38,7 @@ from xguard.status import UpstreamStatus
 from xguard.upstream.agent import MAX_PERSISTENT_PER_HOST, make_client, make_pool
 from xguard.upstream.calls import CallMonitor
 from xguard.upstream.jsonrpc import (
+    NO_ANSWER_CODES,
     classify_exception,
     classify_http_status,
     decode_response,
@@ -269,7 +270,8 @@ class XapiUpstream:
         if error is None or not isinstance(error, TransientUpstreamError):
             self.reachability.answered()
         else:
-            self.reachability.failed(" ".join(error.codes))
+            self.reachability.failed(" ".join(error.codes),
+                                     answered=error.codes[0] not in NO_ANSWER_CODES)
 
     # -- the session ---------------------------------------------------------
     def _get_session(self) -> Deferred[str]:
@@ -415,6 +417,13 @@ class XapiUpstream:
 
     def forget(self, vm_uuid: str) -> None:
         self._handles.forget_vm(vm_uuid)
+
+    def probe(self) -> Deferred[None]:
+        """Is xapi back? One fresh login (the one call that needs nothing;
+        its session then serves everyone): at most one extra session per
+        outage, since probing stops once xapi answers."""
+        self._session = None
+        return self._get_session().addCallback(_none)
 
     def status(self) -> UpstreamStatus:
         r = self.reachability
