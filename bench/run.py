@@ -165,13 +165,18 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                     report.print_drain(r)
                     save()
                     if not design:
-                        results["drain_floor"] = {
-                            "concurrency_8_s": await scenarios.drain_floor(ctx, nmax, 8),
-                            "concurrency_1_s": await scenarios.drain_floor(ctx, nmax, 1),
-                            "calls": 2 * nmax,
-                        }
+                        results["drain_floor"] = await scenarios.drain_floor(
+                            ctx, nmax, r["upstream_calls"])
                         report.print_drain_floor(results["drain_floor"])
                         save()
+                # Time back in service: 100 VMs x 3 keys after an outage.
+                n_back = min(100, nmax)
+                r = await scenarios.drain(ctx, keep, n_back, (), timeout=drain_timeout,
+                                          outage_s=20.0 if args.quick else 120.0)
+                r["floor"] = await scenarios.drain_floor(ctx, n_back, r["upstream_calls"])
+                results["back_in_service"] = r
+                report.print_back_in_service(r)
+                save()
     finally:
         if keep is not None:
             keep.stop()

@@ -355,9 +355,12 @@ async def _put_all(ctx: Ctx, d: BenchDaemon, paths: list[str], keys: Sequence[in
 
 
 async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
-                poll: float = 0.05, timeout: float = 600.0) -> dict[str, Any]:
+                poll: float = 0.05, timeout: float = 600.0,
+                outage_s: float = 0.0) -> dict[str, Any]:
     """Restart ``d`` with ``design``; 3 keys of every VM cached while the
-    simulator refuses; the simulator comes back: time to empty and Direct."""
+    simulator refuses; the outage lasts ``outage_s`` more (the flushers'
+    backoff grows); the simulator comes back: time from then until the
+    cache is empty and Direct (the time back in service)."""
     sim = ctx.sim.client
     d.stop()
     d.design = tuple(design)
@@ -374,6 +377,11 @@ async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
     st = (await ctx.status(ctl))["services"]["Swtpm"]
     pending0 = sum(st["pending"].values())
     mode0 = st["mode"]
+    sim.reset_counters()
+    outage_start = time.perf_counter()
+    while time.perf_counter() - outage_start < outage_s - cache_time:
+        await ctx.sleep(0.5)
+    outage_calls = sim_calls(sim.counters())  # what the outage cost xapi (refused: 0)
     sim.reset_counters()
     cpu0 = cpu_seconds(d.pid)
     t0 = time.perf_counter()
@@ -412,17 +420,49 @@ async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
         "deliver_s": total - (first or 0.0), "upstream_calls": calls,
         "calls_per_item": calls / pending0 if pending0 else float("nan"),
         "counters": counters, "daemon_cpu_s": cpu, "wrong_contents": wrong,
-        "curve": curve,
+        "curve": curve, "outage_s": max(outage_s, cache_time),
+        "outage_calls_per_min": outage_calls / max(outage_s, cache_time) * 60,
     }
 
 
-async def drain_floor(ctx: Ctx, n: int, concurrency: int) -> float:
-    """The simulator serving the minimum calls of a drain (one get and one
-    set of each vTPM) with ``concurrency`` in flight."""
+async def drain_floor(ctx: Ctx, n: int, calls: int, concurrency: int = 8) -> dict[str, float]:
+    """What a drain of ``n`` VMs x 3 keys cannot avoid, done back to back:
+    the simulator serving the same number of calls (``calls``: one
+    VTPM.set_contents per vTPM when every key is pending) with the same
+    concurrency, and the same file operations (each delivered file
+    unlinked, the emptied directories removed, one fsync)."""
     rpc = JsonRpc(ctx.sim.socket)
     session = rpc.session
     rpc.close()
     contents = " ".join(b64(s, ctx.rng).decode() for s in (4096, 1024, 12288))
-    jobs = [[("VTPM.get_contents", [vm["vtpm_ref"]]),
-             ("VTPM.set_contents", [vm["vtpm_ref"], contents])] for vm in ctx.vms[:n]]
-    return await sim_calls_floor(ctx.reactor, ctx.sim.socket, session, jobs, concurrency)
+    per_vm = max(1, round(calls / n))
+    jobs = [[("VTPM.set_contents", [vm["vtpm_ref"], contents])] * per_vm
+            for vm in ctx.vms[:n]]
+    upstream = await sim_calls_floor(ctx.reactor, ctx.sim.socket, session, jobs, concurrency)
+    base = os.path.join(ctx.tmp, "drain-floor", "Swtpm")
+    files = []
+    for vm in ctx.vms[:n]:
+        for key in range(3):
+            directory = os.path.join(base, vm["vm_uuid"], str(key))
+            os.makedirs(directory, 0o700, exist_ok=True)
+            path = os.path.join(directory, str(time.monotonic_ns()))
+            with open(path, "wb") as f:
+                f.write(b"x" * 4096)
+            files.append(path)
+    os.sync()
+    t = time.perf_counter()
+    for path in files:
+        os.unlink(path)
+        for d in (os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    disk = time.perf_counter() - t
+    return {"upstream_s": upstream, "files_s": disk, "total_s": upstream + disk,
+            "calls": per_vm * n}
