@@ -3,7 +3,16 @@ along best that way). Every method returning a Deferred says so."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
 from zope.interface import Attribute, Interface
+
+if TYPE_CHECKING:
+    from twisted.internet.defer import Deferred
+
+    from .model import Service
+    from .status import UpstreamStatus
 
 __all__ = ["IUpstream", "IItemSink", "IItemWriter", "ISocketRegistry", "IStatusSource"]
 
@@ -21,54 +30,54 @@ class IUpstream(Interface):
     reachability = Attribute(
         "xguard.upstream.reachability.Reachability fed by every call's outcome")
 
-    def ensure_vm(vm_uuid):  # type: ignore[no-untyped-def]
+    def ensure_vm(vm_uuid: str) -> "Deferred[None]":
         """Deferred[None]: make sure the VM's record exists (the local store
         creates it; xapi needs nothing)."""
 
-    def vtpm_for_vm(vm_uuid):  # type: ignore[no-untyped-def]
+    def vtpm_for_vm(vm_uuid: str) -> "Deferred[str]":
         """Deferred[str]: an opaque handle of the VM's (first) vTPM (xapi: its
         reference, found by VM.get_by_uuid and VM.get_VTPMs only); NoVtpm if
         it has none. The local store creates one on first use. A handle a
         call reported HANDLE_INVALID for is never returned again (it is
         looked up afresh)."""
 
-    def vtpm_by_uuid(vtpm_uuid):  # type: ignore[no-untyped-def]
+    def vtpm_by_uuid(vtpm_uuid: str) -> "Deferred[str]":
         """Deferred[str]: the handle of the vTPM with that uuid (the same
         handle vtpm_for_vm gives, so both paths share one lock);
         UUID_INVALID if unknown."""
 
-    def get_vtpm_contents(vtpm):  # type: ignore[no-untyped-def]
+    def get_vtpm_contents(vtpm: str) -> "Deferred[str]":
         """Deferred[str]: the whole contents string of the vTPM ``vtpm``
         (a handle)."""
 
-    def set_vtpm_contents(vtpm, contents):  # type: ignore[no-untyped-def]
+    def set_vtpm_contents(vtpm: str, contents: str) -> "Deferred[None]":
         """Deferred[None]: replace the whole contents string of ``vtpm``."""
 
-    def get_nvram(vm_uuid):  # type: ignore[no-untyped-def]
+    def get_nvram(vm_uuid: str) -> "Deferred[dict[str, str]]":
         """Deferred[dict[str, str]]: the VM's NVRAM map ({} on first boot)."""
 
-    def set_nvram_efi_variables(vm_uuid, value, update):  # type: ignore[no-untyped-def]
+    def set_nvram_efi_variables(vm_uuid: str, value: str, update: str) -> "Deferred[None]":
         """Deferred[None]: set NVRAM's EFI-variables. ``update`` is 'yes',
         'no' or 'unspecified' (then xapi's 3-argument call is used)."""
 
-    def get_secureboot_certificates_state(vm_uuid):  # type: ignore[no-untyped-def]
+    def get_secureboot_certificates_state(vm_uuid: str) -> "Deferred[str]":
         """Deferred[str]: 'ok', 'update_available' or 'update_on_boot'."""
 
-    def create_message(vm_uuid, name, priority, body):  # type: ignore[no-untyped-def]
+    def create_message(vm_uuid: str, name: str, priority: int, body: str) -> "Deferred[str]":
         """Deferred[str]: create a message of class VM about the VM; its ref."""
 
-    def forget(vm_uuid):  # type: ignore[no-untyped-def]
+    def forget(vm_uuid: str) -> None:
         """Drop cached handles of a VM: its sockets were destroyed, so they
         may change now (it stopped; it may be re-created)."""
 
-    def probe():  # type: ignore[no-untyped-def]
+    def probe() -> "Deferred[None]":
         """Deferred[None]: one cheap call telling whether upstream answers
         (its outcome is reported to ``reachability``, like any call's)."""
 
-    def status():  # type: ignore[no-untyped-def]
-        """xguard.status.UpstreamStatus."""
+    def status() -> UpstreamStatus:
+        """What the upstream is and whether it answers."""
 
-    def close():  # type: ignore[no-untyped-def]
+    def close() -> "Deferred[None]":
         """Deferred[None]: release connections/threads; no call after it."""
 
 
@@ -79,7 +88,7 @@ class IItemSink(Interface):
 
     service = Attribute("xguard.model.Service this sink delivers for")
 
-    def deliver(vm_uuid, items):  # type: ignore[no-untyped-def]
+    def deliver(vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
         """Deferred[None]: write ``items`` (Mapping[int, bytes]) of one VM
         upstream in one serialized read-modify-write."""
 
@@ -90,50 +99,50 @@ class IItemWriter(Interface):
 
     service = Attribute("xguard.model.Service")
 
-    def write(vm_uuid, key, content):  # type: ignore[no-untyped-def]
+    def write(vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
         """Deferred[None]: fires once the write is durable (upstream or disk);
         fails with PermanentUpstreamError, or TransientUpstreamError when no
         cache is in use or the cache's disk refuses it (CacheUnavailable)."""
 
-    def write_many(vm_uuid, changes):  # type: ignore[no-untyped-def]
+    def write_many(vm_uuid: str, changes: Mapping[int, bytes]) -> "Deferred[None]":
         """Deferred[None]: like write, for several keys of one VM
         (Mapping[int, bytes]) acknowledged together, newer than every write
         acknowledged before."""
 
-    def pending(vm_uuid, key):  # type: ignore[no-untyped-def]
+    def pending(vm_uuid: str, key: int) -> "Deferred[bytes | None]":
         """Deferred[bytes | None]: the latest acknowledged version not yet
         delivered upstream, or None."""
 
-    def has_pending(vm_uuid):  # type: ignore[no-untyped-def]
+    def has_pending(vm_uuid: str) -> bool:
         """bool: whether any write of the VM awaits delivery."""
 
-    def pending_vms():  # type: ignore[no-untyped-def]
+    def pending_vms() -> set[str]:
         """set[str]: the VMs with writes awaiting delivery."""
 
 
 class ISocketRegistry(Interface):
     """The per-VM domain sockets and the active-sockets file."""
 
-    def create(service, vm_uuid, gid, path):  # type: ignore[no-untyped-def]
+    def create(service: Service, vm_uuid: str, gid: int, path: str) -> "Deferred[None]":
         """Deferred[None]: listen on ``path`` (0660 root:gid) and record it.
         PathInUse, InvalidUUID, InvalidPath on bad input."""
 
-    def destroy(service, gid, path):  # type: ignore[no-untyped-def]
+    def destroy(service: Service, gid: int, path: str) -> "Deferred[None]":
         """Deferred[None]: stop serving ``path`` and unlink it; unknown
         paths succeed with a warning."""
 
-    def entries():  # type: ignore[no-untyped-def]
+    def entries() -> list[dict[str, Any]]:
         """list[dict]: {path, vm_uuid, gid, service} for every socket."""
 
-    def resume():  # type: ignore[no-untyped-def]
+    def resume() -> "Deferred[None]":
         """Deferred[None]: listen again on every socket of the active file."""
 
-    def stop_accepting():  # type: ignore[no-untyped-def]
+    def stop_accepting() -> "Deferred[None]":
         """Deferred[None]: stop listening on every socket (files stay)."""
 
 
 class IStatusSource(Interface):
     """Something that contributes to the control channel's Status."""
 
-    def status():  # type: ignore[no-untyped-def]
+    def status() -> object:
         """A value class of xguard.status."""

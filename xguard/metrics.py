@@ -26,7 +26,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.web.iweb import IRequest
@@ -107,7 +107,7 @@ class _Exposition(Resource):
     isLeaf = True
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, untyped
         self._registry = registry
 
     def render_GET(self, request: IRequest) -> bytes:
@@ -158,7 +158,7 @@ class _StatusCollector(Collector):
             sockets.add_metric([service], n)
         yield sockets
 
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "mode": GaugeMetricFamily("xguard_cache_mode", "The cache's mode (1 for the "
                                       "current one).", labels=["service", "mode"]),
             "enabled": GaugeMetricFamily("xguard_cache_enabled", "0 with --no-cache or while "
@@ -230,4 +230,5 @@ class MetricsListener:
         port, self._port = self._port, None
         if port is None:
             return succeed(None)
-        return maybeDeferred(port.stopListening)
+        stopped = port.stopListening()
+        return stopped if stopped is not None else succeed(None)

@@ -41,7 +41,8 @@ PLUGIN = ServiceMaker(
 SYNOPSIS = "Usage: xguard [twistd options] [xguard options]"
 
 
-class _ServerOptions(twistd.ServerOptions):  # type: ignore[misc]
+# twistd picks ServerOptions per platform at run time: mypy cannot see it.
+class _ServerOptions(twistd.ServerOptions):  # type: ignore[misc,name-defined]
     """twistd's options with one plugin as the only command, without
     scanning for plugins."""
 
@@ -99,7 +100,7 @@ def help_text() -> str:
         SYNOPSIS,
         "",
         "xguard options:",
-        Options().getUsage().rstrip(),
+        Options().getUsage().rstrip(),  # type: ignore[no-untyped-call]  # usage.Options
         "",
         "twistd options (-n: stay in the foreground; --pidfile= : no pid file; "
         "--logfile, --syslog, --prefix: where the log goes):",

@@ -86,14 +86,14 @@ class XguardService(Service):
     def setServiceParent(self, parent: Any) -> None:
         if self.log_observer is not None:
             attach_log_observer(parent, self.log_observer)
-        super().setServiceParent(parent)
+        super().setServiceParent(parent)  # type: ignore[no-untyped-call]  # Twisted's, untyped
 
     def privilegedStartService(self) -> None:
         self._privileged()
-        super().privilegedStartService()
+        super().privilegedStartService()  # type: ignore[no-untyped-call]
 
     def startService(self) -> None:
-        super().startService()
+        super().startService()  # type: ignore[no-untyped-call]
         self.exit_status.install()
         self._starting = ensureDeferred(self._start())
         self._starting.addErrback(self._start_failed)
@@ -112,7 +112,7 @@ class XguardService(Service):
 
     # -- stop ----------------------------------------------------------------
     def stopService(self) -> "Deferred[None]":
-        super().stopService()
+        super().stopService()  # type: ignore[no-untyped-call]
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:

@@ -120,8 +120,8 @@ def _plain(value: Any) -> Any:
 def from_json(doc: Mapping[str, Any]) -> DaemonStatus:
     """Read a ``Status`` document back; unknown fields are ignored, missing
     ones take their defaults."""
-    upstream = doc.get("upstream") if isinstance(doc.get("upstream"), Mapping) else {}
-    services = doc.get("services") if isinstance(doc.get("services"), Mapping) else {}
+    upstream = _mapping(doc.get("upstream"))
+    services = _mapping(doc.get("services"))
     return DaemonStatus(
         version=str(doc.get("version", "?")),
         ready=bool(doc.get("ready", False)),
@@ -140,7 +140,9 @@ def _cache(name: str, doc: Mapping[str, Any]) -> CacheStatus:
     fields["service"] = name
     fields["pending"] = {str(k): int(v) for k, v in _mapping(doc.get("pending")).items()
                          if isinstance(v, int)}
-    quarantined = doc.get("quarantined") if isinstance(doc.get("quarantined"), list) else []
+    quarantined = doc.get("quarantined")
+    if not isinstance(quarantined, list):
+        quarantined = []
     fields["quarantined"] = tuple(
         _build(Quarantined, {"vm": "?", "key": -1, "file": "?", "reason": "?", **q})
         for q in quarantined if isinstance(q, Mapping))

@@ -85,16 +85,16 @@ class VtpmContents:
         if vm is None:
             # Not a VM xguard serves or holds writes for: nothing to order.
             assert ref is not None
-            async def read() -> str:
-                return str(await self.upstream.get_vtpm_contents(ref))
-            return await self.sink.locks.run(self.sink.lock_key(ref), read)
+            async def read_unserved() -> str:
+                return await self.upstream.get_vtpm_contents(ref)
+            return await self.sink.locks.run(self.sink.lock_key(ref), read_unserved)
         pending = {key: await self.writer.pending(vm, key) for key in TpmKey}
         overlay = {key: value.decode("ascii") for key, value in pending.items()
                    if value is not None}
         copy = await self.known.tpm(vm)
         fallback = copy if copy is not None else (
             TpmState() if len(overlay) == len(TpmKey) else None)
-        read = self.sink.read_contents(vm)
+        read: Deferred[str] = self.sink.read_contents(vm)
         try:
             contents = await (read if fallback is None else
                               within(self.clock, self.deadline, read, "vTPM read"))

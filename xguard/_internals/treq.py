@@ -18,7 +18,7 @@ from hyperlink import EncodedURL
 __all__ = ["FixedURL"]
 
 
-class FixedURL(EncodedURL):  # type: ignore[misc]
+class FixedURL(EncodedURL):
     """An ASCII URL, parsed once; its URI is itself, and its text is
     computed once (``to_text`` costs ~20 µs, every request)."""
 
@@ -30,4 +30,4 @@ class FixedURL(EncodedURL):  # type: ignore[misc]
         text = self.__dict__.get(key)
         if text is None:
             text = self.__dict__[key] = super().to_text(with_password)
-        return text  # type: ignore[no-any-return]
+        return text

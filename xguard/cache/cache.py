@@ -27,7 +27,7 @@ batch is durable.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.defer import (
@@ -329,7 +329,7 @@ class WriteBackCache:
         for version in versions:
             await self._forget(version)
 
-    def _background(self, work: Awaitable[None]) -> None:
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
         d: Deferred[None] = ensureDeferred(work)
         self._cleanups.add(d)
 

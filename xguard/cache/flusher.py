@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import (
@@ -226,7 +226,7 @@ class Flusher:
         retry = False
         for (vm, keys), (ok, value) in zip(groups, results):
             if not ok:  # pragma: no cover - _deliver_locked catches everything
-                self.log.failure("cache delivery of {vm} failed", value, vm=vm)
+                self.log.failure("cache delivery of {vm} failed", cast(Failure, value), vm=vm)
                 value = _Outcome.RETRY
             if value is _Outcome.RETRY:
                 self.retry.update(Item(vm, k) for k in keys)

@@ -394,7 +394,7 @@ def _write_file(path: str, data: bytes) -> None:
 def _read_whole(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        chunks = []
+        chunks: list[bytes] = []
         while True:
             chunk = os.read(fd, 1 << 20)
             if not chunk:

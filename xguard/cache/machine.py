@@ -19,6 +19,7 @@ from typing import Protocol
 from automat import TypeMachineBuilder, pep614
 from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from .layout import Batch, Item, Version
 
@@ -148,7 +149,7 @@ def _persist(inputs: _CacheInputs, core: _CacheCore, batch: Batch,
                 _enqueue(inputs, core, version)
         done.callback(None)
 
-    def failed(failure: object) -> None:
+    def failed(failure: Failure) -> None:
         done.errback(failure)  # not acknowledged; the lock is released
 
     d.addCallbacks(durable, failed)

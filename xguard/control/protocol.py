@@ -37,7 +37,7 @@ def _short(text: str, limit: int = MAX_DETAIL) -> str:
 
 def describe(failure: Failure) -> str:
     """``Type: text``, the text truncated to :data:`MAX_DETAIL`."""
-    return f"{failure.type.__name__}: {_short(str(failure.value))}"
+    return f"{type(failure.value).__name__}: {_short(str(failure.value))}"
 
 
 def _where(failure: Failure) -> str:
@@ -56,12 +56,13 @@ class ControlProtocol(amp.AMP):
         if self._dropped:
             return
         try:
-            super().dataReceived(data)
+            super().dataReceived(data)  # type: ignore[no-untyped-call]  # Twisted's, untyped
         except Exception:
             self._drop("sent what AMP cannot read", Failure())
 
     def dispatchCommand(self, box: amp.AmpBox) -> Any:
-        return super().dispatchCommand(box).addErrback(self._undeclared, box)
+        dispatched = super().dispatchCommand(box)  # type: ignore[no-untyped-call]
+        return dispatched.addErrback(self._undeclared, box)
 
     def _undeclared(self, failure: Failure, box: amp.AmpBox) -> Failure:
         """Errors the command declares travel to the client as they are;

@@ -23,10 +23,10 @@ import uuid as _uuid
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from xml.sax.saxutils import escape
 
-__all__ = ["XapiError", "SimState", "Dispatcher", "SB_STATES", "new_ref", "Call", "XMLRPC",
+__all__ = ["Codec", "XapiError", "SimState", "Dispatcher", "SB_STATES", "new_ref", "Call", "XMLRPC",
            "JSONRPC", "CODECS"]
 
 SB_STATES = ("ok", "update_available", "update_on_boot")
@@ -362,6 +362,18 @@ def _xml(value: Any, out: list[str]) -> None:
         raise TypeError(f"cannot encode {type(value).__name__}")
 
 
+class Codec(Protocol):
+    """How one of xapi's wire formats reads a call and writes its answer."""
+
+    content_type: bytes
+
+    def decode(self, body: bytes) -> Call: ...
+
+    def success(self, call: Call, value: Any) -> bytes: ...
+
+    def failure(self, call: Call, codes: list[str]) -> bytes: ...
+
+
 class _XmlRpc:
     content_type = b"text/xml"
 
@@ -419,4 +431,4 @@ class _JsonRpc:
 
 XMLRPC = _XmlRpc()
 JSONRPC = _JsonRpc()
-CODECS = {b"/": XMLRPC, b"/RPC2": XMLRPC, b"/jsonrpc": JSONRPC}
+CODECS: dict[bytes, Codec] = {b"/": XMLRPC, b"/RPC2": XMLRPC, b"/jsonrpc": JSONRPC}

@@ -19,6 +19,7 @@ import http.client
 import socket
 import xmlrpc.client
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["UnixHTTPConnection", "UnixTransport", "request"]
 
@@ -28,7 +29,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
     The ``Host`` header says ``localhost``; servers on UNIX sockets ignore it."""
 
     def __init__(self, path: str, timeout: float | None = None) -> None:
-        super().__init__("localhost", timeout=timeout)  # type: ignore[arg-type]
+        super().__init__("localhost", timeout=timeout)
         self.unix_path = path
 
     def connect(self) -> None:
@@ -69,8 +70,10 @@ class UnixTransport(xmlrpc.client.Transport):
         self.unix_path = path
         self.timeout = timeout
 
-    def make_connection(self, host: object) -> http.client.HTTPConnection:
-        if self._connection and host == self._connection[0]:
-            return self._connection[1]
-        self._connection = host, UnixHTTPConnection(self.unix_path, timeout=self.timeout)
-        return self._connection[1]
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        kept = self._connection
+        if kept and kept[1] is not None and host == kept[0]:
+            return kept[1]
+        connection = UnixHTTPConnection(self.unix_path, timeout=self.timeout)
+        self._connection = host, connection
+        return connection

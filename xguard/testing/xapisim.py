@@ -41,15 +41,26 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTCP, IReactorTime, IReactorUNIX
 from twisted.logger import Logger
 from twisted.protocols.policies import WrappingFactory
+from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from xguard.durable import atomic_write
-from xguard.testing._simstate import CODECS, JSONRPC, XMLRPC, Call, Dispatcher, SimState, XapiError
+from xguard.testing._simstate import (
+    CODECS,
+    JSONRPC,
+    XMLRPC,
+    Call,
+    Codec,
+    Dispatcher,
+    SimState,
+    XapiError,
+)
 
 __all__ = ["Simulator", "SimState", "Dispatcher", "XapiError", "Call", "XMLRPC", "JSONRPC",
            "MODES", "load_state", "main"]
@@ -62,7 +73,7 @@ class _Waiting:
     """A call whose answer is deferred (delay, hang); ``gone`` once the
     client went away, so the answer is computed but not written."""
 
-    def __init__(self, request: Request, codec: Any, call: Call) -> None:
+    def __init__(self, request: Request, codec: Codec, call: Call) -> None:
         self.request, self.codec, self.call, self.gone = request, codec, call, False
         request.notifyFinish().addErrback(self._lost)
 
@@ -119,7 +130,7 @@ class Simulator:
             atomic_write(self.state_file, data)
 
     # -- the request path -----------------------------------------------------
-    def handle(self, request: Request, codec: Any, call: Call) -> bytes | int:
+    def handle(self, request: Request, codec: Codec, call: Call) -> bytes | int:
         """Answer (bytes) or park (NOT_DONE_YET) one decoded call."""
         self.counters[call.method] += 1
         if self.mode == "hang":
@@ -130,7 +141,7 @@ class Simulator:
             return NOT_DONE_YET
         return self._answer(request, codec, call)
 
-    def _answer(self, request: Request, codec: Any, call: Call) -> bytes:
+    def _answer(self, request: Request, codec: Codec, call: Call) -> bytes:
         if self.http_500_n > 0:
             self.http_500_n -= 1
             request.setResponseCode(500)
@@ -229,7 +240,9 @@ class Simulator:
     def listen_tcp(self, port: int) -> int:
         """Listen on 127.0.0.1 only; returns the port (useful with 0)."""
         listening = self._listen(("tcp", port))
-        port = listening.getHost().port
+        address = listening.getHost()
+        assert isinstance(address, IPv4Address)
+        port = address.port
         self._specs.append(("tcp", port))
         self._ports.append(listening)
         return port
@@ -240,9 +253,9 @@ class Simulator:
         site.noisy = False
         self._wrappers.append(site)
         if kind == "tcp":
-            return self._reactor.listenTCP(where, site, interface="127.0.0.1")  # type: ignore[attr-defined]
+            return IReactorTCP(self._reactor).listenTCP(where, site, interface="127.0.0.1")  # type: ignore[arg-type]  # Twisted's generics
         _remove_stale_socket(where)
-        return self._reactor.listenUNIX(where, site, mode=0o660)  # type: ignore[attr-defined]
+        return IReactorUNIX(self._reactor).listenUNIX(where, site, mode=0o660)  # type: ignore[arg-type]
 
     def _stop_listening(self) -> Deferred[None]:
         ports, self._ports = self._ports, []
@@ -291,7 +304,10 @@ class _Site(Site):
 
     noisy = False
 
-    def log(self, request: Request) -> None:
+    def __init__(self, resource: Resource) -> None:
+        super().__init__(resource)  # type: ignore[no-untyped-call]  # Twisted's, untyped
+
+    def log(self, request: http.Request) -> None:
         pass
 
 
@@ -299,7 +315,7 @@ class _ApiResource(Resource):
     isLeaf = True
 
     def __init__(self, sim: Simulator) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, untyped
         self._sim = sim
 
     def render(self, request: Request) -> bytes | int:
@@ -312,12 +328,16 @@ class _ApiResource(Resource):
             request.setResponseCode(404)
             return b"Not Found\n"
         try:
-            call = codec.decode(request.content.read())
+            call = codec.decode(_body(request))
         except ValueError as e:
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"text/plain")
             return str(e).encode() + b"\n"
         return self._sim.handle(request, codec, call)
+
+
+def _body(request: Request) -> bytes:
+    return request.content.read() if request.content is not None else b""
 
 
 class _NotFound(Exception):
@@ -330,13 +350,13 @@ class _AdminResource(Resource):
     isLeaf = True
 
     def __init__(self, sim: Simulator) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, untyped
         self._sim = sim
 
     def render(self, request: Request) -> bytes | int:
         method, path = request.method.decode(), request.path.decode().rstrip("/")
         try:
-            body = json.loads(request.content.read() or b"{}") if method == "POST" else {}
+            body = json.loads(_body(request) or b"{}") if method == "POST" else {}
             if not isinstance(body, dict):
                 raise ValueError("the body must be a JSON object")
             result = self._route(method, path, body)
@@ -455,12 +475,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.tcp is not None:
         args.tcp = sim.listen_tcp(args.tcp)
     _remove_stale_socket(args.admin_socket)
-    reactor.listenUNIX(args.admin_socket, sim.admin_site(), mode=0o600)  # type: ignore[attr-defined]
-    reactor.addSystemEventTrigger("before", "shutdown", sim.shutdown)  # type: ignore[attr-defined]
+    IReactorUNIX(reactor).listenUNIX(args.admin_socket, sim.admin_site(), mode=0o600)  # type: ignore[arg-type]
+    reactor.addSystemEventTrigger("before", "shutdown", sim.shutdown)
     _log.info("xapisim serving {addresses} (admin {admin}), {vms} VMs loaded",
               addresses=sim.status()["addresses"], admin=args.admin_socket,
               vms=len(sim.state.vms))
-    reactor.run()  # type: ignore[attr-defined]
+    reactor.run()
     return 0
 
 

@@ -106,7 +106,7 @@ class _QuietPool(HTTPConnectionPool):
 def make_pool(reactor: Any) -> HTTPConnectionPool:
     """A keep-alive pool sized for many concurrent calls to one xapi, whose
     connections log nothing of their own."""
-    pool = _QuietPool(reactor, persistent=True)
+    pool = _QuietPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # Twisted's
     pool.maxPersistentPerHost = MAX_PERSISTENT_PER_HOST
     pool.cachedConnectionTimeout = CACHED_CONNECTION_TIMEOUT
     return pool

@@ -69,7 +69,7 @@ TRANSIENT_CODES: frozenset[str] = frozenset({
 })
 
 # Failures of the transport: whatever their detail, nobody answered.
-_CONNECTION_LOST = (
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
     net_error.ConnectionClosed,  # ConnectionLost, ConnectionDone
     *NO_ANSWER,
 )

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, cast
 
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, DeferredSemaphore, succeed
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -99,7 +100,8 @@ class _Body(Protocol):
 
     def _stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            # A response body's transport is its connection's producer.
+            cast(IPushProducer, self.transport).stopProducing()
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -230,7 +232,7 @@ class XapiUpstream:
                 error: UpstreamError | None = TransientUpstreamError(
                     ["TIMEOUT", method], f"{method}: no answer within {self._timeout}s")
             else:
-                error = classify_exception(result.value)
+                error = classify_exception(result.value) if result.value is not None else None
             if error is None:
                 self.log.failure("Unexpected failure calling xapi {method}", result,
                                   method=method)
@@ -329,7 +331,7 @@ class XapiUpstream:
                 del self._lookups[key]
                 if not isinstance(result, Failure):
                     self._handles.put(kind, uuid, result)
-                shared.fire(result)  # type: ignore[union-attr]
+                shared.fire(result)
 
             Deferred.fromCoroutine(lookup()).addBoth(found)
         return shared.when_fired()
@@ -440,7 +442,8 @@ class XapiUpstream:
         self.calls.stop()
         if self._pool is None:
             return succeed(None)
-        return self._pool.closeCachedConnections().addCallback(_none)
+        closed: Deferred[object] = self._pool.closeCachedConnections()
+        return closed.addCallback(_none)
 
 
 def _none(_: object) -> None:
