@@ -57,6 +57,21 @@ class KnownTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(vm_dir).st_mode), 0o700)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.join(vm_dir, "vtpm")).st_mode), 0o600)
 
+    def test_close_makes_new_directories_durable(self) -> None:
+        """Copies and the VM directories made for them are written without
+        fsync; a clean stop syncs the files, their directories and the
+        directory holding the VMs' directories, before saying "clean"."""
+        from xguard.cache import known as known_module
+
+        synced: list[str] = []
+        self.patch(known_module, "fsync_dir", synced.append)
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p", "s", "v")))
+        self.successResultOf(self.known.close())
+        base = os.path.join(self.root, KNOWN)
+        self.assertEqual(sorted(synced), sorted([base, os.path.join(base, VM)]))
+        with open(os.path.join(base, ".boot")) as f:
+            self.assertEqual(f.read(), "clean\n")
+
     def test_nothing_kept_for_a_vm_without_socket(self) -> None:
         self.successResultOf(self.known.record_tpm(VM2, TpmState("p")))
         self.assertIsNone(self.tpm(vm=VM2))

@@ -181,6 +181,8 @@ class KnownState:
             finally:
                 os.close(fd)
             dirs.add(os.path.dirname(path))
+        if dirs:
+            dirs.add(self.base)  # the entries of VM directories made since
         for d in sorted(dirs):
             if os.path.isdir(d):
                 fsync_dir(d)
@@ -378,10 +380,20 @@ def _unsealed(raw: bytes) -> bytes | None:
 
 def _write_file(path: str, data: bytes) -> None:
     """Overwrite ``path`` in place with ``data`` and its checksum (no
-    fsync, no rename: see the module doc)."""
-    makedirs(os.path.dirname(path), 0o700)
+    fsync, no rename: see the module doc). The VM's directory is made when
+    missing, without an fsync either: :meth:`KnownState.close` syncs it."""
     sealed = _seal(data) + data
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        directory = os.path.dirname(path)
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+        os.chmod(directory, 0o700)  # whatever the umask
+        fd = os.open(path, flags, 0o600)
     try:
         view, offset = memoryview(sealed), 0
         while offset < len(sealed):
