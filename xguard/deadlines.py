@@ -6,6 +6,8 @@ writes give upstream a short deadline, then fall back to local state.
 gets a :class:`TransientUpstreamError` but the work is *not* cancelled: an
 upstream call in flight keeps its locks until it resolves, so nothing newer
 can overtake it, and its late result (or failure) is consumed quietly.
+:func:`within_or` is the reads' rule: the deadline applies only when there
+is a local answer to give instead.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from twisted.python.failure import Failure
 
 from .errors import TransientUpstreamError, UpstreamError
 
-__all__ = ["within", "DeadlineExceeded"]
+__all__ = ["within", "within_or", "DeadlineExceeded"]
 
 T = TypeVar("T")
 _log = Logger(namespace="xguard.deadlines")
@@ -64,3 +66,18 @@ def within(clock: IReactorTime, seconds: float, work: "Deferred[T]",
 
     work.addBoth(done)
     return out
+
+
+def within_or(clock: IReactorTime, seconds: float, work: "Deferred[T]", fallback: T | None,
+              what: str = "upstream") -> "Deferred[T]":
+    """``work``'s result; ``fallback`` instead if it fails transiently or
+    takes over ``seconds``. With no fallback (None), ``work`` is waited for
+    whole: waiting longer for upstream beats a certain error."""
+    if fallback is None:
+        return work
+
+    def fall_back(failure: Failure) -> T:
+        failure.trap(TransientUpstreamError)
+        return fallback
+
+    return within(clock, seconds, work, what).addErrback(fall_back)

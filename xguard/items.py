@@ -32,8 +32,8 @@ from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
 from .cache.known import KnownState
-from .deadlines import within
-from .errors import PermanentUpstreamError, TransientUpstreamError
+from .deadlines import within_or
+from .errors import PermanentUpstreamError
 from .interfaces import IItemSink, IItemWriter, IUpstream
 from .locks import KeyedLocks
 from .model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
@@ -232,13 +232,9 @@ class TpmStore:
         if pending is not None:
             return pending
         copy = await self.known.tpm(vm_uuid)
-        read = self.sink.read(vm_uuid, key)
-        if copy is None:
-            return await read  # nothing to fall back on: upstream's answer or error
-        try:
-            return await within(self.clock, self.deadline, read, "vTPM read")
-        except TransientUpstreamError:
-            return copy.get(key).encode("ascii")
+        fallback = None if copy is None else copy.get(key).encode("ascii")
+        return await within_or(self.clock, self.deadline, self.sink.read(vm_uuid, key),
+                               fallback, "vTPM read")
 
     def put(self, vm_uuid: str, key: TpmKey, content: bytes) -> "Deferred[None]":
         return self.writer.write(vm_uuid, key, content)
@@ -259,30 +255,18 @@ class NvramStore:
         pending = await self.writer.pending(vm_uuid, 0)
         overlay = None if pending is None else NvramWrite.decode(pending).value
         copy = await self.known.nvram(vm_uuid)
-        read = self.sink.read(vm_uuid)
-        try:
-            if copy is None and overlay is None:
-                nvram = await read  # nothing to fall back on
-            else:
-                nvram = await within(self.clock, self.deadline, read, "NVRAM read")
-        except TransientUpstreamError:
-            if copy is None and overlay is None:
-                raise
-            # This VM's latest write is ours, or its last known state is.
-            nvram = dict(copy or {})
+        # This VM's latest write is ours, or its last known state is.
+        fallback = None if copy is None and overlay is None else dict(copy or {})
+        read: Deferred[dict[str, str]] = self.sink.read(vm_uuid)
+        answer = await within_or(self.clock, self.deadline, read, fallback, "NVRAM read")
+        nvram = dict(answer)
         if overlay is not None:
             nvram[NVRAM_EFI_VARIABLES] = overlay
         return nvram
 
     async def secureboot_state(self, vm_uuid: str) -> str:
-        copy = await self.known.sb_state(vm_uuid)
-        read = self.sink.secureboot_state(vm_uuid)
-        if copy is None:
-            return await read
-        try:
-            return await within(self.clock, self.deadline, read, "secure-boot state read")
-        except TransientUpstreamError:
-            return copy
+        return await within_or(self.clock, self.deadline, self.sink.secureboot_state(vm_uuid),
+                               await self.known.sb_state(vm_uuid), "secure-boot state read")
 
     def set_efi_variables(self, vm_uuid: str, value: str, update: str) -> "Deferred[None]":
         return self.writer.write(vm_uuid, 0, NvramWrite(value, update).encode())

@@ -33,7 +33,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .cache.known import KnownState
-from .deadlines import within
+from .deadlines import within_or
 from .errors import InvalidContents, PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from .interfaces import IItemWriter, IUpstream
 from .items import VtpmSink
@@ -92,24 +92,18 @@ class VtpmContents:
         overlay = {key: value.decode("ascii") for key, value in pending.items()
                    if value is not None}
         copy = await self.known.tpm(vm)
-        fallback = copy if copy is not None else (
-            TpmState() if len(overlay) == len(TpmKey) else None)
-        read: Deferred[str] = self.sink.read_contents(vm)
+        if copy is None and len(overlay) == len(TpmKey):
+            copy = TpmState()  # every key is pending: nothing of upstream's is needed
+        fallback = None if copy is None else copy.update(overlay).serialize()
+        contents = await within_or(self.clock, self.deadline, self.sink.read_contents(vm),
+                                   fallback, "vTPM read")
+        if not overlay:
+            return contents
         try:
-            contents = await (read if fallback is None else
-                              within(self.clock, self.deadline, read, "vTPM read"))
-        except TransientUpstreamError:
-            if fallback is None:
-                raise
-            base = fallback
-        else:
-            if not overlay:
-                return contents
-            try:
-                base = TpmState.deserialize(contents)
-            except ValueError as e:
-                raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm], str(e)) from None
-        return base.update(overlay).serialize()
+            base = TpmState.deserialize(contents)
+        except ValueError as e:
+            raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm], str(e)) from None
+        return base.update(overlay).serialize()  # (again, for a fallback: the same)
 
     def set(self, vtpm_uuid: str, contents: str) -> "Deferred[None]":
         return ensureDeferred(self._set(vtpm_uuid, contents))

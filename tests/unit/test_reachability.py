@@ -1,18 +1,14 @@
 """Reachability: an outage is logged once at its start and once at its end,
-at the same level, and observers hear each transition once; the deadline
-helper bounds waiting without cancelling the work."""
+at the same level, and observers hear each transition once."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.deadlines import within
-from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.upstream.reachability import Reachability
 
 
@@ -78,38 +74,3 @@ class ReachabilityTests(SynchronousTestCase):
         self.assertEqual(seen, [True])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 0)  # logged, not raised
         self.assertTrue(any(e.get("log_failure") for e in self.events))
-
-
-class WithinTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-
-    def test_answer_in_time(self) -> None:
-        work: Deferred[str] = Deferred()
-        d = within(self.clock, 3, work)
-        work.callback("x")
-        self.assertEqual(self.successResultOf(d), "x")
-        self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def test_failure_in_time_passes_through(self) -> None:
-        work: Deferred[str] = Deferred()
-        d = within(self.clock, 3, work)
-        work.errback(PermanentUpstreamError(["UUID_INVALID"]))
-        self.failureResultOf(d, PermanentUpstreamError)
-
-    def test_past_the_deadline_is_transient_and_work_goes_on(self) -> None:
-        work: Deferred[str] = Deferred()
-        d = within(self.clock, 3, work, "vTPM read")
-        self.clock.advance(3)
-        f = self.failureResultOf(d, TransientUpstreamError)
-        self.assertEqual(f.value.codes, ["TIMEOUT", "vTPM read"])
-        self.assertFalse(work.called)  # not cancelled
-        work.errback(TransientUpstreamError(["CONNECTION_REFUSED"]))  # late: quiet
-        self.assertEqual(self.flushLoggedErrors(), [])
-
-    def test_a_late_bug_is_logged(self) -> None:
-        work: Deferred[str] = Deferred()
-        within(self.clock, 1, work).addErrback(lambda f: None)
-        self.clock.advance(1)
-        work.errback(ZeroDivisionError())
-        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
