@@ -33,7 +33,7 @@ import hashlib
 import os
 import socket
 import stat
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable
 from typing import NamedTuple
 
 from twisted.logger import Logger
@@ -117,20 +117,20 @@ class Handover:
     listening sockets: to the fd store as they open, or to a re-exec.
 
     :param fdstore: systemd's fd store (disabled when not under systemd).
-    :param environ: where ``LISTEN_*`` are read (and removed from).
+    :param take: what was handed over (:func:`xguard.listenfds.take`:
+        ``LISTEN_*`` from the environment, removed from it).
     """
 
     log = Logger()
 
-    def __init__(self, fdstore: FdStore, *, environ: MutableMapping[str, str] | None = None,
-                 getpid: Callable[[], int] = os.getpid,
+    def __init__(self, fdstore: FdStore, *,
+                 take: Callable[[], list[listenfds.Passed]] = listenfds.take,
                  inspect: Callable[[int], tuple[str | None, str | None]] = inspect,
                  lstat: Callable[[str], os.stat_result] = os.lstat,
                  close: Callable[[int], None] = os.close,
                  unlink: Callable[[str], object] = safe_unlink) -> None:
         self.fdstore = fdstore
-        self._environ = environ
-        self._getpid = getpid
+        self._take = take
         self._inspect = inspect
         self._lstat = lstat
         self._close = close
@@ -154,7 +154,7 @@ class Handover:
         socket of ours at once. Call it first (before anything opens a
         descriptor or probes a socket path)."""
         try:
-            passed = listenfds.take(self._environ, self._getpid())
+            passed = self._take()
         except ValueError as e:
             self.log.error("ignoring handed-over descriptors: {error}", error=str(e))
             return

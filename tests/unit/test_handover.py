@@ -15,6 +15,7 @@ from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
 from xguard.handover import CONTROL, DOMAIN, Claimed, Handover, fd_name, inspect, parse_name
+from xguard.listenfds import take
 
 PID = 4242
 
@@ -56,7 +57,7 @@ class World:
         env = {"LISTEN_PID": str(PID), "LISTEN_FDS": str(len(names)),
                "LISTEN_FDNAMES": ":".join(names)}
         self.env = env
-        h = Handover(store or RecordingStore(), environ=env, getpid=lambda: PID,
+        h = Handover(store or RecordingStore(), take=lambda: take(env, PID),
                      inspect=lambda fd: self.sockets.get(fd, (None, "not a socket")),
                      lstat=self.lstat, close=self.closed.append, unlink=self.unlinked.append)
         return h
@@ -199,14 +200,14 @@ class HandoverTests(SynchronousTestCase):
         self.assertEqual(store.calls, [])
 
     def test_malformed_or_foreign_variables(self) -> None:
-        h = Handover(RecordingStore(), environ={"LISTEN_PID": str(PID), "LISTEN_FDS": "2",
-                                               "LISTEN_FDNAMES": "a"}, getpid=lambda: PID)
+        env = {"LISTEN_PID": str(PID), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a"}
+        h = Handover(RecordingStore(), take=lambda: take(env, PID))
         with capturedLogs() as events:
             h.inherit()
         self.assertEqual([e["log_level"].name for e in events], ["error"])
         self.assertIsNone(h.claim(DOMAIN, "/s/a"))
         env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "a"}
-        h = Handover(RecordingStore(), environ=env, getpid=lambda: PID)
+        h = Handover(RecordingStore(), take=lambda: take(env, PID))
         with capturedLogs() as events:
             h.inherit()
         self.assertEqual((list(events), env, h.handed), ([], {}, 0))
