@@ -38,7 +38,8 @@ class ComposeTests(SynchronousTestCase):
         service = build_service(config(self.root), MemoryReactorClock())
         self.assertEqual([s.name for s in service.stages], [
             "the instance lock", "the I/O threads", "the upstream", "the last known state",
-            "the Swtpm cache", "the Varstored cache", "the domain sockets",
+            "the domain connections", "the Swtpm cache", "the Varstored cache",
+            "the domain sockets",
             "the control channel", "the memory trimmer", "readiness"])
 
     def test_no_cache(self) -> None:
