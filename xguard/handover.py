@@ -42,7 +42,8 @@ from . import listenfds
 from .durable import safe_unlink
 from .fdstore import FdStore
 
-__all__ = ["Handover", "Claimed", "DOMAIN", "CONTROL", "fd_name", "parse_name", "inspect"]
+__all__ = ["Handover", "Claimed", "DOMAIN", "CONTROL", "fd_name", "parse_name", "inspect",
+           "handed_over"]
 
 DOMAIN = "d"
 CONTROL = "c"
@@ -89,6 +90,25 @@ def parse_name(name: str) -> _Name | None:
         return None
 
 
+def handed_over() -> list[listenfds.Passed]:
+    """What ``LISTEN_*`` hands this process. Twisted's endpoints module
+    reads (and removes) the variables when it is imported, which happens
+    before xguard looks: then what it read is used."""
+    from ._internals.twisted_systemd import handed_to_twisted
+
+    passed = listenfds.take()
+    if passed:
+        return passed
+    os.environ.pop("LISTEN_FDNAMES", None)
+    passed = [listenfds.Passed(fd, name) for fd, name in handed_to_twisted()]
+    for p in passed:
+        try:
+            os.set_inheritable(p.fd, False)
+        except OSError:
+            pass  # not open: inspect() reports it
+    return passed
+
+
 def inspect(fd: int) -> tuple[str | None, str | None]:
     """(path, None) for a listening AF_UNIX stream socket bound to a file
     path; else (path or None, why it cannot be one of ours)."""
@@ -117,14 +137,13 @@ class Handover:
     listening sockets: to the fd store as they open, or to a re-exec.
 
     :param fdstore: systemd's fd store (disabled when not under systemd).
-    :param take: what was handed over (:func:`xguard.listenfds.take`:
-        ``LISTEN_*`` from the environment, removed from it).
+    :param take: what was handed over (:func:`handed_over`).
     """
 
     log = Logger()
 
     def __init__(self, fdstore: FdStore, *,
-                 take: Callable[[], list[listenfds.Passed]] = listenfds.take,
+                 take: Callable[[], list[listenfds.Passed]] = handed_over,
                  inspect: Callable[[int], tuple[str | None, str | None]] = inspect,
                  lstat: Callable[[str], os.stat_result] = os.lstat,
                  close: Callable[[int], None] = os.close,

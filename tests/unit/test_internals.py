@@ -112,3 +112,30 @@ class TwistedUnixAdoptionTests(SynchronousTestCase):
         self.assertNotEqual(port.fileno(), self.sock.fileno())
         self.sock.close()
         self.assertEqual(port.socket.getsockname(), self.path)
+
+
+class TwistedSystemdTests(SynchronousTestCase):
+    """xguard._internals.twisted_systemd: importing twisted.internet.endpoints
+    still takes LISTEN_PID/LISTEN_FDS from the environment, and what it
+    took is read back, names and all (in a child the fake systemd's
+    launcher starts with two descriptors)."""
+
+    def test_endpoints_import_takes_the_variables_and_keeps_them(self) -> None:
+        import os
+        import subprocess
+        import sys
+
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        child = ("import os; import twisted.internet.endpoints; "
+                 "left = sorted(k for k in os.environ if k.startswith('LISTEN_')); "
+                 "from xguard.handover import handed_over; "
+                 "passed = [tuple(p) for p in handed_over()]; "
+                 "print(left, passed, os.environ.get('LISTEN_FDNAMES'), os.get_inheritable(3))")
+        out = subprocess.run(
+            [sys.executable, "-m", "xguard.testing.fakesystemd", f"{r},{w}", "a:b", "--",
+             sys.executable, "-c", child], pass_fds=[r, w], capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": repo}, timeout=60, check=True).stdout
+        self.assertEqual(out.strip(), "['LISTEN_FDNAMES'] [(3, 'a'), (4, 'b')] None False")
