@@ -199,6 +199,10 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
 
     def stopping() -> None:
         sdnotify.notify(sdnotify.RELOADING if handover.reexec_pending else sdnotify.STOPPING)
+        if handover.fdstore.enabled and not handover.reexec_pending:
+            # systemd starts the next process once this one has exited;
+            # VMs' connections wait in the stored sockets' backlog meanwhile.
+            exit_status.exit_after_shutdown(0)
 
     stages = [
         Stage("the instance lock", prepare, lock.release),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
@@ -120,6 +121,20 @@ class ExitStatus:
         self.log.info("received SIGHUP: restarting in place")
         assert self._on_hangup is not None
         self._reactor.callFromThread(self._on_hangup)
+
+    def exit_after_shutdown(self, code: int) -> None:
+        """Exit with ``code`` as soon as the reactor has shut down (every
+        stop step ran), skipping the interpreter's teardown: ~0.2 s during
+        which a successor waiting for this process to exit cannot start."""
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._flush_and_exit, code)
+
+    def _flush_and_exit(self, code: int) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        self._exit(code)
 
     def start_failed(self) -> None:
         """Stop the reactor (once it runs: the failure may come before),

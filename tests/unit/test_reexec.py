@@ -241,3 +241,15 @@ class ControlRestartTests(CtlTestCase):
         self.flush()
         self.assertEqual(self.successResultOf(d), 1)
         self.assertIn("not ready again within 1s", err.getvalue())
+
+
+class FastExitTests(SynchronousTestCase):
+    def test_exit_after_shutdown_flushes_then_exits(self) -> None:
+        reactor, exits = Reactor(), []
+        status = ExitStatus(reactor, signals=FakeSignals(),  # type: ignore[arg-type]
+                            exit=exits.append)
+        status.exit_after_shutdown(0)
+        self.assertEqual(exits, [])
+        for f, args, kwargs in reactor.triggers["after"]["shutdown"]:
+            f(*args, **kwargs)
+        self.assertEqual(exits, [0])
