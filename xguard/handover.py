@@ -31,9 +31,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import socket
 import stat
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from twisted.logger import Logger
@@ -154,7 +156,9 @@ class Handover:
         self._lstat = lstat
         self._close = close
         self._unlink = unlink
-        self._inherited: list[_Inherited] = []
+        #: Handed-over sockets not claimed yet, by the path they are bound to.
+        self._inherited: dict[str, list[_Inherited]] = {}
+        self._pending_names: Counter[str] = Counter()
         self._claimed: set[str] = set()
         #: Set when this process is about to re-execute itself.
         self.reexec_pending = False
@@ -183,10 +187,25 @@ class Handover:
             if problem is not None or path is None:
                 self._refuse(fd, name, path, problem or "not bound to a path")
             else:
-                self._inherited.append(_Inherited(fd, name, path))
+                self._inherited.setdefault(path, []).append(_Inherited(fd, name, path))
+                self._pending_names[name] += 1
         if passed:
             self.log.info("handed over: {count} listening sockets ({refused} refused)",
                           count=len(passed), refused=self.refused)
+
+    def waiting(self, paths: Iterable[str]) -> set[str]:
+        """Which of ``paths`` have connections waiting in a handed-over
+        socket's backlog: they are adopted first, so the VMs writing
+        during the restart wait least."""
+        wanted = set(paths)
+        poller = select.poll()
+        by_fd: dict[int, str] = {}
+        for path, candidates in self._inherited.items():
+            if path in wanted:
+                for inherited in candidates:
+                    poller.register(inherited.fd, select.POLLIN)
+                    by_fd[inherited.fd] = path
+        return {by_fd[fd] for fd, _ in poller.poll(0)} if by_fd else set()
 
     def claim(self, kind: str, path: str) -> Claimed | None:
         """The handed-over socket to serve ``path`` with, if one is valid;
@@ -194,8 +213,9 @@ class Handover:
         logged). None: listen afresh."""
         chosen: Claimed | None = None
         refused = []
-        candidates = [i for i in self._inherited if i.path == path]
-        self._inherited = [i for i in self._inherited if i.path != path]
+        candidates = self._inherited.pop(path, [])
+        for inherited in candidates:
+            self._pending_names[inherited.name] -= 1
         for inherited in candidates:
             problem = self._mismatch(kind, inherited) if chosen is None else "a duplicate"
             if problem is None:
@@ -230,8 +250,9 @@ class Handover:
         """Once every socket of the file was resumed: refuse the rest
         (their entries are gone from the file). A file still bound to such
         a socket is removed: nobody will serve it."""
-        rest, self._inherited = self._inherited, []
-        for inherited in rest:
+        rest, self._inherited = self._inherited, {}
+        self._pending_names.clear()
+        for inherited in (i for candidates in rest.values() for i in candidates):
             reason = "not in the active sockets file"
             if self._mismatch(DOMAIN, inherited) is None:
                 self._unlink(inherited.path)
@@ -246,7 +267,7 @@ class Handover:
             self._close(fd)
         except OSError:
             pass
-        if name not in self._claimed and not any(i.name == name for i in self._inherited):
+        if name not in self._claimed and self._pending_names[name] <= 0:
             self.fdstore.remove(name)
 
     # -- while running -------------------------------------------------------------

@@ -656,3 +656,24 @@ async def test_sockets_go_to_the_fd_store_and_leave_it_when_destroyed(env: Any) 
     await registry.destroy(Service.SWTPM, GID, path)
     assert receive(manager, 5).fields == {"FDSTOREREMOVE": "1", "FDNAME": name}
     manager.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sockets_with_clients_waiting_are_adopted_first(env: Any) -> None:
+    old, _ = predecessor(env)
+    paths = [env.path(f"o{i}.sock") for i in range(4)]
+    for p in paths:
+        await old.create(Service.SWTPM, VM1, GID, p)
+    await old.stop_accepting()
+    pairs = old.handed_over()
+    waiting = connect_and_send(paths[2])  # a VM writing during the restart
+    new = successor(env, pairs)
+    for _, fd in pairs:
+        os.close(fd)
+    old._sockets.clear()
+    with capturedLogs() as events:
+        await new.resume()
+    resumed = [e["path"] for e in events if e.get("log_format", "").startswith("resumed {service}")]
+    assert resumed[0] == paths[2] and sorted(resumed) == sorted(paths)
+    assert [e["path"] for e in new.entries()] == paths  # the file's order is kept
+    waiting.close()

@@ -42,6 +42,7 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -68,6 +69,9 @@ __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES", "listen
 BACKLOG = 128
 SOCKET_MODE = 0o660
 MAX_PATH_BYTES = MAX_SOCKET_PATH_BYTES
+#: Sockets resumed between two turns of the reactor, once the ones with
+#: connections waiting are served.
+RESUME_TURN = 200
 #: Suffix of the temporary second link that keeps a socket file on shutdown.
 KEEP_SUFFIX = ".xg-keep"
 
@@ -369,7 +373,16 @@ class SocketRegistry:
     async def _resume(self) -> None:
         entries: list[Entry] = await self._runner(activefile.load, self._active_file)
         resumed = skipped = adopted = 0
-        for loaded in entries:
+        busy: set[str] = set()
+        if self._handover is not None:
+            # Sockets with connections waiting first, then a turn for the
+            # reactor to serve them while the rest is adopted.
+            busy = self._handover.waiting(e.path for e in entries)
+            order = [e.path for e in entries]
+            entries = sorted(entries, key=lambda e: e.path not in busy)
+        for index, loaded in enumerate(entries):
+            if busy and (index == len(busy) or (index > len(busy) and not index % RESUME_TURN)):
+                await deferLater(self._reactor, 0, lambda: None)
             try:
                 entry = _validate(loaded.service, loaded.vm_uuid, loaded.gid, loaded.path)
                 if entry.path in self._sockets:
@@ -392,6 +405,10 @@ class SocketRegistry:
             resumed += 1
             self.log.debug("resumed {service} socket {path} of VM {vm_uuid}",
                            service=entry.service.value, path=entry.path, vm_uuid=entry.vm_uuid)
+        if busy:  # the file's order, for ListSockets and the next save
+            rank = {path: i for i, path in enumerate(order)}
+            self._sockets = dict(sorted(self._sockets.items(),
+                                        key=lambda item: rank.get(item[0], len(rank))))
         if self._handover is not None:
             self._handover.release_unclaimed()
         if skipped:
