@@ -59,7 +59,11 @@ class Stats:
     failed: int = 0
     retried: int = 0
     acked: int = 0
+    #: Per request: perf_counter() when it started, how long it took, and
+    #: how it ended ("ok", "refused", "failed").
+    starts: list[float] = attrs.Factory(list)
     latencies: list[float] = attrs.Factory(list)
+    outcomes: list[str] = attrs.Factory(list)
     errors: list[str] = attrs.Factory(list)
 
     @property
@@ -85,18 +89,25 @@ class _Client(threading.Thread):
         while not self.stopping.is_set():
             version += 1
             started = time.perf_counter()
+            outcome = "ok"
+            retried = self.stats.retried
             try:
                 self.request(version)
             except REFUSED as e:
+                outcome = "refused"
                 self.stats.refused += 1
                 self._error(version, e)
             except Exception as e:
+                outcome = "failed"
                 self.stats.failed += 1
                 self._error(version, e)
             else:
                 self.stats.ok += 1
                 self.stats.acked = version
+            self.stats.starts.append(started)
             self.stats.latencies.append(time.perf_counter() - started)
+            self.stats.outcomes.append(outcome + ("+resent" if self.stats.retried > retried
+                                                  else ""))
             if self.pause:
                 self.stopping.wait(self.pause)
         self.close()
@@ -215,16 +226,23 @@ class Load:
             time.sleep(0.02)
 
 
-def totals(stats: Sequence[Stats]) -> dict[str, object]:
-    """One summary of every client's counts."""
-    latencies = sorted(x for s in stats for x in s.latencies)
+def totals(stats: Sequence[Stats], since: float = float("-inf"),
+           until: float = float("inf")) -> dict[str, object]:
+    """One summary of every client's requests started between ``since``
+    and ``until`` (perf_counter() times)."""
+    records = [(latency, outcome) for s in stats
+               for start, latency, outcome in zip(s.starts, s.latencies, s.outcomes)
+               if since <= start < until]
+    latencies = sorted(latency for latency, _ in records)
+    outcomes = [outcome for _, outcome in records]
     return {
-        "requests": sum(s.ok + s.refused + s.failed for s in stats),
-        "ok": sum(s.ok for s in stats),
-        "refused": sum(s.refused for s in stats),
-        "failed": sum(s.failed for s in stats),
-        "retried_keepalive": sum(s.retried for s in stats),
+        "requests": len(records),
+        "ok": sum(o.startswith("ok") for o in outcomes),
+        "refused": sum(o.startswith("refused") for o in outcomes),
+        "failed": sum(o.startswith("failed") for o in outcomes),
+        "retried_keepalive": sum(o.endswith("+resent") for o in outcomes),
         "worst_latency_s": latencies[-1] if latencies else 0.0,
         "p99_latency_s": latencies[int(0.99 * (len(latencies) - 1))] if latencies else 0.0,
+        "p50_latency_s": latencies[len(latencies) // 2] if latencies else 0.0,
         "errors": [e for s in stats for e in s.errors][:5],
     }
