@@ -23,8 +23,13 @@ Handed-over state is only a hint; the active-sockets file is the truth
 Anything else is closed, dropped from the fd store, and logged, one line
 per descriptor: a stale or foreign descriptor, a socket whose file was
 removed or replaced during the handover (that entry listens afresh), a
-socket whose entry is no longer in the file (its file is removed if it is
-still that socket's).
+socket whose entry is no longer in the file. Files are left alone (a
+socket file nobody serves is refused by the kernel, as after a crash):
+an unreadable active file must not cost every VM its socket file.
+
+The identity check relies on inode numbers not being reused for another
+socket file at the same path between two processes: on tmpfs (``/run``,
+where the sockets live) inode numbers only grow.
 """
 
 from __future__ import annotations
@@ -41,7 +46,6 @@ from typing import NamedTuple
 from twisted.logger import Logger
 
 from . import listenfds
-from .durable import safe_unlink
 from .fdstore import FdStore
 
 __all__ = ["Handover", "Claimed", "DOMAIN", "CONTROL", "fd_name", "parse_name", "inspect",
@@ -148,14 +152,12 @@ class Handover:
                  take: Callable[[], list[listenfds.Passed]] = handed_over,
                  inspect: Callable[[int], tuple[str | None, str | None]] = inspect,
                  lstat: Callable[[str], os.stat_result] = os.lstat,
-                 close: Callable[[int], None] = os.close,
-                 unlink: Callable[[str], object] = safe_unlink) -> None:
+                 close: Callable[[int], None] = os.close) -> None:
         self.fdstore = fdstore
         self._take = take
         self._inspect = inspect
         self._lstat = lstat
         self._close = close
-        self._unlink = unlink
         #: Handed-over sockets not claimed yet, by the path they are bound to.
         self._inherited: dict[str, list[_Inherited]] = {}
         self._pending_names: Counter[str] = Counter()
@@ -248,16 +250,12 @@ class Handover:
 
     def release_unclaimed(self) -> None:
         """Once every socket of the file was resumed: refuse the rest
-        (their entries are gone from the file). A file still bound to such
-        a socket is removed: nobody will serve it."""
+        (their entries are gone from the file)."""
         rest, self._inherited = self._inherited, {}
         self._pending_names.clear()
         for inherited in (i for candidates in rest.values() for i in candidates):
-            reason = "not in the active sockets file"
-            if self._mismatch(DOMAIN, inherited) is None:
-                self._unlink(inherited.path)
-                reason += "; its socket file was removed"
-            self._refuse(inherited.fd, inherited.name, inherited.path, reason)
+            self._refuse(inherited.fd, inherited.name, inherited.path,
+                         "not in the active sockets file")
 
     def _refuse(self, fd: int, name: str, path: str | None, reason: str) -> None:
         self.refused += 1
