@@ -69,6 +69,11 @@ __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES", "listen
 BACKLOG = 128
 SOCKET_MODE = 0o660
 MAX_PATH_BYTES = MAX_SOCKET_PATH_BYTES
+#: Seconds a connection accepted before a stop has to send its request
+#: (varstored sends right after connecting), and its answer to be flushed,
+#: before it is cut. Short: a guest that connects and stays silent delays
+#: every VM's restart by this much, no more.
+DRAIN_GRACE = 0.5
 #: Sockets resumed between two turns of the reactor, once the ones with
 #: connections waiting are served.
 RESUME_TURN = 200
@@ -129,7 +134,7 @@ class SocketRegistry:
     def __init__(self, reactor: Any, active_file: str, site_factory: SiteFactory, *,
                  on_forget: Callable[[str], None] | None = None,
                  runner: Runner | None = None, backlog: int = BACKLOG,
-                 handover: Handover | None = None, grace: float = 2.0) -> None:
+                 handover: Handover | None = None, grace: float = DRAIN_GRACE) -> None:
         self._reactor = reactor
         self._active_file = active_file
         self._site_factory = site_factory
