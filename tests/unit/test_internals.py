@@ -135,7 +135,7 @@ class TwistedSystemdTests(SynchronousTestCase):
                  "passed = [tuple(p) for p in handed_over()]; "
                  "print(left, passed, os.environ.get('LISTEN_FDNAMES'), os.get_inheritable(3))")
         out = subprocess.run(
-            [sys.executable, "-m", "xguard.testing.fakesystemd", f"{r},{w}", "a:b", "--",
+            [sys.executable, "-S", "-m", "xguard.testing.sdexec", f"{r},{w}", "a:b", "--",
              sys.executable, "-c", child], pass_fds=[r, w], capture_output=True, text=True,
             env={**os.environ, "PYTHONPATH": repo}, timeout=60, check=True).stdout
         self.assertEqual(out.strip(), "['LISTEN_FDNAMES'] [(3, 'a'), (4, 'b')] None False")

@@ -10,9 +10,9 @@
 - :meth:`FakeSystemd.start` starts the daemon with the stored descriptors
   at 3, 4 … and ``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID``. The pid
   is the daemon's own, known only in the child: the daemon is started
-  through this module's launcher (``python -m xguard.testing.fakesystemd``),
-  which places the descriptors, sets ``LISTEN_PID`` to its pid and execs
-  the daemon's command line, as systemd's child does before ``execve``.
+  through a tiny launcher (:mod:`xguard.testing.sdexec`), which places the
+  descriptors, sets ``LISTEN_PID`` to its pid and execs the daemon's
+  command line, as systemd's child does before ``execve``.
 - :meth:`FakeSystemd.restart` is ``systemctl restart`` (SIGTERM, wait for
   the exit, start again: the store is kept); :meth:`FakeSystemd.reload`
   is ``systemctl reload`` with ``ExecReload=kill -HUP $MAINPID``.
@@ -37,7 +37,6 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from xguard.listenfds import environment, place
 from xguard.testing.daemon import Daemon
 
 __all__ = ["FakeSystemd", "Message", "receive"]
@@ -198,7 +197,7 @@ class FakeSystemd:
         if self.announce:
             env["FDSTORE"] = str(self.fdstore_max)
         fds = [fd for _, fd in stored]
-        launcher = [sys.executable, "-m", "xguard.testing.fakesystemd",
+        launcher = [sys.executable, "-S", "-m", "xguard.testing.sdexec",
                     ",".join(map(str, fds)), ":".join(n for n, _ in stored), "--", *d.argv()]
         started = time.monotonic()
         with open(os.path.join(d.root, "stderr.txt"), "ab") as err:
@@ -244,20 +243,3 @@ class FakeSystemd:
         self.sock.close()
         if os.path.exists(self.path):
             os.unlink(self.path)
-
-
-def _launch(argv: list[str]) -> None:
-    """``FDS NAMES -- COMMAND…``: what systemd's child does before exec."""
-    fds_arg, names_arg, dash, *command = argv
-    assert dash == "--" and command
-    fds = [int(fd) for fd in fds_arg.split(",") if fd]
-    names = names_arg.split(":") if fds else []
-    place(fds)
-    env = dict(os.environ)
-    if fds:
-        env.update(environment(names, os.getpid()))
-    os.execve(command[0], command, env)
-
-
-if __name__ == "__main__":
-    _launch(sys.argv[1:])
