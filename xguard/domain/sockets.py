@@ -70,10 +70,14 @@ BACKLOG = 128
 SOCKET_MODE = 0o660
 MAX_PATH_BYTES = MAX_SOCKET_PATH_BYTES
 #: Seconds a connection accepted before a stop has to send its request
-#: (varstored sends right after connecting), and its answer to be flushed,
-#: before it is cut. Short: a guest that connects and stays silent delays
-#: every VM's restart by this much, no more.
-DRAIN_GRACE = 0.5
+#: (varstored sends right after connecting, but a loaded host may not run
+#: it at once) before it is cut. Short: a guest that connects and stays
+#: silent delays every VM's restart by this much, no more.
+DRAIN_GRACE = 1.0
+#: Seconds the answers to requests in flight at a stop have to be flushed
+#: once the caches' stop persisted them (fsyncs, on a host that may be
+#: busy), before their connections are cut.
+ANSWER_GRACE = 5.0
 #: Sockets resumed between two turns of the reactor, once the ones with
 #: connections waiting are served.
 RESUME_TURN = 200
@@ -126,7 +130,8 @@ class SocketRegistry:
     :param handover: the sockets handed over at start, and where ours go
         (None: nothing is handed over, as in most unit tests).
     :param grace: seconds a connection accepted before a stop has to send
-        its request, and then to be answered, before it is cut.
+        its request before it is cut.
+    :param answer_grace: seconds its answer then has to be flushed.
     """
 
     log = Logger()
@@ -134,7 +139,8 @@ class SocketRegistry:
     def __init__(self, reactor: Any, active_file: str, site_factory: SiteFactory, *,
                  on_forget: Callable[[str], None] | None = None,
                  runner: Runner | None = None, backlog: int = BACKLOG,
-                 handover: Handover | None = None, grace: float = DRAIN_GRACE) -> None:
+                 handover: Handover | None = None, grace: float = DRAIN_GRACE,
+                 answer_grace: float = ANSWER_GRACE) -> None:
         self._reactor = reactor
         self._active_file = active_file
         self._site_factory = site_factory
@@ -143,6 +149,7 @@ class SocketRegistry:
         self._backlog = listen_backlog(backlog)
         self._handover = handover
         self._grace = grace
+        self._answer_grace = answer_grace
         self._sockets: dict[str, _Socket] = {}
         self._per_vm: dict[str, int] = {}  # reserved slots per VM
         self._file_lock = DeferredLock()
@@ -485,10 +492,11 @@ class SocketRegistry:
         after the grace period. The process must not exit before."""
         async def run() -> None:
             sockets = list(self._sockets.values())
-            cut = await gatherResults([_closed(s.factory, self._grace) for s in sockets])
+            cut = await gatherResults([_closed(s.factory, self._answer_grace)
+                                       for s in sockets])
             if sum(cut):
                 self.log.warn("stopping: cut {count} domain connections still answering "
-                              "after {grace}s", count=sum(cut), grace=self._grace)
+                              "after {grace}s", count=sum(cut), grace=self._answer_grace)
         return ensureDeferred(run())
 
     def handed_over(self) -> list[tuple[str, int]]:
