@@ -181,8 +181,8 @@ def main() -> None:
     p.add_argument("--sockets", type=int, help="domain sockets served (default 2000)")
     p.add_argument("--writers", type=int, help="VMs writing during the restarts (default 50)")
     p.add_argument("--restarts", type=int, help="restarts per way (default 3)")
-    p.add_argument("--pause", type=float, default=0.1,
-                   help="seconds each client waits between requests (default 0.1)")
+    p.add_argument("--pause", type=float, default=0.5,
+                   help="seconds each client waits between requests (default 0.5)")
     p.add_argument("--settle", type=float, default=3.0,
                    help="seconds of load before, between and after restarts (default 3)")
     p.add_argument("--ways", default=",".join(WAYS), help="comma-separated: " + ", ".join(WAYS))
