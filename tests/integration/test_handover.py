@@ -70,7 +70,7 @@ def finish(host: Host, vms: list[dict[str, str]], load: Load) -> list[Stats]:
     by_vm = {(s.kind, s.vm): s for s in stats}
     for vm in vms:
         tpm, var = by_vm["swtpm", vm["vm_uuid"]], by_vm["varstored", vm["vm_uuid"]]
-        assert tpm.acked > 5 and var.acked > 5, (tpm, var)
+        assert tpm.acked and var.acked, (tpm, var)  # every client got through
         permall = vtpm_fields(sim.client.vtpm_state(vm["vtpm_uuid"])["contents"])[0]
         assert permall == tpm_value(vm["vm_uuid"], tpm.acked).decode()
         nvram = sim.client.vm_state(vm["vm_uuid"])["nvram"]
