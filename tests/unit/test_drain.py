@@ -142,3 +142,13 @@ class DrainTests(SynchronousTestCase):
         [(code, headers, _)] = late.responses()
         self.assertEqual(headers[b"connection"], b"close")
         self.finished(late)
+
+    def test_closed_without_cutting_only_waits(self) -> None:
+        self.wire.send(PUT)
+        self.successResultOf(self.site.drain(GRACE))
+        waited = self.site.closed(0.25, cut=False)
+        self.clock.advance(0.25)
+        self.assertEqual(self.successResultOf(waited), 0)
+        self.assertFalse(self.wire.closed)  # still answering
+        self.app.release()
+        self.finished(self.wire)

@@ -99,10 +99,10 @@ class Connections:
         return self._wait(lambda: all(c.settled() for c in self._live), grace,
                           lambda c: not c.settled())
 
-    def closed(self, timeout: float) -> "Deferred[int]":
+    def closed(self, timeout: float, *, cut: bool = True) -> "Deferred[int]":
         """Fires once no connection is left, with how many were cut after
-        ``timeout`` seconds."""
-        return self._wait(lambda: not self._live, timeout, lambda c: True)
+        ``timeout`` seconds (none when not ``cut``: then it only waits)."""
+        return self._wait(lambda: not self._live, timeout, lambda c: cut)
 
     def _wait(self, ready: Callable[[], bool], timeout: float,
               cut: Callable[[Drainable], bool]) -> "Deferred[int]":

@@ -478,9 +478,10 @@ class DomainSite(Site):
         with how many silent connections were cut after ``grace``."""
         return self.connections.drain(grace)
 
-    def closed(self, timeout: float) -> "Deferred[int]":
-        """Fires once every connection is closed (answers flushed)."""
-        return self.connections.closed(timeout)
+    def closed(self, timeout: float, *, cut: bool = True) -> "Deferred[int]":
+        """Fires once every connection is closed (answers flushed); after
+        ``timeout`` the rest is cut (or, not ``cut``, left to go on)."""
+        return self.connections.closed(timeout, cut=cut)
 
     def startFactory(self) -> None:
         """No access-log file and no once-a-second date timer."""

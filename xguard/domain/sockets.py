@@ -74,13 +74,18 @@ MAX_PATH_BYTES = MAX_SOCKET_PATH_BYTES
 #: it at once) before it is cut. Short: a guest that connects and stays
 #: silent delays every VM's restart by this much, no more.
 DRAIN_GRACE = 1.0
+#: Seconds requests in flight at a stop may take to finish the ordinary way
+#: (most take milliseconds) before the caches' stop persists the rest: that
+#: costs fsyncs while every VM's connections wait for the next process.
+FINISH_WAIT = 0.25
 #: Seconds the answers to requests in flight at a stop have to be flushed
 #: once the caches' stop persisted them (fsyncs, on a host that may be
 #: busy), before their connections are cut.
 ANSWER_GRACE = 5.0
 #: Sockets resumed between two turns of the reactor, once the ones with
-#: connections waiting are served.
-RESUME_TURN = 200
+#: connections waiting are served: a request takes several turns, so the
+#: busy sockets' requests progress while the others are adopted.
+RESUME_TURN = 25
 #: Suffix of the temporary second link that keeps a socket file on shutdown.
 KEEP_SUFFIX = ".xg-keep"
 
@@ -462,8 +467,8 @@ class SocketRegistry:
         """Stop accepting everywhere, for a stop or a handover; creates are
         refused from now on. Connections already accepted are drained
         (:mod:`xguard.domain.drain`): this fires once every request sent
-        before is in the apps' hands, so the caches' stop that follows
-        persists and answers it.
+        before is in the apps' hands and had a moment to finish, so the
+        caches' stop that follows persists and answers only the slow ones.
 
         With a successor (the fd store, a re-exec) the sockets stay open,
         files and all, until the process exits or execs: connections wait
@@ -480,6 +485,7 @@ class SocketRegistry:
         if sum(cut):
             self.log.warn("stopping: cut {count} domain connections that sent no complete "
                           "request in {grace}s", count=sum(cut), grace=self._grace)
+        await gatherResults([_closed(s.factory, FINISH_WAIT, cut=False) for s in sockets])
         if self._handover is not None and self._handover.keep_open():
             await self._handover.fdstore.flushed()
             return
@@ -544,11 +550,12 @@ def _drain(factory: IProtocolFactory | None, grace: float) -> "Deferred[int]":
     return drain(grace)  # type: ignore[no-any-return]
 
 
-def _closed(factory: IProtocolFactory | None, grace: float) -> "Deferred[int]":
+def _closed(factory: IProtocolFactory | None, grace: float, *,
+            cut: bool = True) -> "Deferred[int]":
     closed = getattr(factory, "closed", None)
     if closed is None or not len(getattr(factory, "connections", ())):
         return succeed(0)
-    return closed(grace)  # type: ignore[no-any-return]
+    return closed(grace, cut=cut)  # type: ignore[no-any-return]
 
 
 def _validate(service: Service | str, vm_uuid: str, gid: int, path: str) -> Entry:
