@@ -74,18 +74,20 @@ class Stats:
 class _Client(threading.Thread):
     kind = ""
 
-    def __init__(self, path: str, vm: str, *, pause: float = 0.0,
+    def __init__(self, path: str, vm: str, *, pause: float = 0.0, offset: float = 0.0,
                  timeout: float = 30.0) -> None:
         super().__init__(name=f"{self.kind}-{vm[:8]}", daemon=True)
         self.path = path
         self.vm = vm
         self.pause = pause
+        self.offset = offset
         self.timeout = timeout
         self.stats = Stats(self.kind, vm)
         self.stopping = threading.Event()
 
     def run(self) -> None:
         version = 0
+        self.stopping.wait(self.offset)
         while not self.stopping.is_set():
             version += 1
             started = time.perf_counter()
@@ -193,12 +195,16 @@ class Load:
 
     :param targets: ``(kind, socket path, vm uuid)`` with kind ``swtpm`` or
         ``varstored``.
-    :param pause: seconds each client waits between two requests.
+    :param pause: seconds each client waits between two requests; the
+        clients' first requests are spread over one pause, so they do not
+        all write at the same moment.
     """
 
     def __init__(self, targets: Sequence[tuple[str, str, str]], *, pause: float = 0.0) -> None:
         kinds = {"swtpm": SwtpmClient, "varstored": VarstoredClient}
-        self.clients = [kinds[kind](path, vm, pause=pause) for kind, path, vm in targets]
+        n = len(targets)
+        self.clients = [kinds[kind](path, vm, pause=pause, offset=pause * i / max(n, 1))
+                        for i, (kind, path, vm) in enumerate(targets)]
 
     def start(self) -> "Load":
         for c in self.clients:
