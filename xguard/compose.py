@@ -43,6 +43,8 @@ from .domain.sockets import SocketRegistry
 from .domain.swtpm import SwtpmSocket
 from .domain.varstored import VarstoredSocket
 from .durable import makedirs
+from .fdstore import FdStore
+from .handover import Handover
 from .interfaces import IItemSink, IItemWriter, IUpstream
 from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
 from .locks import KeyedLocks
@@ -50,6 +52,7 @@ from .memory import IdleTrimmer
 from .metrics import Metrics, MetricsListener
 from .model import Service as Kind
 from .process import ExitStatus, InstanceLock
+from .reexec import Launch, Reexec
 from .service import Stage, XguardService
 from .status import CacheStatus, DaemonStatus
 from .threads import ThreadPoolRunner
@@ -76,9 +79,16 @@ class Design:
 
 
 def build_service(config: Config, reactor: Any, *, design: Design = Design(),
-                  monotonic_ns: Callable[[], int] = time.monotonic_ns) -> XguardService:
-    """The daemon for ``config`` on ``reactor`` (nothing starts yet)."""
+                  monotonic_ns: Callable[[], int] = time.monotonic_ns,
+                  launch: Launch | None = None) -> XguardService:
+    """The daemon for ``config`` on ``reactor`` (nothing starts yet).
+
+    :param launch: how the process was started (twistd's options), for a
+        restart in place.
+    """
     cfg = config
+    # Restarts hand the listening sockets over (xguard/handover.py).
+    handover = Handover(FdStore(reactor))
     io = ThreadPoolRunner(reactor, "xguard-io", maxthreads=4)
     lock = InstanceLock(os.path.join(cfg.state_dir, "xguard.lock"))
     upstream, upstream_stage = _upstream(cfg, reactor, design)
@@ -129,7 +139,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
                                   vm=vm_uuid))
 
     registry = SocketRegistry(reactor, cfg.sockets_file, site_for, on_forget=vm_gone,
-                              runner=io, backlog=cfg.listen_backlog)
+                              runner=io, backlog=cfg.listen_backlog, handover=handover)
     vtpms = VtpmContents(upstream, vtpm_sink, swtpm_writer, known,
                          candidates=lambda: registry.vms(Kind.SWTPM), clock=reactor,
                          deadline=cfg.direct_deadline)
@@ -169,8 +179,13 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
             upstream=upstream.status(), sockets=registry.count_by_service(),
             services=services, known_state_vms=len(known.kept()))
 
+    reexec = Reexec(reactor, handover,
+                    lambda: registry.handed_over() + control.handed_over(),
+                    launch=launch or Launch(), is_ready=lambda: service.ready)
     control = ControlListener(reactor, cfg.control, cfg.control_path or "",
-                              control_factory(registry=registry, vtpms=vtpms, status=status))
+                              control_factory(registry=registry, vtpms=vtpms, status=status,
+                                              restart=reexec.request),
+                              handover)
     metrics = Metrics(status, reactor)
     if isinstance(upstream, XapiUpstream):
         upstream.calls.subscribe(metrics.upstream_call)
@@ -186,10 +201,15 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         log.info("xguard {version} starting", version=__version__)
         makedirs(cfg.state_dir, 0o700)
         lock.acquire()
+        handover.inherit()
         control.check()
 
     def stopping() -> None:
-        sdnotify.notify(sdnotify.STOPPING)
+        sdnotify.notify(sdnotify.RELOADING if handover.reexec_pending else sdnotify.STOPPING)
+        if handover.fdstore.enabled and not handover.reexec_pending:
+            # systemd starts the next process once this one has exited;
+            # VMs' connections wait in the stored sockets' backlog meanwhile.
+            exit_status.exit_after_shutdown(0)
 
     stages = [
         Stage("the instance lock", prepare, lock.release),
@@ -197,6 +217,9 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         upstream_stage,
         Stage("the last known state", lambda: None if cfg.no_cache else known.open(),
               None if cfg.no_cache else known.close),
+        # Stops after the caches answered what was in flight: every answer
+        # is flushed before the process exits (or execs).
+        Stage("the domain connections", lambda: None, registry.wait_closed),
         *[Stage(f"the {kind.value} cache", _recover_and_start(cache), cache.stop)
           for kind, cache in caches.items()],
         Stage("the domain sockets", registry.resume, registry.stop_accepting),
@@ -207,8 +230,9 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         Stage("the upstream prober", lambda: None, prober.stop),
         Stage("readiness", lambda: None, stopping),
     ]
+    exit_status = ExitStatus(reactor, on_hangup=reexec.on_signal, on_stop=reexec.cancel)
     service = XguardService(stages, clock=reactor, ready=ready, status=status,
-                            exit_status=ExitStatus(reactor), privileged=rlimits.raise_nofile)
+                            exit_status=exit_status, privileged=rlimits.raise_nofile)
     return service
 
 

@@ -58,12 +58,27 @@ def safe_unlink(path: str) -> bool:
 
 def makedirs(path: str, mode: int = 0o700) -> None:
     """``mkdir -p`` with ``mode`` on every directory created (umask-proof),
-    each creation made durable in its parent."""
+    each creation made durable in its parent.
+
+    A parent this call created may be removed by a concurrent prune of
+    empty directories (the cache deletes delivered versions while new ones
+    are written, e.g. right after a restart) before the next level is
+    made: that is retried, a few times."""
+    for attempt in range(3):
+        try:
+            _makedirs(path, mode)
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+
+
+def _makedirs(path: str, mode: int) -> None:
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path.rstrip("/"))
     if parent and parent != path:
-        makedirs(parent, mode)
+        _makedirs(parent, mode)
     try:
         os.mkdir(path, mode)
     except FileExistsError:

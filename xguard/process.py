@@ -11,7 +11,12 @@ directory, and an exit status systemd and the orchestrator can trust.
   §2) — Twisted's own handlers make twistd re-raise the signal after
   shutdown, which systemd and the orchestrator would see as a crash — and a
   start that fails exits 1 once the reactor has shut down (twistd has no
-  way to set an exit status).
+  way to set an exit status). SIGHUP asks for a restart in place
+  (:mod:`xguard.reexec`); twistd itself does not use SIGHUP (its log file
+  rotates on SIGUSR1).
+
+The instance lock's descriptor is close-on-exec and released by the stop
+anyway, so a restart in place takes it again in the new image.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sys
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any, Protocol
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
 
 __all__ = ["InstanceLock", "ExitStatus"]
@@ -69,15 +76,23 @@ class ExitStatus:
     :param signals: the ``signal`` module (a fake in tests).
     :param exit: ``os._exit`` (a fake in tests): after shutdown, so every
         stop step ran; ``sys.exit`` would only end twistd's main loop.
+    :param on_hangup: called (in the reactor) on SIGHUP: a restart in
+        place. Without it SIGHUP keeps its default (terminate).
+    :param on_stop: called (in the reactor) on SIGTERM/SIGINT before the
+        stop: a restart under way becomes a stop.
     """
 
     log = Logger()
 
     def __init__(self, reactor: _Reactor, *, signals: ModuleType = signal,
-                 exit: Callable[[int], None] = os._exit) -> None:
+                 exit: Callable[[int], None] = os._exit,
+                 on_hangup: Callable[[], None] | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
         self._reactor = reactor
         self._signals = signals
         self._exit = exit
+        self._on_hangup = on_hangup
+        self._on_stop = on_stop
 
     def install(self) -> None:
         """Replace twistd's SIGTERM/SIGINT handlers once the reactor runs
@@ -87,10 +102,39 @@ class ExitStatus:
     def _install(self) -> None:
         for signum in (self._signals.SIGTERM, self._signals.SIGINT):
             self._signals.signal(signum, self._stop)
+        if self._on_hangup is not None:
+            self._signals.signal(self._signals.SIGHUP, self._hangup)
 
     def _stop(self, signum: int, frame: object) -> None:
         self.log.info("received signal {signum}, shutting down", signum=signum)
-        self._reactor.callFromThread(self._reactor.stop)
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        if self._on_stop is not None:
+            self._on_stop()
+        try:
+            self._reactor.stop()
+        except ReactorNotRunning:
+            pass  # already stopping (a second signal, or a restart under way)
+
+    def _hangup(self, signum: int, frame: object) -> None:
+        self.log.info("received SIGHUP: restarting in place")
+        assert self._on_hangup is not None
+        self._reactor.callFromThread(self._on_hangup)
+
+    def exit_after_shutdown(self, code: int) -> None:
+        """Exit with ``code`` as soon as the reactor has shut down (every
+        stop step ran), skipping the interpreter's teardown: ~0.2 s during
+        which a successor waiting for this process to exit cannot start."""
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._flush_and_exit, code)
+
+    def _flush_and_exit(self, code: int) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass
+        self._exit(code)
 
     def start_failed(self) -> None:
         """Stop the reactor (once it runs: the failure may come before),

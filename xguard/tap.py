@@ -81,9 +81,13 @@ def makeService(options: Options) -> IService:
 
     from .compose import build_service
     from .logconfig import observer_for
+    from .reexec import Launch
 
-    service = build_service(options.config, reactor)
     twistd = getattr(options, "parent", None)
+    # What a restart in place runs again (xguard.reexec).
+    launch = Launch() if twistd is None else Launch(
+        pidfile=twistd.get("pidfile") or None, foreground=bool(twistd.get("nodaemon")))
+    service = build_service(options.config, reactor, launch=launch)
     if twistd is not None:
         service.log_observer = observer_for(twistd, options.config.log_level,
                                             call_from_thread=reactor.callFromThread)

@@ -38,8 +38,9 @@ class ComposeTests(SynchronousTestCase):
         service = build_service(config(self.root), MemoryReactorClock())
         self.assertEqual([s.name for s in service.stages], [
             "the instance lock", "the I/O threads", "the upstream", "the last known state",
-            "the Swtpm cache", "the Varstored cache", "the domain sockets",
-            "the control channel", "the memory trimmer", "the upstream prober", "readiness"])
+            "the domain connections", "the Swtpm cache", "the Varstored cache",
+            "the domain sockets", "the control channel", "the memory trimmer",
+            "the upstream prober", "readiness"])
 
     def test_no_cache(self) -> None:
         service = build_service(config(self.root, no_cache=True), MemoryReactorClock())

@@ -48,6 +48,24 @@ class DurableTests(SynchronousTestCase):
         self.assertEqual(stat.S_IMODE(os.stat(target).st_mode), 0o755)
         self.assertEqual(stat.S_IMODE(os.stat(os.path.dirname(target)).st_mode), 0o755)
 
+    def test_makedirs_survives_a_concurrent_prune_of_a_parent(self) -> None:
+        """The cache prunes empty directories while writes create them:
+        the parent made a moment ago may be gone when the leaf is made."""
+        real_mkdir = os.mkdir
+        vm, leaf = os.path.join(self.dir, "vm"), os.path.join(self.dir, "vm", "0")
+        pruned = []
+
+        def mkdir(path: str, mode: int = 0o777) -> None:
+            if path == leaf and not pruned:
+                os.rmdir(vm)  # the pruner saw it empty
+                pruned.append(vm)
+            real_mkdir(path, mode)
+
+        self.patch(os, "mkdir", mkdir)
+        makedirs(leaf)
+        self.assertEqual(pruned, [vm])
+        self.assertTrue(os.path.isdir(leaf))
+
     def test_safe_unlink(self) -> None:
         path = os.path.join(self.dir, "i")
         atomic_write(path, b"x")

@@ -55,3 +55,89 @@ class TreqFixedURLTests(SynchronousTestCase):
         self.assertIs(fixed.to_uri(), fixed)
         self.assertIs(fixed.to_text(), fixed.to_text())
         self.assertEqual(fixed.to_text(), "http://a/jsonrpc")
+
+
+class TwistedUnixAdoptionTests(SynchronousTestCase):
+    """xguard._internals.twisted_unix: adopting an inherited listening
+    socket keeps its file's mode and our backlog (the public
+    adoptStreamPort does neither)."""
+
+    def setUp(self) -> None:
+        import os
+        import shutil
+        import socket
+        import tempfile
+
+        self.dir = tempfile.mkdtemp(prefix="xga")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "s")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(self.sock.close)
+        self.sock.bind(self.path)
+        self.sock.listen(1)
+        os.chmod(self.path, 0o660)
+
+    def test_public_api_still_opens_the_file_to_everyone(self) -> None:
+        import os
+        import socket
+        import stat
+
+        from twisted.internet.testing import MemoryReactor
+        from twisted.internet.unix import Port
+        from twisted.web.server import Site
+
+        reactor = MemoryReactor()
+        port = Port._fromListeningDescriptor(reactor, self.sock.fileno(), Site(Resource()))
+        port.startListening()  # what adoptStreamPort(fd, AF_UNIX, f) runs
+        self.addCleanup(port.socket.close)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o666)
+        self.assertEqual(port.backlog, 50)
+        self.assertIsInstance(port.socket, socket.socket)
+
+    def test_adopt_keeps_mode_and_backlog(self) -> None:
+        import os
+        import stat
+
+        from twisted.internet.testing import MemoryReactor
+        from twisted.web.server import Site
+
+        from xguard._internals.twisted_unix import adopt_unix_port
+
+        reactor = MemoryReactor()
+        port = adopt_unix_port(reactor, self.sock.fileno(), Site(Resource()), mode=0o660,
+                               backlog=7)
+        self.addCleanup(port.socket.close)
+        self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
+        self.assertEqual((port.backlog, port.getHost().name), (7, os.fsencode(self.path)))
+        self.assertIn(port, reactor.readers)
+        # A duplicate: the caller's descriptor is its own.
+        self.assertNotEqual(port.fileno(), self.sock.fileno())
+        self.sock.close()
+        self.assertEqual(port.socket.getsockname(), self.path)
+
+
+class TwistedSystemdTests(SynchronousTestCase):
+    """xguard._internals.twisted_systemd: importing twisted.internet.endpoints
+    still takes LISTEN_PID/LISTEN_FDS from the environment, and what it
+    took is read back, names and all (in a child the fake systemd's
+    launcher starts with two descriptors)."""
+
+    def test_endpoints_import_takes_the_variables_and_keeps_them(self) -> None:
+        import os
+        import subprocess
+        import sys
+
+        repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        r, w = os.pipe()
+        self.addCleanup(os.close, r)
+        self.addCleanup(os.close, w)
+        child = ("import os; import twisted.internet.endpoints; "
+                 "left = sorted(k for k in os.environ if k.startswith('LISTEN_')); "
+                 "from xguard.handover import handed_over; "
+                 "passed = [tuple(p) for p in handed_over()]; "
+                 "print(left, passed, os.environ.get('LISTEN_FDNAMES'), os.get_inheritable(3))")
+        out = subprocess.run(
+            [sys.executable, "-S", "-m", "xguard.testing.sdexec", f"{r},{w}", "a:b", "--",
+             sys.executable, "-c", child], pass_fds=[r, w], capture_output=True, text=True,
+            env={**os.environ, "PYTHONPATH": repo}, timeout=60, check=True).stdout
+        self.assertEqual(out.strip(), "['LISTEN_FDNAMES'] [(3, 'a'), (4, 'b')] None False")

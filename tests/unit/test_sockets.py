@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import capturedLogs
@@ -467,3 +467,213 @@ class SynchronousTests(SynchronousTestCase):
         registry = SocketRegistry(object(), "/x/active.json", site_factory,
                                   runner=lambda f, *a: fail(OSError("EIO")))
         self.failureResultOf(registry.resume(), OSError)
+
+
+# -- handover (issue 12) --------------------------------------------------------
+
+class NoStore:
+    """An fd store that is not there (no systemd): names only."""
+
+    enabled = False
+
+    def add(self, name: str, fds: list[int]) -> None:
+        pass
+
+    def remove(self, name: str) -> None:
+        pass
+
+    def flushed(self) -> Deferred[None]:
+        return succeed(None)
+
+
+def handed(pairs: list[tuple[str, int]]) -> Callable[[], list[Any]]:
+    """What a re-exec hands the next image: duplicates of the descriptors
+    (the old process's own are closed, as exec would close them)."""
+    from xguard.listenfds import Passed
+
+    passed = [Passed(os.dup(fd), name) for name, fd in pairs]
+    return lambda: passed
+
+
+def successor(env: Any, pairs: list[tuple[str, int]], **kwargs: Any) -> SocketRegistry:
+    from xguard.handover import Handover
+
+    handover = Handover(NoStore(), take=handed(pairs))  # type: ignore[arg-type]
+    handover.inherit()
+    return env.registry(handover=handover, **kwargs)
+
+
+def predecessor(env: Any, **kwargs: Any) -> tuple[SocketRegistry, Any]:
+    from xguard.handover import Handover
+
+    handover = Handover(NoStore(), take=list)  # type: ignore[arg-type]
+    handover.reexec_pending = True  # a successor takes the sockets
+    return env.registry(handover=handover, **kwargs), handover
+
+
+def connect_and_send(path: str) -> socket.socket:
+    """A client that connects and sends its request at once (varstored)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)  # raises if refused: the test fails
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    return s
+
+
+def answer_of(s: socket.socket) -> bytes:
+    s.setblocking(True)
+    s.settimeout(10)
+    data = b""
+    while chunk := s.recv(4096):
+        data += chunk
+    s.close()
+    return data
+
+
+@pytest_twisted.ensureDeferred
+async def test_handover_keeps_sockets_and_the_successor_serves_the_backlog(env: Any) -> None:
+    from twisted.internet import reactor, threads
+
+    old, _ = predecessor(env)
+    paths = [env.path("h1.sock"), env.path("h2.sock")]
+    await old.create(Service.SWTPM, VM1, GID, paths[0])
+    await old.create(Service.VARSTORED, VM2, GID + 1, paths[1])
+    await old.stop_accepting()
+    await old.wait_closed()
+    pairs = old.handed_over()
+    assert sorted(n.startswith("xgd-") for n, _ in pairs) == [True, True]
+    # Between the two processes: files kept, connections wait in the backlog.
+    waiting = [connect_and_send(p) for p in paths]
+    for p in paths:
+        assert stat.S_ISSOCK(os.stat(p).st_mode)
+    new = successor(env, pairs)
+    for _, fd in pairs:  # the old process exits
+        os.close(fd)
+    old._sockets.clear()
+    with capturedLogs() as events:
+        await new.resume()
+    answers = await gatherResults([threads.deferToThread(answer_of, s) for s in waiting])
+    assert answers[0].endswith(f"Swtpm {VM1}".encode())
+    assert answers[1].endswith(f"Varstored {VM2}".encode())
+    assert [e["adopted"] for e in events if "adopted" in e] == [2]
+    assert not [e for e in events if e["log_level"].name in ("warn", "error")]
+    st = os.stat(paths[1])
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert (await http_get(reactor, paths[0])).endswith(f"Swtpm {VM1}".encode())
+    assert queued_connections(paths[0], 128) == 128  # --listen-backlog kept
+
+
+@pytest_twisted.ensureDeferred
+async def test_handover_file_is_the_truth(env: Any) -> None:
+    """A socket destroyed during the handover listens afresh; one whose
+    entry left the file is closed (its file left, refusing); a stale
+    descriptor and a foreign socket are closed; one log line each."""
+    from twisted.internet import reactor
+
+    old, _ = predecessor(env)
+    kept, gone, dropped = env.path("k.sock"), env.path("g.sock"), env.path("d.sock")
+    for p in (kept, gone, dropped):
+        await old.create(Service.SWTPM, VM1, GID, p)
+    await old.stop_accepting()
+    pairs = old.handed_over()
+    os.unlink(gone)  # destroyed behind our back during the handover
+    activefile.save(env.active, [e for e in activefile.load(env.active) if e.path != dropped])
+    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    foreign.bind(env.path("f.sock"))
+    foreign.listen(1)
+    r, w = os.pipe()
+    os.close(w)
+    with capturedLogs() as events:
+        new = successor(env, [*pairs, ("xgd-1-2-3", r), ("foreign", foreign.fileno())])
+        for _, fd in pairs:
+            os.close(fd)
+        old._sockets.clear()
+        foreign.close()
+        os.close(r)
+        await new.resume()
+    warned = {e.get("path"): e["reason"] for e in events if e["log_level"].name == "warn"}
+    assert warned == {gone: "its socket file is gone",
+                      dropped: "not in the active sockets file",
+                      "no path": "not a socket",
+                      env.path("f.sock"): "not in the active sockets file"}
+    assert (await http_get(reactor, kept)).endswith(f"Swtpm {VM1}".encode())
+    assert (await http_get(reactor, gone)).endswith(f"Swtpm {VM1}".encode())  # afresh
+    assert os.path.exists(dropped) and not accepts(dropped)
+    assert sorted(e["path"] for e in new.entries()) == sorted([kept, gone])
+
+
+@pytest_twisted.ensureDeferred
+async def test_handover_of_a_socket_replaced_during_it(env: Any) -> None:
+    old, _ = predecessor(env)
+    path = env.path("r.sock")
+    await old.create(Service.SWTPM, VM1, GID, path)
+    await old.stop_accepting()
+    pairs = old.handed_over()
+    os.unlink(path)
+    stale_socket(path)  # someone else's file at the path now
+    new = successor(env, pairs)
+    for _, fd in pairs:
+        os.close(fd)
+    old._sockets.clear()
+    with capturedLogs() as events:
+        await new.resume()
+    assert [e["reason"] for e in events if e["log_level"].name == "warn"] == [
+        "its socket file was replaced"]
+    assert accepts(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_without_successor_closes_and_keeps_files(env: Any) -> None:
+    from xguard.handover import Handover
+
+    registry = env.registry(handover=Handover(NoStore(), take=list))  # type: ignore[arg-type]
+    path = env.path("c.sock")
+    await registry.create(Service.SWTPM, VM1, GID, path)
+    await registry.stop_accepting()
+    assert registry.handed_over() == []
+    assert not accepts(path) and os.path.exists(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sockets_go_to_the_fd_store_and_leave_it_when_destroyed(env: Any) -> None:
+    from twisted.internet import reactor
+
+    from xguard.fdstore import FdStore
+    from xguard.handover import Handover
+    from xguard.testing.fakesystemd import receive
+
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(env.path("notify"))
+    store = FdStore(reactor, environ={"NOTIFY_SOCKET": env.path("notify")})
+    registry = env.registry(handover=Handover(store, take=list))
+    path = env.path("s.sock")
+    await registry.create(Service.SWTPM, VM1, GID, path)
+    stored = receive(manager, 5)
+    (fd,) = stored.fds
+    with socket.socket(fileno=fd) as copy:
+        assert copy.getsockname() == path
+    name = stored.fields["FDNAME"]
+    assert name.startswith("xgd-") and str(os.stat(path).st_ino) != name  # hex inode
+    await registry.destroy(Service.SWTPM, GID, path)
+    assert receive(manager, 5).fields == {"FDSTOREREMOVE": "1", "FDNAME": name}
+    manager.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sockets_with_clients_waiting_are_adopted_first(env: Any) -> None:
+    old, _ = predecessor(env)
+    paths = [env.path(f"o{i}.sock") for i in range(4)]
+    for p in paths:
+        await old.create(Service.SWTPM, VM1, GID, p)
+    await old.stop_accepting()
+    pairs = old.handed_over()
+    waiting = connect_and_send(paths[2])  # a VM writing during the restart
+    new = successor(env, pairs)
+    for _, fd in pairs:
+        os.close(fd)
+    old._sockets.clear()
+    with capturedLogs() as events:
+        await new.resume()
+    resumed = [e["path"] for e in events if e.get("log_format", "").startswith("resumed {service}")]
+    assert resumed[0] == paths[2] and sorted(resumed) == sorted(paths)
+    assert [e["path"] for e in new.entries()] == paths  # the file's order is kept
+    waiting.close()

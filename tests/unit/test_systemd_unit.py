@@ -110,3 +110,14 @@ def test_exec_start_parses_and_matches_the_sandbox() -> None:
     # The open-files limit xguard raises its soft limit to.
     soft, hard = s["LimitNOFILE"][0].split(":")
     assert int(hard) >= 65536 and int(soft) <= int(hard)
+
+
+def test_fd_store_and_reload_keep_sockets_across_restarts() -> None:
+    """Issue 12: the fd store holds every socket of a large host (two per
+    VM plus the control socket), and reload is the in-place re-exec."""
+    s = _settings()
+    assert int(s["FileDescriptorStoreMax"][0]) >= 2 * 4096 + 1
+    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    # The new process inherits every stored socket: they must fit.
+    assert int(s["LimitNOFILE"][0].split(":")[1]) > int(s["FileDescriptorStoreMax"][0])
+    assert "FileDescriptorStorePreserve" not in s  # unknown before systemd 254

@@ -18,14 +18,18 @@ from .bigvalue import BigAmpList, BigUnicode
 
 __all__ = [
     "VarstoreCreate", "VarstoreDestroy", "VtpmCreate", "VtpmDestroy",
-    "VtpmSetContents", "VtpmGetContents", "ListSockets", "Status",
-    "ControlError", "RemotePermanentUpstreamError", "RemoteTransientUpstreamError",
-    "ERRORS", "error_code",
+    "VtpmSetContents", "VtpmGetContents", "ListSockets", "Status", "Restart",
+    "ControlError", "RestartRefused", "RemotePermanentUpstreamError",
+    "RemoteTransientUpstreamError", "ERRORS", "error_code",
 ]
 
 
 class ControlError(Exception):
     """The daemon failed in a way no other error names (details in its log)."""
+
+
+class RestartRefused(Exception):
+    """A restart in place cannot be done now (the message says why)."""
 
 
 class RemotePermanentUpstreamError(PermanentUpstreamError):
@@ -56,6 +60,7 @@ ERRORS: dict[type[Exception], bytes] = {
     RemotePermanentUpstreamError: b"UPSTREAM_ERROR",
     RemoteTransientUpstreamError: b"UPSTREAM_UNAVAILABLE",
     ControlError: b"INTERNAL_ERROR",
+    RestartRefused: b"RESTART_REFUSED",
 }
 
 
@@ -131,4 +136,12 @@ class Status(Command):
 
     arguments: list = []
     response = [(b"status", BigUnicode())]
+    errors = ERRORS
+
+
+class Restart(Command):
+    """Restart in place (re-exec) handing every listening socket over."""
+
+    arguments = [(b"dbg", Unicode())]
+    response: list = []
     errors = ERRORS

@@ -35,7 +35,9 @@ from .. import __version__
 from ..status import CacheStatus, DaemonStatus, UpstreamStatus, from_json
 from .commands import (
     ERRORS,
+    ControlError,
     ListSockets,
+    Restart,
     Status,
     VarstoreCreate,
     VarstoreDestroy,
@@ -136,6 +138,21 @@ class _StatusOptions(_ListOptions):
     optFlags = [["json", None, "print the daemon's raw status document (one line)"]]
 
 
+class _RestartOptions(_CommandOptions):
+    synopsis = "[DBG]"
+    longdesc = ("Restart xguard in place (it re-executes itself, handing its listening "
+                "sockets over: no VM connection is refused) and wait until it is ready.")
+    optParameters = [["timeout", "t", "120", "seconds to wait for the restarted daemon"]]
+
+    def parseArgs(self, dbg: str = "xguard-ctl") -> None:
+        try:
+            timeout = float(self["timeout"])
+        except ValueError:
+            raise usage.UsageError(f"--timeout must be a number, not {self['timeout']!r}") \
+                from None
+        self.update(dbg=dbg, timeout=timeout)
+
+
 class Options(_Options):
     synopsis = "xguard-ctl [--control PATH] COMMAND [ARGS...]"
     longdesc = ("Controls xguard over its privileged socket. Exit status: 0 success, "
@@ -151,6 +168,7 @@ class Options(_Options):
         ["vtpm_get_contents", None, _GetContentsOptions, "print a vTPM's contents"],
         ["list", None, _ListOptions, "list the domain sockets"],
         ["status", None, _StatusOptions, "show cache modes, queues, upstream, sockets"],
+        ["restart", None, _RestartOptions, "restart in place, keeping every socket"],
     ]
 
     def postOptions(self) -> None:
@@ -208,6 +226,18 @@ async def _status(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
                                 tz=o.get("tz")))
 
 
+async def _restart(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
+    """Ask for the restart, wait for the old image to go (it closes this
+    connection when it execs), then for the new one to say it is ready:
+    calls made meanwhile wait in the handed-over socket's backlog."""
+    await _call(proto, Restart, dbg=o["dbg"])
+    lost = getattr(proto, "lost", None)
+    if lost is not None:
+        await lost
+    await o["wait_ready"](o["timeout"])
+    out.write("xguard restarted in place and is ready\n")
+
+
 _COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[None]]] = {
     "varstore_create": _varstore_create,
     "varstore_destroy": _varstore_destroy,
@@ -217,6 +247,7 @@ _COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[None]
     "vtpm_get_contents": _vtpm_get_contents,
     "list": _list,
     "status": _status,
+    "restart": _restart,
 }
 
 
@@ -320,9 +351,43 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
 
 
 # -- driver -----------------------------------------------------------------
+class _Client(amp.AMP):
+    """An AMP client that tells when its connection is gone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: Deferred[None] = Deferred()
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if not self.lost.called:
+            self.lost.callback(None)
+
+
 def connect_unix(reactor: Any, path: str) -> "Deferred[amp.AMP]":
     """An AMP connection to the daemon's control socket."""
-    return connectProtocol(UNIXClientEndpoint(reactor, path), amp.AMP())
+    return connectProtocol(UNIXClientEndpoint(reactor, path), _Client())
+
+
+async def _wait_ready(reactor: Any, connect: Connect, path: str, timeout: float,
+                      poll: float = 0.1) -> None:
+    """Ask for Status until the daemon says it is ready."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        try:
+            proto = await connect(reactor, path)
+            try:
+                document = (await _call(proto, Status))["status"]
+            finally:
+                if proto.transport is not None:
+                    proto.transport.loseConnection()
+            if json.loads(document).get("ready"):
+                return
+        except (ConnectError, ConnectionClosed, OSError):
+            pass  # the old image is going away, or the new one not listening yet
+        if reactor.seconds() >= deadline:
+            raise ControlError(f"xguard was not ready again within {timeout:g}s; see its log")
+        await task.deferLater(reactor, poll, lambda: None)
 
 
 _NOT_RUNNING = ("is xguard running? (systemctl status xguard) Or name its socket: "
@@ -396,6 +461,8 @@ async def _run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[st
         sub["now"], sub["tz"] = reactor.seconds(), tz
 
     path = _control_path(sub["control"] or config["control"], environ)
+    if config.subCommand == "restart":
+        sub["wait_ready"] = lambda timeout: _wait_ready(reactor, connect, path, timeout)
     try:
         proto = await connect(reactor, path)
     except Exception as e:

@@ -33,6 +33,8 @@ from .commands import (
     ERRORS,
     ControlError,
     ListSockets,
+    Restart,
+    RestartRefused,
     Status,
     VarstoreCreate,
     VarstoreDestroy,
@@ -57,10 +59,12 @@ class ControlLocator(amp.CommandLocator):
     log = Logger()
 
     def __init__(self, registry: ISocketRegistry, vtpms: VtpmContents,
-                 status: Callable[[], DaemonStatus]) -> None:
+                 status: Callable[[], DaemonStatus],
+                 restart: Callable[[str], None] | None = None) -> None:
         self.registry = registry
         self.vtpms = vtpms
         self.status = status
+        self.restart = restart
 
     # -- sockets -----------------------------------------------------------
     @VarstoreCreate.responder
@@ -162,6 +166,21 @@ class ControlLocator(amp.CommandLocator):
             self.log.failure("Status failed")
             raise ControlError(f"cannot build status: {e}") from e
         return {"status": document}
+
+    # -- restart -------------------------------------------------------------
+    @Restart.responder
+    def restart_in_place(self, dbg: str) -> dict[str, Any]:
+        """Answered before the restart begins (the stop starts on the next
+        reactor turn, so the answer goes out first)."""
+        self.log.info("{dbg}: restart", dbg=dbg)
+        if self.restart is None:
+            raise RestartRefused("this daemon cannot restart in place")
+        try:
+            self.restart(dbg)
+        except RestartRefused as e:
+            self.log.warn("{dbg}: restart refused: {error}", dbg=dbg, error=str(e))
+            raise
+        return {}
 
     # -- helpers -----------------------------------------------------------
     async def _run(self, dbg: str, op: str, f: Callable[[], Awaitable[T]]) -> T:
@@ -281,9 +300,12 @@ class _ControlFactory(ServerFactory):
 
 
 def control_factory(registry: ISocketRegistry, vtpms: VtpmContents,
-                    status: Callable[[], DaemonStatus]) -> ServerFactory:
-    """The control channel's server factory (listen it on a 0600 socket)."""
-    return _ControlFactory(ControlLocator(registry, vtpms, status))
+                    status: Callable[[], DaemonStatus],
+                    restart: Callable[[str], None] | None = None) -> ServerFactory:
+    """The control channel's server factory (listen it on a 0600 socket).
+
+    :param restart: begins a restart in place (raises RestartRefused)."""
+    return _ControlFactory(ControlLocator(registry, vtpms, status, restart))
 
 
 def control_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:

@@ -27,6 +27,9 @@ reactor work for long on its behalf.
   :class:`~xguard.domain.loglimit.RateLimitedObserver` per socket. No body
   is ever logged; each request is logged at debug level with its method,
   path and code only.
+- **Draining** (a stop or a restart's handover, :mod:`xguard.domain.drain`):
+  no new request is taken; idle kept-alive connections close at once, a
+  request on its way is received and answered with ``Connection: close``.
 - **Fairness**: one connection of a socket parses input per reactor
   iteration (:mod:`xguard.domain.turns`), whatever the number of
   connections; the apps cut their work on large bodies into steps and
@@ -40,6 +43,8 @@ tests/unit/test_site.py pins each of them.
 
 from __future__ import annotations
 
+import fcntl
+import termios
 from collections.abc import Callable
 from io import BytesIO
 from typing import Any
@@ -54,6 +59,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
 
+from .drain import Connections
 from .framing import ChunkedDecoder, FramingError, body_length, origin_form
 from .loglimit import RateLimitedObserver
 from .turns import ReadTurns
@@ -153,6 +159,11 @@ class _LimitedChannel(http.HTTPChannel):
     linger_timeout = LINGER_TIMEOUT
     refused = False
     turns: ReadTurns | None = None
+    connections: Connections | None = None
+    #: Taking no new request (see xguard.domain.drain).
+    draining = False
+    #: Requests answered on this connection.
+    served = 0
     _deadline: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
     _discarded = 0
@@ -258,6 +269,46 @@ class _LimitedChannel(http.HTTPChannel):
             return
         self._cancel_deadline()
         super().allContentReceived()
+        if self.connections is not None:
+            self.connections.changed()
+
+    # -- draining --------------------------------------------------------------
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if self.draining:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
+
+    def requestDone(self, request: Any) -> None:
+        self.served += 1
+        super().requestDone(request)
+
+    def drain(self) -> None:
+        """Take no new request: answer the one on its way (with
+        ``Connection: close``) and close; close now if idle between two
+        requests. A connection that has not sent its first request yet is
+        left to send it (its client may have sent it already)."""
+        self.draining = True
+        if self.requests:
+            # Not before a request started: a non-persistent channel drops
+            # the first line of the next request (checkPersistence decides
+            # for that one).
+            self.persistent = False
+            request = self.requests[-1]
+            if self._handlingRequest and not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return
+        if (self.served and not self.refused and not self._held
+                and self.transport is not None and not _unread(self.transport)):
+            self.loseConnection()
+
+    def settled(self) -> bool:
+        return bool(self.refused or self._handlingRequest or self.transport is None
+                    or self.transport.disconnecting)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
 
     # -- refusals --------------------------------------------------------------
     def refuse(self, code: int, reason: str) -> None:
@@ -322,6 +373,21 @@ class _LimitedChannel(http.HTTPChannel):
                 self._linger.cancel()
             self._linger = None
         super().connectionLost(reason)
+        if self.connections is not None:
+            self.connections.lost(self)
+
+
+def _unread(transport: Any) -> int:
+    """Bytes the client sent that were not read yet (FIONREAD); 0 when
+    there is no OS socket behind the transport."""
+    handle = getattr(transport, "getHandle", None)
+    if handle is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(handle().fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, AttributeError):
+        return 0
+    return int.from_bytes(raw, "little")
 
 
 class DomainSite(Site):
@@ -377,6 +443,8 @@ class DomainSite(Site):
         self.log_observer = RateLimitedObserver(reactor, vm)
         #: One connection parses input per reactor iteration.
         self.turns = ReadTurns(reactor)
+        #: The live connections, drained when the daemon stops.
+        self.connections = Connections(reactor)
 
     def logger(self, namespace: str) -> Logger:
         """A Logger writing through this socket's rate limit."""
@@ -401,7 +469,19 @@ class DomainSite(Site):
         channel.callLater = self.reactor.callLater  # type: ignore[method-assign]
         channel._log = self.logger(_NAMESPACE)
         channel.turns = self.turns
+        channel.connections = self.connections
+        self.connections.add(channel)
         return channel
+
+    def drain(self, grace: float) -> "Deferred[int]":
+        """Take no new request (see :mod:`xguard.domain.drain`); fires
+        with how many silent connections were cut after ``grace``."""
+        return self.connections.drain(grace)
+
+    def closed(self, timeout: float, *, cut: bool = True) -> "Deferred[int]":
+        """Fires once every connection is closed (answers flushed); after
+        ``timeout`` the rest is cut (or, not ``cut``, left to go on)."""
+        return self.connections.closed(timeout, cut=cut)
 
     def startFactory(self) -> None:
         """No access-log file and no once-a-second date timer."""

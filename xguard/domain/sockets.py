@@ -6,10 +6,19 @@ the control channel sees "path in use" as an error rather than a log line,
 and so shutdown can stop accepting while keeping the socket files and the
 active list: a restart resumes exactly what was served (SPEC §2).
 
-Twisted's UNIX ``Port`` unlinks its socket file when it stops listening;
-:meth:`SocketRegistry.stop_accepting` keeps the file by holding a second
-hard link to it across ``stopListening`` and renaming it back afterwards.
-The kept file is stale (nobody listens on it), which resume replaces.
+Restarts hand the listening sockets over (:mod:`xguard.handover`): each
+socket is given to systemd's fd store as it opens and dropped from it when
+destroyed; resume adopts what the previous process handed over for each
+entry of the file and listens afresh only where nothing valid was handed
+over. Stopping with a successor (the fd store, or a re-exec) only stops
+reading from the sockets: they stay open, with their files, until the
+process exits or execs, so connections wait in the kernel's backlog.
+
+Stopping without a successor closes them. Twisted's UNIX ``Port`` unlinks
+its socket file when it stops listening; :meth:`SocketRegistry.stop_accepting`
+keeps the file by holding a second hard link to it across
+``stopListening`` and renaming it back afterwards. The kept file is stale
+(nobody listens on it), which resume replaces.
 """
 
 from __future__ import annotations
@@ -33,14 +42,17 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .. import activefile
+from .._internals.twisted_unix import adopt_unix_port
 from ..activefile import Entry
 from ..durable import safe_unlink
 from ..errors import InvalidPath, PathInUse
+from ..handover import DOMAIN, Claimed, Handover
 from ..interfaces import ISocketRegistry
 from ..model import MAX_SOCKET_PATH_BYTES, Service
 from ..observer import OneShotObserver
@@ -57,6 +69,23 @@ __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES", "listen
 BACKLOG = 128
 SOCKET_MODE = 0o660
 MAX_PATH_BYTES = MAX_SOCKET_PATH_BYTES
+#: Seconds a connection accepted before a stop has to send its request
+#: (varstored sends right after connecting, but a loaded host may not run
+#: it at once) before it is cut. Short: a guest that connects and stays
+#: silent delays every VM's restart by this much, no more.
+DRAIN_GRACE = 1.0
+#: Seconds requests in flight at a stop may take to finish the ordinary way
+#: (most take milliseconds) before the caches' stop persists the rest: that
+#: costs fsyncs while every VM's connections wait for the next process.
+FINISH_WAIT = 0.25
+#: Seconds the answers to requests in flight at a stop have to be flushed
+#: once the caches' stop persisted them (fsyncs, on a host that may be
+#: busy), before their connections are cut.
+ANSWER_GRACE = 5.0
+#: Sockets resumed between two turns of the reactor, once the ones with
+#: connections waiting are served: a request takes several turns, so the
+#: busy sockets' requests progress while the others are adopted.
+RESUME_TURN = 25
 #: Suffix of the temporary second link that keeps a socket file on shutdown.
 KEEP_SUFFIX = ".xg-keep"
 
@@ -84,6 +113,10 @@ class _Socket:
     entry: Entry
     port: IListeningPort | None = None
     state: str = "opening"  # opening -> open -> closing
+    #: Its name in the fd store / a handover (None: not handed on).
+    name: str | None = None
+    #: What serves its connections (drained when the daemon stops).
+    factory: IProtocolFactory | None = None
 
 
 @implementer(ISocketRegistry)
@@ -99,19 +132,29 @@ class SocketRegistry:
     :param runner: runs blocking file I/O (``runner(f, *args)`` ->
         Deferred); inline by default.
     :param backlog: listen backlog of each socket (capped by SOMAXCONN).
+    :param handover: the sockets handed over at start, and where ours go
+        (None: nothing is handed over, as in most unit tests).
+    :param grace: seconds a connection accepted before a stop has to send
+        its request before it is cut.
+    :param answer_grace: seconds its answer then has to be flushed.
     """
 
     log = Logger()
 
     def __init__(self, reactor: Any, active_file: str, site_factory: SiteFactory, *,
                  on_forget: Callable[[str], None] | None = None,
-                 runner: Runner | None = None, backlog: int = BACKLOG) -> None:
+                 runner: Runner | None = None, backlog: int = BACKLOG,
+                 handover: Handover | None = None, grace: float = DRAIN_GRACE,
+                 answer_grace: float = ANSWER_GRACE) -> None:
         self._reactor = reactor
         self._active_file = active_file
         self._site_factory = site_factory
         self._on_forget = on_forget
         self._runner = runner or _inline_runner
         self._backlog = listen_backlog(backlog)
+        self._handover = handover
+        self._grace = grace
+        self._answer_grace = answer_grace
         self._sockets: dict[str, _Socket] = {}
         self._per_vm: dict[str, int] = {}  # reserved slots per VM
         self._file_lock = DeferredLock()
@@ -197,6 +240,7 @@ class SocketRegistry:
                                       mode=SOCKET_MODE, wantPID=False)
         try:
             sock.port = await endpoint.listen(factory)
+            sock.factory = factory
         except CannotListenError as e:
             if getattr(e.socketError, "errno", None) == errno.EADDRINUSE:
                 raise PathInUse(f"socket path {entry.path} is already in use") from e
@@ -207,6 +251,28 @@ class SocketRegistry:
         except BaseException:
             await self._close(sock)
             raise
+        sock.state = "open"
+        if self._handover is not None:
+            try:
+                sock.name = self._handover.stored(DOMAIN, entry.path, _fileno(sock.port))
+            except OSError as e:
+                self.log.warn("socket {path} will not be handed over on restart: {error}",
+                              path=entry.path, error=str(e))
+
+    def _adopt(self, sock: _Socket, claimed: Claimed) -> None:
+        """Serve the slot with a handed-over listening socket (already in
+        the fd store under its name). Its file keeps its inode; mode and
+        group are set again from the entry (the file is the truth)."""
+        entry = sock.entry
+        factory = self._site_factory(entry.service, entry.vm_uuid)
+        try:
+            sock.port = adopt_unix_port(self._reactor, claimed.fd, factory,
+                                        mode=SOCKET_MODE, backlog=self._backlog)
+        finally:
+            os.close(claimed.fd)
+        sock.name, sock.factory = claimed.name, factory
+        os.chmod(entry.path, SOCKET_MODE)
+        self._chown(entry.path, entry.gid)
         sock.state = "open"
 
     def _chown(self, path: str, gid: int) -> None:
@@ -247,6 +313,8 @@ class SocketRegistry:
             await self._close(sock, unlink=True)
         finally:
             self._release(sock)
+            if self._handover is not None:
+                self._handover.dropped(sock.name)
         try:
             await self._save()
         finally:
@@ -321,8 +389,17 @@ class SocketRegistry:
 
     async def _resume(self) -> None:
         entries: list[Entry] = await self._runner(activefile.load, self._active_file)
-        resumed = skipped = 0
-        for loaded in entries:
+        resumed = skipped = adopted = 0
+        busy: set[str] = set()
+        if self._handover is not None:
+            # Sockets with connections waiting first, then a turn for the
+            # reactor to serve them while the rest is adopted.
+            busy = self._handover.waiting(e.path for e in entries)
+            order = [e.path for e in entries]
+            entries = sorted(entries, key=lambda e: e.path not in busy)
+        for index, loaded in enumerate(entries):
+            if busy and (index == len(busy) or (index > len(busy) and not index % RESUME_TURN)):
+                await deferLater(self._reactor, 0, lambda: None)
             try:
                 entry = _validate(loaded.service, loaded.vm_uuid, loaded.gid, loaded.path)
                 if entry.path in self._sockets:
@@ -334,7 +411,7 @@ class SocketRegistry:
                 continue
             sock = self._reserve(entry)
             try:
-                await self._open(sock)
+                adopted += await self._resume_one(sock)
             except Exception as e:
                 self._release(sock)
                 skipped += 1
@@ -345,6 +422,12 @@ class SocketRegistry:
             resumed += 1
             self.log.debug("resumed {service} socket {path} of VM {vm_uuid}",
                            service=entry.service.value, path=entry.path, vm_uuid=entry.vm_uuid)
+        if busy:  # the file's order, for ListSockets and the next save
+            rank = {path: i for i, path in enumerate(order)}
+            self._sockets = dict(sorted(self._sockets.items(),
+                                        key=lambda item: rank.get(item[0], len(rank))))
+        if self._handover is not None:
+            self._handover.release_unclaimed()
         if skipped:
             try:
                 await self._save()
@@ -353,17 +436,80 @@ class SocketRegistry:
                                  path=self._active_file)
         # One line for the whole restart (per-socket lines are debug): a host
         # with 2,000 sockets would otherwise log thousands of lines.
-        self.log.info("resumed {resumed} domain sockets ({by_service}), skipped {skipped}",
-                      resumed=resumed, skipped=skipped,
-                      by_service=", ".join(f"{n} {k}" for k, n in self.count_by_service().items()))
+        self.log.info("resumed {resumed} domain sockets ({by_service}), skipped {skipped}; "
+                      "{adopted} handed over", resumed=resumed, skipped=skipped,
+                      by_service=", ".join(f"{n} {k}" for k, n in self.count_by_service().items()),
+                      adopted=adopted)
+
+    async def _resume_one(self, sock: _Socket) -> bool:
+        """Adopt the socket handed over for the slot (True), else listen
+        afresh (False)."""
+        path = sock.entry.path
+        claimed = self._handover.claim(DOMAIN, path) if self._handover is not None else None
+        if claimed is None:
+            await self._open(sock)
+            return False
+        try:
+            self._adopt(sock, claimed)
+            return True
+        except Exception:
+            # It passed every check, so this is unexpected. Its file is
+            # ours (checked): replace it rather than lose the entry.
+            self.log.failure("adopting the handed-over socket {path} failed; listening afresh",
+                             path=path)
+            assert self._handover is not None
+            self._handover.dropped(claimed.name)
+            await self._close(sock, unlink=True)
+            await self._open(sock)
+            return False
 
     def stop_accepting(self) -> "Deferred[None]":
-        """Stop listening everywhere for shutdown. The socket files and the
-        active file stay, so a restart resumes every socket; creates are
-        refused from now on."""
+        """Stop accepting everywhere, for a stop or a handover; creates are
+        refused from now on. Connections already accepted are drained
+        (:mod:`xguard.domain.drain`): this fires once every request sent
+        before is in the apps' hands and had a moment to finish, so the
+        caches' stop that follows persists and answers only the slow ones.
+
+        With a successor (the fd store, a re-exec) the sockets stay open,
+        files and all, until the process exits or execs: connections wait
+        in their backlog for it. Without one they are closed, and their
+        files and the active file stay, so a restart resumes them."""
+        return ensureDeferred(self._stop_accepting())
+
+    async def _stop_accepting(self) -> None:
         self._stopped = True
-        stops = [ensureDeferred(self._stop_keeping_file(s)) for s in self._open_sockets()]
-        return gatherResults(stops, consumeErrors=True).addCallback(lambda _: None)
+        sockets = [s for s in self._open_sockets() if s.port is not None]
+        for sock in sockets:
+            sock.port.stopReading()  # type: ignore[union-attr]
+        cut = await gatherResults([_drain(s.factory, self._grace) for s in sockets])
+        if sum(cut):
+            self.log.warn("stopping: cut {count} domain connections that sent no complete "
+                          "request in {grace}s", count=sum(cut), grace=self._grace)
+        await gatherResults([_closed(s.factory, FINISH_WAIT, cut=False) for s in sockets])
+        if self._handover is not None and self._handover.keep_open():
+            await self._handover.fdstore.flushed()
+            return
+        await gatherResults([ensureDeferred(self._stop_keeping_file(s)) for s in sockets],
+                            consumeErrors=True)
+
+    def wait_closed(self) -> "Deferred[None]":
+        """After the caches' stop answered what was in flight: fires once
+        every domain connection is closed (every answer flushed), or cut
+        after the grace period. The process must not exit before."""
+        async def run() -> None:
+            sockets = list(self._sockets.values())
+            cut = await gatherResults([_closed(s.factory, self._answer_grace)
+                                       for s in sockets])
+            if sum(cut):
+                self.log.warn("stopping: cut {count} domain connections still answering "
+                              "after {grace}s", count=sum(cut), grace=self._answer_grace)
+        return ensureDeferred(run())
+
+    def handed_over(self) -> list[tuple[str, int]]:
+        """(name, descriptor) of every socket still open, for a re-exec
+        (after :meth:`stop_accepting`, with a successor)."""
+        return [(s.name, _fileno(s.port)) for s in self._open_sockets()
+                if s.port is not None and s.name is not None]
 
     async def _stop_keeping_file(self, sock: _Socket) -> None:
         path = sock.entry.path
@@ -388,6 +534,28 @@ class SocketRegistry:
             except OSError as e:
                 self.log.warn("cannot restore socket file {path}: {error}",
                               path=path, error=str(e))
+
+
+def _fileno(port: IListeningPort | None) -> int:
+    """The listening descriptor behind a UNIX port."""
+    return int(port.fileno())  # type: ignore[union-attr]
+
+
+def _drain(factory: IProtocolFactory | None, grace: float) -> "Deferred[int]":
+    """Drain a socket's connections (most sockets have none: a fast path,
+    since the sockets stopped accepting, none can arrive)."""
+    drain = getattr(factory, "drain", None)
+    if drain is None or not len(getattr(factory, "connections", ())):
+        return succeed(0)
+    return drain(grace)  # type: ignore[no-any-return]
+
+
+def _closed(factory: IProtocolFactory | None, grace: float, *,
+            cut: bool = True) -> "Deferred[int]":
+    closed = getattr(factory, "closed", None)
+    if closed is None or not len(getattr(factory, "connections", ())):
+        return succeed(0)
+    return closed(grace, cut=cut)  # type: ignore[no-any-return]
 
 
 def _validate(service: Service | str, vm_uuid: str, gid: int, path: str) -> Entry:

@@ -4,7 +4,9 @@ and its CLI.
 The daemon is started exactly as an operator would, with every path under
 one short temp directory (UNIX socket paths are limited to 107 bytes).
 Readiness is observed the way systemd observes it: the harness binds a
-NOTIFY_SOCKET and waits for READY=1.
+NOTIFY_SOCKET and waits for READY=1. It is a unit without an fd store
+(``FDSTORE=0``, as systemd 254+ says it): restarts listen afresh.
+:mod:`xguard.testing.fakesystemd` runs a daemon with the store.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class Daemon:
         notify.settimeout(0.05)
         env = self.environment()
         env["NOTIFY_SOCKET"] = notify_path
+        env["FDSTORE"] = "0"  # this socket keeps no descriptors
         errors = os.path.join(self.root, "stderr.txt")
         started = time.monotonic()
         with open(errors, "ab") as err:

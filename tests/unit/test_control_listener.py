@@ -1,0 +1,101 @@
+"""The control socket's listener: root-only mode, stale files replaced,
+and handed over across a restart like the domain sockets (issue 12)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.protocol import Protocol, ServerFactory
+
+from xguard.control.listener import ControlListener
+from xguard.handover import Handover
+from xguard.listenfds import Passed
+
+
+class NoStore:
+    enabled = False
+
+    def add(self, name: str, fds: list[int]) -> None:
+        pass
+
+    def remove(self, name: str) -> None:
+        pass
+
+    def flushed(self) -> Deferred[None]:
+        return succeed(None)
+
+
+class Hello(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(b"hello")
+        self.transport.loseConnection()
+
+
+def factory() -> ServerFactory:
+    f = ServerFactory.forProtocol(Hello)
+    f.noisy = False
+    return f
+
+
+def hello(path: str) -> bytes:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(path)
+        return s.recv(100)
+
+
+def listener(path: str, handover: Handover) -> ControlListener:
+    from twisted.internet import reactor
+
+    return ControlListener(reactor, "unix:" + path, path, factory(), handover)
+
+
+@pytest.fixture
+def path(short_tmp: str) -> str:
+    return os.path.join(short_tmp, "ctl.sock")
+
+
+@pytest_twisted.ensureDeferred
+async def test_handed_over_control_socket_keeps_callers_waiting(path: str) -> None:
+    from twisted.internet import threads
+
+    old_handover = Handover(NoStore(), take=list)  # type: ignore[arg-type]
+    old = listener(path, old_handover)
+    old.check()
+    await old.listen()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert await threads.deferToThread(hello, path) == b"hello"
+    old_handover.reexec_pending = True
+    await old.stop()
+    (name, fd), = old.handed_over()
+    assert name.startswith("xgc-")
+    waiting = threads.deferToThread(hello, path)  # an xguard-ctl call meanwhile
+    passed = [Passed(os.dup(fd), name)]
+    os.close(fd)  # the old image is gone
+    handover = Handover(NoStore(), take=lambda: passed)  # type: ignore[arg-type]
+    handover.inherit()
+    new = listener(path, handover)
+    new.check()  # would refuse a live socket at the path: this one is ours
+    await new.listen()
+    assert await waiting == b"hello"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    await new.stop()
+    assert not os.path.exists(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_live_stranger_still_refuses_the_start(path: Any) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(path)
+    s.listen(1)
+    try:
+        with pytest.raises(OSError, match="in use"):
+            listener(path, Handover(NoStore(), take=list)).check()  # type: ignore[arg-type]
+    finally:
+        s.close()
