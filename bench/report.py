@@ -70,6 +70,13 @@ def print_drain_floor(r: dict[str, Any]) -> None:
           flush=True)
 
 
+def print_drain_scaling(r: dict[str, Any]) -> None:
+    f = r["floor"]
+    print(f"3. drain of N={r['n']} VMs ({r['items']} items): delivery {r['deliver_s']:.2f} s "
+          f"(floor {f['total_s']:.2f} s, ratio {r['deliver_s'] / f['total_s']:.2f}x), "
+          f"{r['upstream_calls']} calls = {r['calls_per_item']:.2f}/item", flush=True)
+
+
 def print_back_in_service(r: dict[str, Any]) -> None:
     f = r["floor"]
     print(f"1'. back in service: {r['items']} items after a {r['outage_s']:.0f} s outage "
@@ -259,6 +266,7 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
         fig.tight_layout()
         written.append(_save(fig, out_dir, "perf-bootstorm.png"))
         plt.close(fig)
+    written += _scaling_plots(plt, results, out_dir)
     drains = results.get("drain", [])
     if drains:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -272,6 +280,75 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
         ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(_save(fig, out_dir, "perf-drain.png"))
+        plt.close(fig)
+    return written
+
+
+def _linear(ax: Any, xs: list[float], ys: list[float]) -> None:
+    """A dotted line through the smallest N's point and the origin: what
+    linear growth would look like."""
+    if xs and xs[0]:
+        ax.plot([0, xs[-1]], [0, ys[0] / xs[0] * xs[-1]], ":", color="grey", lw=1,
+                label=f"linear from N={xs[0]:g}")
+
+
+def _scaling_plots(plt: Any, results: dict[str, Any], out_dir: str) -> list[str]:
+    """Time and upstream calls against N for the storm and the drain, RSS
+    against sockets: growth at a glance."""
+    written = []
+    storms = results.get("storm", [])
+    xg = sorted((r for r in storms if not r["design"]), key=lambda r: r["n"])
+    if len(xg) >= 2:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        up = sorted((r for r in storms if r["design"]), key=lambda r: r["n"])
+        for rs, label in ((xg, "xguard"), (up, "upstream design")):
+            if rs:
+                axes[0].plot([r["n"] for r in rs], [r["total_s"] for r in rs], "o-", label=label)
+                axes[1].plot([r["n"] for r in rs], [r["upstream_calls"] for r in rs], "o-",
+                             label=label)
+        _linear(axes[0], [r["n"] for r in xg], [r["total_s"] for r in xg])
+        axes[0].set(xlabel="VMs booting at once (N)", ylabel="total time (s)",
+                    title="boot storm: time against N")
+        axes[1].set(xlabel="N", ylabel="upstream calls", title="boot storm: upstream calls")
+        for ax in axes:
+            ax.set(xlim=(0, None), ylim=(0, None))
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "perf-storm-scaling.png"))
+        plt.close(fig)
+    drains = sorted(results.get("drain_scaling", []), key=lambda r: r["n"])
+    if len(drains) >= 2:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        ns = [r["n"] for r in drains]
+        axes[0].plot(ns, [r["deliver_s"] for r in drains], "o-", label="xguard delivery")
+        axes[0].plot(ns, [r["floor"]["total_s"] for r in drains], "s--", label="floor")
+        _linear(axes[0], ns, [r["deliver_s"] for r in drains])
+        axes[0].set(xlabel="VMs with 3 cached keys each (N)", ylabel="seconds",
+                    title="drain: delivery time against N")
+        axes[1].plot(ns, [r["upstream_calls"] for r in drains], "o-", label="upstream calls")
+        axes[1].plot(ns, [r["items"] for r in drains], "s--", label="items delivered")
+        axes[1].set(xlabel="N", ylabel="count", title="drain: upstream calls against N")
+        for ax in axes:
+            ax.set(xlim=(0, None), ylim=(0, None))
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "perf-drain-scaling.png"))
+        plt.close(fig)
+    fp = results.get("footprint")
+    if fp and len(fp.get("rss_by_sockets", [])) >= 2:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        points = sorted(fp["rss_by_sockets"])
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-",
+                label="idle RSS after a boot storm")
+        ax.axhline(TARGETS["idle_rss_mb"], color="grey", ls="--", lw=1, label="target")
+        ax.set(xlabel="sockets served", ylabel="RSS (MB)", title="footprint: RSS against sockets",
+               xlim=(0, None), ylim=(0, None))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(_save(fig, out_dir, "perf-rss.png"))
         plt.close(fig)
     return written
 

@@ -296,19 +296,23 @@ async def boot_storm(ctx: Ctx, n: int, design: Sequence[str] = (), *, keep: bool
 IDLE_S = 25.0
 
 
-async def footprint(ctx: Ctx, d: BenchDaemon, restarts: int = 3) -> dict[str, Any]:
+async def footprint(ctx: Ctx, d: BenchDaemon, restarts: int = 3,
+                    others: Sequence[tuple[int, BenchDaemon]] = ()) -> dict[str, Any]:
     """Idle RSS and fds of ``d`` (which serves the boot storm's sockets),
-    then its start-up time resuming them, against an empty daemon's.
+    then its start-up time resuming them, against an empty daemon's; with
+    ``others`` (N, daemon of the storm of N VMs), their idle RSS too.
 
     "Idle" means after the daemon's idle trimmer had its quiet period (it
     returns a burst's freed memory after ~10-20 s without connections)."""
     await ctx.sleep(IDLE_S)
+    rss_by_sockets = [(2 * n, rss_mb(o.pid)) for n, o in others]
     ctl = await clients.amp_connect(ctx.reactor, d.control)
     st = await ctx.status(ctl)
     ctl.transport.loseConnection()
     await ctx.sleep(0.5)
     sockets = sum(st["sockets"].values())
     out: dict[str, Any] = {"sockets": sockets, "rss_mb": rss_mb(d.pid), "fds": open_fds(d.pid)}
+    out["rss_by_sockets"] = [*rss_by_sockets, (sockets, out["rss_mb"])]
     resume = []
     for _ in range(restarts):
         d.stop()
@@ -333,6 +337,7 @@ async def footprint(ctx: Ctx, d: BenchDaemon, restarts: int = 3) -> dict[str, An
                 "empty_start_s": empty_start,
                 "empty_start_median_s": sorted(empty_start)[len(empty_start) // 2],
                 "empty_rss_mb": empty_rss, "empty_fds": empty_fds})
+    out["rss_by_sockets"].insert(0, (0, empty_rss))
     return out
 
 
