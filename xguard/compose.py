@@ -158,8 +158,11 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
     upstream.reachability.subscribe(reachable)
     # The first answer after a silence: cached writes go now (the outage's
     # end is declared a second later, once nothing failed meanwhile).
-    upstream.reachability.subscribe_answer(
-        lambda: [cache.upstream_answers() for cache in caches.values()])
+    def upstream_answers() -> None:
+        for cache in caches.values():
+            cache.upstream_answers()
+
+    upstream.reachability.subscribe_answer(upstream_answers)
     prober = Prober(reactor, upstream.reachability, upstream.probe)
 
     def status() -> DaemonStatus:

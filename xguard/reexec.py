@@ -79,7 +79,7 @@ class Reexec:
                  launch: Launch, is_ready: Callable[[], bool],
                  environ: Mapping[str, str] | None = None,
                  getpid: Callable[[], int] = os.getpid,
-                 execve: Callable[[str, Sequence[str], Mapping[str, str]], Any] = os.execve,
+                 execve: Callable[[str, list[str], dict[str, str]], Any] = os.execve,
                  place: Callable[[Sequence[int]], None] = listenfds.place,
                  exit: Callable[[int], Any] = os._exit) -> None:
         self._reactor = reactor

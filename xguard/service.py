@@ -69,7 +69,7 @@ class XguardService(Service):
 
     def __init__(self, stages: Sequence[Stage], *, clock: IReactorTime,
                  ready: Callable[[], None], status: Callable[[], DaemonStatus],
-                 exit_status: ExitStatus, privileged: Callable[[], None] = lambda: None,
+                 exit_status: ExitStatus, privileged: Callable[[], object] = lambda: None,
                  stop_timeout: float = 10.0) -> None:
         self.stages = list(stages)
         self.clock = clock

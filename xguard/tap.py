@@ -78,6 +78,7 @@ def makeService(options: Options) -> IService:
     (``options.parent`` is twistd's own options) it also chooses where the
     log goes; see :mod:`xguard.logconfig`."""
     from twisted.internet import reactor
+    from twisted.internet.interfaces import IReactorFromThreads
 
     from .compose import build_service
     from .logconfig import observer_for
@@ -90,5 +91,6 @@ def makeService(options: Options) -> IService:
     service = build_service(options.config, reactor, launch=launch)
     if twistd is not None:
         service.log_observer = observer_for(twistd, options.config.log_level,
-                                            call_from_thread=reactor.callFromThread)
+                                            call_from_thread=IReactorFromThreads(
+                                                reactor).callFromThread)
     return service

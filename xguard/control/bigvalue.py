@@ -81,7 +81,14 @@ class _Spread:
 class BigUnicode(_Spread, amp.Unicode):
     """A text argument of any length (UTF-8 on the wire)."""
 
+    def __init__(self, optional: bool = False) -> None:
+        super().__init__(optional)  # type: ignore[no-untyped-call]  # amp's, untyped
+
 
 class BigAmpList(_Spread, amp.AmpList):
     """An :class:`amp.AmpList` that may hold more than 64 KiB of entries
     (a host runs thousands of sockets)."""
+
+    def __init__(self, subargs: list[tuple[bytes, amp.Argument]],
+                 optional: bool = False) -> None:
+        super().__init__(subargs, optional)  # type: ignore[no-untyped-call]

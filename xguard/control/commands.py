@@ -77,7 +77,7 @@ class VarstoreCreate(Command):
 
     arguments = [(b"dbg", Unicode()), (b"vm_uuid", Unicode()), (b"gid", Integer()),
                  (b"path", Unicode())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -85,7 +85,7 @@ class VarstoreDestroy(Command):
     """Stop serving a varstored socket and remove it."""
 
     arguments = [(b"dbg", Unicode()), (b"gid", Integer()), (b"path", Unicode())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -94,7 +94,7 @@ class VtpmCreate(Command):
 
     arguments = [(b"dbg", Unicode()), (b"vm_uuid", Unicode()), (b"gid", Integer()),
                  (b"path", Unicode())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -102,7 +102,7 @@ class VtpmDestroy(Command):
     """Stop serving a swtpm socket and remove it."""
 
     arguments = [(b"dbg", Unicode()), (b"gid", Integer()), (b"path", Unicode())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -110,7 +110,7 @@ class VtpmSetContents(Command):
     """Replace a vTPM's whole contents (cached in order while upstream is away)."""
 
     arguments = [(b"dbg", Unicode()), (b"vtpm_uuid", Unicode()), (b"contents", BigUnicode())]
-    response: list = []
+    response = []
     errors = ERRORS
 
 
@@ -125,7 +125,7 @@ class VtpmGetContents(Command):
 class ListSockets(Command):
     """Every domain socket served: path, vm_uuid, gid, service."""
 
-    arguments: list = []
+    arguments = []
     response = [(b"sockets", BigAmpList([(b"path", Unicode()), (b"vm_uuid", Unicode()),
                                          (b"gid", Integer()), (b"service", Unicode())]))]
     errors = ERRORS
@@ -134,7 +134,7 @@ class ListSockets(Command):
 class Status(Command):
     """The daemon's status as a JSON document."""
 
-    arguments: list = []
+    arguments = []
     response = [(b"status", BigUnicode())]
     errors = ERRORS
 
@@ -143,5 +143,5 @@ class Restart(Command):
     """Restart in place (re-exec) handing every listening socket over."""
 
     arguments = [(b"dbg", Unicode())]
-    response: list = []
+    response = []
     errors = ERRORS

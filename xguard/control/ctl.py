@@ -28,8 +28,10 @@ from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionRefusedError
+from twisted.internet.protocol import connectionDone
 from twisted.protocols import amp
 from twisted.python import usage
+from twisted.python.failure import Failure
 
 from .. import __version__
 from ..status import CacheStatus, DaemonStatus, UpstreamStatus, from_json
@@ -63,6 +65,7 @@ class _Help(Exception):
 
 class _Options(usage.Options):
     longdesc = ""  # else usage.Options shows __main__'s docstring
+    synopsis = ""
 
     def getSynopsis(self) -> str:
         parent = getattr(self, "parent", None)
@@ -99,14 +102,14 @@ class _CommandOptions(_Options):
 class _CreateOptions(_CommandOptions):
     synopsis = "DBG VM_UUID GID PATH"
 
-    def parseArgs(self, dbg: str, vm_uuid: str, gid: str, path: str) -> None:
+    def parseArgs(self, dbg: str, vm_uuid: str, gid: str, path: str) -> None:  # type: ignore[override]  # usage.Options' way
         self.update(dbg=dbg, vm_uuid=vm_uuid, gid=_gid(gid), path=path)
 
 
 class _DestroyOptions(_CommandOptions):
     synopsis = "DBG GID PATH"
 
-    def parseArgs(self, dbg: str, gid: str, path: str) -> None:
+    def parseArgs(self, dbg: str, gid: str, path: str) -> None:  # type: ignore[override]  # usage.Options' way
         self.update(dbg=dbg, gid=_gid(gid), path=path)
 
 
@@ -115,14 +118,14 @@ class _SetContentsOptions(_CommandOptions):
     longdesc = ("CONTENTS '-' reads the contents from standard input (one trailing "
                 "newline dropped): contents of several MiB do not fit in an argument.")
 
-    def parseArgs(self, dbg: str, vtpm_uuid: str, contents: str) -> None:
+    def parseArgs(self, dbg: str, vtpm_uuid: str, contents: str) -> None:  # type: ignore[override]  # usage.Options' way
         self.update(dbg=dbg, vtpm_uuid=vtpm_uuid, contents=contents)
 
 
 class _GetContentsOptions(_CommandOptions):
     synopsis = "DBG VTPM_UUID"
 
-    def parseArgs(self, dbg: str, vtpm_uuid: str) -> None:
+    def parseArgs(self, dbg: str, vtpm_uuid: str) -> None:  # type: ignore[override]  # usage.Options' way
         self.update(dbg=dbg, vtpm_uuid=vtpm_uuid)
 
 
@@ -350,23 +353,28 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
     return text
 
 
+#: What a command may fail with, for ``except``: AMP's errors and ours.
+_ERROR_TYPES: tuple[type[BaseException], ...] = (amp.AmpError, *ERRORS)
+
+
 # -- driver -----------------------------------------------------------------
 class _Client(amp.AMP):
     """An AMP client that tells when its connection is gone."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # amp's, untyped
         self.lost: Deferred[None] = Deferred()
 
-    def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
         if not self.lost.called:
             self.lost.callback(None)
 
 
 def connect_unix(reactor: Any, path: str) -> "Deferred[amp.AMP]":
     """An AMP connection to the daemon's control socket."""
-    return connectProtocol(UNIXClientEndpoint(reactor, path), _Client())
+    connected: Deferred[amp.AMP] = connectProtocol(UNIXClientEndpoint(reactor, path), _Client())
+    return connected
 
 
 async def _wait_ready(reactor: Any, connect: Connect, path: str, timeout: float,
@@ -442,9 +450,9 @@ def run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[str], *,
 async def _run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[str],
                stdin: IO[str] | None, environ: Mapping[str, str], connect: Connect,
                euid: int, tz: tzinfo | None) -> int:
-    config = Options()
+    config = Options()  # type: ignore[no-untyped-call]  # usage.Options, untyped
     try:
-        config.parseOptions(list(argv))
+        config.parseOptions(list(argv))  # type: ignore[no-untyped-call]
     except _Help as e:
         stdout.write(f"{e}\n")
         return 0
@@ -469,13 +477,13 @@ async def _run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[st
         stderr.write(f"xguard-ctl: {_cannot_connect(path, e)}\n")
         return 1
     try:
-        await _COMMANDS[config.subCommand](proto, sub, stdout)
+        await _COMMANDS[str(config.subCommand)](proto, sub, stdout)  # postOptions: one is set
     except ConnectionClosed as e:
         hint = (": the control channel serves root only; run as root" if euid != 0
                 else f": {e}")
         stderr.write(f"xguard-ctl: xguard at {path} closed the connection{hint}\n")
         return 1
-    except (amp.AmpError, *ERRORS) as e:
+    except _ERROR_TYPES as e:
         stderr.write(f"xguard-ctl: {_describe(e)}\n")
         return 1
     finally:

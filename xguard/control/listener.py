@@ -110,4 +110,6 @@ class ControlListener:
 
 
 async def _stop(port: IListeningPort) -> None:
-    await port.stopListening()
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped

@@ -52,6 +52,9 @@ class ControlProtocol(amp.AMP):
     log = Logger()
     _dropped = False
 
+    def __init__(self, locator: object) -> None:
+        super().__init__(locator=locator)  # type: ignore[no-untyped-call]  # amp's, untyped
+
     def dataReceived(self, data: bytes) -> None:
         if self._dropped:
             return

@@ -222,8 +222,11 @@ def peer_credentials(transport: ITransport) -> tuple[int, int] | None:
     unmapped uid, and is refused either way."""
     if not ISystemHandle.providedBy(transport):
         return None
-    handle = transport.getHandle()  # type: ignore[attr-defined]
-    raw = handle.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    handle = ISystemHandle(transport).getHandle()
+    getsockopt = getattr(handle, "getsockopt", None)
+    if getsockopt is None:
+        raise OSError(f"no socket behind the transport ({type(handle).__name__})")
+    raw = getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     pid, uid, _gid = _UCRED.unpack(raw)
     return pid, uid
 
@@ -313,4 +316,5 @@ def control_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
     ``mode=600`` unless it names a mode itself (root only, SPEC §8)."""
     if description.startswith("unix:") and ":mode=" not in description:
         description += ":mode=600"
-    return serverFromString(reactor, description)
+    endpoint: IStreamServerEndpoint = serverFromString(reactor, description)
+    return endpoint

@@ -51,13 +51,16 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.internet.task import deferLater
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import MethodNotAllowed
 
 from .drain import Connections
 from .framing import ChunkedDecoder, FramingError, body_length, origin_form
@@ -153,6 +156,10 @@ class _LimitedChannel(http.HTTPChannel):
     """An HTTPChannel with strict framing, a body limit, a whole-request
     deadline and lingering refusals."""
 
+    #: The accepted UNIX connection (its flow control and state flags).
+    transport: Connection | None
+    site: DomainSite | None = None
+
     max_body = MAX_BODY
     request_timeout: float | None = DEFAULT_TIMEOUT
     linger_bytes = LINGER_BYTES
@@ -192,7 +199,8 @@ class _LimitedChannel(http.HTTPChannel):
             # Another connection of this socket parsed input in this
             # iteration: keep this and stop reading until our turn.
             self._held.append(data)
-            self.transport.pauseProducing()
+            if self.transport is not None:
+                self.transport.pauseProducing()
             return
         super().dataReceived(data)
 
@@ -363,7 +371,7 @@ class _LimitedChannel(http.HTTPChannel):
                 self._deadline.cancel()
             self._deadline = None
 
-    def connectionLost(self, reason: object) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         self._held = []
         if self.turns is not None:
@@ -454,7 +462,9 @@ class DomainSite(Site):
         """Fires on a later reactor iteration, after pending I/O."""
         return deferLater(self.reactor, 0, lambda: None)
 
-    def buildProtocol(self, addr: object) -> _LimitedChannel:
+    # A plain HTTP/1.1 channel, not Twisted's wrapper that may switch to
+    # HTTP/2 (the domain sockets speak HTTP/1.1 only).
+    def buildProtocol(self, addr: object) -> _LimitedChannel:  # type: ignore[override]
         if self._on_connection is not None:
             self._on_connection()
         channel = _LimitedChannel()
@@ -465,8 +475,8 @@ class DomainSite(Site):
         channel.request_timeout = self.timeOut
         channel.linger_bytes = self.linger_bytes
         channel.linger_timeout = self.linger_timeout
-        channel.timeOut = self.timeOut
-        channel.callLater = self.reactor.callLater  # type: ignore[method-assign]
+        channel.timeOut = self.timeOut  # type: ignore[assignment]  # a float works: Twisted says int
+        channel.callLater = self.reactor.callLater  # type: ignore[method-assign,assignment]
         channel._log = self.logger(_NAMESPACE)
         channel.turns = self.turns
         channel.connections = self.connections
@@ -552,7 +562,7 @@ def request_logger(request: IRequest, log: Logger) -> Logger:
     return site.logger(log.namespace)
 
 
-def plain_response(request: http.Request, code: int, text: str) -> bytes:
+def plain_response(request: IRequest, code: int, text: str) -> bytes:
     """A short text answer with a Content-Length (never chunked): the body
     the Klein apps give for their HTTP errors."""
     body = (text.rstrip("\n") + "\n").encode("utf-8")
@@ -562,7 +572,7 @@ def plain_response(request: http.Request, code: int, text: str) -> bytes:
     return body
 
 
-def routing_error_response(request: http.Request, error: HTTPException) -> bytes:
+def routing_error_response(request: IRequest, error: BaseException | None) -> bytes:
     """werkzeug's routing errors as the domain apps answer them: 405 with
     ``Allow`` for a method the route does not take, 404 for anything else
     (an unknown path, or a path werkzeug would redirect)."""

@@ -518,8 +518,8 @@ class SocketRegistry:
             return
         keep: str | None = path + KEEP_SUFFIX
         try:
-            safe_unlink(keep)
-            os.link(path, keep)
+            safe_unlink(path + KEEP_SUFFIX)
+            os.link(path, path + KEEP_SUFFIX)
         except OSError as e:
             self.log.warn("socket file {path} will be recreated on restart, not kept: {error}",
                           path=path, error=str(e))

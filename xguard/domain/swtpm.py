@@ -28,6 +28,7 @@ competes with itself and delays other VMs by one step at most.
 from __future__ import annotations
 
 import binascii
+from typing import cast
 
 from klein import Klein
 from twisted.internet.defer import Deferred, DeferredLock
@@ -177,7 +178,7 @@ class SwtpmSocket:
 
     @app.handle_errors(HTTPError)
     def http_error(self, request: IRequest, failure: Failure) -> bytes:
-        error = failure.value
+        error = cast(HTTPError, failure.value)  # handle_errors(HTTPError): nothing else
         return plain_response(request, error.code, error.text)
 
     @app.handle_errors(WerkzeugHTTPException)

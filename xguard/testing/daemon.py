@@ -138,7 +138,8 @@ class Daemon:
         return result
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self.ctl("status", "--json").stdout)
+        doc: dict[str, Any] = json.loads(self.ctl("status", "--json").stdout)
+        return doc
 
     def cleanup(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -123,7 +123,7 @@ class FakeSystemd:
     def _handle(self, message: Message) -> None:
         fields = message.fields
         if fields.get("FDSTORE") == "1":
-            name = fields.get("FDNAME", "stored")
+            name = fields.get("FDNAME") or "stored"
             for fd in message.fds:
                 if (len(self.store) >= self.fdstore_max
                         or any(_same_socket(fd, kept) for _, kept in self.store)):
@@ -134,11 +134,11 @@ class FakeSystemd:
         for fd in message.fds:
             os.close(fd)
         if fields.get("FDSTOREREMOVE") == "1":
-            name = fields.get("FDNAME")
+            removed = fields.get("FDNAME")
             for kept_name, fd in self.store:
-                if kept_name == name:
+                if kept_name == removed:
                     os.close(fd)
-            self.store = [(n, fd) for n, fd in self.store if n != name]
+            self.store = [(n, fd) for n, fd in self.store if n != removed]
         for state in ("READY", "RELOADING", "STOPPING"):
             if fields.get(state) == "1":
                 self.states.append((message.pid, state))

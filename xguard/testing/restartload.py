@@ -143,6 +143,8 @@ class VarstoredClient(_Client):
         if response.status != 200:
             raise RuntimeError(f"HTTP {response.status}")
         (answer,), _ = xmlrpc.client.loads(data)
+        if not isinstance(answer, dict):
+            raise RuntimeError(f"not an xapi answer: {answer!r}")
         if answer.get("Status") != "Success":
             raise RuntimeError(f"Failure {answer.get('ErrorDescription')}")
 
