@@ -16,7 +16,7 @@ from zope.interface import implementer
 from xguard.cache.known import KnownState
 from xguard.errors import NoVtpm, PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from xguard.interfaces import IItemWriter, IUpstream
-from xguard.items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
+from xguard.items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
 from xguard.locks import KeyedLocks
 from xguard.model import Service
 from xguard.status import DaemonStatus, UpstreamStatus
@@ -212,12 +212,12 @@ class StoreKit:
         self.locks = KeyedLocks()
         self.vtpm_sink = VtpmSink(upstream, self.locks, self.known)
         self.nvram_sink = NvramSink(upstream, self.locks, self.known)
-        self.tpm = self.tpm_store(DirectWriter(self.vtpm_sink), deadline=deadline)
-        self.nvram = NvramStore(DirectWriter(self.nvram_sink), self.nvram_sink, self.known,
+        self.tpm = self.tpm_keys(DirectWriter(self.vtpm_sink), deadline=deadline)
+        self.nvram = VmNvram(DirectWriter(self.nvram_sink), self.nvram_sink, self.known,
                                 clock=self.clock, deadline=deadline)
 
-    def tpm_store(self, writer: Any, deadline: float = 3.0) -> TpmStore:
-        return TpmStore(writer, self.vtpm_sink, self.known, clock=self.clock, deadline=deadline)
+    def tpm_keys(self, writer: Any, deadline: float = 3.0) -> TpmKeys:
+        return TpmKeys(writer, self.vtpm_sink, self.known, clock=self.clock, deadline=deadline)
 
     def vtpm_contents(self, writer: Any = None,
                       candidates: Callable[[], Any] = lambda: ()) -> VtpmContents:

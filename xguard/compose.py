@@ -6,7 +6,7 @@ file and no socket; the stages do, when the service starts them.
 
 Who talks to whom (doc/architecture.md draws it):
 
-- domain sockets (``DomainSite`` per socket) → ``TpmStore``/``NvramStore``
+- domain sockets (``DomainSite`` per socket) → ``TpmKeys``/``VmNvram``
   → a writer per service (the write-back cache, or ``DirectWriter`` with
   ``--no-cache``) → a sink per service → the upstream;
 - reads fall back to the last known state (``KnownState``), which the sinks
@@ -46,7 +46,7 @@ from .durable import makedirs
 from .fdstore import FdStore
 from .handover import Handover
 from .interfaces import IItemSink, IItemWriter, IUpstream
-from .items import DirectWriter, NvramSink, NvramStore, TpmStore, VtpmSink
+from .items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
 from .locks import KeyedLocks
 from .memory import IdleTrimmer
 from .metrics import Metrics, MetricsListener
@@ -115,8 +115,8 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
     swtpm_writer, nvram_writer = writer(vtpm_sink), writer(nvram_sink)
     writers = {Kind.SWTPM: swtpm_writer, Kind.VARSTORED: nvram_writer}
     caches = {kind: w for kind, w in writers.items() if isinstance(w, WriteBackCache)}
-    tpm = TpmStore(swtpm_writer, vtpm_sink, known, clock=reactor, deadline=cfg.direct_deadline)
-    nvram = NvramStore(nvram_writer, nvram_sink, known, clock=reactor,
+    tpm = TpmKeys(swtpm_writer, vtpm_sink, known, clock=reactor, deadline=cfg.direct_deadline)
+    nvram = VmNvram(nvram_writer, nvram_sink, known, clock=reactor,
                        deadline=cfg.direct_deadline)
 
     activity = _Activity()

@@ -24,7 +24,7 @@ from .errors import TransientUpstreamError, UpstreamError
 __all__ = ["within", "within_or", "DeadlineExceeded"]
 
 T = TypeVar("T")
-_log = Logger(namespace="xguard.deadlines")
+log = Logger(namespace="xguard.deadlines")
 
 
 class DeadlineExceeded(TransientUpstreamError):
@@ -56,7 +56,7 @@ def within(clock: IReactorTime, seconds: float, work: "Deferred[T]",
             # report (upstream's reachability already noted it); anything
             # else is a bug and must not vanish.
             if isinstance(result, Failure) and not result.check(UpstreamError):
-                _log.failure("{what}: late failure after the deadline", result, what=what)
+                log.failure("{what}: late failure after the deadline", result, what=what)
             return None
         if isinstance(result, Failure):
             out.errback(result)

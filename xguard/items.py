@@ -14,7 +14,7 @@ order and before the write is acknowledged.
 
 :class:`DirectWriter` is the no-cache writer; the write-back cache
 (:mod:`xguard.cache`) provides the same :class:`IItemWriter` seam.
-:class:`TpmStore` and :class:`NvramStore` are what the domain sockets use:
+:class:`TpmKeys` and :class:`VmNvram` are what the domain sockets use:
 reads see the latest pending version first, then upstream, then the last
 known state. Upstream gets the direct deadline only when there is a last
 known state to fall back on: without one, waiting longer is better than a
@@ -38,7 +38,7 @@ from .interfaces import IItemSink, IItemWriter, IUpstream
 from .locks import KeyedLocks
 from .model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
 
-__all__ = ["VtpmSink", "NvramSink", "DirectWriter", "TpmStore", "NvramStore"]
+__all__ = ["VtpmSink", "NvramSink", "DirectWriter", "TpmKeys", "VmNvram"]
 
 T = TypeVar("T")
 
@@ -212,7 +212,7 @@ class DirectWriter:
         return set()
 
 
-class TpmStore:
+class TpmKeys:
     """The swtpm socket's view of its VM's vTPM keys.
 
     :param deadline: seconds a read waits for upstream before it is served
@@ -240,7 +240,7 @@ class TpmStore:
         return self.writer.write(vm_uuid, key, content)
 
 
-class NvramStore:
+class VmNvram:
     """The varstored socket's view of its VM's NVRAM and secure-boot state."""
 
     def __init__(self, writer: IItemWriter, sink: NvramSink, known: KnownState, *,

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from tests.unit.cachehelpers import VM1, VM2, Env
 from xguard.cache.layout import Item
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
-from xguard.items import TpmStore
+from xguard.items import TpmKeys
 from xguard.model import TpmKey, TpmState
 from xguard.vtpm_contents import VtpmContents
 
@@ -72,7 +72,7 @@ class CacheModel(RuleBasedStateMachine):
         self.vtpms = VtpmContents(env.upstream, env.sink, self.cache, env.known,
                                   candidates=lambda: sorted(env.live), clock=env.clock,
                                   deadline=3.0)
-        self.store = TpmStore(self.cache, env.sink, env.known, clock=env.clock, deadline=3.0)
+        self.store = TpmKeys(self.cache, env.sink, env.known, clock=env.clock, deadline=3.0)
 
     def teardown(self) -> None:
         self.settle()

@@ -10,8 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.unit.cachehelpers import VM1, VM2, Env
+from xguard.cache.files import VersionFiles
 from xguard.cache.layout import Version
-from xguard.cache.store import DiskStore
 from xguard.errors import CacheUnavailable, PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IItemWriter, IStatusSource
 from xguard.model import NvramWrite
@@ -188,7 +188,7 @@ class ModeTests(CacheTestCase):
         self.successResultOf(env.cache.stop())
 
 
-class FullDisk(DiskStore):
+class FullDisk(VersionFiles):
     """A disk that refuses writes while ``full`` (after ``room`` more)."""
 
     full = False
@@ -205,7 +205,7 @@ class FullDisk(DiskStore):
 class DiskErrorTests(CacheTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.disk = self.cache.store = FullDisk(self.env.root, self.cache.service)
+        self.disk = self.cache.files = FullDisk(self.env.root, self.cache.service)
         self.events: list[dict[str, Any]] = []
         self.cache.log = Logger(observer=self.events.append)
 
@@ -259,7 +259,7 @@ class DeliveredDeletionTests(CacheTestCase):
 
     def test_one_batch_per_round_and_the_tree_is_pruned(self) -> None:
         batches: list[int] = []
-        store = self.cache.store
+        store = self.cache.files
         delete_many = store.delete_many
 
         def counting(versions: list[Version]) -> None:
@@ -279,7 +279,7 @@ class DeliveredDeletionTests(CacheTestCase):
     def test_a_failed_deletion_keeps_the_items_pending(self) -> None:
         self.env.upstream.down = True
         self.successResultOf(self.cache.write(VM1, 0, b"v"))
-        store = self.cache.store
+        store = self.cache.files
         delete_many = store.delete_many
         store.delete_many = lambda versions: (_ for _ in ()).throw(  # type: ignore[method-assign]
             OSError(5, "Input/output error"))
@@ -372,7 +372,7 @@ class SyncRemovalTests(SynchronousTestCase):
         import os
         import tempfile
 
-        from xguard.cache.store import sync_removal
+        from xguard.cache.files import sync_removal
 
         root = tempfile.mkdtemp(prefix="xgs")
         item = os.path.join(root, "Swtpm", "vm", "0")

@@ -12,7 +12,7 @@ from zope.interface.verify import verifyObject
 from tests.fakes import FakeUpstream, PendingWriter, StoreKit
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IItemSink, IItemWriter, IUpstream
-from xguard.items import DirectWriter, NvramStore, TpmStore
+from xguard.items import DirectWriter, TpmKeys, VmNvram
 from xguard.model import NvramWrite, TpmKey, TpmState
 
 VM = "11111111-2222-3333-4444-555555555555"
@@ -174,12 +174,12 @@ class StoreTests(SynchronousTestCase):
         self.addCleanup(self.kit.cleanup)
         self.clock = self.kit.clock
 
-    def get(self, store: TpmStore, key: TpmKey = TpmKey.PERMALL) -> Deferred[bytes]:
+    def get(self, store: TpmKeys, key: TpmKey = TpmKey.PERMALL) -> Deferred[bytes]:
         return ensureDeferred(store.get(VM, key))
 
     def test_tpm_get_prefers_pending(self) -> None:
         self.upstream.vtpms[self.vtpm] = "up"
-        store = self.kit.tpm_store(PendingWriter({(VM, 0): b"pending"}))
+        store = self.kit.tpm_keys(PendingWriter({(VM, 0): b"pending"}))
         self.assertEqual(self.successResultOf(self.get(store)), b"pending")
         self.assertEqual(self.upstream.count("get_vtpm_contents"), 0)
 
@@ -212,7 +212,7 @@ class StoreTests(SynchronousTestCase):
 
     def test_nvram_overlay(self) -> None:
         writer = PendingWriter({(VM, 0): NvramWrite("new", "no").encode()})
-        store = NvramStore(writer, self.kit.nvram_sink, self.kit.known, clock=self.clock,
+        store = VmNvram(writer, self.kit.nvram_sink, self.kit.known, clock=self.clock,
                            deadline=3.0)
         self.assertEqual(self.successResultOf(ensureDeferred(store.get(VM))),
                          {"other": "o", "EFI-variables": "new"})
@@ -223,7 +223,7 @@ class StoreTests(SynchronousTestCase):
     def test_nvram_pending_served_while_upstream_down(self) -> None:
         writer = PendingWriter({(VM, 0): NvramWrite("new", "no").encode()})
         self.upstream.down = True
-        store = NvramStore(writer, self.kit.nvram_sink, self.kit.known, clock=self.clock,
+        store = VmNvram(writer, self.kit.nvram_sink, self.kit.known, clock=self.clock,
                            deadline=3.0)
         self.assertEqual(self.successResultOf(ensureDeferred(store.get(VM))),
                          {"EFI-variables": "new"})
@@ -256,7 +256,7 @@ class StoreTests(SynchronousTestCase):
 
     def test_nvram_set_encodes_flag(self) -> None:
         pending: dict[Any, bytes] = {}
-        store = NvramStore(PendingWriter(pending), self.kit.nvram_sink, self.kit.known,
+        store = VmNvram(PendingWriter(pending), self.kit.nvram_sink, self.kit.known,
                            clock=self.clock, deadline=3.0)
         self.successResultOf(store.set_efi_variables(VM, "v", "yes"))
         self.assertEqual(NvramWrite.decode(pending[VM, 0]), NvramWrite("v", "yes"))

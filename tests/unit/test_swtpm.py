@@ -33,7 +33,7 @@ class SwtpmTests(SynchronousTestCase):
         self.use(DirectWriter(self.sink))
 
     def use(self, writer: IItemWriter) -> None:
-        self.socket = SwtpmSocket(VM, self.kit.tpm_store(writer))
+        self.socket = SwtpmSocket(VM, self.kit.tpm_keys(writer))
         self.treq = StubTreq(self.socket.resource())
 
     def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:

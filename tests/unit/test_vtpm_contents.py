@@ -7,7 +7,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cachehelpers import VM1, VM2, Env
 from xguard.errors import InvalidContents, TransientUpstreamError
-from xguard.items import TpmStore
+from xguard.items import TpmKeys
 from xguard.model import TpmKey
 from xguard.vtpm_contents import VtpmContents
 
@@ -29,7 +29,7 @@ class VtpmContentsTests(SynchronousTestCase):
         self.vtpms = VtpmContents(env.upstream, env.sink, self.cache, env.known,
                                   candidates=lambda: sorted(env.live), clock=env.clock,
                                   deadline=3.0)
-        self.tpm = TpmStore(self.cache, env.sink, env.known, clock=env.clock, deadline=3.0)
+        self.tpm = TpmKeys(self.cache, env.sink, env.known, clock=env.clock, deadline=3.0)
 
     def tearDown(self) -> None:
         self.successResultOf(self.cache.stop())

@@ -49,10 +49,10 @@ from ..interfaces import IItemSink, IItemWriter, IStatusSource
 from ..locks import KeyedLocks
 from ..status import CacheStatus, Quarantined
 from . import recovery
+from .files import VersionFiles
 from .flusher import Flusher, default_backoff
 from .layout import Batch, Item, Version, service_dir
 from .machine import _CacheCore, _CacheInputs, build_machine
-from .store import DiskStore
 
 __all__ = ["WriteBackCache"]
 
@@ -89,7 +89,7 @@ class WriteBackCache:
         self.monotonic_ns = monotonic_ns
         self.direct_deadline = direct_deadline
         self.enabled = enabled
-        self.store = DiskStore(root, self.service)
+        self.files = VersionFiles(root, self.service)
         self.lock = DeferredLock()
         self.vm_locks = KeyedLocks()
         self.queue: DeferredQueue[Version] = DeferredQueue(size=queue_size)
@@ -138,10 +138,10 @@ class WriteBackCache:
                           "never acknowledged (the daemon stopped mid-write)",
                           service=self.service.value, n=unacknowledged)
         versions = recovery.kept_versions(actions)
-        sizes = await self.runner(self.store.sizes, versions)
+        sizes = await self.runner(self.files.sizes, versions)
         for v in versions:
             self._record(v, sizes[v])
-        self.quarantined = await self.runner(self.store.quarantined)
+        self.quarantined = await self.runner(self.files.quarantined)
         if versions:
             self.log.info("{service} cache: {n} pending items recovered",
                           service=self.service.value, n=len(versions))
@@ -288,7 +288,7 @@ class WriteBackCache:
             for version, content in batch.entries:
                 if self._newest.get(version.item, -1) > version.ts:
                     continue  # a newer version is already acknowledged: superseded
-                await self.runner(self.store.write, version, content)
+                await self.runner(self.files.write, version, content)
                 written.append(version)
         except OSError as e:
             await self._refused_by_disk(written, e)
@@ -321,7 +321,7 @@ class WriteBackCache:
         self.disk_error = error.strerror or str(error)
         for version in written:
             try:
-                await self.runner(self.store.delete, version)
+                await self.runner(self.files.delete, version)
             except OSError:
                 self._record(version, 0)  # still on disk: it will be delivered
 
@@ -361,7 +361,7 @@ class WriteBackCache:
 
     async def _forget(self, version: Version) -> None:
         """Delete ``version``'s file, then drop it from the index."""
-        await self.runner(self.store.delete, version)
+        await self.runner(self.files.delete, version)
         self._unindex(version)
 
     async def _superseded_by(self, versions: Iterable[Version]) -> None:
@@ -382,7 +382,7 @@ class WriteBackCache:
             if not versions:
                 return None
             version = Version(item, versions[-1])
-            data = await self.runner(self.store.read, version)
+            data = await self.runner(self.files.read, version)
             if data is not None:
                 return version, data
             if self.index.get(item, [])[-1:] == [version.ts]:
@@ -405,7 +405,7 @@ class WriteBackCache:
                     if ts not in self.index.get(item, []):
                         self._record(Version(item, ts), 0)
             return sorted(on_disk)
-        return self.runner(self.store.scan).addCallback(found)
+        return self.runner(self.files.scan).addCallback(found)
 
     # -- what the flusher uses (FlushTarget) --------------------------------
     def next_batch(self) -> "Deferred[list[Item] | None]":
@@ -425,7 +425,7 @@ class WriteBackCache:
         one go (one trip to the I/O threads, not one per key)."""
         latest = {key: Version(Item(vm, key), self.index[Item(vm, key)][-1])
                   for key in sorted(keys) if self.index.get(Item(vm, key))}
-        contents = await self.runner(self.store.read_many, list(latest.values()))
+        contents = await self.runner(self.files.read_many, list(latest.values()))
         out: dict[int, tuple[Version, bytes]] = {}
         for key, version in latest.items():
             data = contents.get(version)
@@ -464,10 +464,10 @@ class WriteBackCache:
                 self._record(version, 0)
             return failure
 
-        return self.runner(self.store.delete_many, done).addErrback(failed)
+        return self.runner(self.files.delete_many, done).addErrback(failed)
 
     async def quarantine(self, version: Version, reason: str) -> None:
-        path = await self.runner(self.store.quarantine, version, reason)
+        path = await self.runner(self.files.quarantine, version, reason)
         self._unindex(version)
         self.quarantined.append(Quarantined(vm=version.item.vm, key=version.item.key, file=path,
                                             reason=reason))

@@ -174,6 +174,8 @@ class _LimitedChannel(http.HTTPChannel):
     _deadline: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
     _discarded = 0
+    # HTTPChannel's own logger's name, so that what twisted.web logs about a
+    # connection goes through the socket's rate limit too (buildProtocol).
     _log = Logger(namespace=_NAMESPACE)
 
     def connectionMade(self) -> None:
@@ -420,7 +422,7 @@ class DomainSite(Site):
     noisy = False
     protocol = _LimitedChannel  # type: ignore[assignment]
     requestFactory = _LimitedRequest
-    _log = Logger()
+    _log = Logger()  # Site's own logger's name: what twisted.web logs goes here
 
     def __init__(
         self,

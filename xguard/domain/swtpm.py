@@ -39,7 +39,7 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from ..errors import PermanentUpstreamError, TransientUpstreamError
-from ..items import TpmStore
+from ..items import TpmKeys
 from ..model import TpmKey
 from .site import VmResource, next_turn, plain_response, request_logger, routing_error_response
 from .steps import Steps, run_steps
@@ -85,15 +85,15 @@ class SwtpmSocket:
     """The REST app of one VM's swtpm socket.
 
     :param vm_uuid: the VM whose vTPM every request acts on.
-    :param store: reads (latest pending version first) and durable writes.
+    :param keys: reads (latest pending version first) and durable writes.
     """
 
     app = Klein()
     log = Logger()
 
-    def __init__(self, vm_uuid: str, store: TpmStore) -> None:
+    def __init__(self, vm_uuid: str, keys: TpmKeys) -> None:
         self.vm_uuid = vm_uuid
-        self.store = store
+        self.keys = keys
         # One request at a time, in arrival order (SPEC §4.2).
         self._lock = DeferredLock()
 
@@ -145,13 +145,13 @@ class SwtpmSocket:
 
     async def _get(self, key: TpmKey, log: Logger) -> bytes:
         try:
-            return await self.store.get(self.vm_uuid, key)
+            return await self.keys.get(self.vm_uuid, key)
         except Exception as e:  # noqa: BLE001 - mapped to a status swtpm retries
             raise self._upstream_failed("GET", key, e, log) from None
 
     async def _put(self, key: TpmKey, body: bytes, log: Logger) -> None:
         try:
-            await self.store.put(self.vm_uuid, key, body)
+            await self.keys.put(self.vm_uuid, key, body)
         except Exception as e:  # noqa: BLE001 - mapped to a status swtpm retries
             raise self._upstream_failed("PUT", key, e, log) from None
         log.debug("Stored {key} of VM {vm} ({size} bytes)",

@@ -43,7 +43,7 @@ from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from ..errors import UpstreamError
 from ..interfaces import IUpstream
-from ..items import NvramStore
+from ..items import VmNvram
 from ..model import normalise_update
 from .site import (
     VmResource,
@@ -133,7 +133,7 @@ class VarstoredSocket:
     app = Klein()
     log = Logger()
 
-    def __init__(self, vm_uuid: str, upstream: IUpstream, nvram: NvramStore) -> None:
+    def __init__(self, vm_uuid: str, upstream: IUpstream, nvram: VmNvram) -> None:
         self.vm_uuid = vm_uuid
         self.upstream = upstream
         self.nvram = nvram

@@ -66,7 +66,7 @@ __all__ = ["Simulator", "SimState", "Dispatcher", "XapiError", "Call", "XMLRPC",
            "MODES", "load_state", "main"]
 
 MODES = ("up", "refuse", "hang")
-_log = Logger()
+log = Logger()
 
 
 class _Waiting:
@@ -158,7 +158,7 @@ class Simulator:
         except XapiError as e:
             return codec.failure(call, e.codes)
         except Exception:  # noqa: BLE001 - a simulator bug must not kill the connection
-            _log.failure("internal error in {method}", method=call.method)
+            log.failure("internal error in {method}", method=call.method)
             return codec.failure(call, ["INTERNAL_ERROR", call.method])
 
     def _finish(self, waiting: _Waiting) -> None:
@@ -179,7 +179,7 @@ class Simulator:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}")
         old, self.mode = self.mode, mode
-        _log.info("xapisim mode {old} -> {new}", old=old, new=mode)
+        log.info("xapisim mode {old} -> {new}", old=old, new=mode)
         parked, self._parked = self._parked, []
         if mode == "hang":
             self._parked = parked
@@ -477,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     _remove_stale_socket(args.admin_socket)
     IReactorUNIX(reactor).listenUNIX(args.admin_socket, sim.admin_site(), mode=0o600)  # type: ignore[arg-type]
     reactor.addSystemEventTrigger("before", "shutdown", sim.shutdown)
-    _log.info("xapisim serving {addresses} (admin {admin}), {vms} VMs loaded",
+    log.info("xapisim serving {addresses} (admin {admin}), {vms} VMs loaded",
               addresses=sim.status()["addresses"], admin=args.admin_socket,
               vms=len(sim.state.vms))
     reactor.run()

@@ -28,7 +28,7 @@ from .layout import (
     version_path,
 )
 
-__all__ = ["DiskStore", "sync_removal"]
+__all__ = ["VersionFiles", "sync_removal"]
 
 REASON_SUFFIX = ".reason"
 
@@ -50,7 +50,7 @@ def sync_removal(directory: str, root: str) -> None:
             directory = os.path.dirname(directory)
 
 
-class DiskStore:
+class VersionFiles:
     """Durable versions of one service's items below ``root``."""
 
     def __init__(self, root: str, service: Service) -> None:
