@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -41,6 +41,7 @@ from .model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
 __all__ = ["VtpmSink", "NvramSink", "DirectWriter", "TpmKeys", "VmNvram"]
 
 T = TypeVar("T")
+SinkT = TypeVar("SinkT", "VtpmSink", "NvramSink")
 
 
 @implementer(IItemSink)
@@ -212,20 +213,26 @@ class DirectWriter:
         return set()
 
 
-class TpmKeys:
-    """The swtpm socket's view of its VM's vTPM keys.
+class _DomainView(Generic[SinkT]):
+    """What a domain socket's view of its VM's state reads and writes
+    through: the service's writer (pending versions first), the sink's
+    upstream reads, and the last known state.
 
     :param deadline: seconds a read waits for upstream before it is served
-        from the last known state.
+        from the last known state (when there is one).
     """
 
-    def __init__(self, writer: IItemWriter, sink: VtpmSink, known: KnownState, *,
+    def __init__(self, writer: IItemWriter, sink: SinkT, known: KnownState, *,
                  clock: IReactorTime, deadline: float) -> None:
         self.writer = writer
-        self.sink = sink
+        self.sink: SinkT = sink
         self.known = known
         self.clock = clock
         self.deadline = deadline
+
+
+class TpmKeys(_DomainView[VtpmSink]):
+    """The swtpm socket's view of its VM's vTPM keys."""
 
     async def get(self, vm_uuid: str, key: TpmKey) -> bytes:
         pending = await self.writer.pending(vm_uuid, key)
@@ -240,16 +247,8 @@ class TpmKeys:
         return self.writer.write(vm_uuid, key, content)
 
 
-class VmNvram:
+class VmNvram(_DomainView[NvramSink]):
     """The varstored socket's view of its VM's NVRAM and secure-boot state."""
-
-    def __init__(self, writer: IItemWriter, sink: NvramSink, known: KnownState, *,
-                 clock: IReactorTime, deadline: float) -> None:
-        self.writer = writer
-        self.sink = sink
-        self.known = known
-        self.clock = clock
-        self.deadline = deadline
 
     async def get(self, vm_uuid: str) -> dict[str, str]:
         pending = await self.writer.pending(vm_uuid, 0)
