@@ -47,6 +47,13 @@ class Entry:
     path: str = attrs.field(converter=check_socket_path)
     gid: int = attrs.field(validator=_check(check_gid))
     service: Service = attrs.field(validator=attrs.validators.instance_of(Service))
+    #: The record as the file holds it, encoded once: the file is rewritten
+    #: whole at every change, so in a boot storm each save would otherwise
+    #: encode every socket again (6.5 ms of the GIL for 2000 sockets).
+    encoded: bytes = attrs.field(init=False, eq=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        object.__setattr__(self, "encoded", json.dumps(self.to_json()).encode("utf-8"))
 
     def to_json(self) -> dict[str, Any]:
         """The upstream daemon's record (the service is called ``typ``)."""
@@ -111,9 +118,9 @@ def _keep_corrupt(path: str, data: bytes, reason: str) -> None:
 
 
 def dumps(entries: list[Entry]) -> bytes:
-    """The file's content for ``entries``. Compact on purpose: ``indent``
-    disables json's C encoder, and the file is rewritten on every change."""
-    return json.dumps([e.to_json() for e in entries]).encode("utf-8")
+    """The file's content for ``entries``: what ``json.dumps`` of their
+    records gives, joined from each entry's :attr:`Entry.encoded`."""
+    return b"[" + b", ".join(e.encoded for e in entries) + b"]"
 
 
 def save(path: str, entries: list[Entry]) -> None:

@@ -55,6 +55,18 @@ class ActiveFileTests(SynchronousTestCase):
         self.assertEqual(doc[1], {"vm_uuid": VM2, "path": "/x/2.sock", "gid": 6,
                                   "typ": "Varstored"})
 
+    def test_bytes_are_json_dumps_of_the_records(self) -> None:
+        """Each entry is encoded once and the file joined from the pieces:
+        byte for byte what json.dumps of the records gives (also after
+        attrs.evolve, and for no entry at all)."""
+        import attrs
+
+        entries = [Entry(VM1, "/x/1.sock", 5, Service.SWTPM),
+                   attrs.evolve(Entry(VM2, "/x/2.sock", 6, Service.VARSTORED), gid=7)]
+        for some in (entries, entries[:1], []):
+            self.assertEqual(activefile.dumps(some),
+                             json.dumps([e.to_json() for e in some]).encode())
+
     def test_save_is_atomic_and_leaves_no_temp_file(self) -> None:
         self.write("old")
         activefile.save(self.path, [Entry(VM1, "/x/1.sock", 5, Service.SWTPM)])
