@@ -169,6 +169,7 @@ class ModeTests(CacheTestCase):
         self.assertEqual(self.env.tpm(VM1), "y")
         restarted = self.env.build()
         self.successResultOf(restarted.recover())
+        self.addCleanup(lambda: self.successResultOf(restarted.stop()))
         self.assertEqual(len(restarted.status().quarantined), 1)  # survives restarts
 
     def test_disabled_fails_like_direct_writer(self) -> None:
@@ -291,6 +292,43 @@ class DeliveredDeletionTests(CacheTestCase):
         self.env.settle()
         self.assertEqual(self.cache.status().pending, {})
         self.assertEqual(files(self.env.root), [])
+
+
+class SupersededDeletionTests(CacheTestCase):
+    """While cached, each write supersedes the previous version of its item:
+    the older file goes without an fsync of its own (the newer one, in the
+    same directory, is durable), and a crash that brings it back changes
+    nothing (recovery keeps the newest)."""
+
+    def test_superseded_file_goes_unsynced(self) -> None:
+        from xguard.cache import files as files_module
+
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"v1"))
+        synced: list[str] = []
+        real = files_module.sync_removal
+        self.patch(files_module, "sync_removal",
+                   lambda d, root: (synced.append(d), real(d, root)))
+        self.successResultOf(self.cache.write(VM1, 0, b"v2"))
+        self.assertEqual(len(files(self.env.root)), 1)  # v1 is gone
+        self.assertEqual(synced, [])
+        self.assertEqual(self.successResultOf(self.cache.pending(VM1, 0)), b"v2")
+
+    def test_a_resurrected_older_version_is_discarded_by_recovery(self) -> None:
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"v1"))
+        (name,) = files(self.env.root)
+        old = os.path.join(self.env.root, "Swtpm", name)
+        with open(old, "rb") as f:
+            content = f.read()
+        self.successResultOf(self.cache.write(VM1, 0, b"v2"))
+        with open(old, "wb") as f:  # the unlink did not survive a crash
+            f.write(content)
+        restarted = self.env.build()
+        self.successResultOf(restarted.recover())
+        self.addCleanup(lambda: self.successResultOf(restarted.stop()))
+        self.assertEqual(self.successResultOf(restarted.pending(VM1, 0)), b"v2")
+        self.assertEqual(len(files(self.env.root)), 1)
 
 
 class RecoveryTests(SynchronousTestCase):

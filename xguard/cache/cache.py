@@ -304,10 +304,11 @@ class WriteBackCache:
             older += [Version(version.item, t) for t in self.index[version.item]
                       if t < version.ts]
         if older:
-            # Not on the acknowledgement's path: once the new versions are
-            # durable, a crash before these deletions leaves older files
-            # that recovery discards (it keeps only the latest).
-            self._background(self._forget_all(older))
+            # Not on the acknowledgement's path, and not synced: once the
+            # new versions are durable, a crash before (or instead of)
+            # these deletions leaves older files beside them, which
+            # recovery discards (it keeps only the latest).
+            self._background(self._discard_all(older))
 
     async def _refused_by_disk(self, written: list[Version], error: OSError) -> None:
         """One log line per episode; the part of the batch already written
@@ -325,9 +326,11 @@ class WriteBackCache:
             except OSError:
                 self._record(version, 0)  # still on disk: it will be delivered
 
-    async def _forget_all(self, versions: list[Version]) -> None:
+    async def _discard_all(self, versions: list[Version]) -> None:
+        """Remove superseded versions (see :meth:`VersionFiles.discard`)."""
         for version in versions:
-            await self._forget(version)
+            await self.runner(self.files.discard, version)
+            self._unindex(version)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         d: Deferred[None] = ensureDeferred(work)

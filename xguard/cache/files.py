@@ -95,6 +95,14 @@ class VersionFiles:
             sync_removal(os.path.dirname(path), self.root)
         self._prune(item_dir(self.root, self.service, version.item))
 
+    def discard(self, version: Version) -> None:
+        """Remove ``version``, superseded by a newer version of its item
+        that is already durable, without an fsync: the two live in the same
+        directory, so a crash may bring this one back only beside the newer
+        one, and recovery keeps the newest; the next durable change of the
+        directory (the next write's, or a delivery's) persists the removal."""
+        safe_unlink(version_path(self.root, self.service, version))
+
     def delete_many(self, versions: list[Version]) -> None:
         """Remove ``versions`` (a flusher round's deliveries) and the
         directories they leave empty, then make it all durable with one
