@@ -87,15 +87,11 @@ def serve(path: str) -> None:
 def durable_replace(directory: str, name: str, data: bytes, previous: str | None) -> None:
     """What a cached write of a key must do on disk, and nothing else: the
     new version durable (``.pre``, fsync, rename, directory fsync), then the
-    previous version of the key deleted durably (unlink, directory fsync)."""
+    previous version of the key unlinked (no fsync of its own: the newer
+    version beside it is durable, see doc/cache.md)."""
     durable_write(directory, name, data)
     if previous is not None:
         os.unlink(os.path.join(directory, previous))
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
 
 def durable_write(directory: str, name: str, data: bytes) -> None:
