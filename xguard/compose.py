@@ -48,7 +48,7 @@ from .handover import Handover
 from .interfaces import IItemSink, IItemWriter, IUpstream
 from .items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
 from .locks import KeyedLocks
-from .memory import IdleTrimmer
+from .memory import Activity, IdleTrimmer, freeze_startup, limit_arenas
 from .metrics import Metrics, MetricsListener
 from .model import Service as Kind
 from .process import ExitStatus, InstanceLock
@@ -119,7 +119,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
     nvram = VmNvram(nvram_writer, nvram_sink, known, clock=reactor,
                        deadline=cfg.direct_deadline)
 
-    activity = _Activity()
+    activity = Activity()
 
     def site_for(kind: Kind, vm_uuid: str) -> DomainSite:
         if kind is Kind.SWTPM:
@@ -127,8 +127,12 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         else:
             resource = VarstoredSocket(vm_uuid, upstream, nvram).resource()
         return DomainSite(resource, reactor=reactor, timeout=cfg.request_timeout,
-                          on_connection=activity.count,
-                          on_response=lambda code: metrics.domain_request(kind.value, code))
+                          on_connection=activity.connection,
+                          on_response=lambda code: answered(kind, code))
+
+    def answered(kind: Kind, code: int) -> None:
+        activity.answer()
+        metrics.domain_request(kind.value, code)
 
     def vm_gone(vm_uuid: str) -> None:
         """The VM's last socket was destroyed (it stopped, or reboots)."""
@@ -193,15 +197,17 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
     if isinstance(upstream, XapiUpstream):
         upstream.calls.subscribe(metrics.upstream_call)
     metrics_listener = MetricsListener(reactor, cfg.metrics, metrics) if cfg.metrics else None
-    trimmer = IdleTrimmer(reactor, activity.value)
+    trimmer = IdleTrimmer(reactor, activity)
 
     def ready() -> None:
+        freeze_startup()
         sdnotify.notify(sdnotify.READY)
         log.info("xguard ready: {sockets} domain sockets, cache {cache}",
                  sockets=len(registry.entries()), cache="off" if cfg.no_cache else "on")
 
     def prepare() -> None:
         log.info("xguard {version} starting", version=__version__)
+        limit_arenas()  # before the I/O threads start: see xguard.memory
         makedirs(cfg.state_dir, 0o700)
         lock.acquire()
         handover.inherit()
@@ -279,16 +285,3 @@ def _recover_and_start(cache: WriteBackCache) -> Callable[[], "Deferred[None]"]:
     def run() -> "Deferred[None]":
         return cache.recover().addCallback(lambda _: cache.start())
     return run
-
-
-class _Activity:
-    """Counts domain connections (the memory trimmer waits for quiet)."""
-
-    def __init__(self) -> None:
-        self.connections = 0
-
-    def count(self) -> None:
-        self.connections += 1
-
-    def value(self) -> int:
-        return self.connections

@@ -1,12 +1,15 @@
 # -*- test-case-name: tests.unit.test_memory -*-
-"""Give memory freed after a burst back to the operating system.
+"""The daemon's memory after bursts: given back, and cheap to collect.
 
 A boot storm briefly holds thousands of requests (bodies, JSON-RPC
 payloads); once they are done CPython frees the objects but glibc keeps the
 pages, so an idle daemon that went through a storm looks three times its
 real size. ``malloc_trim(0)`` returns them. It runs from a LoopingCall on
-the injected clock, and only after a period without requests, so it never
-competes with traffic.
+the injected clock, and only after a period without connections or
+answers, so it never competes with traffic. One malloc arena
+(:func:`limit_arenas`) keeps the I/O threads' freed memory where the trim
+reaches it; :func:`freeze_startup` keeps the objects that live until exit
+out of every full collection.
 """
 
 from __future__ import annotations
@@ -14,35 +17,98 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import gc
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["IdleTrimmer", "libc_trim"]
+__all__ = ["Activity", "IdleTrimmer", "freeze_startup", "libc_trim", "limit_arenas"]
 
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once: ``find_library`` runs
-    ``ldconfig`` (milliseconds), not something to do on the reactor thread
-    at every trim."""
+    """glibc's ``malloc_trim``, looked up once."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim  # type: ignore[no-any-return]
+
+
+#: mallopt's parameter number for the most malloc arenas (glibc malloc.h).
+_M_ARENA_MAX = -8
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, looked up once: ``find_library`` runs ``ldconfig``
+    (milliseconds), not something to do on the reactor thread."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):
+        return ctypes.CDLL(name)
+    except OSError:
         return None
-    trim.argtypes = [ctypes.c_size_t]
-    return trim
+
+
+def limit_arenas(count: int = 1) -> bool:
+    """Let glibc's malloc use at most ``count`` arenas; False where
+    there is no glibc ``mallopt``.
+
+    By default glibc gives threads their own arenas (up to eight per
+    core). The I/O threads allocate in them during a burst (file contents,
+    JSON), and ``malloc_trim`` does not give back the free memory at the
+    top of a thread's arena: after a 1000-VM storm the daemon kept ~78 MB
+    of free memory there, half its idle size. The threads only wait on the
+    disk, so one shared arena costs them nothing measurable. Call it before
+    the threads start."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return bool(mallopt(_M_ARENA_MAX, count))
+
+
+def freeze_startup() -> int:
+    """Collect, then move every object alive after start-up (modules,
+    classes, each domain socket's site) out of the cyclic collector's
+    reach; returns how many. They live until the process exits, yet every
+    full collection would walk them again: during a 1000-VM boot storm the
+    15 full collections took 7.2 s of the daemon's 40 s of CPU, 4.9 s with
+    the start-up frozen. Garbage made later is collected as before."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def libc_trim() -> bool:
     """``malloc_trim(0)`` where glibc provides it; False elsewhere."""
     trim = _malloc_trim()
     return trim is not None and bool(trim(0))
+
+
+class Activity:
+    """What the trimmer watches: domain connections accepted and requests
+    answered. Answers count too because a storm's requests can wait on
+    upstream for longer than a quiet period without any new connection:
+    counting connections alone let the trimmer run once in the middle of a
+    storm, and never after the storm's garbage was freed."""
+
+    def __init__(self) -> None:
+        self.events = 0
+
+    def connection(self) -> None:
+        self.events += 1
+
+    def answer(self) -> None:
+        self.events += 1
+
+    def __call__(self) -> int:
+        return self.events
 
 
 class IdleTrimmer:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import gc
+import platform
+from unittest import SkipTest
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.memory import IdleTrimmer, libc_trim
+from xguard.memory import Activity, IdleTrimmer, freeze_startup, libc_trim, limit_arenas
 
 
 class IdleTrimmerTests(SynchronousTestCase):
@@ -43,3 +47,42 @@ class IdleTrimmerTests(SynchronousTestCase):
 
     def test_libc_trim_runs(self) -> None:
         self.assertIn(libc_trim(), (True, False))
+
+
+class ActivityTests(SynchronousTestCase):
+    def test_answers_after_a_quiet_period_bring_another_trim(self) -> None:
+        """A storm: connections arrive, then their requests wait on upstream
+        for longer than a period without a new connection, then are
+        answered. The storm's garbage is freed when the answers go out:
+        the trimmer must run after that, not only during the wait."""
+        clock, activity, trims = Clock(), Activity(), []
+        trimmer = IdleTrimmer(clock, activity, interval=10,
+                              trim=lambda: trims.append(clock.seconds()) or True)
+        trimmer.start()
+        for _ in range(100):
+            activity.connection()
+        clock.advance(10)
+        clock.advance(10)
+        self.assertEqual(trims, [20.0])  # the wait looked quiet
+        for _ in range(100):
+            activity.answer()
+        clock.advance(10)
+        clock.advance(10)
+        self.assertEqual(trims, [20.0, 40.0])
+        trimmer.stop()
+
+
+class LimitArenasTests(SynchronousTestCase):
+    def test_limit_arenas_on_glibc(self) -> None:
+        if platform.libc_ver()[0] != "glibc":
+            raise SkipTest("mallopt's arena limit is glibc's")
+        self.assertTrue(limit_arenas())  # mallopt returns 1 on success
+
+
+class FreezeStartupTests(SynchronousTestCase):
+    def test_freezes_what_is_alive(self) -> None:
+        self.addCleanup(gc.unfreeze)
+        kept = [object() for _ in range(10)]
+        frozen = freeze_startup()
+        self.assertGreaterEqual(frozen, len(kept))
+        self.assertEqual(frozen, gc.get_freeze_count())
