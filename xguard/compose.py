@@ -48,7 +48,7 @@ from .handover import Handover
 from .interfaces import IItemSink, IItemWriter, IUpstream
 from .items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
 from .locks import KeyedLocks
-from .memory import Activity, IdleTrimmer, freeze_startup, limit_arenas
+from .memory import Activity, IdleTrimmer, freeze_startup
 from .metrics import Metrics, MetricsListener
 from .model import Service as Kind
 from .process import ExitStatus, InstanceLock
@@ -207,7 +207,6 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
 
     def prepare() -> None:
         log.info("xguard {version} starting", version=__version__)
-        limit_arenas()  # before the I/O threads start: see xguard.memory
         makedirs(cfg.state_dir, 0o700)
         lock.acquire()
         handover.inherit()

@@ -6,10 +6,8 @@ payloads); once they are done CPython frees the objects but glibc keeps the
 pages, so an idle daemon that went through a storm looks three times its
 real size. ``malloc_trim(0)`` returns them. It runs from a LoopingCall on
 the injected clock, and only after a period without connections or
-answers, so it never competes with traffic. One malloc arena
-(:func:`limit_arenas`) keeps the I/O threads' freed memory where the trim
-reaches it; :func:`freeze_startup` keeps the objects that live until exit
-out of every full collection.
+answers, so it never competes with traffic. :func:`freeze_startup` keeps
+the objects that live until exit out of every full collection.
 """
 
 from __future__ import annotations
@@ -24,21 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-__all__ = ["Activity", "IdleTrimmer", "freeze_startup", "libc_trim", "limit_arenas"]
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is None:
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    return trim  # type: ignore[no-any-return]
-
-
-#: mallopt's parameter number for the most malloc arenas (glibc malloc.h).
-_M_ARENA_MAX = -8
+__all__ = ["Activity", "IdleTrimmer", "freeze_startup", "libc_trim"]
 
 
 @functools.cache
@@ -54,23 +38,14 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def limit_arenas(count: int = 1) -> bool:
-    """Let glibc's malloc use at most ``count`` arenas; False where
-    there is no glibc ``mallopt``.
-
-    By default glibc gives threads their own arenas (up to eight per
-    core). The I/O threads allocate in them during a burst (file contents,
-    JSON), and ``malloc_trim`` does not give back the free memory at the
-    top of a thread's arena: after a 1000-VM storm the daemon kept ~78 MB
-    of free memory there, half its idle size. The threads only wait on the
-    disk, so one shared arena costs them nothing measurable. Call it before
-    the threads start."""
-    libc = _libc()
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is None:
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    return bool(mallopt(_M_ARENA_MAX, count))
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is None:
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim  # type: ignore[no-any-return]
 
 
 def freeze_startup() -> int:

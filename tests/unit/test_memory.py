@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import gc
-import platform
-from unittest import SkipTest
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.memory import Activity, IdleTrimmer, freeze_startup, libc_trim, limit_arenas
+from xguard.memory import Activity, IdleTrimmer, freeze_startup, libc_trim
 
 
 class IdleTrimmerTests(SynchronousTestCase):
@@ -70,13 +68,6 @@ class ActivityTests(SynchronousTestCase):
         clock.advance(10)
         self.assertEqual(trims, [20.0, 40.0])
         trimmer.stop()
-
-
-class LimitArenasTests(SynchronousTestCase):
-    def test_limit_arenas_on_glibc(self) -> None:
-        if platform.libc_ver()[0] != "glibc":
-            raise SkipTest("mallopt's arena limit is glibc's")
-        self.assertTrue(limit_arenas())  # mallopt returns 1 on success
 
 
 class FreezeStartupTests(SynchronousTestCase):
