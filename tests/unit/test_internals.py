@@ -141,3 +141,53 @@ class TwistedSystemdTests(SynchronousTestCase):
              sys.executable, "-c", child], pass_fds=[r, w], capture_output=True, text=True,
             env={**os.environ, "PYTHONPATH": repo}, timeout=60, check=True).stdout
         self.assertEqual(out.strip(), "['LISTEN_FDNAMES'] [(3, 'a'), (4, 'b')] None False")
+
+
+class _Pending(Resource):
+    isLeaf = True
+
+    def render_PUT(self, request: Request) -> object:
+        from twisted.web.server import NOT_DONE_YET
+        return NOT_DONE_YET
+
+
+class HTTPChannelStateTests(SynchronousTestCase):
+    """xguard.domain.site's channel subclasses HTTPChannel and reads or
+    drives its private state: the request line's parts, the transfer
+    decoder it chooses, whether a request is being handled, the pipelined
+    input it buffers. These are the names and meanings it relies on."""
+
+    def test_the_state_the_domain_channel_relies_on(self) -> None:
+        from twisted.internet.testing import StringTransport
+        from twisted.web import http
+        from twisted.web.server import Site
+
+        seen: dict[str, object] = {}
+
+        class Probe(http.HTTPChannel):
+            def allHeadersReceived(self) -> None:
+                seen["path"], seen["version"] = self._path, self._version
+                super().allHeadersReceived()
+                seen["decoder"] = self._transferDecoder
+
+        channel = Probe()
+        channel.requestFactory = Site(_Pending()).requestFactory
+        channel.site = Site(_Pending())
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        self.assertFalse(channel._handlingRequest)
+        self.assertIs(channel._waitingForTransport, False)
+        channel.dataReceived(b"PUT /tpm2-00.permall HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 3\r\n\r\nabc"
+                             b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual((seen["path"], seen["version"]), (b"/tpm2-00.permall", b"HTTP/1.1"))
+        self.assertIsInstance(seen["decoder"], http._IdentityTransferDecoder)
+        # The PUT is being handled (its resource has not finished): the
+        # pipelined GET waits in _dataBuffer, unparsed.
+        self.assertTrue(channel._handlingRequest)
+        self.assertEqual(b"".join(channel._dataBuffer), b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertIsInstance(channel._optimisticEagerReadSize, int)
+        # What the channel overrides or calls by name.
+        for name in ("_maybeChooseTransferDecoder", "_finishRequestBody", "length"):
+            self.assertTrue(hasattr(channel, name), name)
+        channel.connectionLost(Exception("done"))
