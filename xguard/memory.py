@@ -26,26 +26,19 @@ __all__ = ["Activity", "IdleTrimmer", "freeze_startup", "libc_trim"]
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """glibc, looked up once: ``find_library`` runs ``ldconfig``
-    (milliseconds), not something to do on the reactor thread."""
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, looked up once: ``find_library`` runs
+    ``ldconfig`` (milliseconds), not something to do on the reactor thread
+    at every trim."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        return ctypes.CDLL(name)
-    except OSError:
-        return None
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim``, looked up once."""
-    trim = getattr(_libc(), "malloc_trim", None)
-    if trim is None:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
-    return trim  # type: ignore[no-any-return]
+    return trim
 
 
 def freeze_startup() -> int:
