@@ -361,11 +361,13 @@ async def _put_all(ctx: Ctx, d: BenchDaemon, paths: list[str], keys: Sequence[in
 
 async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
                 poll: float = 0.05, timeout: float = 600.0,
-                outage_s: float = 0.0) -> dict[str, Any]:
+                outage_s: float = 0.0, profile: str | None = None) -> dict[str, Any]:
     """Restart ``d`` with ``design``; 3 keys of every VM cached while the
     simulator refuses; the outage lasts ``outage_s`` more (the flushers'
     backoff grows); the simulator comes back: time from then until the
-    cache is empty and Direct (the time back in service)."""
+    cache is empty and Direct (the time back in service). With
+    ``profile``, py-spy records the daemon from the simulator's return to
+    the end of the drain (a pass whose times are not to be used)."""
     sim = ctx.sim.client
     d.stop()
     d.design = tuple(design)
@@ -388,6 +390,7 @@ async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
         await ctx.sleep(0.5)
     outage_calls = sim_calls(sim.counters())  # what the outage cost xapi (refused: 0)
     sim.reset_counters()
+    spy = PySpy(d.pid, profile) if profile else None
     cpu0 = cpu_seconds(d.pid)
     t0 = time.perf_counter()
     sim.set_mode("up")
@@ -411,6 +414,8 @@ async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
                              f"Swtpm status {brief}; daemon log tail:\n{d.log()[-1500:]}")
     total = time.perf_counter() - t0
     cpu = cpu_seconds(d.pid) - cpu0
+    if spy is not None:
+        spy.stop()
     counters = sim.counters()
     # The last delivered values must be the ones upstream holds.
     want = " ".join(bodies[k].decode() for k in range(3))
