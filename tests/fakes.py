@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import signal
 import tempfile
 import uuid as _uuid
 from collections.abc import Callable, Mapping
@@ -11,6 +12,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from xguard.cache.known import KnownState
@@ -264,3 +266,24 @@ def some_status(**sockets: int) -> DaemonStatus:
     return DaemonStatus(version="test", ready=True, cache_enabled=True, services={},
                         upstream=UpstreamStatus(kind="fake", target="fake upstream"),
                         sockets=dict(sockets))
+
+
+class FakeSignals:
+    """The part of the ``signal`` module ExitStatus uses: handlers recorded,
+    for the test to call."""
+
+    SIGTERM, SIGINT, SIGHUP = signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+
+    def __init__(self) -> None:
+        self.handlers: dict[int, Any] = {}
+
+    def signal(self, signum: int, handler: Any) -> None:
+        self.handlers[signum] = handler
+
+
+class InlineReactor(MemoryReactorClock):
+    """A MemoryReactorClock whose callFromThread runs the call at once (as a
+    signal handler's hand-off to the reactor would, one iteration later)."""
+
+    def callFromThread(self, f: Any, *args: Any) -> None:
+        f(*args)

@@ -10,25 +10,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import Clock
 
 from xguard.control.listener import ControlListener
+from xguard.fdstore import FdStore
 from xguard.handover import Handover
 from xguard.listenfds import Passed
-
-
-class NoStore:
-    enabled = False
-
-    def add(self, name: str, fds: list[int]) -> None:
-        pass
-
-    def remove(self, name: str) -> None:
-        pass
-
-    def flushed(self) -> Deferred[None]:
-        return succeed(None)
 
 
 class Hello(Protocol):
@@ -65,7 +53,7 @@ def path(short_tmp: str) -> str:
 async def test_handed_over_control_socket_keeps_callers_waiting(path: str) -> None:
     from twisted.internet import threads
 
-    old_handover = Handover(NoStore(), take=list)  # type: ignore[arg-type]
+    old_handover = Handover(FdStore(Clock(), environ={}), take=list)
     old = listener(path, old_handover)
     old.check()
     await old.listen()
@@ -78,7 +66,7 @@ async def test_handed_over_control_socket_keeps_callers_waiting(path: str) -> No
     waiting = threads.deferToThread(hello, path)  # an xguard-ctl call meanwhile
     passed = [Passed(os.dup(fd), name)]
     os.close(fd)  # the old image is gone
-    handover = Handover(NoStore(), take=lambda: passed)  # type: ignore[arg-type]
+    handover = Handover(FdStore(Clock(), environ={}), take=lambda: passed)
     handover.inherit()
     new = listener(path, handover)
     new.check()  # would refuse a live socket at the path: this one is ours
@@ -96,6 +84,6 @@ async def test_a_live_stranger_still_refuses_the_start(path: Any) -> None:
     s.listen(1)
     try:
         with pytest.raises(OSError, match="in use"):
-            listener(path, Handover(NoStore(), take=list)).check()  # type: ignore[arg-type]
+            listener(path, Handover(FdStore(Clock(), environ={}), take=list)).check()
     finally:
         s.close()

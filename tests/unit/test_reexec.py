@@ -13,33 +13,20 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import StoreKit
+from tests.fakes import FakeSignals, InlineReactor, StoreKit
 from tests.unit.test_ctl import CtlTestCase
 from xguard.control.commands import RestartRefused
 from xguard.control.ctl import run
 from xguard.control.server import control_factory
+from xguard.fdstore import FdStore
 from xguard.handover import Handover
 from xguard.process import ExitStatus
 from xguard.reexec import Launch, Reexec
-
-
-class NoStore:
-    enabled = False
-
-    def add(self, name: str, fds: list[int]) -> None:
-        pass
-
-    def remove(self, name: str) -> None:
-        pass
-
-    def flushed(self) -> Deferred[None]:
-        return succeed(None)
 
 
 class Recorded:
@@ -61,7 +48,7 @@ class ReexecTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.running = True
-        self.handover = Handover(NoStore(), take=list)  # type: ignore[arg-type]
+        self.handover = Handover(FdStore(Clock(), environ={}), take=list)
         self.rec = Recorded()
         self.ready = True
         self.dir = tempfile.mkdtemp(prefix="xgr")
@@ -152,24 +139,9 @@ class ReexecTests(SynchronousTestCase):
         self.assertIn("still starting", events[-1]["reason"])
 
 
-class FakeSignals:
-    SIGTERM, SIGINT, SIGHUP = signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-
-    def __init__(self) -> None:
-        self.handlers: dict[int, Any] = {}
-
-    def signal(self, signum: int, handler: Any) -> None:
-        self.handlers[signum] = handler
-
-
-class Reactor(MemoryReactorClock):
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        f(*args)
-
-
 class SignalTests(SynchronousTestCase):
     def test_sighup_restarts_sigterm_cancels(self) -> None:
-        reactor, signals, calls = Reactor(), FakeSignals(), []
+        reactor, signals, calls = InlineReactor(), FakeSignals(), []
         status = ExitStatus(reactor, signals=signals,  # type: ignore[arg-type]
                             on_hangup=lambda: calls.append("hup"),
                             on_stop=lambda: calls.append("stop"))
@@ -186,7 +158,7 @@ class SignalTests(SynchronousTestCase):
 
     def test_without_a_restart_sighup_keeps_its_default(self) -> None:
         signals = FakeSignals()
-        status = ExitStatus(Reactor(), signals=signals)  # type: ignore[arg-type]
+        status = ExitStatus(InlineReactor(), signals=signals)  # type: ignore[arg-type]
         status._install()
         self.assertNotIn(signal.SIGHUP, signals.handlers)
 
@@ -245,7 +217,7 @@ class ControlRestartTests(CtlTestCase):
 
 class FastExitTests(SynchronousTestCase):
     def test_exit_after_shutdown_flushes_then_exits(self) -> None:
-        reactor, exits = Reactor(), []
+        reactor, exits = InlineReactor(), []
         status = ExitStatus(reactor, signals=FakeSignals(),  # type: ignore[arg-type]
                             exit=exits.append)
         status.exit_after_shutdown(0)

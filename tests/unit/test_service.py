@@ -7,11 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.fakes import some_status
+from tests.fakes import FakeSignals, InlineReactor, some_status
 from xguard.process import ExitStatus
 from xguard.service import Stage, XguardService
 
@@ -27,24 +26,9 @@ class Recorder:
         return run
 
 
-class FakeSignals:
-    SIGTERM, SIGINT = 15, 2
-
-    def __init__(self) -> None:
-        self.handlers: dict[int, Any] = {}
-
-    def signal(self, signum: int, handler: Any) -> None:
-        self.handlers[signum] = handler
-
-
-class Reactor(MemoryReactorClock):
-    def callFromThread(self, f: Any, *args: Any) -> None:
-        f(*args)
-
-
 class ServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = Reactor()
+        self.reactor = InlineReactor()
         self.r = Recorder()
         self.exits: list[int] = []
         self.signals = FakeSignals()

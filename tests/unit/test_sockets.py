@@ -18,6 +18,7 @@ import pytest_twisted
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
@@ -28,6 +29,7 @@ from xguard import activefile
 from xguard.activefile import Entry
 from xguard.domain.sockets import BACKLOG, KEEP_SUFFIX, SocketRegistry, listen_backlog
 from xguard.errors import InvalidPath, InvalidUUID, PathInUse
+from xguard.fdstore import FdStore
 from xguard.interfaces import ISocketRegistry
 from xguard.model import Service
 
@@ -471,21 +473,6 @@ class SynchronousTests(SynchronousTestCase):
 
 # -- handover (issue 12) --------------------------------------------------------
 
-class NoStore:
-    """An fd store that is not there (no systemd): names only."""
-
-    enabled = False
-
-    def add(self, name: str, fds: list[int]) -> None:
-        pass
-
-    def remove(self, name: str) -> None:
-        pass
-
-    def flushed(self) -> Deferred[None]:
-        return succeed(None)
-
-
 def handed(pairs: list[tuple[str, int]]) -> Callable[[], list[Any]]:
     """What a re-exec hands the next image: duplicates of the descriptors
     (the old process's own are closed, as exec would close them)."""
@@ -498,7 +485,7 @@ def handed(pairs: list[tuple[str, int]]) -> Callable[[], list[Any]]:
 def successor(env: Any, pairs: list[tuple[str, int]], **kwargs: Any) -> SocketRegistry:
     from xguard.handover import Handover
 
-    handover = Handover(NoStore(), take=handed(pairs))  # type: ignore[arg-type]
+    handover = Handover(FdStore(Clock(), environ={}), take=handed(pairs))
     handover.inherit()
     return env.registry(handover=handover, **kwargs)
 
@@ -506,7 +493,7 @@ def successor(env: Any, pairs: list[tuple[str, int]], **kwargs: Any) -> SocketRe
 def predecessor(env: Any, **kwargs: Any) -> tuple[SocketRegistry, Any]:
     from xguard.handover import Handover
 
-    handover = Handover(NoStore(), take=list)  # type: ignore[arg-type]
+    handover = Handover(FdStore(Clock(), environ={}), take=list)
     handover.reexec_pending = True  # a successor takes the sockets
     return env.registry(handover=handover, **kwargs), handover
 
@@ -625,7 +612,7 @@ async def test_handover_of_a_socket_replaced_during_it(env: Any) -> None:
 async def test_stop_without_successor_closes_and_keeps_files(env: Any) -> None:
     from xguard.handover import Handover
 
-    registry = env.registry(handover=Handover(NoStore(), take=list))  # type: ignore[arg-type]
+    registry = env.registry(handover=Handover(FdStore(Clock(), environ={}), take=list))
     path = env.path("c.sock")
     await registry.create(Service.SWTPM, VM1, GID, path)
     await registry.stop_accepting()
@@ -637,7 +624,6 @@ async def test_stop_without_successor_closes_and_keeps_files(env: Any) -> None:
 async def test_sockets_go_to_the_fd_store_and_leave_it_when_destroyed(env: Any) -> None:
     from twisted.internet import reactor
 
-    from xguard.fdstore import FdStore
     from xguard.handover import Handover
     from xguard.testing.fakesystemd import receive
 
