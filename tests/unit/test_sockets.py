@@ -30,6 +30,7 @@ from xguard.activefile import Entry
 from xguard.domain.sockets import BACKLOG, KEEP_SUFFIX, SocketRegistry, listen_backlog
 from xguard.errors import InvalidPath, InvalidUUID, PathInUse
 from xguard.fdstore import FdStore
+from xguard.handover import Handover
 from xguard.interfaces import ISocketRegistry
 from xguard.model import Service
 
@@ -483,19 +484,23 @@ def handed(pairs: list[tuple[str, int]]) -> Callable[[], list[Any]]:
 
 
 def successor(env: Any, pairs: list[tuple[str, int]], **kwargs: Any) -> SocketRegistry:
-    from xguard.handover import Handover
-
     handover = Handover(FdStore(Clock(), environ={}), take=handed(pairs))
     handover.inherit()
     return env.registry(handover=handover, **kwargs)
 
 
 def predecessor(env: Any, **kwargs: Any) -> tuple[SocketRegistry, Any]:
-    from xguard.handover import Handover
-
     handover = Handover(FdStore(Clock(), environ={}), take=list)
     handover.reexec_pending = True  # a successor takes the sockets
     return env.registry(handover=handover, **kwargs), handover
+
+
+def old_process_exits(old: SocketRegistry, pairs: list[tuple[str, int]]) -> None:
+    """What the old process's exit does to what it handed over: its
+    descriptors closed, its registry gone."""
+    for _, fd in pairs:
+        os.close(fd)
+    old._sockets.clear()
 
 
 def connect_and_send(path: str) -> socket.socket:
@@ -533,9 +538,7 @@ async def test_handover_keeps_sockets_and_the_successor_serves_the_backlog(env: 
     for p in paths:
         assert stat.S_ISSOCK(os.stat(p).st_mode)
     new = successor(env, pairs)
-    for _, fd in pairs:  # the old process exits
-        os.close(fd)
-    old._sockets.clear()
+    old_process_exits(old, pairs)
     with capturedLogs() as events:
         await new.resume()
     answers = await gatherResults([threads.deferToThread(answer_of, s) for s in waiting])
@@ -571,9 +574,7 @@ async def test_handover_file_is_the_truth(env: Any) -> None:
     os.close(w)
     with capturedLogs() as events:
         new = successor(env, [*pairs, ("xgd-1-2-3", r), ("foreign", foreign.fileno())])
-        for _, fd in pairs:
-            os.close(fd)
-        old._sockets.clear()
+        old_process_exits(old, pairs)
         foreign.close()
         os.close(r)
         await new.resume()
@@ -598,9 +599,7 @@ async def test_handover_of_a_socket_replaced_during_it(env: Any) -> None:
     os.unlink(path)
     stale_socket(path)  # someone else's file at the path now
     new = successor(env, pairs)
-    for _, fd in pairs:
-        os.close(fd)
-    old._sockets.clear()
+    old_process_exits(old, pairs)
     with capturedLogs() as events:
         await new.resume()
     assert [e["reason"] for e in events if e["log_level"].name == "warn"] == [
@@ -610,8 +609,6 @@ async def test_handover_of_a_socket_replaced_during_it(env: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_stop_without_successor_closes_and_keeps_files(env: Any) -> None:
-    from xguard.handover import Handover
-
     registry = env.registry(handover=Handover(FdStore(Clock(), environ={}), take=list))
     path = env.path("c.sock")
     await registry.create(Service.SWTPM, VM1, GID, path)
@@ -624,7 +621,6 @@ async def test_stop_without_successor_closes_and_keeps_files(env: Any) -> None:
 async def test_sockets_go_to_the_fd_store_and_leave_it_when_destroyed(env: Any) -> None:
     from twisted.internet import reactor
 
-    from xguard.handover import Handover
     from xguard.testing.fakesystemd import receive
 
     manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -654,9 +650,7 @@ async def test_sockets_with_clients_waiting_are_adopted_first(env: Any) -> None:
     pairs = old.handed_over()
     waiting = connect_and_send(paths[2])  # a VM writing during the restart
     new = successor(env, pairs)
-    for _, fd in pairs:
-        os.close(fd)
-    old._sockets.clear()
+    old_process_exits(old, pairs)
     with capturedLogs() as events:
         await new.resume()
     resumed = [e["path"] for e in events if e.get("log_format", "").startswith("resumed {service}")]
