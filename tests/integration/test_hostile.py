@@ -29,6 +29,7 @@ from xguard.testing.fuzzbed import FuzzBed, control_call
 from xguard.testing.hostile import (
     HypothesisPick,
     Probe,
+    apply_edits,
     exchange,
     status_codes,
     swtpm_probe,
@@ -92,19 +93,9 @@ def _samples() -> list[bytes]:
 def test_fuzz_mutated_real_requests(bed: FuzzBed, sample: bytes,
                                     edits: list[tuple[int, int, bytes]]) -> None:
     """varstored's own requests, damaged byte by byte, on both sockets."""
-    body = bytearray(sample)
-    for position, kind, chunk in edits:
-        position %= len(body) + 1
-        if kind == 0:
-            body[position:position] = chunk
-        elif kind == 1:
-            del body[position:position + len(chunk) + 1]
-        elif kind == 2:
-            body[position:position + len(chunk)] = chunk
-        else:
-            body[position:position] = body[position:position + 40]
+    body = apply_edits(sample, edits)
     raw = (b"POST / HTTP/1.1\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
-           + bytes(body))
+           + body)
     for kind in ("varstored", "swtpm"):
         probe = Probe(raw, (b"POST",), True, "mutated-sample")
         _, codes = bed.send(kind, probe)

@@ -27,6 +27,7 @@ from xguard.domain.xmlrpc import (
     iter_success,
     parse_method_call,
 )
+from xguard.testing.hostile import apply_edits
 
 # Real request/response samples of the upstream interfaces, kept as test
 # vectors (copied from the design references: reference/wire/).
@@ -373,17 +374,9 @@ class PropertyTests(SynchronousTestCase):
     def test_mutated_requests_only_raise_parse_errors(
             self, path: str, mutations: list[tuple[int, int, bytes]]) -> None:
         with open(path, "rb") as f:
-            data = bytearray(f.read())
-        for position, kind, chunk in mutations:
-            position %= len(data) + 1
-            if kind == 0:
-                data[position:position] = chunk
-            elif kind == 1:
-                del data[position:position + len(chunk) + 1]
-            else:
-                data[position:position + len(chunk)] = chunk
+            data = apply_edits(f.read(), mutations)
         try:
-            name, params = parse_method_call(bytes(data))
+            name, params = parse_method_call(data)
         except XmlRpcError:
             return
         self.assertIsInstance(name, str)

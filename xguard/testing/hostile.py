@@ -31,7 +31,7 @@ import attrs
 __all__ = [
     "Pick", "RandomPick", "HypothesisPick", "Probe", "MARKER", "MARKER_B64",
     "swtpm_probe", "varstored_probe", "xml_body", "valid_call", "exchange", "status_codes",
-    "Answer",
+    "Answer", "apply_edits",
 ]
 
 T = TypeVar("T")
@@ -265,6 +265,25 @@ def http_request(pick: Pick, method: bytes, target: bytes, body: bytes, *,
         answered = False
     head = method + b" " + target + b" " + version + eol + b"".join(h + eol for h in headers)
     return head + eol + body, answered
+
+
+def apply_edits(data: bytes, edits: Sequence[tuple[int, int, bytes]]) -> bytes:
+    """``data`` damaged by explicit edits ``(position, kind, chunk)``, for
+    Hypothesis to generate and shrink: kind 0 inserts ``chunk``, 1 deletes
+    ``len(chunk) + 1`` bytes, 2 overwrites with ``chunk``, 3 duplicates the
+    next 40 bytes. Positions wrap around the current length."""
+    out = bytearray(data)
+    for position, kind, chunk in edits:
+        position %= len(out) + 1
+        if kind == 0:
+            out[position:position] = chunk
+        elif kind == 1:
+            del out[position:position + len(chunk) + 1]
+        elif kind == 2:
+            out[position:position + len(chunk)] = chunk
+        else:
+            out[position:position] = out[position:position + 40]
+    return bytes(out)
 
 
 def _mutate(pick: Pick, data: bytes) -> bytes:
