@@ -240,11 +240,7 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
             ax.set_xlabel("latency (ms, log)")
             ax.set_ylabel("fraction of PUTs")
             ax.set_title(f"{title}: p50 ratio {lat[key]['ratio_p50']:.2f}x")
-            ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out_dir, "perf-latency.png"))
-        plt.close(fig)
+        written.append(_finish(plt, fig, axes, out_dir, "perf-latency.png", from_origin=False))
     storms = results.get("storm", [])
     if storms:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -255,17 +251,12 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
                 axes[0].plot([r["n"] for r in rs], [r["total_s"] for r in rs], "o-", label=label)
                 axes[1].plot([r["n"] for r in rs], [r["requests"]["p99_ms"] for r in rs], "o-",
                              label=label)
-        axes[0].axhline(30, color="grey", ls="--", lw=1, label="target (1000 VMs)")
+        axes[0].axhline(TARGETS["storm_1000_s"], color="grey", ls="--", lw=1,
+                        label="target (1000 VMs)")
         axes[0].set(xlabel="VMs booting at once (N)", ylabel="total time (s)",
-                    title="4. boot storm: total time", xlim=(0, None), ylim=(0, None))
-        axes[1].set(xlabel="N", ylabel="p99 per request (ms)", title="4. boot storm: p99",
-                    xlim=(0, None), ylim=(0, None))
-        for ax in axes:
-            ax.grid(True, alpha=0.3)
-            ax.legend()
-        fig.tight_layout()
-        written.append(_save(fig, out_dir, "perf-bootstorm.png"))
-        plt.close(fig)
+                    title="4. boot storm: total time")
+        axes[1].set(xlabel="N", ylabel="p99 per request (ms)", title="4. boot storm: p99")
+        written.append(_finish(plt, fig, axes, out_dir, "perf-bootstorm.png"))
     written += _scaling_plots(plt, results, out_dir)
     drains = results.get("drain", [])
     if drains:
@@ -276,11 +267,7 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
                     label=",".join(r["design"]) or "xguard")
         ax.set(xlabel="seconds since the simulator came back", ylabel="items pending in cache",
                title=f"3/6. drain of {drains[0]['items']} cached items")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(_save(fig, out_dir, "perf-drain.png"))
-        plt.close(fig)
+        written.append(_finish(plt, fig, [ax], out_dir, "perf-drain.png", from_origin=False))
     return written
 
 
@@ -310,13 +297,7 @@ def _scaling_plots(plt: Any, results: dict[str, Any], out_dir: str) -> list[str]
         axes[0].set(xlabel="VMs booting at once (N)", ylabel="total time (s)",
                     title="boot storm: time against N")
         axes[1].set(xlabel="N", ylabel="upstream calls", title="boot storm: upstream calls")
-        for ax in axes:
-            ax.set(xlim=(0, None), ylim=(0, None))
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(_save(fig, out_dir, "perf-storm-scaling.png"))
-        plt.close(fig)
+        written.append(_finish(plt, fig, axes, out_dir, "perf-storm-scaling.png"))
     drains = sorted(results.get("drain_scaling", []), key=lambda r: r["n"])
     if len(drains) >= 2:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -329,13 +310,7 @@ def _scaling_plots(plt: Any, results: dict[str, Any], out_dir: str) -> list[str]
         axes[1].plot(ns, [r["upstream_calls"] for r in drains], "o-", label="upstream calls")
         axes[1].plot(ns, [r["items"] for r in drains], "s--", label="items delivered")
         axes[1].set(xlabel="N", ylabel="count", title="drain: upstream calls against N")
-        for ax in axes:
-            ax.set(xlim=(0, None), ylim=(0, None))
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(_save(fig, out_dir, "perf-drain-scaling.png"))
-        plt.close(fig)
+        written.append(_finish(plt, fig, axes, out_dir, "perf-drain-scaling.png"))
     fp = results.get("footprint")
     if fp and len(fp.get("rss_by_sockets", [])) >= 2:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -343,17 +318,22 @@ def _scaling_plots(plt: Any, results: dict[str, Any], out_dir: str) -> list[str]
         ax.plot([p[0] for p in points], [p[1] for p in points], "o-",
                 label="idle RSS after a boot storm")
         ax.axhline(TARGETS["idle_rss_mb"], color="grey", ls="--", lw=1, label="target")
-        ax.set(xlabel="sockets served", ylabel="RSS (MB)", title="footprint: RSS against sockets",
-               xlim=(0, None), ylim=(0, None))
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(_save(fig, out_dir, "perf-rss.png"))
-        plt.close(fig)
+        ax.set(xlabel="sockets served", ylabel="RSS (MB)", title="footprint: RSS against sockets")
+        written.append(_finish(plt, fig, [ax], out_dir, "perf-rss.png"))
     return written
 
 
-def _save(fig: Any, out_dir: str, name: str) -> str:
+def _finish(plt: Any, fig: Any, axes: Any, out_dir: str, name: str, *,
+            from_origin: bool = True) -> str:
+    """Every plot's common end: axes from 0 (unless a log scale or a time
+    curve), a light grid, a small legend; saved as ``name`` and closed."""
+    for ax in axes:
+        if from_origin:
+            ax.set(xlim=(0, None), ylim=(0, None))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=90)
+    plt.close(fig)
     return path
