@@ -105,7 +105,6 @@ def handed_over() -> list[listenfds.Passed]:
     passed = listenfds.take()
     if passed:
         return passed
-    os.environ.pop("LISTEN_FDNAMES", None)
     passed = [listenfds.Passed(fd, name) for fd, name in handed_to_twisted()]
     for p in passed:
         try:
@@ -184,13 +183,19 @@ class Handover:
             self.log.error("ignoring handed-over descriptors: {error}", error=str(e))
             return
         self.handed = len(passed)
-        for fd, name in passed:
-            path, problem = self._inspect(fd)
+        inspected = [(fd, name, *self._inspect(fd)) for fd, name in passed]
+        # Every good descriptor is counted before any bad one is refused: a
+        # refusal removes its name from the store, with every descriptor
+        # stored under it, unless a good one of that name is still pending.
+        bad = []
+        for fd, name, path, problem in inspected:
             if problem is not None or path is None:
-                self._refuse(fd, name, path, problem or "not bound to a path")
+                bad.append((fd, name, path, problem or "not bound to a path"))
             else:
                 self._inherited.setdefault(path, []).append(_Inherited(fd, name, path))
                 self._pending_names[name] += 1
+        for fd, name, path, reason in bad:
+            self._refuse(fd, name, path, reason)
         if passed:
             self.log.info("handed over: {count} listening sockets ({refused} refused)",
                           count=len(passed), refused=self.refused)

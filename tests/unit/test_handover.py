@@ -197,6 +197,19 @@ class HandoverTests(SynchronousTestCase):
         self.assertEqual(self.w.closed, [4])
         self.assertEqual(store.calls, [])
 
+    def test_a_bad_descriptor_before_a_good_one_of_its_name_keeps_the_name(self) -> None:
+        """Removing a name from the store removes every descriptor under it:
+        a bad copy handed over first must not take the good one's place in
+        the store with it."""
+        name = self.w.listening(4, "/s/a", 10)
+        self.w.sockets[3] = (None, "not an open descriptor (Bad file descriptor)")
+        store = RecordingStore()
+        h = self.w.handover([name, name], store)
+        h.inherit()
+        self.assertEqual(self.w.closed, [3])
+        self.assertEqual(h.claim(DOMAIN, "/s/a"), Claimed(4, name))
+        self.assertEqual(store.calls, [])
+
     def test_malformed_or_foreign_variables(self) -> None:
         env = {"LISTEN_PID": str(PID), "LISTEN_FDS": "2", "LISTEN_FDNAMES": "a"}
         h = Handover(RecordingStore(), take=lambda: take(env, PID))
