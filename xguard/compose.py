@@ -153,8 +153,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         VMs that stopped during the outage are dropped."""
         if not up:
             return
-        for cache in caches.values():
-            cache.upstream_answers()
+        upstream_answers()
         if not cfg.no_cache:
             known.sweep(lambda vm: any(w.has_pending(vm) for w in writers.values())).addErrback(
                 lambda f: log.failure("sweeping the last known state failed", f))

@@ -103,10 +103,6 @@ class FdStore:
             self._flushed = OneShotObserver()
         return self._flushed.when_fired()
 
-    def stored(self) -> int:
-        """How many names are stored (as far as we know)."""
-        return len(self._names)
-
     # -- sending --------------------------------------------------------------
     def _pump(self) -> None:
         if self._retry is not None:

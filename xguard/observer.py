@@ -28,10 +28,6 @@ class OneShotObserver(Generic[T]):
         self._result: T | Failure | None = None
         self._fired = False
 
-    @property
-    def fired(self) -> bool:
-        return self._fired
-
     def when_fired(self) -> "Deferred[T]":
         d: Deferred[T] = Deferred()
         if self._fired:

@@ -48,6 +48,7 @@ from ..errors import CacheUnavailable, TransientUpstreamError
 from ..interfaces import IItemSink, IItemWriter, IStatusSource
 from ..locks import KeyedLocks
 from ..status import CacheStatus, Quarantined
+from ..threads import Runner
 from . import recovery
 from .files import VersionFiles
 from .flusher import Flusher, default_backoff
@@ -55,8 +56,6 @@ from .layout import Batch, Item, Version, service_dir
 from .machine import _CacheCore, _CacheInputs, build_machine
 
 __all__ = ["WriteBackCache"]
-
-Runner = Callable[..., "Deferred[Any]"]
 
 
 class _Attempt:

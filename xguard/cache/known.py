@@ -59,6 +59,7 @@ from twisted.logger import Logger
 
 from ..durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..model import TpmState, is_valid_uuid
+from ..threads import Runner
 
 __all__ = ["KnownState", "KNOWN", "MAX_COPY_BYTES", "read_boot_id"]
 
@@ -68,8 +69,6 @@ MARKER = ".boot"
 #: contents or an NVRAM map, are a few hundred KiB).
 MAX_COPY_BYTES = 4 * 1024 * 1024
 _NAMES = ("vtpm", "nvram", "sb", "handle")
-
-Runner = Callable[..., "Deferred[Any]"]
 
 
 def read_boot_id() -> str:

@@ -56,6 +56,7 @@ from ..handover import DOMAIN, Claimed, Handover
 from ..interfaces import ISocketRegistry
 from ..model import MAX_SOCKET_PATH_BYTES, Service
 from ..observer import OneShotObserver
+from ..threads import Runner
 from ..unixsock import Found, probe
 
 __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES", "listen_backlog"]
@@ -89,7 +90,6 @@ RESUME_TURN = 25
 #: Suffix of the temporary second link that keeps a socket file on shutdown.
 KEEP_SUFFIX = ".xg-keep"
 
-Runner = Callable[..., "Deferred[Any]"]
 SiteFactory = Callable[[Service, str], IProtocolFactory]
 
 
@@ -401,7 +401,7 @@ class SocketRegistry:
             if busy and (index == len(busy) or (index > len(busy) and not index % RESUME_TURN)):
                 await deferLater(self._reactor, 0, lambda: None)
             try:
-                entry = _validate(loaded.service, loaded.vm_uuid, loaded.gid, loaded.path)
+                entry = loaded  # activefile.load gives checked entries
                 if entry.path in self._sockets:
                     raise PathInUse(f"socket path {entry.path} is listed twice")
             except Exception as e:

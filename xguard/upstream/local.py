@@ -32,6 +32,7 @@ from zope.interface import implementer
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IUpstream
 from xguard.status import UpstreamStatus
+from xguard.threads import Runner
 from xguard.upstream.reachability import Reachability
 
 __all__ = ["LocalStore", "SCHEMA_VERSION", "SECUREBOOT_STATES"]
@@ -40,8 +41,6 @@ __all__ = ["LocalStore", "SCHEMA_VERSION", "SECUREBOOT_STATES"]
 SCHEMA_VERSION = 1
 
 SECUREBOOT_STATES = frozenset({"ok", "update_available", "update_on_boot"})
-
-Runner = Callable[..., "Deferred[Any]"]
 
 
 def _script(name: str) -> str:

@@ -57,10 +57,6 @@ MAX_RESPONSE_BYTES = 32 * 1024 * 1024
 #: every request).
 _HEADERS = Headers({b"Content-Type": [b"application/json"], b"Accept": [b"application/json"]})
 
-# A kept-alive connection that xapi closed while idle fails this way before
-# anything reached xapi; such a call is safely sent once more.
-_STALE_CONNECTION = STALE_CONNECTION
-
 # Calls that must not be repeated blindly (the first may have taken effect).
 _NOT_IDEMPOTENT = frozenset({"message.create"})
 
@@ -254,7 +250,7 @@ class XapiUpstream:
                 reader = _Body()
                 response.deliverBody(reader)
                 payload = await reader.done
-            except _STALE_CONNECTION:
+            except STALE_CONNECTION:
                 if attempt == 1 and may_retry():
                     continue
                 raise
