@@ -3,7 +3,7 @@ daemon's design (see :mod:`bench.design_tap`), run like ``xguard``."""
 
 from twisted.application.service import ServiceMaker
 
-from xguard.run import main
+from xguard.daemon.run import main
 
 PLUGIN = ServiceMaker("xguard", "bench.design_tap",
                       "xguard with the upstream daemon's design (benchmarks only)", "xguard")

@@ -1,6 +1,6 @@
 """The daemon built with the upstream daemon's design, for the benchmarks'
 comparison only (scenarios 3 and 4). It is xguard's composition root with
-another :class:`xguard.compose.Design` — the same seam the daemon is built
+another :class:`xguard.daemon.compose.Design` — the same seam the daemon is built
 through — so the daemon itself has no option or variable for it::
 
     python -m bench.design_daemon [twistd options] [xguard options] \\
@@ -13,7 +13,7 @@ from twisted.application.service import IService
 from twisted.python import usage
 
 from xguard import tap
-from xguard.compose import Design, build_service
+from xguard.daemon.compose import Design, build_service
 
 #: serial: one delivery at a time; no-coalesce: one upstream read-modify-write
 #: per cached item; no-handle-cache: look VM and vTPM references up on every

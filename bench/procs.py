@@ -33,7 +33,7 @@ class BenchDaemon(Daemon):
         self.design = tuple(design)
 
     def argv(self) -> list[str]:
-        command = [sys.executable, "-m", "bench.design_daemon" if self.design else "xguard.run"]
+        command = [sys.executable, "-m", "bench.design_daemon" if self.design else "xguard"]
         design = ["--design", ",".join(self.design)] if self.design else []
         return [*command, "-n", "--pidfile=", "--logfile", self.log_file,
                 "--state-dir", self.state_dir, "--sockets-file", self.sockets_file,

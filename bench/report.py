@@ -160,7 +160,7 @@ def _frame(text: str) -> str:
 #: Cost centres: share of samples whose stack holds a frame matching the text.
 CENTRES = {
     "sockets-file rewrite (activefile.save)": "save (xguard/activefile.py)",
-    "durable writes (xguard.durable)": "(xguard/durable.py)",
+    "durable writes (xguard.util.durable)": "(xguard/durable.py)",
     "treq URL handling (hyperlink + idna)": ("(hyperlink/", "(idna/"),
     "JSON encode/decode": ("(json/",),
     "XML-RPC parse/encode (xguard.domain.xmlrpc)": "(xguard/domain/xmlrpc.py)",

@@ -15,15 +15,15 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
-from xguard.cache.known import KnownState
 from xguard.errors import NoVtpm, PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from xguard.interfaces import IItemWriter, IUpstream
-from xguard.items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
-from xguard.locks import KeyedLocks
 from xguard.model import Service
+from xguard.state.contents import VtpmContents
+from xguard.state.items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
+from xguard.state.known import KnownState
 from xguard.status import DaemonStatus, UpstreamStatus
 from xguard.upstream.reachability import Reachability
-from xguard.vtpm_contents import VtpmContents
+from xguard.util.locks import KeyedLocks
 
 
 @implementer(IUpstream)

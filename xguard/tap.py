@@ -7,7 +7,7 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.python import usage
 
-from .config import (
+from .daemon.config import (
     DEFAULT_CONTROL,
     DEFAULT_SOCKETS_FILE,
     DEFAULT_STATE_DIR,
@@ -76,16 +76,16 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     """Build (not start) the daemon for the running reactor. Under twistd
     (``options.parent`` is twistd's own options) it also chooses where the
-    log goes; see :mod:`xguard.logconfig`."""
+    log goes; see :mod:`xguard.daemon.logconfig`."""
     from twisted.internet import reactor
     from twisted.internet.interfaces import IReactorFromThreads
 
-    from .compose import build_service
-    from .logconfig import observer_for
-    from .reexec import Launch
+    from .daemon.compose import build_service
+    from .daemon.logconfig import observer_for
+    from .restart.reexec import Launch
 
     twistd = getattr(options, "parent", None)
-    # What a restart in place runs again (xguard.reexec).
+    # What a restart in place runs again (xguard.restart.reexec).
     launch = Launch() if twistd is None else Launch(
         pidfile=twistd.get("pidfile") or None, foreground=bool(twistd.get("nodaemon")))
     service = build_service(options.config, reactor, launch=launch)

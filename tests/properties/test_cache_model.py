@@ -32,9 +32,9 @@ from twisted.python.failure import Failure
 from tests.unit.cachehelpers import VM1, VM2, Env
 from xguard.cache.layout import Item
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
-from xguard.items import TpmKeys
 from xguard.model import TpmKey, TpmState
-from xguard.vtpm_contents import VtpmContents
+from xguard.state.contents import VtpmContents
+from xguard.state.items import TpmKeys
 
 VMX = "99999999-9999-4999-8999-999999999999"  # unknown upstream: refused permanently
 vms = st.sampled_from([VM1, VM2, VMX])

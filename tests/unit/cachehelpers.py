@@ -11,9 +11,9 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeUpstream, sync_runner
 from xguard.cache.cache import WriteBackCache
-from xguard.cache.known import KnownState
-from xguard.items import NvramSink, VtpmSink
-from xguard.locks import KeyedLocks
+from xguard.state.items import NvramSink, VtpmSink
+from xguard.state.known import KnownState
+from xguard.util.locks import KeyedLocks
 
 VM1 = "11111111-1111-4111-8111-111111111111"
 VM2 = "22222222-2222-4222-8222-222222222222"

@@ -10,8 +10,8 @@ import tempfile
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard import activefile
-from xguard.activefile import CORRUPT_SUFFIX, Entry
+from xguard.domain import activefile
+from xguard.domain.activefile import CORRUPT_SUFFIX, Entry
 from xguard.model import Service
 
 VM1 = "6c9d5f3e-8e1a-4a4f-9d63-0a6b4c1f7d21"

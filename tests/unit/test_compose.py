@@ -10,8 +10,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from xguard.cache.cache import WriteBackCache
-from xguard.compose import Design, build_service
-from xguard.config import Config
+from xguard.daemon.compose import Design, build_service
+from xguard.daemon.config import Config
 from xguard.upstream.xapi import NoHandleCache
 
 

@@ -20,7 +20,6 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from tests.fakes import FakeUpstream, some_status, sync_runner
-from xguard.cache.known import KnownState
 from xguard.control.commands import (
     ControlError,
     ListSockets,
@@ -44,11 +43,12 @@ from xguard.errors import (
     TransientUpstreamError,
 )
 from xguard.interfaces import ISocketRegistry
-from xguard.items import DirectWriter, VtpmSink
-from xguard.locks import KeyedLocks
 from xguard.model import Service
+from xguard.state.contents import VtpmContents
+from xguard.state.items import DirectWriter, VtpmSink
+from xguard.state.known import KnownState
 from xguard.status import CacheStatus, from_json, to_json
-from xguard.vtpm_contents import VtpmContents
+from xguard.util.locks import KeyedLocks
 
 VM = "0b1c2d3e-4f50-6172-8394-a5b6c7d8e9f0"
 VM2 = "11111111-2222-3333-4444-555555555555"

@@ -17,8 +17,8 @@ from zope.interface import implementer
 
 from tests.fakes import FakeUpstream, StoreKit, some_status
 from tests.unit.test_control import MemoryRegistry
-from xguard.config import Config
 from xguard.control.server import control_factory, peer_credentials
+from xguard.daemon.config import Config
 from xguard.tap import Options
 
 

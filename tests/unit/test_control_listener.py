@@ -14,9 +14,9 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
 
 from xguard.control.listener import ControlListener
-from xguard.fdstore import FdStore
-from xguard.handover import Handover
-from xguard.listenfds import Passed
+from xguard.restart.fdstore import FdStore
+from xguard.restart.handover import Handover
+from xguard.restart.listenfds import Passed
 
 
 class Hello(Protocol):

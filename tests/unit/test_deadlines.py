@@ -7,8 +7,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.deadlines import within, within_or
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
+from xguard.util.deadlines import within, within_or
 
 
 class WithinTests(SynchronousTestCase):

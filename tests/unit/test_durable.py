@@ -8,7 +8,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.durable import atomic_write, makedirs, safe_unlink
+from xguard.util.durable import atomic_write, makedirs, safe_unlink
 
 
 class DurableTests(SynchronousTestCase):

@@ -1,4 +1,4 @@
-"""The fd store client (xguard.fdstore) against a real datagram socket that
+"""The fd store client (xguard.restart.fdstore) against a real datagram socket that
 receives what systemd would: FDSTORE=1/FDSTOREREMOVE=1 with SCM_RIGHTS."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard import sdnotify
-from xguard.fdstore import FdStore
+from xguard.restart import sdnotify
+from xguard.restart.fdstore import FdStore
 from xguard.testing.fakesystemd import receive
 
 

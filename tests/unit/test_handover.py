@@ -1,5 +1,5 @@
 """Matching handed-over descriptors to the active sockets file
-(xguard.handover): the file is the truth, every mismatch is closed and
+(xguard.restart.handover): the file is the truth, every mismatch is closed and
 logged once. Fakes for the system calls; real sockets for inspect()."""
 
 from __future__ import annotations
@@ -14,8 +14,16 @@ from typing import Any
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.handover import CONTROL, DOMAIN, Claimed, Handover, fd_name, inspect, parse_name
-from xguard.listenfds import take
+from xguard.restart.handover import (
+    CONTROL,
+    DOMAIN,
+    Claimed,
+    Handover,
+    fd_name,
+    inspect,
+    parse_name,
+)
+from xguard.restart.listenfds import take
 
 PID = 4242
 

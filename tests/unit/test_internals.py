@@ -133,7 +133,7 @@ class TwistedSystemdTests(SynchronousTestCase):
         self.addCleanup(os.close, w)
         child = ("import os; import twisted.internet.endpoints; "
                  "left = sorted(k for k in os.environ if k.startswith('LISTEN_')); "
-                 "from xguard.handover import handed_over; "
+                 "from xguard.restart.handover import handed_over; "
                  "passed = [tuple(p) for p in handed_over()]; "
                  "print(left, passed, os.environ.get('LISTEN_FDNAMES'), os.get_inheritable(3))")
         out = subprocess.run(

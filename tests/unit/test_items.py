@@ -12,8 +12,8 @@ from zope.interface.verify import verifyObject
 from tests.fakes import FakeUpstream, PendingWriter, StoreKit
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IItemSink, IItemWriter, IUpstream
-from xguard.items import DirectWriter, TpmKeys, VmNvram
 from xguard.model import NvramWrite, TpmKey, TpmState
+from xguard.state.items import DirectWriter, TpmKeys, VmNvram
 
 VM = "11111111-2222-3333-4444-555555555555"
 

@@ -14,8 +14,8 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import sync_runner
-from xguard.cache.known import KNOWN, MAX_COPY_BYTES, KnownState
 from xguard.model import TpmState
+from xguard.state.known import KNOWN, MAX_COPY_BYTES, KnownState
 
 VM = "11111111-1111-4111-8111-111111111111"
 VM2 = "22222222-2222-4222-8222-222222222222"
@@ -61,7 +61,7 @@ class KnownTests(SynchronousTestCase):
         """Copies and the VM directories made for them are written without
         fsync; a clean stop syncs the files, their directories and the
         directory holding the VMs' directories, before saying "clean"."""
-        from xguard.cache import known as known_module
+        from xguard.state import known as known_module
 
         synced: list[str] = []
         self.patch(known_module, "fsync_dir", synced.append)

@@ -1,4 +1,4 @@
-"""systemd's LISTEN_* convention, read and written (xguard.listenfds)."""
+"""systemd's LISTEN_* convention, read and written (xguard.restart.listenfds)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import textwrap
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard import listenfds
-from xguard.listenfds import Passed, environment, parse, take, valid_name
+from xguard.restart import listenfds
+from xguard.restart.listenfds import Passed, environment, parse, take, valid_name
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -94,7 +94,7 @@ class PlaceTests(SynchronousTestCase):
         writers = [w for _, w in pipes]
         child = textwrap.dedent(f"""
             import os, sys
-            from xguard.listenfds import place
+            from xguard.restart.listenfds import place
             place({writers[::-1]!r})
             os.execv(sys.executable, [sys.executable, "-c",
                      "import os; os.write(3, b'three'); os.write(4, b'four')"])

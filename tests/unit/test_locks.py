@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.locks import KeyedLocks
+from xguard.util.locks import KeyedLocks
 
 
 class KeyedLocksTests(SynchronousTestCase):

@@ -1,4 +1,4 @@
-"""Where the log goes and at which severity (xguard.logconfig): syslog
+"""Where the log goes and at which severity (xguard.daemon.logconfig): syslog
 datagrams as a syslog daemon receives them, journald's stdout prefixes,
 the --log-level filter, and Twisted's per-port chatter demoted to debug."""
 
@@ -19,7 +19,7 @@ from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.logconfig import (
+from xguard.daemon.logconfig import (
     JournalStreamObserver,
     SyslogObserver,
     attach,

@@ -7,7 +7,7 @@ import gc
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.memory import Activity, IdleTrimmer, freeze_startup, libc_trim
+from xguard.daemon.memory import Activity, IdleTrimmer, freeze_startup, libc_trim
 
 
 class IdleTrimmerTests(SynchronousTestCase):

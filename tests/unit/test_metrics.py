@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.metrics import Metrics
+from xguard.daemon.metrics import Metrics
 from xguard.status import CacheStatus, DaemonStatus, Quarantined, UpstreamStatus
 from xguard.upstream.calls import CallMonitor
 

@@ -9,9 +9,9 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.observer import OneShotObserver
-from xguard.process import InstanceLock
-from xguard.unixsock import Found, probe, remove_stale
+from xguard.daemon.process import InstanceLock
+from xguard.util.observer import OneShotObserver
+from xguard.util.unixsock import Found, probe, remove_stale
 
 
 class InstanceLockTests(SynchronousTestCase):

@@ -23,10 +23,10 @@ from tests.unit.test_ctl import CtlTestCase
 from xguard.control.commands import RestartRefused
 from xguard.control.ctl import run
 from xguard.control.server import control_factory
-from xguard.fdstore import FdStore
-from xguard.handover import Handover
-from xguard.process import ExitStatus
-from xguard.reexec import Launch, Reexec
+from xguard.daemon.process import ExitStatus
+from xguard.restart.fdstore import FdStore
+from xguard.restart.handover import Handover
+from xguard.restart.reexec import Launch, Reexec
 
 
 class Recorded:
@@ -56,7 +56,7 @@ class ReexecTests(SynchronousTestCase):
 
     def reexec(self, **launch: Any) -> Reexec:
         launch.setdefault("executable", sys.executable)
-        launch.setdefault("argv", ("python", "-m", "xguard.run", "-n", "--pidfile="))
+        launch.setdefault("argv", ("python", "-m", "xguard", "-n", "--pidfile="))
         return Reexec(self.reactor, self.handover,
                       lambda: [("xgd-1-2-aa", 17), ("xgc-1-3-bb", 18)],
                       launch=Launch(**launch), is_ready=lambda: self.ready,
@@ -80,7 +80,7 @@ class ReexecTests(SynchronousTestCase):
         self.shut_down()
         [(path, argv, env)] = self.rec.execs
         self.assertEqual((path, argv), (sys.executable,
-                                        ["python", "-m", "xguard.run", "-n", "--pidfile="]))
+                                        ["python", "-m", "xguard", "-n", "--pidfile="]))
         self.assertEqual(env, {"NOTIFY_SOCKET": "/run/n", "PATH": "/bin", "LISTEN_PID": "4242",
                                "LISTEN_FDS": "2", "LISTEN_FDNAMES": "xgd-1-2-aa:xgc-1-3-bb"})
         self.assertEqual(self.rec.placed, [[17, 18]])

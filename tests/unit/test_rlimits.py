@@ -6,7 +6,7 @@ import resource
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.rlimits import NofileChange, raise_nofile
+from xguard.daemon.rlimits import NofileChange, raise_nofile
 
 
 class RaiseNofileTests(SynchronousTestCase):

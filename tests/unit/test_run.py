@@ -1,4 +1,4 @@
-"""The ``xguard`` command (xguard.run): twistd's options and xguard's in one
+"""The ``xguard`` command (xguard.daemon.run): twistd's options and xguard's in one
 list, the plugin named directly (no plugin scan, so no dropin.cache)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.run import PLUGIN, split_argv
+from xguard.daemon.run import PLUGIN, split_argv
 from xguard.testing.daemon import REPO, Daemon, _env
 
 
@@ -40,7 +40,7 @@ class PluginTests(SynchronousTestCase):
 
 
 def _xguard(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "xguard.run", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "xguard", *args], capture_output=True,
                           text=True, timeout=60, env=_env())
 
 
@@ -67,7 +67,7 @@ class ScriptDaemon(Daemon):
         argv = super().argv()
         argv.remove("xguard")
         # an xguard option first, before twistd's -n
-        return [sys.executable, "-m", "xguard.run", "--log-level", "debug", *argv[1:]]
+        return [sys.executable, "-m", "xguard", "--log-level", "debug", *argv[1:]]
 
 
 @pytest.mark.integration

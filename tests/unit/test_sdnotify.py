@@ -10,7 +10,7 @@ import uuid
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard import sdnotify
+from xguard.restart import sdnotify
 
 
 class NotifyTests(SynchronousTestCase):

@@ -11,8 +11,8 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import FakeSignals, InlineReactor, some_status
-from xguard.process import ExitStatus
-from xguard.service import Stage, XguardService
+from xguard.daemon.process import ExitStatus
+from xguard.daemon.service import Stage, XguardService
 
 
 class Recorder:

@@ -25,14 +25,14 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
-from xguard import activefile
-from xguard.activefile import Entry
+from xguard.domain import activefile
+from xguard.domain.activefile import Entry
 from xguard.domain.sockets import BACKLOG, KEEP_SUFFIX, SocketRegistry, listen_backlog
 from xguard.errors import InvalidPath, InvalidUUID, PathInUse
-from xguard.fdstore import FdStore
-from xguard.handover import Handover
 from xguard.interfaces import ISocketRegistry
 from xguard.model import Service
+from xguard.restart.fdstore import FdStore
+from xguard.restart.handover import Handover
 
 VM1 = "6c9d5f3e-8e1a-4a4f-9d63-0a6b4c1f7d21"
 VM2 = "0f2a6b1c-3d4e-4f50-8a6b-7c8d9e0f1a2b"
@@ -477,7 +477,7 @@ class SynchronousTests(SynchronousTestCase):
 def handed(pairs: list[tuple[str, int]]) -> Callable[[], list[Any]]:
     """What a re-exec hands the next image: duplicates of the descriptors
     (the old process's own are closed, as exec would close them)."""
-    from xguard.listenfds import Passed
+    from xguard.restart.listenfds import Passed
 
     passed = [Passed(os.dup(fd), name) for name, fd in pairs]
     return lambda: passed

@@ -13,8 +13,13 @@ import tempfile
 
 import pytest
 
-from xguard.config import DEFAULT_CONTROL, DEFAULT_SOCKETS_FILE, DEFAULT_STATE_DIR, FAULT_FILE
-from xguard.run import _ServerOptions, split_argv
+from xguard.daemon.config import (
+    DEFAULT_CONTROL,
+    DEFAULT_SOCKETS_FILE,
+    DEFAULT_STATE_DIR,
+    FAULT_FILE,
+)
+from xguard.daemon.run import _ServerOptions, split_argv
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNIT = os.path.join(REPO, "contrib", "xguard.service")

@@ -9,7 +9,7 @@ import sys
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from xguard.config import Config
+from xguard.daemon.config import Config
 from xguard.tap import Options
 
 
@@ -60,7 +60,7 @@ class PluginTests(SynchronousTestCase):
     def test_twistd_lists_xguard(self) -> None:
         """A regular install puts the plugin where twistd scans. An
         editable one (``pip install -e .``) cannot: that is why the
-        ``xguard`` command names the plugin itself (xguard.run)."""
+        ``xguard`` command names the plugin itself (xguard.daemon.run)."""
         editable = subprocess.run(  # PEP 610, asked away from the checkout
             [sys.executable, "-c", "import importlib.metadata as m, json; "
              "t = m.distribution('xguard').read_text('direct_url.json'); "
@@ -76,7 +76,7 @@ class PluginTests(SynchronousTestCase):
         self.assertIn("xguard", out.stdout)
 
     def test_makeservice_is_side_effect_free(self) -> None:
-        from xguard.service import XguardService
+        from xguard.daemon.service import XguardService
         from xguard.tap import makeService
 
         options = Options()

@@ -10,7 +10,7 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.threads import ThreadPoolRunner
+from xguard.util.threads import ThreadPoolRunner
 
 
 class FakeThreadReactor:

@@ -7,9 +7,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cachehelpers import VM1, VM2, Env
 from xguard.errors import InvalidContents, TransientUpstreamError
-from xguard.items import TpmKeys
 from xguard.model import TpmKey
-from xguard.vtpm_contents import VtpmContents
+from xguard.state.contents import VtpmContents
+from xguard.state.items import TpmKeys
 
 
 class VtpmContentsTests(SynchronousTestCase):

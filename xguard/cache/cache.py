@@ -46,9 +46,9 @@ from zope.interface import implementer
 
 from ..errors import CacheUnavailable, TransientUpstreamError
 from ..interfaces import IItemSink, IItemWriter, IStatusSource
-from ..locks import KeyedLocks
 from ..status import CacheStatus, Quarantined
-from ..threads import Runner
+from ..util.locks import KeyedLocks
+from ..util.threads import Runner
 from . import recovery
 from .files import VersionFiles
 from .flusher import Flusher, default_backoff

@@ -8,9 +8,9 @@ from __future__ import annotations
 import errno
 import os
 
-from ..durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..model import Service
 from ..status import Quarantined
+from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from .layout import (
     PRE_SUFFIX,
     QUARANTINE,

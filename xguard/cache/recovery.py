@@ -24,8 +24,8 @@ from collections.abc import Iterable, Sequence
 
 import attrs
 
-from ..durable import fsync_dir, safe_unlink
 from ..model import Service
+from ..util.durable import fsync_dir, safe_unlink
 from .layout import (
     PRE_SUFFIX,
     Invalid,

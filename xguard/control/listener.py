@@ -4,10 +4,10 @@
 A socket file left by a killed daemon is replaced; one a live process
 serves is never taken over (start-up fails, naming it). The socket is made
 0600 whatever the umask (``--control`` must be a UNIX endpoint: see
-:mod:`xguard.config`).
+:mod:`xguard.daemon.config`).
 
 Like the domain sockets, it is handed over across a restart
-(:mod:`xguard.handover`): stored in systemd's fd store when it listens,
+(:mod:`xguard.restart.handover`): stored in systemd's fd store when it listens,
 adopted by the next process (which then has nothing stale to replace),
 kept open but unread while a successor takes over, so an ``xguard-ctl``
 call made meanwhile waits instead of failing.
@@ -23,9 +23,9 @@ from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from .._internals.twisted_unix import adopt_unix_port
-from ..durable import makedirs
-from ..handover import CONTROL, Claimed, Handover
-from ..unixsock import remove_stale
+from ..restart.handover import CONTROL, Claimed, Handover
+from ..util.durable import makedirs
+from ..util.unixsock import remove_stale
 from .server import control_endpoint
 
 __all__ = ["ControlListener"]

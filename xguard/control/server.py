@@ -27,8 +27,8 @@ from twisted.protocols import amp
 from ..errors import PathInUse
 from ..interfaces import ISocketRegistry
 from ..model import Service, check_socket_path, check_uuid
+from ..state.contents import VtpmContents
 from ..status import DaemonStatus, to_json
-from ..vtpm_contents import VtpmContents
 from .commands import (
     ERRORS,
     ControlError,

@@ -6,7 +6,7 @@ the control channel sees "path in use" as an error rather than a log line,
 and so shutdown can stop accepting while keeping the socket files and the
 active list: a restart resumes exactly what was served (SPEC §2).
 
-Restarts hand the listening sockets over (:mod:`xguard.handover`): each
+Restarts hand the listening sockets over (:mod:`xguard.restart.handover`): each
 socket is given to systemd's fd store as it opens and dropped from it when
 destroyed; resume adopts what the previous process handed over for each
 entry of the file and listens afresh only where nothing valid was handed
@@ -47,17 +47,17 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .. import activefile
 from .._internals.twisted_unix import adopt_unix_port
-from ..activefile import Entry
-from ..durable import safe_unlink
 from ..errors import InvalidPath, PathInUse
-from ..handover import DOMAIN, Claimed, Handover
 from ..interfaces import ISocketRegistry
 from ..model import MAX_SOCKET_PATH_BYTES, Service
-from ..observer import OneShotObserver
-from ..threads import Runner
-from ..unixsock import Found, probe
+from ..restart.handover import DOMAIN, Claimed, Handover
+from ..util.durable import safe_unlink
+from ..util.observer import OneShotObserver
+from ..util.threads import Runner
+from ..util.unixsock import Found, probe
+from . import activefile
+from .activefile import Entry
 
 __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES", "listen_backlog"]
 

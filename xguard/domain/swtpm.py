@@ -39,8 +39,8 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from ..errors import PermanentUpstreamError, TransientUpstreamError
-from ..items import TpmKeys
 from ..model import TpmKey
+from ..state.items import TpmKeys
 from .site import VmResource, next_turn, plain_response, request_logger, routing_error_response
 from .steps import Steps, run_steps
 

@@ -43,8 +43,8 @@ from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from ..errors import UpstreamError
 from ..interfaces import IUpstream
-from ..items import VmNvram
 from ..model import normalise_update
+from ..state.items import VmNvram
 from .site import (
     VmResource,
     next_turn,

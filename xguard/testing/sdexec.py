@@ -6,7 +6,7 @@ fake systemd (:mod:`xguard.testing.fakesystemd`)::
 It moves the descriptors (inherited at any number) to 3, 4 …, sets
 ``LISTEN_FDS``/``LISTEN_FDNAMES`` and ``LISTEN_PID`` to its own pid — the
 pid the command keeps after the exec — and execs the command. It imports
-nothing but :mod:`xguard.listenfds`, so it costs about what systemd's own
+nothing but :mod:`xguard.restart.listenfds`, so it costs about what systemd's own
 fork and exec do.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from xguard.listenfds import environment, place
+from xguard.restart.listenfds import environment, place
 
 
 def launch(argv: list[str]) -> None:

@@ -50,7 +50,6 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from xguard.durable import atomic_write
 from xguard.testing._simstate import (
     CODECS,
     JSONRPC,
@@ -61,6 +60,7 @@ from xguard.testing._simstate import (
     SimState,
     XapiError,
 )
+from xguard.util.durable import atomic_write
 
 __all__ = ["Simulator", "SimState", "Dispatcher", "XapiError", "Call", "XMLRPC", "JSONRPC",
            "MODES", "load_state", "main"]

@@ -32,8 +32,8 @@ from zope.interface import implementer
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IUpstream
 from xguard.status import UpstreamStatus
-from xguard.threads import Runner
 from xguard.upstream.reachability import Reachability
+from xguard.util.threads import Runner
 
 __all__ = ["LocalStore", "SCHEMA_VERSION", "SECUREBOOT_STATES"]
 

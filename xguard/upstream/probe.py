@@ -24,7 +24,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from ..deadlines import within
+from ..util.deadlines import within
 from .reachability import Reachability
 
 __all__ = ["Prober"]

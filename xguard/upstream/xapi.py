@@ -34,7 +34,6 @@ from xguard._internals.treq import FixedURL
 from xguard._internals.twisted_web import STALE_CONNECTION, ResponseDone
 from xguard.errors import NoVtpm, TransientUpstreamError, UpstreamError
 from xguard.interfaces import IUpstream
-from xguard.observer import OneShotObserver
 from xguard.status import UpstreamStatus
 from xguard.upstream.agent import MAX_PERSISTENT_PER_HOST, make_client, make_pool
 from xguard.upstream.calls import CallMonitor
@@ -46,6 +45,7 @@ from xguard.upstream.jsonrpc import (
     encode_call,
 )
 from xguard.upstream.reachability import Reachability
+from xguard.util.observer import OneShotObserver
 
 __all__ = ["XapiUpstream", "xapi_upstream", "MAX_RESPONSE_BYTES"]
 

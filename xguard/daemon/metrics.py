@@ -33,10 +33,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from ..status import DaemonStatus
+from ..util.durable import makedirs
+from ..util.unixsock import remove_stale
 from .config import unix_endpoint_path
-from .durable import makedirs
-from .status import DaemonStatus
-from .unixsock import remove_stale
 
 __all__ = ["Metrics", "MetricsListener", "MODES"]
 

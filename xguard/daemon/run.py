@@ -25,8 +25,8 @@ from twisted.copyright import version as twisted_version
 from twisted.python import usage
 from twisted.scripts import twistd
 
-from . import __version__
-from .tap import Options
+from .. import __version__
+from ..tap import Options
 
 __all__ = ["PLUGIN", "main", "split_argv"]
 

@@ -4,7 +4,7 @@ an upgrade without asking the service manager): SIGHUP or ``xguard-ctl
 restart`` makes the daemon stop as for a handover and ``execve`` its own
 command line, same pid, with its listening sockets inherited
 (``LISTEN_FDS``/``LISTEN_FDNAMES``/``LISTEN_PID`` = its own pid, the
-convention systemd uses, read by :mod:`xguard.handover`), as nginx and
+convention systemd uses, read by :mod:`xguard.restart.handover`), as nginx and
 HAProxy do for seamless reloads.
 
 The stop is the ordinary one (every stage, in reverse), except that the
@@ -32,8 +32,8 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
+from ..control.commands import RestartRefused
 from . import listenfds
-from .control.commands import RestartRefused
 from .handover import Handover
 
 __all__ = ["Launch", "Reexec", "RestartRefused"]

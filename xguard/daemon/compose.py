@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.unit.test_compose -*-
 """The composition root: every part of the daemon built from the
-configuration, wired, and handed to :class:`~xguard.service.XguardService`
+configuration, wired, and handed to :class:`~xguard.daemon.service.XguardService`
 as stages in start order. Nothing here has side effects: building opens no
 file and no socket; the stages do, when the service starts them.
 
@@ -32,38 +32,40 @@ import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
 
-from . import __version__, rlimits, sdnotify
-from .cache.cache import WriteBackCache
-from .cache.known import KnownState
+from .. import __version__
+from ..cache.cache import WriteBackCache
+from ..control.listener import ControlListener
+from ..control.server import control_factory
+from ..domain.site import DomainSite
+from ..domain.sockets import SocketRegistry
+from ..domain.swtpm import SwtpmSocket
+from ..domain.varstored import VarstoredSocket
+from ..interfaces import IItemSink, IItemWriter, IUpstream
+from ..model import Service as Kind
+from ..restart import sdnotify
+from ..restart.fdstore import FdStore
+from ..restart.handover import Handover
+from ..restart.reexec import Launch, Reexec
+from ..state.contents import VtpmContents
+from ..state.items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
+from ..state.known import KnownState
+from ..status import CacheStatus, DaemonStatus
+from ..upstream.local import LocalStore
+from ..upstream.probe import Prober
+from ..upstream.xapi import HandleCache, NoHandleCache, XapiUpstream, xapi_upstream
+from ..util.durable import makedirs
+from ..util.locks import KeyedLocks
+from ..util.threads import ThreadPoolRunner
+from . import rlimits
 from .config import Config
-from .control.listener import ControlListener
-from .control.server import control_factory
-from .domain.site import DomainSite
-from .domain.sockets import SocketRegistry
-from .domain.swtpm import SwtpmSocket
-from .domain.varstored import VarstoredSocket
-from .durable import makedirs
-from .fdstore import FdStore
-from .handover import Handover
-from .interfaces import IItemSink, IItemWriter, IUpstream
-from .items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
-from .locks import KeyedLocks
 from .memory import Activity, IdleTrimmer, freeze_startup
 from .metrics import Metrics, MetricsListener
-from .model import Service as Kind
 from .process import ExitStatus, InstanceLock
-from .reexec import Launch, Reexec
 from .service import Stage, XguardService
-from .status import CacheStatus, DaemonStatus
-from .threads import ThreadPoolRunner
-from .upstream.local import LocalStore
-from .upstream.probe import Prober
-from .upstream.xapi import HandleCache, NoHandleCache, XapiUpstream, xapi_upstream
-from .vtpm_contents import VtpmContents
 
 __all__ = ["Design", "build_service"]
 
-log = Logger(namespace="xguard.compose")
+log = Logger(namespace="xguard.daemon.compose")
 
 
 @attrs.frozen

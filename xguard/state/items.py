@@ -8,7 +8,7 @@ EFI-variables with its ``update`` flag.
 
 Sinks are the only code that talks to upstream about VM state, so they are
 where the last known state is recorded: every answer upstream gives, and
-every delivery it takes, is copied to :class:`~xguard.cache.known.KnownState`
+every delivery it takes, is copied to :class:`~xguard.state.known.KnownState`
 *under the same lock* as the upstream call, so copies land in upstream's
 order and before the write is acknowledged.
 
@@ -31,12 +31,12 @@ from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
-from .cache.known import KnownState
-from .deadlines import within_or
-from .errors import PermanentUpstreamError
-from .interfaces import IItemSink, IItemWriter, IUpstream
-from .locks import KeyedLocks
-from .model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
+from ..errors import PermanentUpstreamError
+from ..interfaces import IItemSink, IItemWriter, IUpstream
+from ..model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
+from ..util.deadlines import within_or
+from ..util.locks import KeyedLocks
+from .known import KnownState
 
 __all__ = ["VtpmSink", "NvramSink", "DirectWriter", "TpmKeys", "VmNvram"]
 

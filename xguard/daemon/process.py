@@ -12,7 +12,7 @@ directory, and an exit status systemd and the orchestrator can trust.
   shutdown, which systemd and the orchestrator would see as a crash — and a
   start that fails exits 1 once the reactor has shut down (twistd has no
   way to set an exit status). SIGHUP asks for a restart in place
-  (:mod:`xguard.reexec`); twistd itself does not use SIGHUP (its log file
+  (:mod:`xguard.restart.reexec`); twistd itself does not use SIGHUP (its log file
   rotates on SIGUSR1).
 
 The instance lock's descriptor is close-on-exec and released by the stop

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.unit.test_fdstore -*-
 """systemd's file-descriptor store: the service manager keeps a copy of
 each listening socket, so a restart (or a crash and ``Restart=``) hands it
-back to the next process (``LISTEN_FDS``, see :mod:`xguard.listenfds`)
+back to the next process (``LISTEN_FDS``, see :mod:`xguard.restart.listenfds`)
 instead of closing it. Connections made meanwhile wait in the socket's
 backlog instead of being refused.
 
@@ -9,7 +9,7 @@ Each socket is stored when it starts listening (``FDSTORE=1`` with a name,
 the descriptor attached with ``SCM_RIGHTS``) and removed when it is
 destroyed (``FDSTOREREMOVE=1``), so the store mirrors the live sockets at
 every moment, not only at a clean stop. Names are per socket
-(:mod:`xguard.handover`), so one message carries one descriptor; messages
+(:mod:`xguard.restart.handover`), so one message carries one descriptor; messages
 with a shared name are split at the kernel's 253 descriptors each.
 
 Messages go out in order from a queue, without ever blocking the reactor:
@@ -30,9 +30,9 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from ..util.observer import OneShotObserver
 from . import sdnotify
 from .listenfds import valid_name
-from .observer import OneShotObserver
 
 __all__ = ["FdStore"]
 

@@ -4,9 +4,9 @@
 A restart used to close every domain socket and listen again a second or
 two later; varstored does not retry, so a guest's UEFI write in that
 window failed. Now the listening descriptors outlive the process: systemd
-keeps a copy of each in its fd store (:mod:`xguard.fdstore`), or the
-daemon re-executes itself with them inherited (:mod:`xguard.reexec`); the
-next process finds them as ``LISTEN_FDS`` (:mod:`xguard.listenfds`) and
+keeps a copy of each in its fd store (:mod:`xguard.restart.fdstore`), or the
+daemon re-executes itself with them inherited (:mod:`xguard.restart.reexec`); the
+next process finds them as ``LISTEN_FDS`` (:mod:`xguard.restart.listenfds`) and
 serves them again. Connections made meanwhile wait in the kernel's
 backlog.
 
@@ -100,7 +100,7 @@ def handed_over() -> list[listenfds.Passed]:
     """What ``LISTEN_*`` hands this process. Twisted's endpoints module
     reads (and removes) the variables when it is imported, which happens
     before xguard looks: then what it read is used."""
-    from ._internals.twisted_systemd import handed_to_twisted
+    from .._internals.twisted_systemd import handed_to_twisted
 
     passed = listenfds.take()
     if passed:

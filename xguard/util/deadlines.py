@@ -19,12 +19,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from .errors import TransientUpstreamError, UpstreamError
+from ..errors import TransientUpstreamError, UpstreamError
 
 __all__ = ["within", "within_or", "DeadlineExceeded"]
 
 T = TypeVar("T")
-log = Logger(namespace="xguard.deadlines")
+log = Logger(namespace="xguard.util.deadlines")
 
 
 class DeadlineExceeded(TransientUpstreamError):

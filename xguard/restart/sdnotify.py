@@ -2,7 +2,7 @@
 """systemd's notification protocol (``Type=notify``), without libsystemd:
 one datagram such as ``READY=1`` to the socket named by ``$NOTIFY_SOCKET``,
 carrying file descriptors (``SCM_RIGHTS``) for the fd store
-(:mod:`xguard.fdstore`). A name starting with ``@`` is in the abstract
+(:mod:`xguard.restart.fdstore`). A name starting with ``@`` is in the abstract
 namespace. Without the variable (not under systemd, or in tests) nothing
 is sent."""
 
@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 __all__ = ["notify", "send", "address", "READY", "STOPPING", "RELOADING", "MAX_FDS"]
 
-log = Logger(namespace="xguard.sdnotify")
+log = Logger(namespace="xguard.restart.sdnotify")
 
 READY = "READY=1"
 STOPPING = "STOPPING=1"

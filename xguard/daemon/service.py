@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.unit.test_service -*-
 """The daemon as one service that starts and stops its parts in order.
 
-It builds nothing: :mod:`xguard.compose` builds every part from the
+It builds nothing: :mod:`xguard.daemon.compose` builds every part from the
 configuration and hands them over as :class:`Stage` objects, so this
 module is only the lifecycle, testable with fakes.
 
@@ -31,10 +31,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
 
-from .deadlines import DeadlineExceeded, within
+from ..status import DaemonStatus
+from ..util.deadlines import DeadlineExceeded, within
 from .logconfig import attach as attach_log_observer
 from .process import ExitStatus
-from .status import DaemonStatus
 
 __all__ = ["Stage", "XguardService"]
 
@@ -64,7 +64,7 @@ class XguardService(Service):
     log = Logger()
     name = "xguard"
     #: The observer twistd is to log to (--log-level, syslog/journald
-    #: severities), set by xguard.tap; see xguard.logconfig.
+    #: severities), set by xguard.tap; see xguard.daemon.logconfig.
     log_observer: ILogObserver | None = None
 
     def __init__(self, stages: Sequence[Stage], *, clock: IReactorTime,

@@ -57,9 +57,9 @@ from typing import Any
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
-from ..durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..model import TpmState, is_valid_uuid
-from ..threads import Runner
+from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
+from ..util.threads import Runner
 
 __all__ = ["KnownState", "KNOWN", "MAX_COPY_BYTES", "read_boot_id"]
 

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 
 __all__ = ["NofileChange", "raise_nofile"]
 
-log = Logger(namespace="xguard.rlimits")
+log = Logger(namespace="xguard.daemon.rlimits")
 
 #: Tried in order when the hard limit is unlimited (Linux refuses an
 #: unlimited RLIMIT_NOFILE soft limit; fs.nr_open defaults to 1048576).

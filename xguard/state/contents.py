@@ -32,12 +32,17 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .cache.known import KnownState
-from .deadlines import within_or
-from .errors import InvalidContents, PermanentUpstreamError, TransientUpstreamError, UpstreamError
-from .interfaces import IItemWriter, IUpstream
+from ..errors import (
+    InvalidContents,
+    PermanentUpstreamError,
+    TransientUpstreamError,
+    UpstreamError,
+)
+from ..interfaces import IItemWriter, IUpstream
+from ..model import TpmKey, TpmState
+from ..util.deadlines import within_or
 from .items import VtpmSink
-from .model import TpmKey, TpmState
+from .known import KnownState
 
 __all__ = ["VtpmContents", "parse_contents"]
 

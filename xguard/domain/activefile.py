@@ -19,12 +19,12 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from .durable import atomic_write, makedirs
-from .model import Service, check_gid, check_socket_path, check_uuid
+from ..model import Service, check_gid, check_socket_path, check_uuid
+from ..util.durable import atomic_write, makedirs
 
 __all__ = ["Entry", "load", "save", "dumps", "CORRUPT_SUFFIX"]
 
-log = Logger(namespace="xguard.activefile")
+log = Logger(namespace="xguard.domain.activefile")
 
 #: An unparseable file is copied next to itself with this suffix before the
 #: next save replaces it, so an operator can still see what it held.
