@@ -19,8 +19,10 @@ from xguard.errors import NoVtpm, PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IItemWriter, IUpstream
 from xguard.model import Service
 from xguard.state.contents import VtpmContents
-from xguard.state.items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
+from xguard.state.direct import DirectWriter
 from xguard.state.known import KnownState
+from xguard.state.sinks import NvramSink, VtpmSink
+from xguard.state.views import TpmKeys, VmNvram
 from xguard.status import DaemonStatus, UpstreamStatus
 from xguard.upstream.reachability import Reachability
 from xguard.util.locks import KeyedLocks
@@ -225,7 +227,7 @@ class StoreKit:
                       candidates: Callable[[], Any] = lambda: ()) -> VtpmContents:
         """The orchestrator's vTPM calls over these sinks (no cache unless
         ``writer`` is one)."""
-        return VtpmContents(self.vtpm_sink.upstream, self.vtpm_sink,
+        return VtpmContents(self.vtpm_sink,
                             writer or DirectWriter(self.vtpm_sink), self.known,
                             candidates=candidates, clock=self.clock, deadline=3.0)
 

@@ -3,7 +3,7 @@ along best that way). Every method returning a Deferred says so."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
@@ -11,10 +11,11 @@ from zope.interface import Attribute, Interface
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from .model import Service
+    from .model import Service, TpmKey
     from .status import UpstreamStatus
 
-__all__ = ["IUpstream", "IItemSink", "IItemWriter", "ISocketRegistry", "IStatusSource"]
+__all__ = ["IUpstream", "IItemSink", "IVtpmSink", "INvramSink", "IItemWriter", "ISocketRegistry",
+           "IStatusSource"]
 
 
 class IUpstream(Interface):
@@ -91,6 +92,48 @@ class IItemSink(Interface):
     def deliver(vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
         """Deferred[None]: write ``items`` (Mapping[int, bytes]) of one VM
         upstream in one serialized read-modify-write."""
+
+
+class IVtpmSink(IItemSink):
+    """The vTPM sink: every upstream call about a vTPM, serialized per vTPM
+    (a handle) with its read-modify-writes."""
+
+    def read(vm_uuid: str, key: TpmKey) -> "Deferred[bytes]":
+        """Deferred[bytes]: one key of the VM's vTPM as upstream has it."""
+
+    def read_contents(vm_uuid: str) -> "Deferred[str]":
+        """Deferred[str]: the VM's whole vTPM contents string as upstream has it."""
+
+    def find_vm(vtpm_uuid: str, candidates: Iterable[str],
+                pending: Iterable[str]) -> "Deferred[tuple[str | None, str]]":
+        """Deferred[(vm or None, handle)]: which of ``candidates`` or
+        ``pending`` owns the vTPM ``vtpm_uuid`` (None: neither)."""
+
+    def read_unserved(vtpm: str) -> "Deferred[str]":
+        """Deferred[str]: the contents of a vTPM (handle) of a VM xguard
+        neither serves nor holds writes for."""
+
+    def write_unserved(vtpm: str, contents: str) -> "Deferred[None]":
+        """Deferred[None]: replace the contents of such a vTPM."""
+
+    def learn(vm_uuid: str) -> "Deferred[None]":
+        """Deferred[None]: look the VM's vTPM handle up now (best effort)."""
+
+    def forget(vm_uuid: str) -> None:
+        """The VM's sockets are gone: upstream may change its vTPM now."""
+
+
+class INvramSink(IItemSink):
+    """The NVRAM sink: upstream's NVRAM, secure-boot state and alerts of a VM."""
+
+    def read(vm_uuid: str) -> "Deferred[dict[str, str]]":
+        """Deferred[dict[str, str]]: the VM's NVRAM map as upstream has it."""
+
+    def secureboot_state(vm_uuid: str) -> "Deferred[str]":
+        """Deferred[str]: the VM's secure-boot certificates state."""
+
+    def create_message(vm_uuid: str, name: str, priority: int, body: str) -> "Deferred[str]":
+        """Deferred[str]: raise a message of class VM about the VM."""
 
 
 class IItemWriter(Interface):

@@ -34,7 +34,7 @@ from xguard.cache.layout import Item
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.model import TpmKey, TpmState
 from xguard.state.contents import VtpmContents
-from xguard.state.items import TpmKeys
+from xguard.state.views import TpmKeys
 
 VMX = "99999999-9999-4999-8999-999999999999"  # unknown upstream: refused permanently
 vms = st.sampled_from([VM1, VM2, VMX])
@@ -69,7 +69,7 @@ class CacheModel(RuleBasedStateMachine):
         self.cache = env.cache
         self.cache.recover()
         self.cache.start()
-        self.vtpms = VtpmContents(env.upstream, env.sink, self.cache, env.known,
+        self.vtpms = VtpmContents(env.sink, self.cache, env.known,
                                   candidates=lambda: sorted(env.live), clock=env.clock,
                                   deadline=3.0)
         self.store = TpmKeys(self.cache, env.sink, env.known, clock=env.clock, deadline=3.0)

@@ -40,7 +40,7 @@ def build() -> tuple[FakeUpstream, dict[str, str], StoreKit, StubTreq, StubTreq]
     # Every VM is live: copies of any VM could be kept, so only isolation
     # keeps the others' out.
     kit = StoreKit(upstream)
-    varstored = VarstoredSocket(OWN, upstream, kit.nvram)
+    varstored = VarstoredSocket(OWN, kit.nvram)
     swtpm = SwtpmSocket(OWN, kit.tpm)
     return upstream, vtpms, kit, StubTreq(varstored.resource()), StubTreq(swtpm.resource())
 

@@ -11,8 +11,8 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeUpstream, sync_runner
 from xguard.cache.cache import WriteBackCache
-from xguard.state.items import NvramSink, VtpmSink
 from xguard.state.known import KnownState
+from xguard.state.sinks import NvramSink, VtpmSink
 from xguard.util.locks import KeyedLocks
 
 VM1 = "11111111-1111-4111-8111-111111111111"

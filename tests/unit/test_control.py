@@ -45,8 +45,9 @@ from xguard.errors import (
 from xguard.interfaces import ISocketRegistry
 from xguard.model import Service
 from xguard.state.contents import VtpmContents
-from xguard.state.items import DirectWriter, VtpmSink
+from xguard.state.direct import DirectWriter
 from xguard.state.known import KnownState
+from xguard.state.sinks import VtpmSink
 from xguard.status import CacheStatus, from_json, to_json
 from xguard.util.locks import KeyedLocks
 
@@ -99,7 +100,7 @@ class ControlTestCase(SynchronousTestCase):
         known = KnownState(root, runner=sync_runner, is_live=live, boot_id=lambda: "b")
         known.open()
         self.sink = VtpmSink(self.upstream, KeyedLocks(), known)
-        self.vtpms = VtpmContents(self.upstream, self.sink, DirectWriter(self.sink), known,
+        self.vtpms = VtpmContents(self.sink, DirectWriter(self.sink), known,
                                   candidates=lambda: [s["vm_uuid"] for s in
                                                       self.registry.sockets.values()],
                                   clock=self.clock, deadline=3.0)

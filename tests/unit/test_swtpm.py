@@ -14,7 +14,7 @@ from xguard.domain.swtpm import SwtpmSocket
 from xguard.errors import TransientUpstreamError
 from xguard.interfaces import IItemWriter
 from xguard.model import TpmKey, TpmState
-from xguard.state.items import DirectWriter
+from xguard.state.direct import DirectWriter
 
 VM = "0b1f0a3c-6a2e-4a55-9a2d-6f1e2d3c4b5a"
 OTHER = "9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"

@@ -40,7 +40,7 @@ class VarstoredTests(SynchronousTestCase):
         self.upstream.add_vm(OTHER, nvram={"EFI-variables": "other-vars"})
         kit = StoreKit(self.upstream)
         self.addCleanup(kit.cleanup)
-        self.socket = VarstoredSocket(VM, self.upstream, kit.nvram)
+        self.socket = VarstoredSocket(VM, kit.nvram)
         self.treq = StubTreq(self.socket.resource())
 
     def post(self, body: bytes, path: str = "/", method: str = "POST") -> tuple[int, bytes]:
@@ -242,7 +242,7 @@ class VarstoredWireTests(SynchronousTestCase):
         self.upstream.add_vm(VM)
         kit = StoreKit(self.upstream)
         self.addCleanup(kit.cleanup)
-        socket = VarstoredSocket(VM, self.upstream, kit.nvram)
+        socket = VarstoredSocket(VM, kit.nvram)
         self.wire = Wire(socket.resource(), timeout=30)
 
     def tearDown(self) -> None:
@@ -302,7 +302,7 @@ class HostileRequestTests(SynchronousTestCase):
     def connect(self, vm: str) -> Wire:
         kit = StoreKit(self.upstream)
         self.addCleanup(kit.cleanup)
-        socket = VarstoredSocket(vm, self.upstream, kit.nvram)
+        socket = VarstoredSocket(vm, kit.nvram)
         return Wire(socket.resource(), clock=self.clock, events=self.events)
 
     def tearDown(self) -> None:

@@ -47,8 +47,10 @@ from ..restart.fdstore import FdStore
 from ..restart.handover import Handover
 from ..restart.reexec import Launch, Reexec
 from ..state.contents import VtpmContents
-from ..state.items import DirectWriter, NvramSink, TpmKeys, VmNvram, VtpmSink
+from ..state.direct import DirectWriter
 from ..state.known import KnownState
+from ..state.sinks import NvramSink, VtpmSink
+from ..state.views import TpmKeys, VmNvram
 from ..status import CacheStatus, DaemonStatus
 from ..upstream.local import LocalStore
 from ..upstream.probe import Prober
@@ -127,7 +129,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
         if kind is Kind.SWTPM:
             resource = SwtpmSocket(vm_uuid, tpm).resource()
         else:
-            resource = VarstoredSocket(vm_uuid, upstream, nvram).resource()
+            resource = VarstoredSocket(vm_uuid, nvram).resource()
         return DomainSite(resource, reactor=reactor, timeout=cfg.request_timeout,
                           on_connection=activity.connection,
                           on_response=lambda code: answered(kind, code))
@@ -146,7 +148,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
 
     registry = SocketRegistry(reactor, cfg.sockets_file, site_for, on_forget=vm_gone,
                               runner=io, backlog=cfg.listen_backlog, handover=handover)
-    vtpms = VtpmContents(upstream, vtpm_sink, swtpm_writer, known,
+    vtpms = VtpmContents(vtpm_sink, swtpm_writer, known,
                          candidates=lambda: registry.vms(Kind.SWTPM), clock=reactor,
                          deadline=cfg.direct_deadline)
 

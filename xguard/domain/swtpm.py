@@ -40,7 +40,7 @@ from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from ..errors import PermanentUpstreamError, TransientUpstreamError
 from ..model import TpmKey
-from ..state.items import TpmKeys
+from ..state.views import TpmKeys
 from .site import VmResource, next_turn, plain_response, request_logger, routing_error_response
 from .steps import Steps, run_steps
 

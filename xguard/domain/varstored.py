@@ -42,9 +42,8 @@ from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
 from ..errors import UpstreamError
-from ..interfaces import IUpstream
 from ..model import normalise_update
-from ..state.items import VmNvram
+from ..state.views import VmNvram
 from .site import (
     VmResource,
     next_turn,
@@ -125,17 +124,16 @@ class VarstoredSocket:
     """The XML-RPC app of one VM's varstored socket.
 
     :param vm_uuid: the VM every call acts on.
-    :param upstream: for the calls that do not touch NVRAM.
     :param nvram: NVRAM and secure-boot state reads (falling back to the last
-        known state) and writes (through the write-back cache).
+        known state), writes (through the write-back cache) and the
+        secure-boot alert.
     """
 
     app = Klein()
     log = Logger()
 
-    def __init__(self, vm_uuid: str, upstream: IUpstream, nvram: VmNvram) -> None:
+    def __init__(self, vm_uuid: str, nvram: VmNvram) -> None:
         self.vm_uuid = vm_uuid
-        self.upstream = upstream
         self.nvram = nvram
         # One call at a time, in arrival order, like xapi-guard's per-VM mutex.
         self._lock = DeferredLock()
@@ -243,6 +241,6 @@ class VarstoredSocket:
 
     async def _create_message(self, params: list[Any]) -> None:
         _session, _name, priority, _class, _obj_uuid, body = params
-        await self.upstream.create_message(self.vm_uuid, MESSAGE_NAME, priority, body)
+        await self.nvram.alert(self.vm_uuid, MESSAGE_NAME, priority, body)
         # xapi-guard answers unit here (the samples show <nil/>), not the ref.
         return None

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.unit.test_vtpm_contents -*-
+# -*- test-case-name: tests.unit.test_contents -*-
 """The orchestrator's view of a vTPM (VtpmGetContents/VtpmSetContents),
 ordered with everything else written for that vTPM (SPEC §3, §6 "Order
 across the VM's lifecycle").
@@ -21,7 +21,9 @@ The control channel names a vTPM by uuid, the cache and the copies are per
 VM: which VM a vTPM belongs to is learned from upstream (its handle, from
 ``VTPM.get_by_uuid``, is the one ``VM.get_VTPMs`` gives for its VM) and kept
 durably with the VM's last known state, so both calls work during an
-outage and after a restart.
+outage and after a restart. The sink does every upstream call of it (this
+module calls upstream for nothing): a walk goes control → this view → the
+writer → the sink → upstream.
 """
 
 from __future__ import annotations
@@ -32,16 +34,10 @@ from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ..errors import (
-    InvalidContents,
-    PermanentUpstreamError,
-    TransientUpstreamError,
-    UpstreamError,
-)
-from ..interfaces import IItemWriter, IUpstream
+from ..errors import InvalidContents, PermanentUpstreamError
+from ..interfaces import IItemWriter, IVtpmSink
 from ..model import TpmKey, TpmState
 from ..util.deadlines import within_or
-from .items import VtpmSink
 from .known import KnownState
 
 __all__ = ["VtpmContents", "parse_contents"]
@@ -70,10 +66,9 @@ class VtpmContents:
 
     log = Logger()
 
-    def __init__(self, upstream: IUpstream, sink: VtpmSink, writer: IItemWriter,
-                 known: KnownState, *, candidates: Callable[[], Iterable[str]],
-                 clock: IReactorTime, deadline: float) -> None:
-        self.upstream = upstream
+    def __init__(self, sink: IVtpmSink, writer: IItemWriter, known: KnownState, *,
+                 candidates: Callable[[], Iterable[str]], clock: IReactorTime,
+                 deadline: float) -> None:
         self.sink = sink
         self.writer = writer
         self.known = known
@@ -89,10 +84,7 @@ class VtpmContents:
         vm, ref = await self._resolve(vtpm_uuid)
         if vm is None:
             # Not a VM xguard serves or holds writes for: nothing to order.
-            assert ref is not None
-            async def read_unserved() -> str:
-                return await self.upstream.get_vtpm_contents(ref)
-            return await self.sink.locks.run(self.sink.lock_key(ref), read_unserved)
+            return await self.sink.read_unserved(ref)
         pending = {key: await self.writer.pending(vm, key) for key in TpmKey}
         overlay = {key: value.decode("ascii") for key, value in pending.items()
                    if value is not None}
@@ -117,63 +109,15 @@ class VtpmContents:
         state = parse_contents(contents)
         vm, ref = await self._resolve(vtpm_uuid)
         if vm is None:
-            assert ref is not None
-            async def write() -> None:
-                await self.upstream.set_vtpm_contents(ref, contents)
-            await self.sink.locks.run(self.sink.lock_key(ref), write)
+            await self.sink.write_unserved(ref, contents)
             return
         await self.writer.write_many(
             vm, {key: state.get(key).encode("ascii") for key in TpmKey})
 
     def learn(self, vm_uuid: str) -> "Deferred[None]":
-        """A swtpm socket was created for ``vm_uuid``: find its vTPM's
-        handle now, while upstream answers, so the orchestrator's calls can
-        be ordered with this VM's writes even if it is gone later. Best
-        effort: failures are left to later lookups."""
-        async def run() -> None:
-            try:
-                ref = await self.upstream.vtpm_for_vm(vm_uuid)
-            except UpstreamError:
-                return
-            await self.known.record_vtpm_handle(vm_uuid, ref)
-        return ensureDeferred(run())
+        """A swtpm socket was created for ``vm_uuid`` (see the sink)."""
+        return self.sink.learn(vm_uuid)
 
-    # -- which VM ----------------------------------------------------------------
-    async def _resolve(self, vtpm_uuid: str) -> tuple[str | None, str | None]:
-        """(vm, handle) of ``vtpm_uuid``: vm None when no VM of ours has it
-        (then handle is upstream's). Known mappings need no upstream call;
-        otherwise upstream must answer (a transient error if it does not)."""
-        vm = self.known.vm_of_vtpm(vtpm_uuid)
-        if vm is not None:
-            return vm, self.known.vtpm_of_vm(vm)
-        ref = str(await self.upstream.vtpm_by_uuid(vtpm_uuid))
-        vm = self.known.vm_of_handle(ref)
-        if vm is None:
-            vm = await self._search(ref)
-        if vm is not None:
-            await self.known.record_vtpm_uuid(vtpm_uuid, ref)
-        return vm, ref
-
-    async def _search(self, ref: str) -> str | None:
-        """Resolve the vTPM handles of candidate VMs not resolved yet.
-
-        A VM with pending writes must be found if it owns the vTPM, or its
-        older writes would land after this call: a transient failure to
-        look one up fails the call (retried by the orchestrator), and only
-        upstream's word that a VM has no such vTPM rules it out."""
-        pending = self.writer.pending_vms()
-        for vm in sorted(set(self.candidates()) | pending):
-            if self.known.vtpm_of_vm(vm) is not None:
-                continue
-            try:
-                found = str(await self.upstream.vtpm_for_vm(vm))
-            except PermanentUpstreamError:
-                continue
-            except TransientUpstreamError:
-                if vm in pending:
-                    raise
-                continue
-            await self.known.record_vtpm_handle(vm, found)
-            if found == ref:
-                return vm
-        return None
+    def _resolve(self, vtpm_uuid: str) -> "Deferred[tuple[str | None, str]]":
+        """(vm, handle) of ``vtpm_uuid``: vm None when no VM of ours has it."""
+        return self.sink.find_vm(vtpm_uuid, self.candidates(), self.writer.pending_vms())

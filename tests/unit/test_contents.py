@@ -9,7 +9,7 @@ from tests.unit.cachehelpers import VM1, VM2, Env
 from xguard.errors import InvalidContents, TransientUpstreamError
 from xguard.model import TpmKey
 from xguard.state.contents import VtpmContents
-from xguard.state.items import TpmKeys
+from xguard.state.views import TpmKeys
 
 
 class VtpmContentsTests(SynchronousTestCase):
@@ -26,7 +26,7 @@ class VtpmContentsTests(SynchronousTestCase):
         self.cache = env.cache
         self.successResultOf(self.cache.recover())
         self.cache.start()
-        self.vtpms = VtpmContents(env.upstream, env.sink, self.cache, env.known,
+        self.vtpms = VtpmContents(env.sink, self.cache, env.known,
                                   candidates=lambda: sorted(env.live), clock=env.clock,
                                   deadline=3.0)
         self.tpm = TpmKeys(self.cache, env.sink, env.known, clock=env.clock, deadline=3.0)

@@ -1,50 +1,41 @@
-# -*- test-case-name: tests.unit.test_items -*-
-"""What xguard persists for a VM and how each item reaches upstream.
+# -*- test-case-name: tests.unit.test_sinks -*-
+"""How each service's items reach upstream: the only code that talks to
+upstream about a VM's state.
 
 Swtpm items are the three vTPM keys; xapi stores them in one string, so a
-delivery is a read-modify-write of that string under the vTPM's lock (shared
-with the control channel). Varstored has one item, the NVRAM's
+delivery is a read-modify-write of that string under the vTPM's lock, which
+every other upstream call about that vTPM takes too (the orchestrator's, for
+VMs xguard serves or not). Varstored has one item, the NVRAM's
 EFI-variables with its ``update`` flag.
 
-Sinks are the only code that talks to upstream about VM state, so they are
-where the last known state is recorded: every answer upstream gives, and
-every delivery it takes, is copied to :class:`~xguard.state.known.KnownState`
-*under the same lock* as the upstream call, so copies land in upstream's
-order and before the write is acknowledged.
-
-:class:`DirectWriter` is the no-cache writer; the write-back cache
-(:mod:`xguard.cache`) provides the same :class:`IItemWriter` seam.
-:class:`TpmKeys` and :class:`VmNvram` are what the domain sockets use:
-reads see the latest pending version first, then upstream, then the last
-known state. Upstream gets the direct deadline only when there is a last
-known state to fall back on: without one, waiting longer is better than a
-certain error.
+Sinks are where the last known state is recorded: every answer upstream
+gives, and every delivery it takes, is copied to
+:class:`~xguard.state.known.KnownState` *under the same lock* as the
+upstream call, so copies land in upstream's order and before the write is
+acknowledged.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TypeVar
 
-from twisted.internet.defer import Deferred, ensureDeferred, fail, succeed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from zope.interface import implementer
 
-from ..errors import PermanentUpstreamError
-from ..interfaces import IItemSink, IItemWriter, IUpstream
+from ..errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
+from ..interfaces import INvramSink, IUpstream, IVtpmSink
 from ..model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
-from ..util.deadlines import within_or
 from ..util.locks import KeyedLocks
 from .known import KnownState
 
-__all__ = ["VtpmSink", "NvramSink", "DirectWriter", "TpmKeys", "VmNvram"]
+__all__ = ["VtpmSink", "NvramSink", "parse_state"]
 
 T = TypeVar("T")
-SinkT = TypeVar("SinkT", "VtpmSink", "NvramSink")
 
 
-@implementer(IItemSink)
+@implementer(IVtpmSink)
 class VtpmSink:
     """Delivers vTPM keys with one serialized read-modify-write per vTPM.
 
@@ -121,7 +112,7 @@ class VtpmSink:
     def read(self, vm_uuid: str, key: TpmKey) -> "Deferred[bytes]":
         """One key as upstream has it."""
         return self.read_contents(vm_uuid).addCallback(
-            lambda contents: _parse_state(vm_uuid, contents).get(key).encode("ascii"))
+            lambda contents: parse_state(vm_uuid, contents).get(key).encode("ascii"))
 
     async def _locked(self, vm_uuid: str, f: Callable[[str], Awaitable[T]]) -> T:
         """``f(handle)`` under the lock of the VM's vTPM. A handle upstream
@@ -139,6 +130,78 @@ class VtpmSink:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    # -- the orchestrator's vTPMs (named by uuid) ----------------------------
+    def find_vm(self, vtpm_uuid: str, candidates: Iterable[str],
+                pending: Iterable[str]) -> "Deferred[tuple[str | None, str]]":
+        """(vm, handle) of the vTPM ``vtpm_uuid``; vm is None when none of
+        ``candidates`` (VMs xguard serves) or ``pending`` (VMs with writes
+        awaiting delivery) has it. Known mappings need no upstream call;
+        otherwise upstream must answer (a transient error if it does not).
+
+        A VM with pending writes must be found if it owns the vTPM, or its
+        older writes would land after the orchestrator's call: a transient
+        failure to look one up fails the call (the orchestrator retries),
+        and only upstream's word that a VM has no such vTPM rules it out."""
+        async def run() -> tuple[str | None, str]:
+            vm = self.known.vm_of_vtpm(vtpm_uuid)
+            if vm is not None:
+                ref = self.known.vtpm_of_vm(vm)
+                assert ref is not None
+                return vm, ref
+            ref = str(await self.upstream.vtpm_by_uuid(vtpm_uuid))
+            vm = self.known.vm_of_handle(ref)
+            if vm is None:
+                vm = await self._search(ref, set(candidates), set(pending))
+            if vm is not None:
+                await self.known.record_vtpm_uuid(vtpm_uuid, ref)
+            return vm, ref
+        return ensureDeferred(run())
+
+    async def _search(self, ref: str, candidates: set[str], pending: set[str]) -> str | None:
+        """Resolve the vTPM handles of candidate VMs not resolved yet."""
+        for vm in sorted(candidates | pending):
+            if self.known.vtpm_of_vm(vm) is not None:
+                continue
+            try:
+                found = str(await self.upstream.vtpm_for_vm(vm))
+            except PermanentUpstreamError:
+                continue
+            except TransientUpstreamError:
+                if vm in pending:
+                    raise
+                continue
+            await self.known.record_vtpm_handle(vm, found)
+            if found == ref:
+                return vm
+        return None
+
+    def read_unserved(self, vtpm: str) -> "Deferred[str]":
+        """The contents of the vTPM handle ``vtpm`` of a VM xguard neither
+        serves nor holds writes for (nothing to order with, nothing to
+        copy), under its lock."""
+        async def read() -> str:
+            return await self.upstream.get_vtpm_contents(vtpm)
+        return self.locks.run(self.lock_key(vtpm), read)
+
+    def write_unserved(self, vtpm: str, contents: str) -> "Deferred[None]":
+        """Replace the contents of such a vTPM, under its lock."""
+        async def write() -> None:
+            await self.upstream.set_vtpm_contents(vtpm, contents)
+        return self.locks.run(self.lock_key(vtpm), write)
+
+    def learn(self, vm_uuid: str) -> "Deferred[None]":
+        """A swtpm socket was created for ``vm_uuid``: find its vTPM's
+        handle now, while upstream answers, so the orchestrator's calls can
+        be ordered with this VM's writes even if it is gone later. Best
+        effort: failures are left to later lookups."""
+        async def run() -> None:
+            try:
+                ref = await self.upstream.vtpm_for_vm(vm_uuid)
+            except UpstreamError:
+                return
+            await self.known.record_vtpm_handle(vm_uuid, ref)
+        return ensureDeferred(run())
+
     def forget(self, vm_uuid: str) -> None:
         """The VM's sockets are gone: upstream may change its vTPM now."""
         vtpm = self.known.vtpm_of_vm(vm_uuid)
@@ -146,7 +209,7 @@ class VtpmSink:
             self.confirmed.discard(vtpm)
 
 
-@implementer(IItemSink)
+@implementer(INvramSink)
 class NvramSink:
     """Delivers a VM's EFI-variables (one item, key 0), one upstream call
     per VM at a time; reads of the NVRAM map take the same lock."""
@@ -188,87 +251,9 @@ class NvramSink:
 
         return self.locks.run(("sb", vm_uuid), get)
 
-
-@implementer(IItemWriter)
-class DirectWriter:
-    """No cache: a write is acknowledged only once upstream took it."""
-
-    def __init__(self, sink: IItemSink) -> None:
-        self.sink = sink
-        self.service = sink.service
-
-    def write(self, vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
-        return self.sink.deliver(vm_uuid, {key: content})
-
-    def write_many(self, vm_uuid: str, changes: Mapping[int, bytes]) -> "Deferred[None]":
-        return self.sink.deliver(vm_uuid, dict(changes))
-
-    def pending(self, vm_uuid: str, key: int) -> "Deferred[bytes | None]":
-        return succeed(None)
-
-    def has_pending(self, vm_uuid: str) -> bool:
-        return False
-
-    def pending_vms(self) -> set[str]:
-        return set()
-
-
-class _DomainView(Generic[SinkT]):
-    """What a domain socket's view of its VM's state reads and writes
-    through: the service's writer (pending versions first), the sink's
-    upstream reads, and the last known state.
-
-    :param deadline: seconds a read waits for upstream before it is served
-        from the last known state (when there is one).
-    """
-
-    def __init__(self, writer: IItemWriter, sink: SinkT, known: KnownState, *,
-                 clock: IReactorTime, deadline: float) -> None:
-        self.writer = writer
-        self.sink: SinkT = sink
-        self.known = known
-        self.clock = clock
-        self.deadline = deadline
-
-
-class TpmKeys(_DomainView[VtpmSink]):
-    """The swtpm socket's view of its VM's vTPM keys."""
-
-    async def get(self, vm_uuid: str, key: TpmKey) -> bytes:
-        pending = await self.writer.pending(vm_uuid, key)
-        if pending is not None:
-            return pending
-        copy = await self.known.tpm(vm_uuid)
-        fallback = None if copy is None else copy.get(key).encode("ascii")
-        return await within_or(self.clock, self.deadline, self.sink.read(vm_uuid, key),
-                               fallback, "vTPM read")
-
-    def put(self, vm_uuid: str, key: TpmKey, content: bytes) -> "Deferred[None]":
-        return self.writer.write(vm_uuid, key, content)
-
-
-class VmNvram(_DomainView[NvramSink]):
-    """The varstored socket's view of its VM's NVRAM and secure-boot state."""
-
-    async def get(self, vm_uuid: str) -> dict[str, str]:
-        pending = await self.writer.pending(vm_uuid, 0)
-        overlay = None if pending is None else NvramWrite.decode(pending).value
-        copy = await self.known.nvram(vm_uuid)
-        # This VM's latest write is ours, or its last known state is.
-        fallback = None if copy is None and overlay is None else dict(copy or {})
-        read: Deferred[dict[str, str]] = self.sink.read(vm_uuid)
-        answer = await within_or(self.clock, self.deadline, read, fallback, "NVRAM read")
-        nvram = dict(answer)
-        if overlay is not None:
-            nvram[NVRAM_EFI_VARIABLES] = overlay
-        return nvram
-
-    async def secureboot_state(self, vm_uuid: str) -> str:
-        return await within_or(self.clock, self.deadline, self.sink.secureboot_state(vm_uuid),
-                               await self.known.sb_state(vm_uuid), "secure-boot state read")
-
-    def set_efi_variables(self, vm_uuid: str, value: str, update: str) -> "Deferred[None]":
-        return self.writer.write(vm_uuid, 0, NvramWrite(value, update).encode())
+    def create_message(self, vm_uuid: str, name: str, priority: int, body: str) -> "Deferred[str]":
+        """Raise an alert about the VM (varstored's secure-boot failure)."""
+        return self.upstream.create_message(vm_uuid, name, priority, body)
 
 
 def _ascii(content: bytes) -> str:
@@ -278,7 +263,7 @@ def _ascii(content: bytes) -> str:
         raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID"], "not ASCII") from None
 
 
-def _parse_state(vm_uuid: str, contents: str) -> TpmState:
+def parse_state(vm_uuid: str, contents: str) -> TpmState:
     try:
         return TpmState.deserialize(contents)
     except ValueError as e:
@@ -287,6 +272,6 @@ def _parse_state(vm_uuid: str, contents: str) -> TpmState:
 
 def _updated(vm_uuid: str, contents: str, changes: Mapping[TpmKey, str]) -> TpmState:
     try:
-        return _parse_state(vm_uuid, contents).update(changes)
+        return parse_state(vm_uuid, contents).update(changes)
     except ValueError as e:
         raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm_uuid], str(e)) from None
