@@ -206,9 +206,9 @@ class FullDisk(VersionFiles):
 class DiskErrorTests(CacheTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.disk = self.cache.files = FullDisk(self.env.root, self.cache.service)
+        self.disk = self.cache.versions.files = FullDisk(self.env.root, self.cache.service)
         self.events: list[dict[str, Any]] = []
-        self.cache.log = Logger(observer=self.events.append)
+        self.cache.versions.log = Logger(observer=self.events.append)
 
     def errors(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e["log_level"] == LogLevel.error]
@@ -260,7 +260,7 @@ class DeliveredDeletionTests(CacheTestCase):
 
     def test_one_batch_per_round_and_the_tree_is_pruned(self) -> None:
         batches: list[int] = []
-        store = self.cache.files
+        store = self.cache.versions.files
         delete_many = store.delete_many
 
         def counting(versions: list[Version]) -> None:
@@ -280,7 +280,7 @@ class DeliveredDeletionTests(CacheTestCase):
     def test_a_failed_deletion_keeps_the_items_pending(self) -> None:
         self.env.upstream.down = True
         self.successResultOf(self.cache.write(VM1, 0, b"v"))
-        store = self.cache.files
+        store = self.cache.versions.files
         delete_many = store.delete_many
         store.delete_many = lambda versions: (_ for _ in ()).throw(  # type: ignore[method-assign]
             OSError(5, "Input/output error"))
@@ -355,7 +355,7 @@ class RecoveryTests(SynchronousTestCase):
         env = Env()
         self.addCleanup(env.cleanup)
         events: list[dict[str, Any]] = []
-        env.cache.log = Logger(observer=events.append)
+        env.cache.versions.log = Logger(observer=events.append)
         for key in (0, 1, 2):
             d = os.path.join(env.root, "Swtpm", VM1, str(key))
             os.makedirs(d)

@@ -94,7 +94,7 @@ class FlusherTests(SynchronousTestCase):
         up = self.env.upstream
         up.down = True
         self.successResultOf(self.cache.write(VM1, 0, b"a"))
-        ((item, (ts,)),) = self.cache.index.items()
+        ((item, (ts,)),) = self.cache.versions.index.items()
         path = os.path.join(self.env.root, "Swtpm", VM1, "0", str(ts))
         with open(path, "wb") as f:
             f.write(b"\xff\xfe")  # damaged on disk: not ASCII, not a key's content

@@ -15,14 +15,15 @@ B = Batch("vm", ((V, b"x"),))
 
 
 class Dummy:
-    """Records the operations the behaviours call."""
+    """Records what the behaviours ask of the core's parts (the Direct
+    attempts, the versions on disk, the flusher)."""
 
     def __init__(self) -> None:
         self.events: list[str] = []
         self.work = False
         self.on_disk: list[Item] = []
 
-    def attempt_direct(self, batch: Batch, done: Deferred[None]) -> None:
+    def start(self, batch: Batch, done: Deferred[None]) -> None:
         self.events.append("attempt_direct")
 
     def persist(self, batch: Batch) -> Deferred[None]:
@@ -32,8 +33,8 @@ class Dummy:
     def wake_flusher(self) -> None:
         self.events.append("wake")
 
-    def pending_items(self) -> list[Item]:
-        return []
+    def __bool__(self) -> bool:
+        return False
 
     def scan(self) -> Deferred[list[Item]]:
         return succeed(list(self.on_disk))
@@ -45,7 +46,8 @@ class Dummy:
 def build(queue_size: int = 2) -> tuple[object, Dummy, DeferredQueue[Version]]:
     dummy = Dummy()
     queue: DeferredQueue[Version] = DeferredQueue(size=queue_size)
-    return build_machine(_CacheCore("Swtpm", queue, dummy, Logger())), dummy, queue
+    return build_machine(_CacheCore("Swtpm", queue, dummy, dummy, dummy.wake_flusher,
+                                     dummy.has_work, Logger())), dummy, queue
 
 
 def in_state(state: str, queue_size: int = 2):  # type: ignore[no-untyped-def]

@@ -22,14 +22,16 @@ Outcomes of one VM's delivery, and what follows:
   its data.
 
 The step never raises: a failing LoopingCall would stop for good. The
-flusher knows the cache only through :class:`FlushTarget`.
+flusher knows the cache through narrow collaborators: its modes
+(:class:`FlushModes`), its versions (:class:`FlushVersions`), the sink and
+the VMs' delivery locks.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Any, Protocol, cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Protocol, cast
 
 from twisted.application.internet import backoffPolicy
 from twisted.internet.defer import (
@@ -45,10 +47,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import PermanentUpstreamError, TransientUpstreamError
-from ..model import Service
+from ..interfaces import IItemSink
+from ..util.locks import KeyedLocks
 from .layout import Item, Version
 
-__all__ = ["Flusher", "FlushTarget", "default_backoff"]
+__all__ = ["Flusher", "FlushModes", "FlushVersions", "default_backoff"]
 
 
 def default_backoff() -> Callable[[int], float]:
@@ -56,28 +59,26 @@ def default_backoff() -> Callable[[int], float]:
     return backoffPolicy(initialDelay=1.0, maxDelay=60.0, factor=1.5)
 
 
-class FlushTarget(Protocol):
-    """What the flusher needs from its cache (implemented by WriteBackCache)."""
-
-    service: Service
+class FlushModes(Protocol):
+    """The cache's modes, as the flusher feeds them
+    (:class:`~xguard.cache.machine.CacheModes`)."""
 
     def next_batch(self) -> "Deferred[list[Item] | None]":
-        "What to deliver now (None: nothing pending, stop polling); under the service lock."
+        "What to deliver now (None: nothing pending, stop polling)."
 
     def settle(self) -> "Deferred[None]":
         "A round ended: let the machine check whether the cache is empty."
 
-    def pending_items(self) -> list[Item]:
-        "Every item with a pending version."
 
-    def with_vm_lock(self, vm: str, f: Callable[[], Awaitable[Any]]) -> "Deferred[Any]":
-        "Run ``f`` holding ``vm``'s delivery lock."
+class FlushVersions(Protocol):
+    """The versions the flusher delivers
+    (:class:`~xguard.cache.pending.PendingVersions`)."""
+
+    def items(self) -> list[Item]:
+        "Every item with a pending version."
 
     def snapshot(self, vm: str, keys: Iterable[int]) -> Awaitable[dict[int, tuple[Version, bytes]]]:
         "The latest version of each key of ``vm`` with its content."
-
-    def deliver(self, vm: str, contents: Mapping[int, bytes]) -> "Deferred[None]":
-        "Send ``contents`` upstream (the sink)."
 
     def delivered(self, version: Version) -> Awaitable[None]:
         "Upstream took ``version``: it (and older ones) are no longer pending."
@@ -104,10 +105,15 @@ class _Outcome(enum.Enum):
 class Flusher:
     log = Logger()
 
-    def __init__(self, target: FlushTarget, clock: IReactorTime, *, interval: float,
+    def __init__(self, modes: FlushModes, versions: FlushVersions, sink: IItemSink,
+                 vm_locks: KeyedLocks, clock: IReactorTime, *, interval: float,
                  backoff: Callable[[int], float], max_concurrency: int,
                  coalesce: bool = True) -> None:
-        self.target = target
+        self.modes = modes
+        self.versions = versions
+        self.sink = sink
+        #: Every delivery of a VM (Direct attempts too) holds its lock.
+        self.vm_locks = vm_locks
         #: All pending keys of one VM in one upstream read-modify-write.
         #: False only reproduces the upstream design for the benchmarks.
         self.coalesce = coalesce
@@ -171,7 +177,7 @@ class Flusher:
         return d
 
     async def _round(self) -> None:
-        batch = await self.target.next_batch()
+        batch = await self.modes.next_batch()
         if batch is None:
             if self._loop.running:
                 self._loop.stop()  # Direct: nothing to do until woken
@@ -180,14 +186,14 @@ class Flusher:
             return
         work = set(batch) | self.retry
         if not work:
-            work = set(self.target.pending_items())
+            work = set(self.versions.items())
         self.retry = set()
         retry = await self.deliver(work)
         try:
-            await self.target.round_done()
+            await self.versions.round_done()
         except Exception:
             self.log.failure("{service}: deleting the delivered versions failed; they stay "
-                             "pending", service=self.target.service.value)
+                             "pending", service=self.sink.service.value)
             retry = True
         if retry:
             self.attempt += 1
@@ -198,7 +204,7 @@ class Flusher:
             return
         self.attempt = 0
         self.last_error = None
-        await self.target.settle()
+        await self.modes.settle()
 
     def _sleep(self, seconds: float) -> "Deferred[None]":
         d: Deferred[None] = Deferred()
@@ -236,25 +242,25 @@ class Flusher:
     def _deliver_vm(self, vm: str, keys: set[int]) -> "Deferred[_Outcome]":
         # Under the VM's delivery lock: a Direct attempt of this VM still in
         # flight (even abandoned) finishes first; the snapshot is taken inside.
-        return self.target.with_vm_lock(vm, lambda: self._deliver_locked(vm, keys))
+        return self.vm_locks.run(vm, lambda: self._deliver_locked(vm, keys))
 
     async def _deliver_locked(self, vm: str, keys: set[int]) -> _Outcome:
         try:
-            snapshot = await self.target.snapshot(vm, keys)
+            snapshot = await self.versions.snapshot(vm, keys)
             if not snapshot:
                 return _Outcome.DONE
             return await self._push(vm, snapshot)
         except Exception as e:  # a bug (ours): keep the items, retry later
             self.log.failure("{service}: delivering the cached writes of VM {vm} failed "
                              "(a bug in xguard); they stay pending and are retried",
-                             service=self.target.service.value, vm=vm)
+                             service=self.sink.service.value, vm=vm)
             self.last_error = f"{type(e).__name__}: {e}"
             return _Outcome.RETRY
 
     async def _push(self, vm: str, snapshot: dict[int, tuple[Version, bytes]]) -> _Outcome:
         contents = {k: c for k, (_, c) in snapshot.items()}
         try:
-            await maybeDeferred(self.target.deliver, vm, contents)
+            await maybeDeferred(self.sink.deliver, vm, contents)
         except TransientUpstreamError as e:
             self.last_error = str(e)
             return _Outcome.RETRY
@@ -264,9 +270,9 @@ class Flusher:
                 return _Outcome.RETRY if _Outcome.RETRY in outcomes else _Outcome.DONE
             ((version, _),) = snapshot.values()
             self.last_error = str(e)
-            await self.target.quarantine(version, " ".join(e.codes))
+            await self.versions.quarantine(version, " ".join(e.codes))
             return _Outcome.DONE
         for version, _ in snapshot.values():
-            await self.target.delivered(version)
+            await self.versions.delivered(version)
         self.delivered += len(snapshot)
         return _Outcome.DONE

@@ -5,36 +5,40 @@ The table below is the whole machine (the design diagram of
 reference/000_xapi_guard_design.txt plus the start-up choice); behaviours
 follow it. Inputs that report an asynchronous result (a Direct attempt that
 failed, a full queue, a drained queue, an empty scan) are fed back by the
-core, as ``_client_service`` does with ``_connectionFailed``. Every input is
-delivered while the service lock is held (see :mod:`xguard.cache.cache`),
-so a mode never changes between a check and the action depending on it.
+core, as ``_client_service`` does with ``_connectionFailed``. The core owns
+the data the modes act on (the queue, the Direct attempts with their
+timers, the versions on disk); :class:`CacheModes` feeds every input under
+the service lock.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from automat import TypeMachineBuilder, pep614
-from twisted.internet.defer import Deferred, DeferredQueue, QueueOverflow, succeed
+from twisted.internet.defer import Deferred, DeferredLock, DeferredQueue, QueueOverflow, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from .layout import Batch, Item, Version
 
-__all__ = ["CacheMachine", "build_machine", "TRANSITIONS"]
+__all__ = ["CacheMachine", "CacheModes", "build_machine", "TRANSITIONS"]
 
 
-class _CacheOps(Protocol):
-    """What the behaviours need from the cache (implemented by WriteBackCache)."""
+class _Attempts(Protocol):
+    """Direct writes in flight (:class:`~xguard.cache.attempts.DirectAttempts`)."""
 
-    def attempt_direct(self, batch: Batch, done: "Deferred[None]") -> None: ...
+    def start(self, batch: Batch, done: "Deferred[None]") -> None: ...
+
+
+class _Versions(Protocol):
+    """The versions on disk (:class:`~xguard.cache.pending.PendingVersions`)."""
+
     def persist(self, batch: Batch) -> "Deferred[None]": ...
-    def wake_flusher(self) -> None: ...
-    def pending_items(self) -> list[Item]: ...
     def scan(self) -> "Deferred[list[Item]]": ...
-    def has_work(self) -> bool: ...
+    def __bool__(self) -> bool: ...
 
 
 class _CacheInputs(Protocol):
@@ -73,10 +77,26 @@ class _CacheInputs(Protocol):
 
 @dataclass
 class _CacheCore:
+    """The data the modes act on; the machine's behaviours own it (the
+    cache itself is only a face, as ``ClientService`` is over its core)."""
+
     service: str
+    #: Names of versions to deliver (Engaged); bounded: a full queue is the
+    #: ``queue_overflowed`` input.
     queue: DeferredQueue[Version]
-    ops: _CacheOps
+    #: Direct writes in flight, with their deadline timers.
+    attempts: _Attempts
+    #: The versions on disk and their index.
+    versions: _Versions
+    #: Start delivery rounds (the flusher polls only while not Direct).
+    wake_flusher: Callable[[], None]
+    #: Whether the flusher holds items to retry.
+    flusher_retrying: Callable[[], bool]
     log: Logger
+
+    def has_work(self) -> bool:
+        """Something is pending, or the flusher holds items to retry."""
+        return bool(self.versions) or self.flusher_retrying()
 
 
 builder = TypeMachineBuilder(_CacheInputs, _CacheCore)
@@ -129,19 +149,19 @@ def _enqueue(inputs: _CacheInputs, core: _CacheCore, version: Version) -> None:
 def _start_pending(inputs: _CacheInputs, core: _CacheCore, versions: Sequence[Version]) -> None:
     for version in versions:
         _enqueue(inputs, core, version)
-    core.ops.wake_flusher()
+    core.wake_flusher()
 
 
 @pep614(Direct.upon(_CacheInputs.write).loop())
 def _direct_write(inputs: _CacheInputs, core: _CacheCore, batch: Batch,
                   done: "Deferred[None]") -> "Deferred[None]":
-    core.ops.attempt_direct(batch, done)
+    core.attempts.start(batch, done)
     return succeed(None)  # no disk work: release the lock at once
 
 
 def _persist(inputs: _CacheInputs, core: _CacheCore, batch: Batch,
              done: "Deferred[None]", queue: bool) -> "Deferred[None]":
-    d = core.ops.persist(batch)
+    d = core.versions.persist(batch)
 
     def durable(_: object) -> None:
         if queue:
@@ -173,7 +193,7 @@ def _engage(inputs: _CacheInputs, core: _CacheCore, batch: Batch) -> None:
     core.log.info("{service} cache engaged", service=core.service)
     for version in batch.versions:
         _enqueue(inputs, core, version)
-    core.ops.wake_flusher()
+    core.wake_flusher()
 
 
 @pep614(Engaged.upon(_CacheInputs.push_failed_transient).loop())
@@ -208,12 +228,12 @@ def _from_queue(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[list[Item] 
 
 @pep614(Disengaged.upon(_CacheInputs.next_batch).loop())
 def _from_scan(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[list[Item] | None]":
-    return core.ops.scan()  # type: ignore[return-value]
+    return core.versions.scan()  # type: ignore[return-value]
 
 
 @pep614(Engaged.upon(_CacheInputs.settle).loop())
 def _check_drained(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[None]":
-    if not core.queue.pending and not core.ops.has_work():
+    if not core.queue.pending and not core.has_work():
         inputs.queue_drained()
     return succeed(None)
 
@@ -221,10 +241,10 @@ def _check_drained(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[None]":
 @pep614(Disengaged.upon(_CacheInputs.settle).loop())
 def _check_empty(inputs: _CacheInputs, core: _CacheCore) -> "Deferred[None]":
     def scanned(items: list[Item]) -> None:
-        if not items and not core.ops.has_work():
+        if not items and not core.has_work():
             inputs.cache_found_empty()
 
-    return core.ops.scan().addCallback(scanned)
+    return core.versions.scan().addCallback(scanned)
 
 
 @pep614(Engaged.upon(_CacheInputs.queue_drained).to(Direct))
@@ -241,3 +261,49 @@ CacheMachine = builder.build()
 def build_machine(core: _CacheCore) -> _CacheInputs:
     """A machine in Starting; ``start_empty``/``start_pending`` choose the mode."""
     return CacheMachine(core)
+
+
+class CacheModes:
+    """The machine behind its service lock: every input that can change
+    the mode, or acts on the disk for it, runs holding the lock, so a mode
+    never changes between a check and the action depending on it. No
+    upstream call ever runs under it."""
+
+    def __init__(self, core: _CacheCore) -> None:
+        self.core = core
+        self.machine = build_machine(core)
+        self.lock = DeferredLock()
+
+    def mode(self) -> str:
+        return self.machine.mode()
+
+    def start(self, versions: Sequence[Version]) -> None:
+        """Recovery is done: Engaged with ``versions``, or Direct."""
+        if versions:
+            self.machine.start_pending(versions)
+        else:
+            self.machine.start_empty()
+
+    def write(self, batch: Batch) -> "Deferred[None]":
+        """Fires once ``batch`` is durable (upstream or disk)."""
+        done: Deferred[None] = Deferred()
+
+        def failed(f: Failure) -> None:
+            if not done.called:
+                done.errback(f)
+
+        self.lock.run(self.machine.write, batch, done).addErrback(failed)
+        return done
+
+    def failed_transient(self, batch: Batch) -> "Deferred[None]":
+        """A Direct attempt gave up: make ``batch`` durable and queue it."""
+        async def engage() -> None:
+            await self.core.versions.persist(batch)
+            self.machine.push_failed_transient(batch)
+        return self.lock.run(engage)
+
+    def next_batch(self) -> "Deferred[list[Item] | None]":
+        return self.machine.next_batch()
+
+    def settle(self) -> "Deferred[None]":
+        return self.lock.run(self.machine.settle)

@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.unit.test_cache -*-
+"""The versions a service's cache holds: on disk, and indexed in memory.
+
+A write is a :class:`~xguard.cache.layout.Batch`: one item for a domain
+write, the vTPM's three keys for the orchestrator's VtpmSetContents. Its
+versions are stamped together, so a batch is newer than everything
+acknowledged before it, and older versions are deleted only once the whole
+batch is durable.
+
+The index (versions per item) is kept in step with the files: it answers
+reads and emptiness checks without listing directories. Every file
+operation goes through the injected runner (a thread pool in production,
+inline in tests).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ..errors import CacheUnavailable
+from ..model import Service
+from ..status import Quarantined
+from ..util.threads import Runner
+from . import recovery
+from .files import VersionFiles
+from .layout import Batch, Item, Version, service_dir
+
+__all__ = ["PendingVersions"]
+
+
+class PendingVersions:
+    """Acknowledged versions of one service's items not yet delivered."""
+
+    log = Logger()
+
+    def __init__(self, root: str, service: Service, *, clock: IReactorTime, runner: Runner,
+                 monotonic_ns: Callable[[], int]) -> None:
+        self.root = root
+        self.service = service
+        self.clock = clock
+        self.runner = runner
+        self.monotonic_ns = monotonic_ns
+        self.files = VersionFiles(root, service)
+        self.index: dict[Item, list[int]] = {}
+        self.sizes: dict[Version, int] = {}
+        self.quarantined: list[Quarantined] = []
+        #: Why the disk refuses writes, and since when (None: it takes them).
+        self.disk_error: str | None = None
+        self.disk_error_since: float | None = None
+        self._last_ts: dict[Item, int] = {}
+        self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
+        self._done: list[Version] = []  # delivered this round, files to delete
+        self._cleanups: set[Deferred[None]] = set()
+
+    # -- start / stop ----------------------------------------------------------
+    def recover(self) -> "Deferred[list[Version]]":
+        """Start-up recovery (before anything listens): the versions pending."""
+        return ensureDeferred(self._recover())
+
+    async def _recover(self) -> list[Version]:
+        base = service_dir(self.root, self.service)
+        listing = await self.runner(recovery.scan, base)
+        actions = recovery.plan(self.service, listing, self.monotonic_ns())
+        unacknowledged = 0
+        for a in actions:
+            if isinstance(a, recovery.Delete):
+                if a.reason == recovery.NEVER_ACKNOWLEDGED:
+                    unacknowledged += 1
+                else:
+                    self.log.info("cache recovery: deleting {path} ({reason})",
+                                  path=os.path.join(base, *a.path), reason=a.reason)
+            elif isinstance(a, recovery.Move):
+                self.log.info("cache recovery: retiming {path} to {ts}",
+                              path=os.path.join(base, *a.src), ts=a.version.ts)
+        await self.runner(recovery.apply, base, actions)
+        if unacknowledged:
+            self.log.info("{service} cache: removed {n} temporary files of writes that were "
+                          "never acknowledged (the daemon stopped mid-write)",
+                          service=self.service.value, n=unacknowledged)
+        versions = recovery.kept_versions(actions)
+        sizes = await self.runner(self.files.sizes, versions)
+        for v in versions:
+            self._record(v, sizes[v])
+        self.quarantined = await self.runner(self.files.quarantined)
+        return versions
+
+    # -- queries ---------------------------------------------------------------
+    def items(self) -> list[Item]:
+        """Every item with a pending version."""
+        return sorted(self.index)
+
+    def has_pending(self, vm: str) -> bool:
+        return any(item.vm == vm for item in self.index)
+
+    def vms(self) -> set[str]:
+        return {item.vm for item in self.index}
+
+    def __bool__(self) -> bool:
+        return bool(self.index)
+
+    def per_vm(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for item in self.index:
+            counts[item.vm] = counts.get(item.vm, 0) + 1
+        return counts
+
+    def oldest_stamp(self) -> int | None:
+        return min((versions[0] for versions in self.index.values()), default=None)
+
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    # -- writing -----------------------------------------------------------------
+    def stamp(self, vm: str, changes: Iterable[tuple[int, bytes]]) -> Batch:
+        """A batch of new versions, stamped strictly increasing per item and
+        later than anything recovered."""
+        entries = []
+        for key, content in sorted(changes):
+            item = Item(vm, key)
+            ts = max(self.monotonic_ns(), self._last_ts.get(item, 0) + 1)
+            self._last_ts[item] = ts
+            entries.append((Version(item, ts), content))
+        return Batch(vm, tuple(entries))
+
+    def persist(self, batch: Batch) -> "Deferred[None]":
+        """Make ``batch`` durable, then delete the older versions. A disk
+        that refuses it fails the write with CacheUnavailable (nothing
+        acknowledged) and leaves no part of it behind."""
+        return ensureDeferred(self._persist(batch))
+
+    async def _persist(self, batch: Batch) -> None:
+        written: list[Version] = []
+        try:
+            for version, content in batch.entries:
+                if self._newest.get(version.item, -1) > version.ts:
+                    continue  # a newer version is already acknowledged: superseded
+                await self.runner(self.files.write, version, content)
+                written.append(version)
+        except OSError as e:
+            await self._refused_by_disk(written, e)
+            raise CacheUnavailable(e.strerror or str(e)) from e
+        if self.disk_error is not None:
+            self.log.info("{service} cache: the disk takes writes again",
+                          service=self.service.value)
+            self.disk_error = self.disk_error_since = None
+        sizes = {version: len(content) for version, content in batch.entries}
+        older = []
+        for version in written:
+            self._record(version, sizes[version])
+            older += [Version(version.item, t) for t in self.index[version.item]
+                      if t < version.ts]
+        if older:
+            # Not on the acknowledgement's path, and not synced: once the
+            # new versions are durable, a crash before (or instead of)
+            # these deletions leaves older files beside them, which
+            # recovery discards (it keeps only the latest).
+            self._background(self._discard_all(older))
+
+    async def _refused_by_disk(self, written: list[Version], error: OSError) -> None:
+        """One log line per episode; the part of the batch already written
+        goes (it was never acknowledged)."""
+        if self.disk_error is None:
+            self.disk_error_since = self.clock.seconds()
+            self.log.error("{service} cache: cannot write to {root}: {error}; VM writes fail "
+                           "(and are retried by the clients) until it recovers",
+                           service=self.service.value, root=self.root,
+                           error=error.strerror or str(error))
+        self.disk_error = error.strerror or str(error)
+        for version in written:
+            try:
+                await self.runner(self.files.delete, version)
+            except OSError:
+                self._record(version, 0)  # still on disk: it will be delivered
+
+    async def _discard_all(self, versions: list[Version]) -> None:
+        """Remove superseded versions (see :meth:`VersionFiles.discard`)."""
+        for version in versions:
+            await self.runner(self.files.discard, version)
+            self._unindex(version)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        d: Deferred[None] = ensureDeferred(work)
+        self._cleanups.add(d)
+
+        def done(result: object) -> None:
+            self._cleanups.discard(d)
+            if isinstance(result, Failure):
+                self.log.failure("{service} cache: deleting superseded versions failed",
+                                 result, service=self.service.value)
+
+        d.addBoth(done)
+
+    def cleanups(self) -> list["Deferred[None]"]:
+        """Background deletions in progress (a stop waits for them)."""
+        return list(self._cleanups)
+
+    def superseded_by(self, versions: Iterable[Version]) -> "Deferred[None]":
+        """``versions`` reached upstream directly: older files of their
+        items must never be delivered (deleted before the write is
+        acknowledged)."""
+        async def run() -> None:
+            for version in versions:
+                item = version.item
+                self._newest[item] = max(self._newest.get(item, -1), version.ts)
+                for ts in [t for t in self.index.get(item, []) if t < version.ts]:
+                    await self.runner(self.files.delete, Version(item, ts))
+                    self._unindex(Version(item, ts))
+        return ensureDeferred(run())
+
+    # -- reading -----------------------------------------------------------------
+    def latest(self, item: Item) -> "Deferred[tuple[Version, bytes] | None]":
+        """The latest pending version of ``item`` and its content."""
+        return ensureDeferred(self._read_latest(item))
+
+    async def _read_latest(self, item: Item) -> tuple[Version, bytes] | None:
+        """A file deleted under our feet (delivered meanwhile) is dropped
+        from the index and the next latest is read."""
+        while True:
+            versions = self.index.get(item)
+            if not versions:
+                return None
+            version = Version(item, versions[-1])
+            data = await self.runner(self.files.read, version)
+            if data is not None:
+                return version, data
+            if self.index.get(item, [])[-1:] == [version.ts]:
+                self._unindex(version)  # vanished from disk
+
+    async def snapshot(self, vm: str, keys: Iterable[int]) -> dict[int, tuple[Version, bytes]]:
+        """The latest version of each of ``keys`` with its content, read in
+        one go (one trip to the I/O threads, not one per key)."""
+        latest = {key: Version(Item(vm, key), self.index[Item(vm, key)][-1])
+                  for key in sorted(keys) if self.index.get(Item(vm, key))}
+        contents = await self.runner(self.files.read_many, list(latest.values()))
+        out: dict[int, tuple[Version, bytes]] = {}
+        for key, version in latest.items():
+            data = contents.get(version)
+            if data is None:  # deleted meanwhile (superseded): the slow way
+                found = await self._read_latest(version.item)
+                if found is None:
+                    continue
+                out[key] = found
+            else:
+                out[key] = (version, data)
+        return out
+
+    def scan(self) -> "Deferred[list[Item]]":
+        """The directory scan of Disengaged mode; the disk is authoritative."""
+        def found(on_disk: dict[Item, list[int]]) -> list[Item]:
+            for item, stamps in on_disk.items():
+                for ts in stamps:
+                    if ts not in self.index.get(item, []):
+                        self._record(Version(item, ts), 0)
+            return sorted(on_disk)
+        return self.runner(self.files.scan).addCallback(found)
+
+    # -- delivered ---------------------------------------------------------------
+    async def delivered(self, version: Version) -> None:
+        """Upstream confirmed ``version``: it and older versions of its item
+        are no longer pending; their files go in :meth:`round_done`."""
+        item = version.item
+        self._newest[item] = max(self._newest.get(item, -1), version.ts)
+        for ts in [t for t in self.index.get(item, []) if t <= version.ts]:
+            self._done.append(Version(item, ts))
+            self._unindex(Version(item, ts))
+
+    def round_done(self) -> "Deferred[None]":
+        """The flusher's round ended: delete what it delivered, durably, in
+        one go. Awaited before the next round and before the mode changes,
+        so no newer version of these items reaches upstream before their
+        deletion is durable (else a crash could bring an old file back)."""
+        done, self._done = sorted(self._done), []
+        if not done:
+            return succeed(None)
+
+        def failed(failure: Failure) -> Failure:
+            # Files that may still be there are pending again: delivered
+            # again (the same content upstream has) or superseded by a newer
+            # version, and deleted in a later round.
+            for version in done:
+                self._record(version, 0)
+            return failure
+
+        return self.runner(self.files.delete_many, done).addErrback(failed)
+
+    async def quarantine(self, version: Version, reason: str) -> None:
+        path = await self.runner(self.files.quarantine, version, reason)
+        self._unindex(version)
+        self.quarantined.append(Quarantined(vm=version.item.vm, key=version.item.key, file=path,
+                                            reason=reason))
+        self.log.error("{service}: write of {vm} key {key} refused by upstream ({reason}); "
+                       "quarantined as {file}", service=self.service.value, vm=version.item.vm,
+                       key=version.item.key, reason=reason, file=path)
+
+    # -- the index ---------------------------------------------------------------
+    def _record(self, version: Version, size: int) -> None:
+        item = version.item
+        self.sizes[version] = size
+        versions = self.index.setdefault(item, [])
+        if version.ts not in versions:
+            versions.append(version.ts)
+            versions.sort()
+        self._newest[item] = max(self._newest.get(item, -1), version.ts)
+        self._last_ts[item] = max(self._last_ts.get(item, 0), version.ts)
+
+    def _unindex(self, version: Version) -> None:
+        self.sizes.pop(version, None)
+        versions = self.index.get(version.item)
+        if versions is not None and version.ts in versions:
+            versions.remove(version.ts)
+            if not versions:
+                del self.index[version.item]
