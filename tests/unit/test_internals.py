@@ -152,21 +152,35 @@ class _Pending(Resource):
 
 
 class HTTPChannelStateTests(SynchronousTestCase):
-    """xguard.domain.site's channel subclasses HTTPChannel and reads or
-    drives its private state: the request line's parts, the transfer
-    decoder it chooses, whether a request is being handled, the pipelined
-    input it buffers. These are the names and meanings it relies on."""
+    """xguard.domain.site's channel extends ChannelBase
+    (xguard._internals.twisted_web), which gives public names to
+    HTTPChannel's private state and hooks: the request line's parts, the
+    transfer decoder, whether a request is being handled, the pipelined
+    input it buffers, its framing-header and bad-request hooks. These are
+    the names and meanings they rely on."""
 
-    def test_the_state_the_domain_channel_relies_on(self) -> None:
+    def channel(self, **hooks: object):  # type: ignore[no-untyped-def]
         from twisted.internet.testing import StringTransport
-        from twisted.web import http
         from twisted.web.server import Site
 
-        seen: dict[str, object] = {}
+        from xguard._internals.twisted_web import ChannelBase
 
-        class Probe(http.HTTPChannel):
+        seen: dict[str, object] = {"framing": [], "bad": 0}
+
+        class Probe(ChannelBase):
+            def header_received(self, name: bytes, value: bytes) -> bool:
+                seen["framing"].append((name, value))  # type: ignore[attr-defined]
+                if name == b"Content-Length":
+                    self.use_content_length(int(value))
+                return True
+
+            def bad_request(self) -> None:
+                seen["bad"] += 1  # type: ignore[operator]
+                super().bad_request()
+
             def allHeadersReceived(self) -> None:
-                seen["path"], seen["version"] = self._path, self._version
+                seen["target"], seen["version"] = self.request_target, self.request_version
+                self.request_target = b"/rewritten"
                 super().allHeadersReceived()
                 seen["decoder"] = self._transferDecoder
 
@@ -175,19 +189,43 @@ class HTTPChannelStateTests(SynchronousTestCase):
         channel.site = Site(_Pending())
         transport = StringTransport()
         channel.makeConnection(transport)
-        self.assertFalse(channel._handlingRequest)
-        self.assertIs(channel._waitingForTransport, False)
+        return channel, seen, transport
+
+    def test_the_state_the_domain_channel_relies_on(self) -> None:
+        from twisted.web import http
+
+        channel, seen, _ = self.channel()
+        self.assertFalse(channel.handling_request)
+        self.assertIs(channel.waiting_for_transport, False)
         channel.dataReceived(b"PUT /tpm2-00.permall HTTP/1.1\r\nHost: x\r\n"
                              b"Content-Length: 3\r\n\r\nabc"
                              b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assertEqual((seen["path"], seen["version"]), (b"/tpm2-00.permall", b"HTTP/1.1"))
+        self.assertEqual((seen["target"], seen["version"]), (b"/tpm2-00.permall", b"HTTP/1.1"))
+        self.assertEqual(seen["framing"], [(b"Host", b"x"), (b"Content-Length", b"3")])
         self.assertIsInstance(seen["decoder"], http._IdentityTransferDecoder)
+        self.assertEqual(channel.requests[0].uri, b"/rewritten")
         # The PUT is being handled (its resource has not finished): the
-        # pipelined GET waits in _dataBuffer, unparsed.
-        self.assertTrue(channel._handlingRequest)
-        self.assertEqual(b"".join(channel._dataBuffer), b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
-        self.assertIsInstance(channel._optimisticEagerReadSize, int)
-        # What the channel overrides or calls by name.
-        for name in ("_maybeChooseTransferDecoder", "_finishRequestBody", "length"):
-            self.assertTrue(hasattr(channel, name), name)
+        # pipelined GET waits, unparsed.
+        self.assertTrue(channel.handling_request)
+        self.assertEqual(channel.buffered_bytes, len(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n"))
+        self.assertIsInstance(channel.eager_read_limit, int)
+        self.assertTrue(callable(channel.finish_body))
+        channel.connectionLost(Exception("done"))
+
+    def test_a_malformed_request_line_reaches_the_hook(self) -> None:
+        channel, seen, transport = self.channel()
+        channel.dataReceived(b"NOT A REQUEST LINE AT ALL\r\n\r\n")
+        self.assertEqual(seen["bad"], 1)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400"))
+
+    def test_set_logger_routes_twisted_web_lines(self) -> None:
+        from twisted.logger import Logger
+
+        from xguard._internals.twisted_web import set_logger
+
+        channel, _, _ = self.channel()
+        events: list[dict[str, object]] = []
+        set_logger(channel, Logger(observer=events.append))
+        channel.log.info("x")
+        self.assertEqual(len(events), 1)
         channel.connectionLost(Exception("done"))

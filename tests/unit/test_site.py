@@ -283,7 +283,7 @@ class SiteTests(SynchronousTestCase):
 
     def test_log_holds_no_body(self) -> None:
         events: list[dict[str, object]] = []
-        self.wire.site._log = Logger(observer=events.append)
+        self.wire.site.requests_log = Logger(observer=events.append)
         self.wire.send(http_request(b"POST", b"/path", b"SECRET-NVRAM"))
         self.assertEqual(len(events), 1)
         self.assertEqual((events[0]["method"], events[0]["path"], events[0]["code"]),

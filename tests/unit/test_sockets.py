@@ -22,11 +22,11 @@ from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 from zope.interface.verify import verifyObject
 
 from xguard.domain import activefile
 from xguard.domain.activefile import Entry
+from xguard.domain.site import DomainSite
 from xguard.domain.sockets import BACKLOG, KEEP_SUFFIX, SocketRegistry, listen_backlog
 from xguard.errors import InvalidPath, InvalidUUID, PathInUse
 from xguard.interfaces import ISocketRegistry
@@ -52,10 +52,9 @@ class Whoami(Resource):
         return self.answer
 
 
-def site_factory(service: Service, vm_uuid: str) -> Site:
-    site = Site(Whoami(f"{service.value} {vm_uuid}".encode()))
-    site.noisy = False
-    return site
+def site_factory(service: Service, vm_uuid: str) -> DomainSite:
+    from twisted.internet import reactor
+    return DomainSite(Whoami(f"{service.value} {vm_uuid}".encode()), reactor=reactor)
 
 
 def read_file(path: str) -> list[dict[str, Any]]:

@@ -62,6 +62,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed
 
+from .._internals.twisted_web import ChannelBase, set_logger
 from .drain import Connections
 from .framing import ChunkedDecoder, FramingError, body_length, origin_form
 from .loglimit import RateLimitedObserver
@@ -129,7 +130,7 @@ class _LimitedRequest(Request):
         super().__init__(channel, *args, **kwargs)
         site = getattr(channel, "site", None)
         if isinstance(site, DomainSite):
-            self._log = site.logger("twisted.web.server")
+            set_logger(self, site.logger("twisted.web.server"))
 
     def gotLength(self, length: int | None) -> None:
         # The channel already refused a length over the limit, so the body
@@ -152,7 +153,7 @@ class _LimitedRequest(Request):
         return b"localhost"
 
 
-class _LimitedChannel(http.HTTPChannel):
+class _LimitedChannel(ChannelBase):
     """An HTTPChannel with strict framing, a body limit, a whole-request
     deadline and lingering refusals."""
 
@@ -174,9 +175,6 @@ class _LimitedChannel(http.HTTPChannel):
     _deadline: IDelayedCall | None = None
     _linger: IDelayedCall | None = None
     _discarded = 0
-    # HTTPChannel's own logger's name, so that what twisted.web logs about a
-    # connection goes through the socket's rate limit too (buildProtocol).
-    _log = Logger(namespace=_NAMESPACE)
 
     def connectionMade(self) -> None:
         super().connectionMade()
@@ -192,7 +190,7 @@ class _LimitedChannel(http.HTTPChannel):
         if (
             data
             and self._deadline is None
-            and not self._handlingRequest
+            and not self.handling_request
             and self.request_timeout is not None
         ):
             # The first bytes of a request: it must be complete in time.
@@ -221,9 +219,8 @@ class _LimitedChannel(http.HTTPChannel):
         is full, or it buffers a pipelined request behind the one it
         serves.) Resuming then would let a client that reads nothing make
         us buffer without bound."""
-        return bool(self._waitingForTransport or (
-            self._handlingRequest
-            and sum(map(len, self._dataBuffer)) > self._optimisticEagerReadSize))
+        return self.waiting_for_transport or (
+            self.handling_request and self.buffered_bytes > self.eager_read_limit)
 
     def lineReceived(self, line: bytes) -> None:
         if not self.refused:
@@ -241,15 +238,15 @@ class _LimitedChannel(http.HTTPChannel):
             self.refuse(e.code, str(e))
 
     # -- framing ---------------------------------------------------------------
-    def _maybeChooseTransferDecoder(self, header: bytes, data: bytes) -> bool:
+    def header_received(self, name: bytes, value: bytes) -> bool:
         # Collected here, decided in allHeadersReceived from all of them.
-        if header == b"Content-Length":
-            self._lengths.append(data)
-        elif header == b"Transfer-Encoding":
-            self._codings.append(data)
+        if name == b"Content-Length":
+            self._lengths.append(value)
+        elif name == b"Transfer-Encoding":
+            self._codings.append(value)
         return True
 
-    def _respondToBadRequestAndDisconnect(self) -> None:
+    def bad_request(self) -> None:
         # Twisted's answer for a bad request line or header: ours lingers.
         self.refuse(400, "malformed request line or header")
 
@@ -257,21 +254,21 @@ class _LimitedChannel(http.HTTPChannel):
         lengths, codings = self._lengths, self._codings
         self._lengths, self._codings = [], []
         try:
-            self._path = origin_form(self._path)
-            length = body_length(self._version, lengths, codings)
+            self.request_target = origin_form(self.request_target)
+            length = body_length(self.request_version, lengths, codings)
         except FramingError as e:
             self.refuse(e.code, str(e))
             return
         if length is None:
             self.length = None
-            self._transferDecoder = ChunkedDecoder(
-                self.requests[-1].handleContentChunk, self._finishRequestBody,
-                max_body=self.max_body)
+            self.use_decoder(ChunkedDecoder(
+                self.requests[-1].handleContentChunk, self.finish_body,
+                max_body=self.max_body))
         elif length > self.max_body:
             self.refuse(413, "request body over limit")
             return
         elif length:
-            super()._maybeChooseTransferDecoder(b"Content-Length", b"%d" % length)
+            self.use_content_length(length)
         super().allHeadersReceived()
 
     def allContentReceived(self) -> None:
@@ -305,7 +302,7 @@ class _LimitedChannel(http.HTTPChannel):
             # for that one).
             self.persistent = False
             request = self.requests[-1]
-            if self._handlingRequest and not request.startedWriting:
+            if self.handling_request and not request.startedWriting:
                 request.responseHeaders.setRawHeaders(b"connection", [b"close"])
             return
         if (self.served and not self.refused and not self._held
@@ -313,7 +310,7 @@ class _LimitedChannel(http.HTTPChannel):
             self.loseConnection()
 
     def settled(self) -> bool:
-        return bool(self.refused or self._handlingRequest or self.transport is None
+        return bool(self.refused or self.handling_request or self.transport is None
                     or self.transport.disconnecting)
 
     def abort(self) -> None:
@@ -329,7 +326,7 @@ class _LimitedChannel(http.HTTPChannel):
         self.refused = True
         self._cancel_deadline()
         self.setTimeout(None)
-        self._log.info("Refused a request ({code}): {reason}", code=code, reason=reason)
+        self.log.info("Refused a request ({code}): {reason}", code=code, reason=reason)
         if isinstance(self.site, DomainSite):
             self.site.answered(code)
         self.transport.write(_refusal(code, reason))
@@ -355,7 +352,7 @@ class _LimitedChannel(http.HTTPChannel):
     # -- time ------------------------------------------------------------------
     def _request_too_slow(self) -> None:
         self._deadline = None
-        self._log.info("Request not received in {seconds}s: dropping the client",
+        self.log.info("Request not received in {seconds}s: dropping the client",
                        seconds=self.request_timeout)
         self.timeoutConnection()
 
@@ -385,6 +382,11 @@ class _LimitedChannel(http.HTTPChannel):
         super().connectionLost(reason)
         if self.connections is not None:
             self.connections.lost(self)
+
+
+# What twisted.web logs about a connection is named like ours; a channel
+# built by DomainSite logs through the socket's rate limit instead.
+set_logger(_LimitedChannel, Logger(namespace=_NAMESPACE))
 
 
 def _unread(transport: Any) -> int:
@@ -422,7 +424,8 @@ class DomainSite(Site):
     noisy = False
     protocol = _LimitedChannel  # type: ignore[assignment]
     requestFactory = _LimitedRequest
-    _log = Logger()  # Site's own logger's name: what twisted.web logs goes here
+    #: Every answered request, at debug.
+    requests_log = Logger()
 
     def __init__(
         self,
@@ -479,7 +482,7 @@ class DomainSite(Site):
         channel.linger_timeout = self.linger_timeout
         channel.timeOut = self.timeOut  # type: ignore[assignment]  # a float works: Twisted says int
         channel.callLater = self.reactor.callLater  # type: ignore[method-assign,assignment]
-        channel._log = self.logger(_NAMESPACE)
+        set_logger(channel, self.logger(_NAMESPACE))
         channel.turns = self.turns
         channel.connections = self.connections
         self.connections.add(channel)
@@ -510,7 +513,7 @@ class DomainSite(Site):
     def log(self, request: http.Request) -> None:
         """Every request Twisted finished answering (refusals: see refuse)."""
         self.answered(request.code)
-        self._log.debug(
+        self.requests_log.debug(
             "{method} {path} -> {code}",
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace")[:100],

@@ -41,7 +41,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -58,6 +58,7 @@ from ..util.threads import Runner
 from ..util.unixsock import Found, probe
 from . import activefile
 from .activefile import Entry
+from .site import DomainSite
 
 __all__ = ["SocketRegistry", "BACKLOG", "SOCKET_MODE", "MAX_PATH_BYTES", "listen_backlog"]
 
@@ -90,7 +91,9 @@ RESUME_TURN = 25
 #: Suffix of the temporary second link that keeps a socket file on shutdown.
 KEEP_SUFFIX = ".xg-keep"
 
-SiteFactory = Callable[[Service, str], IProtocolFactory]
+#: Builds the site serving one socket (from its service and VM uuid); the
+#: registry drains its connections when the daemon stops.
+SiteFactory = Callable[[Service, str], DomainSite]
 
 
 def listen_backlog(requested: int) -> int:
@@ -116,7 +119,7 @@ class _Socket:
     #: Its name in the fd store / a handover (None: not handed on).
     name: str | None = None
     #: What serves its connections (drained when the daemon stops).
-    factory: IProtocolFactory | None = None
+    factory: DomainSite | None = None
 
 
 @implementer(ISocketRegistry)
@@ -541,21 +544,18 @@ def _fileno(port: IListeningPort | None) -> int:
     return int(port.fileno())  # type: ignore[union-attr]
 
 
-def _drain(factory: IProtocolFactory | None, grace: float) -> "Deferred[int]":
+def _drain(site: DomainSite | None, grace: float) -> "Deferred[int]":
     """Drain a socket's connections (most sockets have none: a fast path,
     since the sockets stopped accepting, none can arrive)."""
-    drain = getattr(factory, "drain", None)
-    if drain is None or not len(getattr(factory, "connections", ())):
+    if site is None or not len(site.connections):
         return succeed(0)
-    return drain(grace)  # type: ignore[no-any-return]
+    return site.drain(grace)
 
 
-def _closed(factory: IProtocolFactory | None, grace: float, *,
-            cut: bool = True) -> "Deferred[int]":
-    closed = getattr(factory, "closed", None)
-    if closed is None or not len(getattr(factory, "connections", ())):
+def _closed(site: DomainSite | None, grace: float, *, cut: bool = True) -> "Deferred[int]":
+    if site is None or not len(site.connections):
         return succeed(0)
-    return closed(grace, cut=cut)  # type: ignore[no-any-return]
+    return site.closed(grace, cut=cut)
 
 
 def _validate(service: Service | str, vm_uuid: str, gid: int, path: str) -> Entry:
