@@ -15,6 +15,7 @@ __all__ = [
     "InvalidContents",
     "CacheUnavailable",
     "NoVtpm",
+    "RestartRefused",
 ]
 
 
@@ -67,3 +68,7 @@ class InvalidPath(ValueError):
 class InvalidContents(ValueError):
     """vTPM contents that are not xapi's format (one field, or three
     separated by single spaces; ASCII)."""
+
+
+class RestartRefused(Exception):
+    """A restart in place cannot be done now (the message says why)."""

@@ -12,6 +12,7 @@ from ..errors import (
     InvalidUUID,
     PathInUse,
     PermanentUpstreamError,
+    RestartRefused,
     TransientUpstreamError,
 )
 from .bigvalue import BigAmpList, BigUnicode
@@ -26,10 +27,6 @@ __all__ = [
 
 class ControlError(Exception):
     """The daemon failed in a way no other error names (details in its log)."""
-
-
-class RestartRefused(Exception):
-    """A restart in place cannot be done now (the message says why)."""
 
 
 class RemotePermanentUpstreamError(PermanentUpstreamError):

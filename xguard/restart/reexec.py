@@ -30,9 +30,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
 
-from ..control.commands import RestartRefused
+from ..errors import RestartRefused
 from . import listenfds
 from .handover import Handover
 
@@ -75,7 +76,7 @@ class Reexec:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, handover: Handover, sockets: Sockets, *,
+    def __init__(self, reactor: IReactorCore, handover: Handover, sockets: Sockets, *,
                  launch: Launch, is_ready: Callable[[], bool],
                  environ: Mapping[str, str] | None = None,
                  getpid: Callable[[], int] = os.getpid,
