@@ -6,7 +6,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from twisted.internet.interfaces import (
+    IReactorCore,
+    IReactorFDSet,
+    IReactorFromThreads,
+    IReactorProcess,
+    IReactorSocket,
+    IReactorTCP,
+    IReactorThreads,
+    IReactorTime,
+    IReactorUNIX,
+)
 from zope.interface import Attribute, Interface
+
+from ._internals.treq import TreqReactor
 
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
@@ -15,7 +28,36 @@ if TYPE_CHECKING:
     from .status import UpstreamStatus
 
 __all__ = ["IUpstream", "IItemSink", "IVtpmSink", "INvramSink", "IItemWriter", "ISocketRegistry",
-           "IStatusSource"]
+           "IStatusSource", "IClientReactor", "IServerReactor", "IProcessReactor",
+           "IDaemonReactor"]
+
+
+# -- the reactors, by what is asked of them --------------------------------------
+# One reactor provides all of these; each component is typed with the
+# intersection it uses, as treq's _ITreqReactor does (an interface
+# inheriting the ones it needs: mypy-zope checks calls against all of them).
+
+class IClientReactor(TreqReactor, IReactorUNIX):
+    """What an HTTP client needs: treq's own reactor type (TCP with name
+    resolution, and time for its timeouts and connection pool), and UNIX
+    for xapi's local socket."""
+
+
+class IServerReactor(IReactorTCP, IReactorTime, IReactorUNIX, IReactorSocket, IReactorFDSet):
+    """What a listener needs: UNIX (and TCP, for --metrics) ports, adopting
+    a handed-over listening socket (its descriptor joins the reactor's
+    set), and time for its timeouts."""
+
+
+class IProcessReactor(IReactorCore, IReactorFromThreads):
+    """What the process's exit status needs: shutdown triggers, stopping,
+    and calls from signal handlers (threads)."""
+
+
+class IDaemonReactor(IClientReactor, IServerReactor, IProcessReactor, IReactorThreads,
+                     IReactorProcess):
+    """Everything the daemon asks of its reactor (the composition root's
+    type): the above, plus the I/O threads and spawning (the re-exec)."""
 
 
 class IUpstream(Interface):

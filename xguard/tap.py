@@ -4,6 +4,8 @@ everything that touches the system happens when the service starts."""
 
 from __future__ import annotations
 
+from typing import cast
+
 from twisted.application.service import IService
 from twisted.python import usage
 
@@ -77,17 +79,21 @@ def makeService(options: Options) -> IService:
     """Build (not start) the daemon for the running reactor. Under twistd
     (``options.parent`` is twistd's own options) it also chooses where the
     log goes; see :mod:`xguard.daemon.logconfig`."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
     from twisted.internet.interfaces import IReactorFromThreads
 
     from .daemon.compose import build_service
     from .daemon.logconfig import observer_for
+    from .interfaces import IDaemonReactor
     from .restart.reexec import Launch
 
     twistd = getattr(options, "parent", None)
     # What a restart in place runs again (xguard.restart.reexec).
     launch = Launch() if twistd is None else Launch(
         pidfile=twistd.get("pidfile") or None, foreground=bool(twistd.get("nodaemon")))
+    # The installed reactor provides every interface IDaemonReactor names
+    # (epoll, poll or select); Twisted types the global as the common part.
+    reactor = cast(IDaemonReactor, global_reactor)
     service = build_service(options.config, reactor, launch=launch)
     if twistd is not None:
         service.log_observer = observer_for(twistd, options.config.log_level,

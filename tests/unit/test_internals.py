@@ -34,6 +34,23 @@ class _Echo(Resource):
 
 
 class TreqFixedURLTests(SynchronousTestCase):
+    def test_treq_names_its_reactor_type(self) -> None:
+        """treq annotates HTTPClient.request's reactor with _ITreqReactor,
+        an interface of TCP, time and name resolution: xguard's client
+        reactor type extends it (xguard.interfaces.IClientReactor)."""
+        import inspect
+
+        from twisted.internet.interfaces import (
+            IReactorPluggableNameResolver,
+            IReactorTCP,
+            IReactorTime,
+        )
+
+        self.assertTrue(treq_internals.TreqReactor.extends(IReactorTCP))
+        self.assertTrue(treq_internals.TreqReactor.extends(IReactorTime))
+        self.assertTrue(treq_internals.TreqReactor.extends(IReactorPluggableNameResolver))
+        self.assertIn("_ITreqReactor", str(inspect.signature(HTTPClient.request)))
+
     def test_treq_takes_it_and_asks_it_for_its_uri(self) -> None:
         calls: list[bool] = []
 

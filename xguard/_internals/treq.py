@@ -7,6 +7,10 @@ already and never changes, so :class:`FixedURL` is parsed once, is its own
 URI and keeps its text. This relies on treq's ``HTTPClient.request``
 accepting an ``EncodedURL`` and calling ``to_uri().to_text()`` on it
 (treq/client.py); the test checks it.
+
+:data:`TreqReactor` is the reactor type treq's client annotates itself
+with (``treq._types._ITreqReactor``): xguard's client reactor type extends
+it, so passing one to treq type-checks.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 from hyperlink import EncodedURL
+from treq._types import _ITreqReactor as TreqReactor
 
-__all__ = ["FixedURL"]
+__all__ = ["FixedURL", "TreqReactor"]
 
 
 class FixedURL(EncodedURL):

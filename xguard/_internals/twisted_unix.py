@@ -14,15 +14,14 @@ socket (0660 root:gid is the rule), and the backlog shrinks from
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from twisted.internet import unix
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory, IReactorFDSet
 
 __all__ = ["adopt_unix_port"]
 
 
-def adopt_unix_port(reactor: Any, fd: int, factory: IProtocolFactory, *, mode: int,
+def adopt_unix_port(reactor: IReactorFDSet, fd: int, factory: IProtocolFactory, *, mode: int,
                     backlog: int) -> IListeningPort:
     """Serve ``factory`` on the listening AF_UNIX socket ``fd``, keeping
     the file's ``mode`` and listening with ``backlog``. The port works on

@@ -34,6 +34,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from .. import __version__
+from ..interfaces import IClientReactor
 from ..status import CacheStatus, DaemonStatus, UpstreamStatus, from_json
 from .commands import (
     ERRORS,
@@ -371,13 +372,13 @@ class _Client(amp.AMP):
             self.lost.callback(None)
 
 
-def connect_unix(reactor: Any, path: str) -> "Deferred[amp.AMP]":
+def connect_unix(reactor: IClientReactor, path: str) -> "Deferred[amp.AMP]":
     """An AMP connection to the daemon's control socket."""
     connected: Deferred[amp.AMP] = connectProtocol(UNIXClientEndpoint(reactor, path), _Client())
     return connected
 
 
-async def _wait_ready(reactor: Any, connect: Connect, path: str, timeout: float,
+async def _wait_ready(reactor: IClientReactor, connect: Connect, path: str, timeout: float,
                       poll: float = 0.1) -> None:
     """Ask for Status until the daemon says it is ready."""
     deadline = reactor.seconds() + timeout
@@ -431,7 +432,7 @@ def _describe(error: BaseException) -> str:
     return f"{code}: {error}" if code else f"{type(error).__name__}: {error}"
 
 
-def run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[str], *,
+def run(reactor: IClientReactor, argv: Sequence[str], stdout: IO[str], stderr: IO[str], *,
         stdin: IO[str] | None = None, environ: Mapping[str, str] | None = None,
         connect: Connect = connect_unix, euid: int | None = None,
         tz: tzinfo | None = None) -> "Deferred[int]":
@@ -447,7 +448,7 @@ def run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[str], *,
                                os.geteuid() if euid is None else euid, tz))
 
 
-async def _run(reactor: Any, argv: Sequence[str], stdout: IO[str], stderr: IO[str],
+async def _run(reactor: IClientReactor, argv: Sequence[str], stdout: IO[str], stderr: IO[str],
                stdin: IO[str] | None, environ: Mapping[str, str], connect: Connect,
                euid: int, tz: tzinfo | None) -> int:
     config = Options()  # type: ignore[no-untyped-call]  # usage.Options, untyped
@@ -496,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """The ``xguard-ctl`` console script."""
     args = sys.argv[1:] if argv is None else list(argv)
 
-    async def react_main(reactor: Any) -> None:
+    async def react_main(reactor: IClientReactor) -> None:
         code = await run(reactor, args, sys.stdout, sys.stderr)
         if code:
             raise SystemExit(code)

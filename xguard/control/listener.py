@@ -18,11 +18,12 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
-from twisted.internet.interfaces import IListeningPort, IReactorUNIX
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 
 from .._internals.twisted_unix import adopt_unix_port
+from ..interfaces import IServerReactor
 from ..restart.handover import CONTROL, Claimed, Handover
 from ..util.durable import makedirs
 from ..util.unixsock import remove_stale
@@ -44,7 +45,7 @@ class ControlListener:
 
     log = Logger()
 
-    def __init__(self, reactor: IReactorUNIX, description: str, path: str,
+    def __init__(self, reactor: IServerReactor, description: str, path: str,
                  factory: ServerFactory, handover: Handover | None = None) -> None:
         self._reactor = reactor
         self.description = description

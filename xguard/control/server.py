@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.protocols import amp
 
 from ..errors import PathInUse
-from ..interfaces import ISocketRegistry
+from ..interfaces import IServerReactor, ISocketRegistry
 from ..model import Service, check_socket_path, check_uuid
 from ..state.contents import VtpmContents
 from ..status import DaemonStatus, to_json
@@ -311,7 +311,7 @@ def control_factory(registry: ISocketRegistry, vtpms: VtpmContents,
     return _ControlFactory(ControlLocator(registry, vtpms, status, restart))
 
 
-def control_endpoint(reactor: Any, description: str) -> IStreamServerEndpoint:
+def control_endpoint(reactor: IServerReactor, description: str) -> IStreamServerEndpoint:
     """A server endpoint for ``--control``: a UNIX description gets
     ``mode=600`` unless it names a mode itself (root only, SPEC §8)."""
     if description.startswith("unix:") and ":mode=" not in description:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred, ensureDeferred
@@ -40,7 +39,7 @@ from ..domain.site import DomainSite
 from ..domain.sockets import SocketRegistry
 from ..domain.swtpm import SwtpmSocket
 from ..domain.varstored import VarstoredSocket
-from ..interfaces import IItemSink, IItemWriter, IUpstream
+from ..interfaces import IDaemonReactor, IItemSink, IItemWriter, IUpstream
 from ..model import Service as Kind
 from ..restart import sdnotify
 from ..restart.fdstore import FdStore
@@ -82,7 +81,7 @@ class Design:
     cache_handles: bool = True
 
 
-def build_service(config: Config, reactor: Any, *, design: Design = Design(),
+def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = Design(),
                   monotonic_ns: Callable[[], int] = time.monotonic_ns,
                   launch: Launch | None = None) -> XguardService:
     """The daemon for ``config`` on ``reactor`` (nothing starts yet).
@@ -247,7 +246,7 @@ def build_service(config: Config, reactor: Any, *, design: Design = Design(),
     return service
 
 
-def _upstream(cfg: Config, reactor: Any, design: Design) -> tuple[IUpstream, Stage]:
+def _upstream(cfg: Config, reactor: IDaemonReactor, design: Design) -> tuple[IUpstream, Stage]:
     """xapi when --xapi is given (start-up never waits for it), else the
     embedded store, opened at start so a broken database fails it."""
     if cfg.xapi is not None:

@@ -33,6 +33,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from ..interfaces import IServerReactor
 from ..status import DaemonStatus
 from ..util.durable import makedirs
 from ..util.unixsock import remove_stale
@@ -208,7 +209,7 @@ def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
 class MetricsListener:
     """Serves ``/metrics`` on ``--metrics`` (a quiet Site: no access log)."""
 
-    def __init__(self, reactor: Any, description: str, metrics: Metrics) -> None:
+    def __init__(self, reactor: IServerReactor, description: str, metrics: Metrics) -> None:
         self._reactor = reactor
         self.description = description
         self._site = Site(metrics.resource())

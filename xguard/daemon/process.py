@@ -27,10 +27,11 @@ import signal
 import sys
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, Protocol
 
 from twisted.internet.error import ReactorNotRunning
 from twisted.logger import Logger
+
+from ..interfaces import IProcessReactor
 
 __all__ = ["InstanceLock", "ExitStatus"]
 
@@ -61,14 +62,6 @@ class InstanceLock:
             self._fd = None
 
 
-class _Reactor(Protocol):
-    def stop(self) -> None: ...
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None: ...
-    def callWhenRunning(self, f: Callable[..., Any], *args: Any) -> Any: ...
-    def addSystemEventTrigger(self, phase: str, event: str, f: Callable[..., Any],
-                              *args: Any) -> Any: ...
-
-
 class ExitStatus:
     """Installs the signal handlers that make a stop exit 0, and makes a
     failed start exit 1.
@@ -84,7 +77,7 @@ class ExitStatus:
 
     log = Logger()
 
-    def __init__(self, reactor: _Reactor, *, signals: ModuleType = signal,
+    def __init__(self, reactor: IProcessReactor, *, signals: ModuleType = signal,
                  exit: Callable[[int], None] = os._exit,
                  on_hangup: Callable[[], None] | None = None,
                  on_stop: Callable[[], None] | None = None) -> None:

@@ -49,7 +49,7 @@ from zope.interface import implementer
 
 from .._internals.twisted_unix import adopt_unix_port
 from ..errors import InvalidPath, PathInUse
-from ..interfaces import ISocketRegistry
+from ..interfaces import IServerReactor, ISocketRegistry
 from ..model import MAX_SOCKET_PATH_BYTES, Service
 from ..restart.handover import DOMAIN, Claimed, Handover
 from ..util.durable import safe_unlink
@@ -144,7 +144,7 @@ class SocketRegistry:
 
     log = Logger()
 
-    def __init__(self, reactor: Any, active_file: str, site_factory: SiteFactory, *,
+    def __init__(self, reactor: IServerReactor, active_file: str, site_factory: SiteFactory, *,
                  on_forget: Callable[[str], None] | None = None,
                  runner: Runner | None = None, backlog: int = BACKLOG,
                  handover: Handover | None = None, grace: float = DRAIN_GRACE,

@@ -15,10 +15,12 @@ from urllib.parse import urlsplit
 
 from treq.client import HTTPClient
 from twisted.internet.endpoints import UNIXClientEndpoint
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IReactorUNIX, IStreamClientEndpoint
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IAgentEndpointFactory, IPolicyForHTTPS
 from zope.interface import implementer
+
+from xguard.interfaces import IClientReactor
 
 __all__ = ["MAX_PERSISTENT_PER_HOST", "make_pool", "make_client", "parse_endpoint"]
 
@@ -42,7 +44,7 @@ _UNIX_URL = "http://localhost/jsonrpc"
 class _UnixEndpointFactory:
     """Every URI goes to the one UNIX socket (the URI only names the path)."""
 
-    def __init__(self, reactor: Any, path: str) -> None:
+    def __init__(self, reactor: IReactorUNIX, path: str) -> None:
         self._reactor = reactor
         self._path = path
 
@@ -103,7 +105,7 @@ class _QuietPool(HTTPConnectionPool):
         return super().getConnection(key, _QuietEndpoint(endpoint))
 
 
-def make_pool(reactor: Any) -> HTTPConnectionPool:
+def make_pool(reactor: IReactorTime) -> HTTPConnectionPool:
     """A keep-alive pool sized for many concurrent calls to one xapi, whose
     connections log nothing of their own."""
     pool = _QuietPool(reactor, persistent=True)  # type: ignore[no-untyped-call]  # Twisted's
@@ -113,7 +115,7 @@ def make_pool(reactor: Any) -> HTTPConnectionPool:
 
 
 def make_client(
-    reactor: Any,
+    reactor: IClientReactor,
     endpoint: str,
     *,
     pool: HTTPConnectionPool | None = None,

@@ -33,7 +33,7 @@ from zope.interface import implementer
 from xguard._internals.treq import FixedURL
 from xguard._internals.twisted_web import STALE_CONNECTION, ResponseDone
 from xguard.errors import NoVtpm, TransientUpstreamError, UpstreamError
-from xguard.interfaces import IUpstream
+from xguard.interfaces import IClientReactor, IUpstream
 from xguard.status import UpstreamStatus
 from xguard.upstream.agent import MAX_PERSISTENT_PER_HOST, make_client, make_pool
 from xguard.upstream.calls import CallMonitor
@@ -166,7 +166,7 @@ class XapiUpstream:
 
     def __init__(
         self,
-        reactor: Any,
+        reactor: IClientReactor,
         client: HTTPClient,
         url: str,
         *,
@@ -446,7 +446,7 @@ def _none(_: object) -> None:
     return None
 
 
-def xapi_upstream(reactor: Any, endpoint: str, timeout: float, *,
+def xapi_upstream(reactor: IClientReactor, endpoint: str, timeout: float, *,
                   handles: HandleCache | None = None,
                   unresponsive_after: float = 5.0) -> XapiUpstream:
     """An XapiUpstream for an endpoint string (``unix:/path``, ``http://…``).
