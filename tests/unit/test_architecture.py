@@ -164,3 +164,36 @@ def test_a_violation_is_named(source: str, message: str) -> None:
 
     found = violations(read)
     assert any(message in v for v in found), found
+
+
+def _mapped_modules() -> set[str]:
+    """The modules doc/architecture.md's map names (``pkg/module.py``, or
+    a top-level ``module.py``), read from its tables' first column under
+    each package's heading."""
+    import re
+
+    with open(os.path.join(ROOT, "doc", "architecture.md")) as f:
+        text = f.read()
+    start = text.index("## Who owns what")
+    end = text.index("## Isolation by construction")
+    package = ""
+    found = set()
+    for line in text[start:end].splitlines():
+        heading = re.match(r"\*\*`(\w+)/`", line)
+        if heading:
+            package = heading.group(1)
+        elif line.startswith("**"):
+            package = ""
+        if line.startswith("| `"):
+            first = line.split("|")[1]
+            for name in re.findall(r"`([\w/]+\.py)`", first):
+                found.add(f"{package}/{name}" if package else name)
+    return found
+
+
+def test_the_module_map_follows_the_tree() -> None:
+    in_tree = {os.path.relpath(path, PACKAGE) for _, path in _modules()
+               if not path.endswith("__init__.py")}
+    mapped = _mapped_modules()
+    assert sorted(in_tree - mapped) == [], "modules doc/architecture.md does not map"
+    assert sorted(mapped - in_tree) == [], "modules doc/architecture.md maps that do not exist"
