@@ -1,5 +1,5 @@
 """Exceptions that cross module boundaries. Upstream errors fall in two
-classes, because the cache retries one and quarantines the other."""
+classes, because the cache retries one and sets the other aside."""
 
 from __future__ import annotations
 
@@ -29,13 +29,16 @@ class UpstreamError(Exception):
 
 
 class TransientUpstreamError(UpstreamError):
-    """Upstream unreachable or not ready (connection refused/reset, timeout,
-    HTTP 5xx, HOST_STILL_BOOTING …): retrying later may succeed."""
+    """Anything that does not prove the call can never succeed: upstream
+    unreachable or not ready (refused, reset, timed out, HTTP 5xx,
+    HOST_STILL_BOOTING), INTERNAL_ERROR, an unknown code. Retrying later may
+    succeed."""
 
 
 class PermanentUpstreamError(UpstreamError):
-    """Upstream answered with an API error (UUID_INVALID, HANDLE_INVALID …):
-    retrying the same call will fail the same way."""
+    """Proof that the call can never succeed: the VM or vTPM no longer
+    exists (UUID_INVALID, HANDLE_INVALID after a fresh lookup), or upstream
+    refuses the content itself (INVALID_VALUE …)."""
 
 
 class CacheUnavailable(TransientUpstreamError):

@@ -12,7 +12,7 @@ from twisted.web._newclient import ResponseNeverReceived
 
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.upstream.jsonrpc import (
-    TRANSIENT_CODES,
+    PERMANENT_CODES,
     classify_codes,
     classify_exception,
     classify_http_status,
@@ -86,21 +86,23 @@ class ErrorShapeTests(SynchronousTestCase):
 
 class ClassifyTests(SynchronousTestCase):
     def test_codes(self) -> None:
+        """Only proof that a call can never succeed is permanent (SPEC §6):
+        a gone object, or refused content. Everything else may pass."""
         for code in ["HOST_STILL_BOOTING", "HOST_IS_SLAVE", "HOST_HAS_NO_MANAGEMENT_IP",
-                     "TOO_BUSY"]:
-            self.assertIn(code, TRANSIENT_CODES)
-            self.assertIsInstance(classify_codes([code]), TransientUpstreamError)
-        for code in ["UUID_INVALID", "HANDLE_INVALID", "MESSAGE_PARAMETER_COUNT_MISMATCH",
-                     "VM_HAS_NO_VTPM"]:
-            self.assertIsInstance(classify_codes([code, "x"]), PermanentUpstreamError)
-        self.assertIsInstance(classify_codes([]), PermanentUpstreamError)
+                     "TOO_BUSY", "INTERNAL_ERROR", "SOME_CODE_XGUARD_NEVER_SAW",
+                     "MESSAGE_PARAMETER_COUNT_MISMATCH", "SESSION_INVALID"]:
+            self.assertNotIn(code, PERMANENT_CODES)
+            self.assertIsInstance(classify_codes([code]), TransientUpstreamError, code)
+        for code in ["UUID_INVALID", "HANDLE_INVALID", "VM_HAS_NO_VTPM", "INVALID_VALUE",
+                     "VALUE_NOT_SUPPORTED", "FIELD_TYPE_ERROR"]:
+            self.assertIsInstance(classify_codes([code, "x"]), PermanentUpstreamError, code)
+        self.assertIsInstance(classify_codes([]), TransientUpstreamError)
 
     def test_http_status(self) -> None:
         self.assertIsNone(classify_http_status(200))
-        for status in (500, 502, 503, 504, 302, 408, 429):
+        for status in (500, 502, 503, 504, 302, 408, 429, 400, 401, 403, 404, 405):
             self.assertIsInstance(classify_http_status(status), TransientUpstreamError, status)
-        for status in (400, 401, 403, 404, 405, 413):
-            self.assertIsInstance(classify_http_status(status), PermanentUpstreamError, status)
+        self.assertIsInstance(classify_http_status(413), PermanentUpstreamError)
 
     def test_exceptions(self) -> None:
         cases = {

@@ -345,8 +345,13 @@ class XapiUpstreamTests(SynchronousTestCase):
         codes = self.failure_codes(self.up.get_nvram(VM), TransientUpstreamError)
         self.assertEqual(codes, ["HTTP_ERROR", "500"])
 
-    def test_http_404_is_permanent(self) -> None:
+    def test_http_404_is_transient(self) -> None:
+        """No proof that the call can never succeed (SPEC §6 as amended: a
+        proxy or an xapi being replaced may answer it); only 413 refuses
+        the content itself."""
         self.xapi.script = [("http", 404)]
+        self.failure_codes(self.up.get_nvram(VM), TransientUpstreamError)
+        self.xapi.script = [("http", 413)]
         self.failure_codes(self.up.get_nvram(VM), PermanentUpstreamError)
 
     def test_garbage_is_transient(self) -> None:

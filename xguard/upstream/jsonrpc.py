@@ -10,15 +10,23 @@ JSON-RPC's sake). Older or foreign servers answer JSON-RPC 1.0 style
 (``"error": [code, …]``) or with an empty ``message`` and the whole list in
 ``data``; both are accepted.
 
-Classification decides what the write-back cache does: a transient error is
-retried later, a permanent one is handed to the client or quarantined.
+Classification decides what the write-back cache does with a write
+upstream did not take (SPEC §6, "Only proof that a write can never succeed
+sets it aside"):
 
-- Transient: no answer (connection refused/reset/lost, time-out), HTTP 5xx,
-  HTTP 3xx/408/429, xapi's availability codes (:data:`TRANSIENT_CODES`), and
-  a malformed body — a garbled or truncated answer is what a restarting xapi
-  or a half-closed connection produces, and retrying it is harmless, whereas
-  calling it permanent would quarantine a good write.
-- Permanent: any other API error, and HTTP 4xx (the request itself is wrong).
+- Permanent — proof that the call can never succeed: the object is gone
+  (``UUID_INVALID``, ``HANDLE_INVALID``; callers look a cached handle up
+  afresh before they believe it), or xapi refuses the content itself
+  (``INVALID_VALUE``, ``VALUE_NOT_SUPPORTED``, ``FIELD_TYPE_ERROR``, HTTP
+  413). A direct write hands it to the client; the flusher sets the write
+  aside for the operator.
+- Transient — everything else: no answer (connection refused/reset/lost,
+  time-out), a malformed body (what a restarting xapi or a half-closed
+  connection produces), any other HTTP status, xapi's availability codes
+  (``HOST_STILL_BOOTING`` …), ``INTERNAL_ERROR`` (a database hiccup), and
+  codes xguard does not know. Retrying them is harmless; treating them as
+  final would drop an acknowledged write. The write stays pending and is
+  retried with backoff; one that keeps failing raises an alert.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from xguard._internals.twisted_web import NO_ANSWER
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 
 __all__ = [
-    "TRANSIENT_CODES",
+    "PERMANENT_CODES",
     "encode_call",
     "decode_response",
     "error_codes",
@@ -43,29 +51,18 @@ __all__ = [
     "classify_exception",
 ]
 
-#: xapi error codes that say "not now" rather than "not this": the host is
-#: starting, shutting down, overloaded or not (yet) the pool's master, or the
-#: session vanished with a restart (a fresh login is attempted once before a
-#: SESSION_INVALID surfaces, so one that surfaces means xapi is unsettled).
-TRANSIENT_CODES: frozenset[str] = frozenset({
-    "HOST_STILL_BOOTING",
-    "HOST_IS_SLAVE",
-    "HOST_HAS_NO_MANAGEMENT_IP",
-    "HOST_NOT_LIVE",
-    "HOST_OFFLINE",
-    "HOST_CANNOT_CONTACT_MASTER",
-    "HOST_IN_EMERGENCY_MODE",
-    "HOST_MASTER_CANNOT_TALK_BACK",
-    "HOST_UNKNOWN_TO_MASTER",
-    "TOO_BUSY",
-    "TOO_MANY_PENDING_TASKS",
-    "XAPI_STARTING",
-    "XAPI_IS_RESTARTING",
-    "DATABASE_IS_NOT_READY",
-    "POOL_JOINING_HOST_CONNECTION_FAILED",
-    "SESSION_INVALID",
-    "CANNOT_CONTACT_HOST",
-    "OTHER_OPERATION_IN_PROGRESS",
+#: xapi error codes that prove a call can never succeed (see the module
+#: docstring); VM_HAS_NO_VTPM, VTPM_CONTENTS_INVALID and NVRAM_RECORD_INVALID
+#: are xguard's own, for the same proofs.
+PERMANENT_CODES: frozenset[str] = frozenset({
+    "UUID_INVALID",
+    "HANDLE_INVALID",
+    "VM_HAS_NO_VTPM",
+    "INVALID_VALUE",
+    "VALUE_NOT_SUPPORTED",
+    "FIELD_TYPE_ERROR",
+    "VTPM_CONTENTS_INVALID",
+    "NVRAM_RECORD_INVALID",
 })
 
 # Failures of the transport: whatever their detail, nobody answered.
@@ -138,19 +135,20 @@ def _text(value: Any) -> str:
 def classify_codes(codes: Sequence[str]) -> UpstreamError:
     """The exception for an xapi error code list (first item the code)."""
     codes = list(codes) or ["UNKNOWN_ERROR"]
-    if codes[0] in TRANSIENT_CODES:
-        return TransientUpstreamError(codes)
-    return PermanentUpstreamError(codes)
+    if codes[0] in PERMANENT_CODES:
+        return PermanentUpstreamError(codes)
+    return TransientUpstreamError(codes)
 
 
 def classify_http_status(status: int) -> UpstreamError | None:
-    """None for a 2xx answer (decode its body), else the error to raise."""
+    """None for a 2xx answer (decode its body), else the error to raise:
+    413 refuses the content itself; any other status may pass."""
     if 200 <= status < 300:
         return None
     codes = ["HTTP_ERROR", str(status)]
-    if status >= 500 or status < 400 or status in (408, 429):
-        return TransientUpstreamError(codes)
-    return PermanentUpstreamError(codes)
+    if status == 413:
+        return PermanentUpstreamError(codes)
+    return TransientUpstreamError(codes)
 
 
 #: Codes of transient errors where upstream did not answer at all (as

@@ -151,10 +151,11 @@ class LocalStore:
                     return work(conn, *args)
                 with _transaction(conn):
                     return work(conn, *args)
-            except sqlite3.OperationalError as e:  # disk full, I/O error, locked
+            except sqlite3.Error as e:
+                # Disk full, I/O error, locked, even a damaged database: none
+                # proves the write can never succeed (an operator may repair
+                # it), so cached writes stay pending and are retried.
                 raise TransientUpstreamError(["LOCAL_STORE_ERROR", str(e)]) from e
-            except sqlite3.Error as e:  # corrupt or constraint: retrying won't help
-                raise PermanentUpstreamError(["LOCAL_STORE_ERROR", str(e)]) from e
 
         def answered(result: Any) -> Any:
             self.reachability.answered()
