@@ -36,6 +36,9 @@ class FakeUpstream:
     - ``fail_next(exc, n)``: the next ``n`` calls fail with ``exc``.
     - ``hold = True``: calls wait until ``release()`` (answers in order).
     - ``calls``: (method, args) of every call, for assertions.
+    - ``residence[vm] = ("Running", "host-b")``: where ``vm_residence`` says
+      the VM is (absent: halted, nowhere).
+    - another host writes by changing ``vtpms`` / ``vms`` directly.
     """
 
     description = "fake upstream"
@@ -53,6 +56,7 @@ class FakeUpstream:
         self._failures: list[UpstreamError] = []
         self._refs = itertools.count()
         self.closed = False
+        self.residence: dict[str, tuple[str, str | None]] = {}
 
     # -- scripting ---------------------------------------------------------
     def new_client(self) -> None:
@@ -89,30 +93,31 @@ class FakeUpstream:
 
     def _call(self, name: str, args: tuple[Any, ...], run: Callable[[], Any]) -> "Deferred[Any]":
         self.calls.append((name, args))
+        ticket = self.reachability.call_started()
         if self.down:
-            return self._note(fail(TransientUpstreamError(["CONNECTION_REFUSED"])))
+            return self._note(fail(TransientUpstreamError(["CONNECTION_REFUSED"])), ticket)
         if self._failures:
-            return self._note(fail(self._failures.pop(0)))
+            return self._note(fail(self._failures.pop(0)), ticket)
         if self.hold:
             d: Deferred[Any] = Deferred()
             self._held.append((d, run))
-            return self._note(d)
+            return self._note(d, ticket)
         try:
-            return self._note(succeed(run()))
+            return self._note(succeed(run()), ticket)
         except UpstreamError as e:
-            return self._note(fail(e))
+            return self._note(fail(e), ticket)
 
-    def _note(self, d: "Deferred[Any]") -> "Deferred[Any]":
+    def _note(self, d: "Deferred[Any]", ticket: int) -> "Deferred[Any]":
         """Report each outcome to ``reachability``, as real upstreams do."""
         def ok(result: Any) -> Any:
-            self.reachability.answered()
+            self.reachability.answered(ticket)
             return result
 
         def failed(f: Any) -> Any:
             if f.check(TransientUpstreamError):
                 self.reachability.failed(" ".join(f.value.codes))
             else:
-                self.reachability.answered()
+                self.reachability.answered(ticket)
             return f
 
         return d.addCallbacks(ok, failed)
@@ -178,6 +183,15 @@ class FakeUpstream:
             self.messages.append((vm_uuid, name, priority, body))
             return f"OpaqueRef:message-{next(self._refs)}"
         return self._call("create_message", (vm_uuid, name, priority, body), run)
+
+    def confirm(self, vm_uuid: str) -> "Deferred[None]":
+        return self._call("confirm", (vm_uuid,), lambda: None)
+
+    def vm_residence(self, vm_uuid: str) -> "Deferred[tuple[str, str | None] | None]":
+        def run() -> tuple[str, str | None]:
+            self._vm(vm_uuid)
+            return self.residence.get(vm_uuid, ("Halted", None))
+        return self._call("vm_residence", (vm_uuid,), run)
 
     def forget(self, vm_uuid: str) -> None:
         self.calls.append(("forget", (vm_uuid,)))

@@ -24,7 +24,7 @@ from ._internals.treq import TreqReactor
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from .model import Service, TpmKey
+    from .model import Base, Outcome, Service, TpmKey
     from .status import UpstreamStatus
 
 __all__ = ["IUpstream", "IItemSink", "IVtpmSink", "INvramSink", "IItemWriter", "ISocketRegistry",
@@ -109,6 +109,17 @@ class IUpstream(Interface):
     def create_message(vm_uuid: str, name: str, priority: int, body: str) -> "Deferred[str]":
         """Deferred[str]: create a message of class VM about the VM; its ref."""
 
+    def confirm(vm_uuid: str) -> "Deferred[None]":
+        """Deferred[None]: one cheap call about the VM whose answer, whatever
+        it says, proves upstream answers calls made from now on (reported
+        to ``reachability`` like any call's)."""
+
+    def vm_residence(vm_uuid: str) -> "Deferred[tuple[str, str | None] | None]":
+        """Deferred: the VM's power state (``Running``, ``Halted`` …) and
+        the name of the host it is resident on (None if none), as xapi says
+        now (VM.get_power_state, VM.get_resident_on); None for a store with
+        no other host (the embedded one)."""
+
     def forget(vm_uuid: str) -> None:
         """Drop cached handles of a VM: its sockets were destroyed, so they
         may change now (it stopped; it may be re-created)."""
@@ -131,9 +142,16 @@ class IItemSink(Interface):
 
     service = Attribute("xguard.model.Service this sink delivers for")
 
-    def deliver(vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
-        """Deferred[None]: write ``items`` (Mapping[int, bytes]) of one VM
-        upstream in one serialized read-modify-write."""
+    def deliver(vm_uuid: str, items: Mapping[int, bytes], base: Base) -> "Deferred[Outcome]":
+        """Deferred[Outcome]: write ``items`` of one VM upstream in one
+        serialized read-modify-write, if upstream still holds a state
+        ``base`` allows (xguard.model.Base); else leave upstream alone and
+        say why (a conflict, the VM running elsewhere)."""
+
+    def last_seen(vm_uuid: str) -> "Deferred[Mapping[int, str] | None]":
+        """Deferred: per key of the service, the digest of the value the
+        VM's last known state holds (what upstream last showed); None when
+        none is kept."""
 
 
 class IVtpmSink(IItemSink):

@@ -5,6 +5,7 @@ contents string, NVRAM writes. Nothing here does I/O."""
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import os
 import uuid as _uuid
@@ -26,6 +27,11 @@ __all__ = [
     "check_socket_path",
     "check_gid",
     "MAX_SOCKET_PATH_BYTES",
+    "digest",
+    "Accept",
+    "Base",
+    "DIRECT",
+    "Outcome",
 ]
 
 
@@ -170,3 +176,69 @@ def check_gid(gid: object) -> int:
     if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
         raise ValueError(f"invalid gid {gid!r}")
     return gid
+
+
+# -- lineage: what a delivery may overwrite (SPEC §6, "Other writers") -------
+
+def digest(value: str | bytes) -> str:
+    """A short, collision-free name of a value (an item's content), kept
+    instead of the value to recognise it later."""
+    data = value.encode("utf-8") if isinstance(value, str) else value
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+#: Per key of a service's items, the digests of the values upstream may
+#: hold if nobody but xguard wrote since it last looked: the value it last
+#: saw there, and values it sent whose outcome is unknown.
+Accept = Mapping[int, frozenset[str]]
+
+
+@attrs.frozen
+class Base:
+    """What a delivery is based on, and so what it may overwrite.
+
+    - a Direct write (``check`` False): the VM is served here and upstream
+      answers; its state is read (or known) and modified under the item's
+      lock, as the upstream daemon does;
+    - a cached write (``check`` True): upstream must still hold a state of
+      xguard's own lineage — every key's value in ``accept``, or already
+      the value being delivered — else another writer changed it, and the
+      write is set aside instead. ``accept`` None: the base is unknown
+      (files of the upstream daemon, or of xguard before it recorded
+      bases): delivered as before, with a log line.
+    - ``recovered``: the write was made before this process started (so
+      the VM may have moved to another host meanwhile).
+    """
+
+    check: bool = False
+    accept: Accept | None = None
+    recovered: bool = False
+
+
+#: A Direct write's base.
+DIRECT = Base()
+
+
+@attrs.frozen
+class Outcome:
+    """What a delivery did.
+
+    - ``delivered``: upstream now holds it;
+    - ``already``: upstream held it already (a crash between a delivery and
+      the deletion of its file);
+    - ``conflict``: another writer changed upstream since the base: its
+      value stays, ours is set aside;
+    - ``elsewhere``: the VM runs on another host: ours is set aside.
+
+    ``ours``: for a conflict, the whole state of the item as xguard's
+    lineage has it (the base's values with ours over them), when it is
+    known; else only the values delivered.
+    """
+
+    kind: str
+    reason: str = ""
+    ours: Mapping[int, bytes] | None = None
+
+    @property
+    def set_aside(self) -> bool:
+        return self.kind in ("conflict", "elsewhere")

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import attrs
 
-__all__ = ["UpstreamStatus", "Quarantined", "CacheStatus", "DaemonStatus", "to_json",
+__all__ = ["UpstreamStatus", "SetAside", "CacheStatus", "DaemonStatus", "to_json",
            "from_json"]
 
 T = TypeVar("T")
@@ -44,13 +44,28 @@ class UpstreamStatus:
 
 
 @attrs.frozen
-class Quarantined:
-    """A write upstream refused for good, moved out of the cache."""
+class SetAside:
+    """A write set aside (see xguard.cache.aside): acknowledged, never
+    delivered, waiting for the operator."""
 
+    #: What ``xguard-ctl resolve`` names it by.
+    id: str
+    service: str
     vm: str
-    key: int
-    file: str
+    #: The item's keys it holds (vTPM 0-2, NVRAM 0).
+    keys: tuple[int, ...]
+    #: conflict (another writer changed upstream), elsewhere (the VM runs
+    #: on another host), refused (upstream refused it for good), damaged
+    #: (its file failed its check).
+    kind: str
     reason: str
+    #: When it was set aside (epoch seconds).
+    since: float | None
+    #: Its VM's sockets read it (set aside while the VM runs here).
+    held: bool
+    #: Holds the item's whole state (a vTPM's three keys): it can be pushed.
+    complete: bool
+    file: str
 
 
 @attrs.frozen
@@ -65,7 +80,13 @@ class CacheStatus:
     queue_depth: int = 0
     #: Pending items per VM.
     pending: Mapping[str, int] = attrs.field(factory=dict)
-    quarantined: tuple[Quarantined, ...] = ()
+    #: Writes set aside (the SPEC's "quarantined items").
+    quarantined: tuple[SetAside, ...] = ()
+    #: VMs whose pending writes have failed for longer than --stuck-after,
+    #: and since when (epoch seconds).
+    stuck: Mapping[str, float] = attrs.field(factory=dict)
+    #: Writes set aside since the daemon started, by kind.
+    set_aside_total: Mapping[str, int] = attrs.field(factory=dict)
     #: Why writes are cached now (the last delivery failure, else upstream's
     #: transient error); None once upstream answers again.
     last_error: str | None = None
@@ -143,10 +164,23 @@ def _cache(name: str, doc: Mapping[str, Any]) -> CacheStatus:
     quarantined = doc.get("quarantined")
     if not isinstance(quarantined, list):
         quarantined = []
-    fields["quarantined"] = tuple(
-        _build(Quarantined, {"vm": "?", "key": -1, "file": "?", "reason": "?", **q})
-        for q in quarantined if isinstance(q, Mapping))
+    fields["quarantined"] = tuple(_set_aside(name, q) for q in quarantined
+                                  if isinstance(q, Mapping))
+    fields["stuck"] = {str(k): float(v) for k, v in _mapping(doc.get("stuck")).items()
+                       if isinstance(v, (int, float))}
+    fields["set_aside_total"] = {str(k): int(v)
+                                 for k, v in _mapping(doc.get("set_aside_total")).items()
+                                 if isinstance(v, int)}
     return _build(CacheStatus, fields)
+
+
+def _set_aside(service: str, doc: Mapping[str, Any]) -> SetAside:
+    fields = {"id": "?", "service": service, "vm": "?", "keys": (), "kind": "?", "reason": "?",
+              "since": None, "held": False, "complete": False, "file": "?", **doc}
+    if "key" in doc and "keys" not in doc:  # an earlier daemon's document
+        fields["keys"] = (doc["key"],)
+    fields["keys"] = tuple(k for k in fields["keys"] if isinstance(k, int))
+    return _build(SetAside, fields)
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:

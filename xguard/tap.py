@@ -54,6 +54,8 @@ class Options(usage.Options):
          "before upstream is reported unresponsive."],
         ["listen-backlog", None, "128", "Connections each domain socket queues before "
          "accepting them (capped by SOMAXCONN)."],
+        ["stuck-after", None, "600", "Seconds a VM's cached writes may keep failing "
+         "(transiently) before one alert is raised (log, Status, metric)."],
     ]
 
     def postOptions(self) -> None:
@@ -64,7 +66,8 @@ class Options(usage.Options):
                 int(self[name])
             except ValueError:
                 raise usage.UsageError(f"--{name} must be an integer, got {self[name]!r}") from None
-        for name in ("xapi-timeout", "direct-deadline", "request-timeout", "unresponsive-after"):
+        for name in ("xapi-timeout", "direct-deadline", "request-timeout", "unresponsive-after",
+                     "stuck-after"):
             try:
                 float(self[name])
             except ValueError:

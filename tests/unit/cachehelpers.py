@@ -48,8 +48,9 @@ class Env:
         return known
 
     def build(self) -> WriteBackCache:
+        kwargs = {"is_live": lambda vm: vm in self.live, **self.kwargs}
         cache = WriteBackCache(self.sink, self.root, clock=self.clock, runner=sync_runner,
-                               monotonic_ns=lambda: next(self.ticks), **self.kwargs)
+                               monotonic_ns=lambda: next(self.ticks), **kwargs)
         # As the service wires it: upstream answering again ends a backoff.
         self.upstream.reachability.subscribe(lambda up: up and cache.upstream_answers())
         return cache

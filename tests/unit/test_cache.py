@@ -162,10 +162,9 @@ class ModeTests(CacheTestCase):
         st = self.cache.status()
         self.assertEqual(st.mode, "Direct")
         (q,) = st.quarantined
-        self.assertEqual((q.vm, q.key), (unknown, 0))
+        self.assertEqual((q.vm, q.keys, q.kind), (unknown, (0,), "refused"))
         self.assertIn("UUID_INVALID", q.reason)
-        with open(q.file, "rb") as f:
-            self.assertEqual(f.read(), b"x")
+        self.assertEqual(self.successResultOf(self.cache.set_aside_values(q.id)), {0: b"x"})
         self.assertEqual(self.env.tpm(VM1), "y")
         restarted = self.env.build()
         self.successResultOf(restarted.recover())

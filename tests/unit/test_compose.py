@@ -39,7 +39,8 @@ class ComposeTests(SynchronousTestCase):
         self.assertEqual([s.name for s in service.stages], [
             "the instance lock", "the I/O threads", "the upstream", "the last known state",
             "the domain connections", "the Swtpm cache", "the Varstored cache",
-            "the domain sockets", "the control channel", "the memory trimmer",
+            "the domain sockets", "what stopped VMs left", "the control channel",
+            "the memory trimmer",
             "the upstream prober", "readiness"])
 
     def test_no_cache(self) -> None:

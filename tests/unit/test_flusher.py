@@ -76,7 +76,7 @@ class FlusherTests(SynchronousTestCase):
         self.successResultOf(self.cache.write(VM1, 0, b"a"))
         up.down = False
         deliver = self.env.sink.deliver
-        self.env.sink.deliver = lambda vm, items: 1 / 0  # type: ignore[method-assign]
+        self.env.sink.deliver = lambda vm, items, base: 1 / 0  # type: ignore[method-assign]
         for _ in range(10):
             self.env.clock.advance(1.0)
         self.assertEqual(self.cache.status().quarantined, ())
@@ -90,18 +90,38 @@ class FlusherTests(SynchronousTestCase):
         self.assertEqual(self.env.tpm(VM1), "a")
         self.assertEqual(self.cache.status().pending, {})
 
-    def test_undecodable_pending_file_is_quarantined(self) -> None:
+    def test_a_damaged_pending_file_is_set_aside_never_delivered(self) -> None:
+        up = self.env.upstream
+        up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        ((item, (ts,)),) = self.cache.versions.index.items()
+        path = os.path.join(self.env.root, "Swtpm", VM1, "0", str(ts))
+        with open(path, "r+b") as f:
+            f.seek(-1, os.SEEK_END)
+            f.write(b"b")  # a flipped byte: the content no longer matches its checksum
+        up.down = False
+        self.env.settle()
+        (q,) = self.cache.status().quarantined
+        self.assertEqual((q.vm, q.keys, q.kind), (VM1, (0,), "damaged"))
+        self.assertIn("checksum mismatch", q.reason)
+        self.assertEqual(self.env.tpm(VM1), "")  # nothing delivered
+        self.assertFalse(os.path.exists(path))
+
+    def test_undecodable_legacy_file_is_refused(self) -> None:
+        """A file of the upstream daemon's format (no checksum) that is not
+        a key's content: upstream could never take it."""
         up = self.env.upstream
         up.down = True
         self.successResultOf(self.cache.write(VM1, 0, b"a"))
         ((item, (ts,)),) = self.cache.versions.index.items()
         path = os.path.join(self.env.root, "Swtpm", VM1, "0", str(ts))
         with open(path, "wb") as f:
-            f.write(b"\xff\xfe")  # damaged on disk: not ASCII, not a key's content
+            f.write(b"\xff\xfe")  # not ASCII, not a key's content
         up.down = False
         self.env.settle()
         (q,) = self.cache.status().quarantined
-        self.assertEqual((q.vm, q.key, q.reason), (VM1, 0, "VTPM_CONTENTS_INVALID"))
+        self.assertEqual((q.vm, q.keys, q.kind), (VM1, (0,), "refused"))
+        self.assertIn("VTPM_CONTENTS_INVALID", q.reason)
 
     def test_coalesced_per_vm(self) -> None:
         up = self.env.upstream

@@ -1,6 +1,7 @@
-"""The last known state: copies kept only for live VMs, dropped when a VM
-stops while upstream answers, kept across a reboot during an outage, never
-trusted after a host crash, never left stale."""
+"""The last known state: copies kept only for live VMs, dropped once
+upstream answered a call made after a VM stopped (facts, not beliefs),
+kept across a reboot during an outage, never trusted after a host crash,
+never left stale, never served when they fail their check."""
 
 from __future__ import annotations
 
@@ -77,34 +78,56 @@ class KnownTests(SynchronousTestCase):
         self.assertIsNone(self.tpm(vm=VM2))
         self.assertEqual(self.known.kept(), [])
 
-    def test_stop_while_upstream_answers_drops(self) -> None:
+    def test_dropped_once_upstream_answers_a_call_made_after_the_stop(self) -> None:
         self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
         self.live.clear()
-        self.successResultOf(self.known.vm_gone(VM, upstream_reachable=True))
+        self.known.vm_gone(VM, after=7)
+        self.known.upstream_answered(7, lambda vm: False)  # a call started before the stop
+        self.assertEqual(self.tpm(), TpmState("p"))
+        self.known.upstream_answered(8, lambda vm: False)
         self.assertIsNone(self.tpm())
         self.assertFalse(os.path.exists(os.path.join(self.root, KNOWN, VM)))
 
-    def test_destroy_during_outage_keeps_for_the_reboot(self) -> None:
+    def test_kept_without_an_answer_for_the_reboot(self) -> None:
+        """The destroy and create of a reboot while upstream gives no
+        answer (whatever xguard believed about it): the copy stays, and
+        an answer once the VM is back changes nothing."""
         self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
         self.live.clear()
-        for reachable in (False, None):
-            self.successResultOf(self.known.vm_gone(VM, upstream_reachable=reachable))
-            self.assertEqual(self.tpm(), TpmState("p"))
+        self.known.vm_gone(VM, after=3)
+        self.assertEqual(self.tpm(), TpmState("p"))
         # Still updated while kept (the flusher delivers its pending writes).
         self.successResultOf(self.known.record_tpm(VM, TpmState("p2")))
+        self.live.add(VM)  # the reboot's create
+        self.known.upstream_answered(9, lambda vm: False)
+        self.assertEqual(self.tpm(), TpmState("p2"))
+        self.live.clear()  # it stops later: the earlier destroy counts no more
+        self.known.upstream_answered(10, lambda vm: False)
         self.assertEqual(self.tpm(), TpmState("p2"))
 
-    def test_sweep_when_upstream_answers(self) -> None:
+    def test_kept_while_writes_wait_for_delivery(self) -> None:
         self.live.add(VM2)
         for vm in (VM, VM2):
             self.successResultOf(self.known.record_tpm(vm, TpmState("p")))
         self.live.clear()
+        for vm in (VM, VM2):
+            self.known.vm_gone(vm, after=1)
         pending = {VM2}
-        self.assertEqual(self.successResultOf(self.known.sweep(lambda vm: vm in pending)), 1)
+        self.known.upstream_answered(2, lambda vm: vm in pending)
         self.assertEqual(self.known.kept(), [VM2])
-        self.live.add(VM2)
         pending.clear()
-        self.assertEqual(self.successResultOf(self.known.sweep(lambda vm: False)), 0)
+        self.known.upstream_answered(3, lambda vm: vm in pending)
+        self.assertEqual(self.known.kept(), [])
+
+    def test_vms_without_a_socket_after_a_restart_are_stopped_ones(self) -> None:
+        self.live.add(VM2)
+        for vm in (VM, VM2):
+            self.successResultOf(self.known.record_tpm(vm, TpmState("p")))
+        again = self.open()
+        self.live.discard(VM2)  # its socket did not come back
+        again.unserved_at_start(after=0)
+        again.upstream_answered(1, lambda vm: False)
+        self.assertEqual(again.kept(), [VM])
 
     def test_kept_across_a_restart_in_the_same_boot(self) -> None:
         """kill -9: the page cache survives, so do unsynced copies."""
@@ -150,7 +173,8 @@ class KnownTests(SynchronousTestCase):
         self.assertEqual(again.vm_of_vtpm("vtpm-uuid"), VM)
         self.assertEqual(again.vtpm_of_vm(VM), "OpaqueRef:t")
         self.live.clear()
-        self.successResultOf(again.vm_gone(VM, upstream_reachable=True))
+        again.vm_gone(VM, after=0)
+        again.upstream_answered(1, lambda vm: False)
         self.assertIsNone(again.vm_of_vtpm("vtpm-uuid"))
 
     def test_a_torn_copy_reads_as_none(self) -> None:
@@ -160,7 +184,26 @@ class KnownTests(SynchronousTestCase):
         with open(path, "r+b") as f:
             f.seek(60)
             f.write(b"NEWNEWNEW")  # the start of a newer content, the rest old
-        self.assertIsNone(self.tpm(self.open()))
+        again = self.open()
+        self.assertIsNone(self.tpm(again))
+        # Moved aside (never served) and reported; the rest carries on.
+        self.assertFalse(os.path.exists(path))
+        self.assertTrue(os.path.exists(os.path.join(self.root, "quarantine", KNOWN, VM, "vtpm")))
+        self.assertIn("the vtpm copy of VM %s is damaged (checksum mismatch)" % VM,
+                      self.logged())
+        self.assertEqual(again.damaged, 1)
+        self.successResultOf(again.record_tpm(VM, TpmState("q")))
+        self.assertEqual(self.tpm(again), TpmState("q"))
+
+    def test_copies_of_the_previous_format_are_read(self) -> None:
+        import zlib
+
+        data = b"p s v"
+        vm_dir = os.path.join(self.root, KNOWN, VM)
+        os.makedirs(vm_dir, exist_ok=True)
+        with open(os.path.join(vm_dir, "vtpm"), "wb") as f:
+            f.write(b"xguard-copy-2 %d %08x\n%s" % (len(data), zlib.crc32(data), data))
+        self.assertEqual(self.tpm(self.open()), TpmState("p", "s", "v"))
 
     def test_leftovers_are_cleaned_at_open(self) -> None:
         self.successResultOf(self.known.record_tpm(VM, TpmState("p")))

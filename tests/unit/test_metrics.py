@@ -13,7 +13,7 @@ from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from xguard.daemon.metrics import Metrics
-from xguard.status import CacheStatus, DaemonStatus, Quarantined, UpstreamStatus
+from xguard.status import CacheStatus, DaemonStatus, SetAside, UpstreamStatus
 from xguard.upstream.calls import CallMonitor
 
 VM = "11111111-1111-4111-8111-111111111111"
@@ -44,7 +44,9 @@ class MetricsTests(SynchronousTestCase):
             services={"Swtpm": CacheStatus(
                 service="Swtpm", mode="Engaged", queue_depth=3, pending={VM: 3},
                 pending_bytes=4096, oldest_pending_since=900.0, delivered=7,
-                quarantined=(Quarantined(vm=VM, key=0, file="/q", reason="R"),),
+                quarantined=(SetAside(id="Swtpm/" + VM, service="Swtpm", vm=VM, keys=(0,),
+                                      kind="conflict", reason="R", since=950.0, held=False,
+                                      complete=False, file="/q"),),
                 deadline_fallbacks=2, disk_error="No space left on device")},
             sockets={"Swtpm": 4, "Varstored": 4})
         self.metrics = Metrics(lambda: self.status, self.clock)

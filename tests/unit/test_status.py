@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from xguard.status import (
     CacheStatus,
     DaemonStatus,
-    Quarantined,
+    SetAside,
     UpstreamStatus,
     from_json,
     to_json,
@@ -25,8 +25,14 @@ caches = st.builds(
     CacheStatus, service=text, mode=st.sampled_from(["Direct", "Engaged", "Disengaged"]),
     enabled=st.booleans(), queue_depth=st.integers(0, 512),
     pending=st.dictionaries(text, st.integers(1, 3), max_size=3),
-    quarantined=st.lists(st.builds(Quarantined, vm=text, key=st.integers(0, 2), file=text,
-                                   reason=text), max_size=2).map(tuple),
+    quarantined=st.lists(st.builds(
+        SetAside, id=text, service=text, vm=text,
+        keys=st.lists(st.integers(0, 2), max_size=3).map(tuple),
+        kind=st.sampled_from(["conflict", "elsewhere", "refused", "damaged"]), reason=text,
+        since=maybe_time, held=st.booleans(), complete=st.booleans(), file=text),
+        max_size=2).map(tuple),
+    stuck=st.dictionaries(text, st.floats(0, 2e9), max_size=2),
+    set_aside_total=st.dictionaries(text, st.integers(0, 9), max_size=2),
     last_error=st.one_of(st.none(), text), outage_since=maybe_time,
     delivered=st.integers(0, 10**6), disk_error=st.one_of(st.none(), text))
 statuses = st.builds(

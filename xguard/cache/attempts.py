@@ -24,8 +24,10 @@ from twisted.logger import Logger
 
 from ..errors import TransientUpstreamError
 from ..interfaces import IItemSink
+from ..model import DIRECT
 from ..util.locks import KeyedLocks
 from .layout import Batch, Version
+from .lineage import Lineage
 
 __all__ = ["AttemptState", "DirectAttempts"]
 
@@ -59,11 +61,15 @@ class DirectAttempts:
 
     log = Logger()
 
-    def __init__(self, sink: IItemSink, vm_locks: KeyedLocks, *, clock: IReactorTime,
-                 deadline: float, give_up: Callable[[Batch], "Deferred[None]"],
-                 delivered: Callable[[Iterable[Version]], "Deferred[None]"]) -> None:
+    def __init__(self, sink: IItemSink, vm_locks: KeyedLocks, lineage: Lineage, *,
+                 clock: IReactorTime, deadline: float,
+                 give_up: Callable[[Batch], "Deferred[None]"],
+                 delivered: Callable[[Iterable[Version]], "Deferred[None]"],
+                 has_pending: Callable[[str], bool]) -> None:
         self.sink = sink
         self.vm_locks = vm_locks
+        self.lineage = lineage
+        self._has_pending = has_pending
         self.clock = clock
         self.deadline = deadline
         self._give_up_to_disk = give_up
@@ -91,8 +97,12 @@ class DirectAttempts:
         if attempt.state is not AttemptState.SENDING:
             return  # its deadline passed while waiting its turn: it is on disk already
         batch = attempt.batch
+        contents = batch.contents()
+        # Until upstream answers, it may hold this (a file written meanwhile
+        # records it: see xguard.cache.lineage).
+        self.lineage.sending(batch.vm, contents)
         try:
-            await maybeDeferred(self.sink.deliver, batch.vm, batch.contents())
+            await maybeDeferred(self.sink.deliver, batch.vm, contents, DIRECT)
         except TransientUpstreamError as e:
             on_disk = self._give_up(attempt, str(e))
             if on_disk is not None:
@@ -109,6 +119,8 @@ class DirectAttempts:
                 self.log.info("late failure of an abandoned write of VM {vm}: {error}",
                               vm=batch.vm, error=str(e))
             return
+        if not self._has_pending(batch.vm):
+            self.lineage.settled(batch.vm)
         if attempt.state is AttemptState.SENDING:
             self._to(attempt, AttemptState.ANSWERED)
             await self._delivered(batch.versions)

@@ -9,11 +9,10 @@ import errno
 import os
 
 from ..model import Service
-from ..status import Quarantined
 from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
+from .entry import Entry, encode
 from .layout import (
     PRE_SUFFIX,
-    QUARANTINE,
     Item,
     Latest,
     Outdated,
@@ -22,7 +21,6 @@ from .layout import (
     is_vm_dir,
     item_dir,
     parse_key,
-    parse_timestamp,
     quarantine_path,
     service_dir,
     version_path,
@@ -58,9 +56,11 @@ class VersionFiles:
         self.service = service
         self.base = service_dir(root, service)
 
-    def write(self, version: Version, content: bytes) -> None:
-        """Durable once this returns: ``.pre``, fsync, rename, fsync dir."""
+    def write(self, version: Version, entry: Entry) -> None:
+        """Durable once this returns: ``.pre``, fsync, rename, fsync dir;
+        the file is checked (:mod:`xguard.cache.entry`)."""
         path = version_path(self.root, self.service, version)
+        content = encode(entry)
         for _ in range(3):
             makedirs(os.path.dirname(path), 0o700)
             try:
@@ -71,7 +71,8 @@ class VersionFiles:
         atomic_write(path, content, mode=0o600, tmp_suffix=PRE_SUFFIX)
 
     def read(self, version: Version) -> bytes | None:
-        """The content of ``version``, or None when it is gone."""
+        """The bytes of ``version``'s file, or None when it is gone (decode
+        them with :func:`xguard.cache.entry.decode`)."""
         try:
             with open(version_path(self.root, self.service, version), "rb") as f:
                 return f.read()
@@ -160,8 +161,8 @@ class VersionFiles:
         return found
 
     def quarantine(self, version: Version, reason: str) -> str:
-        """Move ``version`` out of the cache, durably, with its reason next
-        to it. Returns the quarantined file's path."""
+        """Move ``version``'s file out of the cache as it is (a damaged
+        one), durably, with its reason next to it. Returns its new path."""
         src = version_path(self.root, self.service, version)
         dst = quarantine_path(self.root, self.service, version)
         makedirs(os.path.dirname(dst), 0o700)
@@ -181,28 +182,3 @@ class VersionFiles:
             except FileNotFoundError:
                 out[version] = 0
         return out
-
-    def quarantined(self) -> list[Quarantined]:
-        """Every quarantined version of this service (survives restarts)."""
-        base = os.path.join(self.root, QUARANTINE, self.service.value)
-        out: list[Quarantined] = []
-        if not os.path.isdir(base):
-            return out
-        for top, _dirs, files in os.walk(base):
-            rel = os.path.relpath(top, base).split(os.sep)
-            if len(rel) != 2:
-                continue
-            for name in sorted(files):
-                if parse_timestamp(name) is None:
-                    continue
-                reason_file = os.path.join(top, name + REASON_SUFFIX)
-                try:
-                    with open(reason_file, "rb") as f:
-                        reason = f.read().decode("utf-8", "replace")
-                except FileNotFoundError:
-                    reason = "unknown"
-                if not rel[1].isdigit():
-                    continue
-                out.append(Quarantined(vm=rel[0], key=int(rel[1]),
-                                       file=os.path.join(top, name), reason=reason))
-        return sorted(out, key=lambda q: q.file)

@@ -1,36 +1,30 @@
 # -*- test-case-name: tests.unit.test_flusher -*-
-"""Delivers cached versions upstream.
+"""When cached versions are delivered: the cadence, the backoff, the rounds.
 
 A ``LoopingCall`` gives the cadence and runs only while the cache is not
 Direct (no polling while idle). Each round asks the machine what to deliver
 (queue names when Engaged, a directory scan when Disengaged), delivers the
 latest version of every item with one read-modify-write per VM (all of a
-VM's pending keys coalesced), several VMs in parallel up to
-``max_concurrency``, then lets the machine check whether the cache is empty.
+VM's pending keys coalesced: :mod:`xguard.cache.delivery` says what becomes
+of them), several VMs in parallel up to ``max_concurrency``, deletes what
+was delivered in one durable step, then lets the machine check whether the
+cache is empty.
 
-Outcomes of one VM's delivery, and what follows:
-
-- delivered: the versions' files go;
-- upstream failed transiently: the items stay and the next round waits
-  ``backoff(attempt)`` (capped exponential with jitter) — cut short when
-  upstream answers again (:class:`~xguard.upstream.reachability.Reachability`);
-- upstream refused (a permanent error, or a pending file no sink can
-  decode): a coalesced push is retried key by key, and a version still
-  refused moves to quarantine;
-- anything else is a bug in xguard: logged with its traceback, the items
-  stay pending and are retried with backoff — a bug never costs a guest
-  its data.
+A round in which some VM must be retried (a transient failure, a bug)
+keeps those items and waits ``backoff(attempt)`` (capped exponential with
+jitter) — cut short when upstream answers again
+(:class:`~xguard.upstream.reachability.Reachability`).
 
 The step never raises: a failing LoopingCall would stop for good. The
 flusher knows the cache through narrow collaborators: its modes
-(:class:`FlushModes`), its versions (:class:`FlushVersions`), the sink and
-the VMs' delivery locks.
+(:class:`FlushModes`), its versions (:class:`FlushVersions`) and the
+deliveries of one VM (:class:`FlushDeliveries`).
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 from twisted.application.internet import backoffPolicy
@@ -39,17 +33,14 @@ from twisted.internet.defer import (
     DeferredList,
     DeferredSemaphore,
     ensureDeferred,
-    maybeDeferred,
 )
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ..errors import PermanentUpstreamError, TransientUpstreamError
-from ..interfaces import IItemSink
-from ..util.locks import KeyedLocks
-from .layout import Item, Version
+from .delivery import Result
+from .layout import Item
 
 __all__ = ["Flusher", "FlushModes", "FlushVersions", "default_backoff"]
 
@@ -77,17 +68,18 @@ class FlushVersions(Protocol):
     def items(self) -> list[Item]:
         "Every item with a pending version."
 
-    def snapshot(self, vm: str, keys: Iterable[int]) -> Awaitable[dict[int, tuple[Version, bytes]]]:
-        "The latest version of each key of ``vm`` with its content."
-
-    def delivered(self, version: Version) -> Awaitable[None]:
-        "Upstream took ``version``: it (and older ones) are no longer pending."
-
     def round_done(self) -> "Deferred[None]":
         "The round ended: the delivered versions' files go, durably."
 
-    def quarantine(self, version: Version, reason: str) -> Awaitable[None]:
-        "Upstream refused ``version`` for good."
+
+class FlushDeliveries(Protocol):
+    """One VM's delivery (:class:`~xguard.cache.delivery.Deliveries`)."""
+
+    service: str
+    last_error: str | None
+
+    def deliver(self, vm: str, keys: set[int]) -> "Deferred[Result]":
+        "Deliver (or set aside) the latest pending version of ``keys`` of ``vm``."
 
 
 class _State(enum.Enum):
@@ -97,23 +89,16 @@ class _State(enum.Enum):
     STOPPED = "stopped"
 
 
-class _Outcome(enum.Enum):
-    DONE = "done"          # delivered, or quarantined
-    RETRY = "retry"        # transient failure, or a bug: keep and retry later
-
-
 class Flusher:
     log = Logger()
 
-    def __init__(self, modes: FlushModes, versions: FlushVersions, sink: IItemSink,
-                 vm_locks: KeyedLocks, clock: IReactorTime, *, interval: float,
+    def __init__(self, modes: FlushModes, versions: FlushVersions,
+                 deliveries: FlushDeliveries, clock: IReactorTime, *, interval: float,
                  backoff: Callable[[int], float], max_concurrency: int,
                  coalesce: bool = True) -> None:
         self.modes = modes
         self.versions = versions
-        self.sink = sink
-        #: Every delivery of a VM (Direct attempts too) holds its lock.
-        self.vm_locks = vm_locks
+        self.deliveries = deliveries
         #: All pending keys of one VM in one upstream read-modify-write.
         #: False only reproduces the upstream design for the benchmarks.
         self.coalesce = coalesce
@@ -125,8 +110,6 @@ class Flusher:
         #: Consecutive rounds that had to be retried (drives the backoff).
         self.attempt = 0
         self.retry: set[Item] = set()
-        self.delivered = 0
-        self.last_error: str | None = None
         self._loop = LoopingCall(self._step)
         self._loop.clock = clock
         self._sleeping: tuple[IDelayedCall, Deferred[None]] | None = None
@@ -193,7 +176,7 @@ class Flusher:
             await self.versions.round_done()
         except Exception:
             self.log.failure("{service}: deleting the delivered versions failed; they stay "
-                             "pending", service=self.sink.service.value)
+                             "pending", service=self.deliveries.service)
             retry = True
         if retry:
             self.attempt += 1
@@ -203,7 +186,7 @@ class Flusher:
                 self.state = _State.RUNNING
             return
         self.attempt = 0
-        self.last_error = None
+        self.deliveries.last_error = None
         await self.modes.settle()
 
     def _sleep(self, seconds: float) -> "Deferred[None]":
@@ -227,52 +210,14 @@ class Flusher:
         groups = sorted(per_vm.items())
         if not self.coalesce:  # the upstream design: one push per item
             groups = [(vm, {key}) for vm, keys in groups for key in sorted(keys)]
-        ds = [self.semaphore.run(self._deliver_vm, vm, keys) for vm, keys in groups]
+        ds = [self.semaphore.run(self.deliveries.deliver, vm, keys) for vm, keys in groups]
         results = await DeferredList(ds, consumeErrors=True)
         retry = False
         for (vm, keys), (ok, value) in zip(groups, results):
-            if not ok:  # pragma: no cover - _deliver_locked catches everything
+            if not ok:  # pragma: no cover - Deliveries catches everything
                 self.log.failure("cache delivery of {vm} failed", cast(Failure, value), vm=vm)
-                value = _Outcome.RETRY
-            if value is _Outcome.RETRY:
+                value = Result.RETRY
+            if value is Result.RETRY:
                 self.retry.update(Item(vm, k) for k in keys)
                 retry = True
         return retry
-
-    def _deliver_vm(self, vm: str, keys: set[int]) -> "Deferred[_Outcome]":
-        # Under the VM's delivery lock: a Direct attempt of this VM still in
-        # flight (even abandoned) finishes first; the snapshot is taken inside.
-        return self.vm_locks.run(vm, lambda: self._deliver_locked(vm, keys))
-
-    async def _deliver_locked(self, vm: str, keys: set[int]) -> _Outcome:
-        try:
-            snapshot = await self.versions.snapshot(vm, keys)
-            if not snapshot:
-                return _Outcome.DONE
-            return await self._push(vm, snapshot)
-        except Exception as e:  # a bug (ours): keep the items, retry later
-            self.log.failure("{service}: delivering the cached writes of VM {vm} failed "
-                             "(a bug in xguard); they stay pending and are retried",
-                             service=self.sink.service.value, vm=vm)
-            self.last_error = f"{type(e).__name__}: {e}"
-            return _Outcome.RETRY
-
-    async def _push(self, vm: str, snapshot: dict[int, tuple[Version, bytes]]) -> _Outcome:
-        contents = {k: c for k, (_, c) in snapshot.items()}
-        try:
-            await maybeDeferred(self.sink.deliver, vm, contents)
-        except TransientUpstreamError as e:
-            self.last_error = str(e)
-            return _Outcome.RETRY
-        except PermanentUpstreamError as e:
-            if len(snapshot) > 1:  # find which key upstream refuses
-                outcomes = [await self._push(vm, {k: snapshot[k]}) for k in sorted(snapshot)]
-                return _Outcome.RETRY if _Outcome.RETRY in outcomes else _Outcome.DONE
-            ((version, _),) = snapshot.values()
-            self.last_error = str(e)
-            await self.versions.quarantine(version, " ".join(e.codes))
-            return _Outcome.DONE
-        for version, _ in snapshot.values():
-            await self.versions.delivered(version)
-        self.delivered += len(snapshot)
-        return _Outcome.DONE

@@ -5,7 +5,9 @@ A write is a :class:`~xguard.cache.layout.Batch`: one item for a domain
 write, the vTPM's three keys for the orchestrator's VtpmSetContents. Its
 versions are stamped together, so a batch is newer than everything
 acknowledged before it, and older versions are deleted only once the whole
-batch is durable.
+batch is durable. Each version's file records the base of the write
+(:mod:`xguard.cache.lineage`) and is checked: a file that fails its check is
+moved aside (:mod:`xguard.cache.aside`) and never delivered or served.
 
 The index (versions per item) is kept in step with the files: it answers
 reads and emptiness checks without listing directories. Every file
@@ -25,12 +27,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import CacheUnavailable
-from ..model import Service
-from ..status import Quarantined
+from ..model import Accept, Service
 from ..util.threads import Runner
 from . import recovery
+from .aside import SetAsideStore
+from .entry import Damaged, Entry, decode
 from .files import VersionFiles
 from .layout import Batch, Item, Version, service_dir
+from .lineage import Lineage
 
 __all__ = ["PendingVersions"]
 
@@ -41,16 +45,22 @@ class PendingVersions:
     log = Logger()
 
     def __init__(self, root: str, service: Service, *, clock: IReactorTime, runner: Runner,
-                 monotonic_ns: Callable[[], int]) -> None:
+                 monotonic_ns: Callable[[], int], lineage: Lineage,
+                 aside: SetAsideStore) -> None:
         self.root = root
         self.service = service
         self.clock = clock
         self.runner = runner
         self.monotonic_ns = monotonic_ns
+        self.lineage = lineage
+        self.aside = aside
         self.files = VersionFiles(root, service)
         self.index: dict[Item, list[int]] = {}
         self.sizes: dict[Version, int] = {}
-        self.quarantined: list[Quarantined] = []
+        #: The base each version's file records (None: unknown).
+        self.accepts: dict[Version, Accept | None] = {}
+        #: Versions found at start-up: written before this process started.
+        self.recovered: set[Version] = set()
         #: Why the disk refuses writes, and since when (None: it takes them).
         self.disk_error: str | None = None
         self.disk_error_since: float | None = None
@@ -67,7 +77,8 @@ class PendingVersions:
     async def _recover(self) -> list[Version]:
         base = service_dir(self.root, self.service)
         listing = await self.runner(recovery.scan, base)
-        actions = recovery.plan(self.service, listing, self.monotonic_ns())
+        damaged, valid = await self.runner(recovery.check, base, listing, _read_entry)
+        actions = recovery.plan(self.service, listing, self.monotonic_ns(), damaged)
         unacknowledged = 0
         for a in actions:
             if isinstance(a, recovery.Delete):
@@ -79,16 +90,34 @@ class PendingVersions:
             elif isinstance(a, recovery.Move):
                 self.log.info("cache recovery: retiming {path} to {ts}",
                               path=os.path.join(base, *a.src), ts=a.version.ts)
-        await self.runner(recovery.apply, base, actions)
+        moved: list[tuple[recovery.SetAside, str]] = []
+
+        def set_aside(action: recovery.SetAside) -> None:
+            moved.append((action, self.files.quarantine(action.version,
+                                                        f"damaged: {action.reason}")))
+
+        await self.runner(recovery.apply, base, actions, set_aside)
+        for action, path in moved:
+            self._report_damaged(action.version, path, action.reason)
         if unacknowledged:
             self.log.info("{service} cache: removed {n} temporary files of writes that were "
                           "never acknowledged (the daemon stopped mid-write)",
                           service=self.service.value, n=unacknowledged)
-        versions = recovery.kept_versions(actions)
+        entries: dict[Version, Entry] = {}
+        for a in actions:
+            if isinstance(a, (recovery.Keep, recovery.Move)):
+                entries[a.version] = valid[a.path if isinstance(a, recovery.Keep) else a.src]
+        versions = sorted(entries)
         sizes = await self.runner(self.files.sizes, versions)
         for v in versions:
-            self._record(v, sizes[v])
-        self.quarantined = await self.runner(self.files.quarantined)
+            self._record(v, sizes[v], entries[v].accept)
+        self.recovered = set(versions)
+        unknown = sorted({v.item.vm for v in versions if entries[v].accept is None})
+        if unknown:
+            self.log.info("{service} cache: {n} VMs' pending writes were made by the upstream "
+                          "daemon or an earlier xguard, which did not record their base: they "
+                          "are delivered without checking for other writers", n=len(unknown),
+                          service=self.service.value)
         return versions
 
     # -- queries ---------------------------------------------------------------
@@ -130,18 +159,21 @@ class PendingVersions:
         return Batch(vm, tuple(entries))
 
     def persist(self, batch: Batch) -> "Deferred[None]":
-        """Make ``batch`` durable, then delete the older versions. A disk
-        that refuses it fails the write with CacheUnavailable (nothing
-        acknowledged) and leaves no part of it behind."""
+        """Make ``batch`` durable, with the base it records, then delete the
+        older versions. A disk that refuses it fails the write with
+        CacheUnavailable (nothing acknowledged) and leaves no part of it
+        behind. Called under the service lock (bases are computed in
+        order)."""
         return ensureDeferred(self._persist(batch))
 
     async def _persist(self, batch: Batch) -> None:
+        accept = await self.lineage.base_for(batch.vm, self.accepts_of(batch.vm))
         written: list[Version] = []
         try:
             for version, content in batch.entries:
                 if self._newest.get(version.item, -1) > version.ts:
                     continue  # a newer version is already acknowledged: superseded
-                await self.runner(self.files.write, version, content)
+                await self.runner(self.files.write, version, Entry(content, accept))
                 written.append(version)
         except OSError as e:
             await self._refused_by_disk(written, e)
@@ -153,7 +185,7 @@ class PendingVersions:
         sizes = {version: len(content) for version, content in batch.entries}
         older = []
         for version in written:
-            self._record(version, sizes[version])
+            self._record(version, sizes[version], accept)
             older += [Version(version.item, t) for t in self.index[version.item]
                       if t < version.ts]
         if older:
@@ -162,6 +194,11 @@ class PendingVersions:
             # these deletions leaves older files beside them, which
             # recovery discards (it keeps only the latest).
             self._background(self._discard_all(older))
+
+    def accepts_of(self, vm: str) -> list[Accept | None]:
+        """The bases ``vm``'s pending versions record."""
+        return [self.accepts.get(Version(item, ts)) for item, stamps in self.index.items()
+                if item.vm == vm for ts in stamps]
 
     async def _refused_by_disk(self, written: list[Version], error: OSError) -> None:
         """One log line per episode; the part of the batch already written
@@ -215,41 +252,65 @@ class PendingVersions:
         return ensureDeferred(run())
 
     # -- reading -----------------------------------------------------------------
-    def latest(self, item: Item) -> "Deferred[tuple[Version, bytes] | None]":
-        """The latest pending version of ``item`` and its content."""
+    def latest(self, item: Item) -> "Deferred[tuple[Version, Entry] | None]":
+        """The latest pending version of ``item`` and its entry."""
         return ensureDeferred(self._read_latest(item))
 
-    async def _read_latest(self, item: Item) -> tuple[Version, bytes] | None:
+    async def _read_latest(self, item: Item) -> tuple[Version, Entry] | None:
         """A file deleted under our feet (delivered meanwhile) is dropped
-        from the index and the next latest is read."""
+        from the index and the next latest is read; a damaged one is moved
+        aside, and the next latest is read."""
         while True:
             versions = self.index.get(item)
             if not versions:
                 return None
             version = Version(item, versions[-1])
-            data = await self.runner(self.files.read, version)
-            if data is not None:
-                return version, data
+            raw = await self.runner(self.files.read, version)
+            if raw is not None:
+                try:
+                    return version, decode(raw)
+                except Damaged as e:
+                    await self._damaged(version, str(e))
+                    continue
             if self.index.get(item, [])[-1:] == [version.ts]:
                 self._unindex(version)  # vanished from disk
 
-    async def snapshot(self, vm: str, keys: Iterable[int]) -> dict[int, tuple[Version, bytes]]:
-        """The latest version of each of ``keys`` with its content, read in
+    async def snapshot(self, vm: str, keys: Iterable[int]) -> dict[int, tuple[Version, Entry]]:
+        """The latest version of each of ``keys`` with its entry, read in
         one go (one trip to the I/O threads, not one per key)."""
         latest = {key: Version(Item(vm, key), self.index[Item(vm, key)][-1])
                   for key in sorted(keys) if self.index.get(Item(vm, key))}
         contents = await self.runner(self.files.read_many, list(latest.values()))
-        out: dict[int, tuple[Version, bytes]] = {}
+        out: dict[int, tuple[Version, Entry]] = {}
         for key, version in latest.items():
-            data = contents.get(version)
-            if data is None:  # deleted meanwhile (superseded): the slow way
+            raw = contents.get(version)
+            entry = None
+            if raw is not None:
+                try:
+                    entry = decode(raw)
+                except Damaged as e:
+                    await self._damaged(version, str(e))
+            if entry is None:  # deleted meanwhile (superseded), or damaged: the slow way
                 found = await self._read_latest(version.item)
                 if found is None:
                     continue
                 out[key] = found
             else:
-                out[key] = (version, data)
+                out[key] = (version, entry)
         return out
+
+    async def _damaged(self, version: Version, reason: str) -> None:
+        """A file failed its check: never delivered or served; moved aside."""
+        path = await self.runner(self.files.quarantine, version, f"damaged: {reason}")
+        self._unindex(version)
+        self._report_damaged(version, path, reason)
+
+    def _report_damaged(self, version: Version, path: str, reason: str) -> None:
+        self.aside.moved(version.item.vm, version.item.key, path, f"damaged: {reason}")
+        self.log.error("{service}: the cached write of VM {vm} key {key} is damaged ({reason}); "
+                       "it is never delivered, and is set aside as {file}",
+                       service=self.service.value, vm=version.item.vm, key=version.item.key,
+                       reason=reason, file=path)
 
     def scan(self) -> "Deferred[list[Item]]":
         """The directory scan of Disengaged mode; the disk is authoritative."""
@@ -290,19 +351,11 @@ class PendingVersions:
 
         return self.runner(self.files.delete_many, done).addErrback(failed)
 
-    async def quarantine(self, version: Version, reason: str) -> None:
-        path = await self.runner(self.files.quarantine, version, reason)
-        self._unindex(version)
-        self.quarantined.append(Quarantined(vm=version.item.vm, key=version.item.key, file=path,
-                                            reason=reason))
-        self.log.error("{service}: write of {vm} key {key} refused by upstream ({reason}); "
-                       "quarantined as {file}", service=self.service.value, vm=version.item.vm,
-                       key=version.item.key, reason=reason, file=path)
-
     # -- the index ---------------------------------------------------------------
-    def _record(self, version: Version, size: int) -> None:
+    def _record(self, version: Version, size: int, accept: Accept | None = None) -> None:
         item = version.item
         self.sizes[version] = size
+        self.accepts[version] = accept
         versions = self.index.setdefault(item, [])
         if version.ts not in versions:
             versions.append(version.ts)
@@ -312,8 +365,15 @@ class PendingVersions:
 
     def _unindex(self, version: Version) -> None:
         self.sizes.pop(version, None)
+        self.accepts.pop(version, None)
+        self.recovered.discard(version)
         versions = self.index.get(version.item)
         if versions is not None and version.ts in versions:
             versions.remove(version.ts)
             if not versions:
                 del self.index[version.item]
+
+
+def _read_entry(path: str) -> Entry:
+    with open(path, "rb") as f:
+        return decode(f.read())

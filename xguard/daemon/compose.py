@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import attrs
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred, gatherResults
 from twisted.logger import Logger
 
 from .. import __version__
@@ -113,7 +113,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             sink, cfg.state_dir, clock=reactor, runner=io, monotonic_ns=monotonic_ns,
             queue_size=cfg.queue_size, direct_deadline=cfg.direct_deadline,
             max_concurrency=design.flush_concurrency or cfg.flush_concurrency,
-            coalesce=design.coalesce, enabled=lambda: not os.path.exists(cfg.fault_file))
+            coalesce=design.coalesce, enabled=lambda: not os.path.exists(cfg.fault_file),
+            is_live=lambda vm: registry.serves(vm), stuck_after=cfg.stuck_after)
 
     swtpm_writer, nvram_writer = writer(vtpm_sink), writer(nvram_sink)
     writers = {Kind.SWTPM: swtpm_writer, Kind.VARSTORED: nvram_writer}
@@ -138,12 +139,17 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
         metrics.domain_request(kind.value, code)
 
     def vm_gone(vm_uuid: str) -> None:
-        """The VM's last socket was destroyed (it stopped, or reboots)."""
+        """The VM's last socket was destroyed (it stopped, or reboots): its
+        copies go once upstream answers a call made from now on, so one is
+        made (the prober takes over if it gets no answer)."""
         upstream.forget(vm_uuid)
         vtpm_sink.forget(vm_uuid)
-        known.vm_gone(vm_uuid, upstream.reachability.reachable).addErrback(
-            lambda f: log.failure("dropping the last known state of {vm} failed", f,
-                                  vm=vm_uuid))
+        known.vm_gone(vm_uuid, after=upstream.reachability.last_ticket)
+        for cache in caches.values():
+            cache.vm_gone(vm_uuid).addErrback(
+                lambda f: log.failure("releasing what is set aside for {vm} failed", f,
+                                      vm=vm_uuid))
+        upstream.confirm(vm_uuid).addErrback(lambda f: None)  # its answer is what counts
 
     registry = SocketRegistry(reactor, cfg.sockets_file, site_for, on_forget=vm_gone,
                               runner=io, backlog=cfg.listen_backlog, handover=handover)
@@ -152,16 +158,27 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
                          deadline=cfg.direct_deadline)
 
     def reachable(up: bool) -> None:
-        """Upstream answers again: cached writes go now, and the copies of
-        VMs that stopped during the outage are dropped."""
-        if not up:
-            return
-        upstream_answers()
-        if not cfg.no_cache:
-            known.sweep(lambda vm: any(w.has_pending(vm) for w in writers.values())).addErrback(
-                lambda f: log.failure("sweeping the last known state failed", f))
+        """Upstream answers again: cached writes go now."""
+        if up:
+            upstream_answers()
 
     upstream.reachability.subscribe(reachable)
+
+    def answered_call(ticket: int) -> None:
+        """Facts, not beliefs: upstream answered a call; copies of VMs that
+        stopped before it started may go."""
+        known.upstream_answered(ticket, lambda vm: any(w.has_pending(vm)
+                                                       for w in writers.values()))
+
+    upstream.reachability.subscribe_answered_call(answered_call)
+
+    def sockets_resumed() -> "Deferred[None]":
+        """Every socket of the active file is served again: what VMs that
+        did not come back (a host crash lost /run, or they stopped while
+        xguard was down) left behind is treated as a stopped VM's."""
+        known.unserved_at_start(after=upstream.reachability.last_ticket)
+        return gatherResults([cache.sockets_resumed() for cache in caches.values()],
+                             consumeErrors=True).addCallback(lambda _: None)
     # The first answer after a silence: cached writes go now (the outage's
     # end is declared a second later, once nothing failed meanwhile).
     def upstream_answers() -> None:
@@ -233,6 +250,7 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
         *[Stage(f"the {kind.value} cache", _recover_and_start(cache), cache.stop)
           for kind, cache in caches.items()],
         Stage("the domain sockets", registry.resume, registry.stop_accepting),
+        Stage("what stopped VMs left", sockets_resumed, None),
         Stage("the control channel", control.listen, control.stop),
         *([Stage("the metrics endpoint", metrics_listener.listen, metrics_listener.stop)]
           if metrics_listener is not None else []),

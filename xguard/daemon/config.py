@@ -111,6 +111,9 @@ class Config:
     unresponsive_after: float = attrs.field(default=5.0, validator=_positive)
     #: Listen backlog of each domain socket (capped by SOMAXCONN).
     listen_backlog: int = attrs.field(default=128, validator=_positive)
+    #: A VM whose cached writes keep failing this long raises one alert.
+    stuck_after: float = attrs.field(default=600.0, validator=_positive)
+
     def __attrs_post_init__(self) -> None:
         if self.xapi is not None and self.local_store is not None:
             raise ValueError("--xapi and --local-store are mutually exclusive")
@@ -148,4 +151,5 @@ class Config:
             metrics=options["metrics"],
             unresponsive_after=float(options["unresponsive-after"]),
             listen_backlog=int(options.get("listen-backlog", 128)),
+            stuck_after=float(options.get("stuck-after", 600)),
         )

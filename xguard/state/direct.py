@@ -12,6 +12,7 @@ from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
 from ..interfaces import IItemSink, IItemWriter
+from ..model import DIRECT
 
 __all__ = ["DirectWriter"]
 
@@ -25,10 +26,10 @@ class DirectWriter:
         self.service = sink.service
 
     def write(self, vm_uuid: str, key: int, content: bytes) -> "Deferred[None]":
-        return self.sink.deliver(vm_uuid, {key: content})
+        return self.write_many(vm_uuid, {key: content})
 
     def write_many(self, vm_uuid: str, changes: Mapping[int, bytes]) -> "Deferred[None]":
-        return self.sink.deliver(vm_uuid, dict(changes))
+        return self.sink.deliver(vm_uuid, dict(changes), DIRECT).addCallback(lambda _: None)
 
     def pending(self, vm_uuid: str, key: int) -> "Deferred[bytes | None]":
         return succeed(None)

@@ -22,10 +22,10 @@ When a copy may be served (the staleness argument is in doc/cache.md):
   across a reboot; it is written before the write that changed upstream is
   acknowledged, under the same lock as the upstream call, so it is never
   older than an acknowledged write, and two copies never land out of order.
-- It is dropped when the VM's last socket goes while upstream answers (the
-  VM stopped: xapi may now change its state), and kept across a destroy and
-  create while upstream is unreachable (a reboot during the outage); copies
-  of VMs without sockets are swept as soon as upstream answers again.
+- It is dropped once upstream answered a call made after the VM's last
+  socket went (the VM stopped, and xapi may now change its state): a fact,
+  not the belief that upstream is up. Without such an answer it is kept
+  across a destroy and create (a reboot while upstream is down).
 - Copies are written without fsync, in place, each with its length and
   CRC-32: a killed daemon loses nothing (the page cache survives it), and
   a write torn by a kill fails its checksum and reads as no copy. (Replacing
@@ -58,6 +58,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from ..model import TpmState, is_valid_uuid
+from ..util.checked import Damaged, seal, unseal
 from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..util.threads import Runner
 
@@ -98,6 +99,10 @@ class KnownState:
     def __init__(self, root: str, *, runner: Runner, is_live: Callable[[str], bool],
                  boot_id: Callable[[], str] = read_boot_id) -> None:
         self.base = os.path.join(root, KNOWN)
+        #: Where damaged copies are moved.
+        self.quarantine = os.path.join(root, "quarantine", KNOWN)
+        #: Copies found damaged since the start.
+        self.damaged = 0
         self._runner = runner
         self._is_live = is_live
         self._boot_id = boot_id
@@ -108,6 +113,8 @@ class KnownState:
         self._uuid_ref: dict[str, str] = {}   # vTPM uuid -> handle
         self._dirty: set[str] = set()         # files written since the last sync
         self._failing = False
+        #: VMs without sockets, and the last call ticket before they lost them.
+        self._gone: dict[str, int] = {}
 
     # -- start / stop --------------------------------------------------------
     def open(self) -> "Deferred[None]":
@@ -188,34 +195,48 @@ class KnownState:
         atomic_write(os.path.join(self.base, MARKER), b"clean\n", mode=0o600)
 
     # -- which VMs are kept ----------------------------------------------------
+    def is_live(self, vm: str) -> bool:
+        """Whether ``vm`` has a domain socket here now."""
+        return self._is_live(vm)
+
     def kept(self) -> list[str]:
         """VMs with copies (live or kept across a reboot)."""
         return sorted(self._kept)
 
-    def vm_gone(self, vm: str, upstream_reachable: bool | None) -> "Deferred[None]":
-        """The VM's last socket was destroyed: drop its copies if upstream
-        answers (the VM stopped); keep them otherwise (it may be a reboot
-        during the outage; :meth:`sweep` decides once upstream is back)."""
-        if upstream_reachable:
-            return self.drop(vm)
+    def vm_gone(self, vm: str, after: int) -> None:
+        """The VM's last socket was destroyed, after the call with ticket
+        ``after`` started. Its copies are dropped once upstream answers a
+        later call (see :meth:`upstream_answered`): a fact that upstream
+        was there after the VM stopped, and may change its state now. Until
+        then they are kept: it may be a reboot while upstream is down."""
         if vm in self._kept:
-            self.log.info("VM {vm} has no socket left while upstream is unreachable: its "
-                          "last known state is kept (a reboot during the outage?)", vm=vm)
-        return succeed(None)
+            self._gone[vm] = after
 
-    def sweep(self, has_pending: Callable[[str], bool]) -> "Deferred[int]":
-        """Upstream answers: drop the copies of VMs without sockets and
-        without pending writes. Returns how many were dropped."""
-        async def run() -> int:
-            n = 0
-            for vm in sorted(self._kept):
-                if not self._is_live(vm) and not has_pending(vm):
-                    await self.drop(vm)
-                    n += 1
-            if n:
-                self.log.info("last known state of {n} stopped VMs dropped", n=n)
-            return n
-        return ensureDeferred(run())
+    def unserved_at_start(self, after: int) -> None:
+        """The sockets of the active file are served again: copies of VMs
+        that came back without one are dropped like a stopped VM's."""
+        for vm in self._kept:
+            if not self._is_live(vm):
+                self._gone.setdefault(vm, after)
+
+    def upstream_answered(self, ticket: int, has_pending: Callable[[str], bool]) -> None:
+        """Upstream answered the call with ``ticket``: drop the copies of
+        VMs that lost their last socket before that call started and have
+        none now, and no write waiting for delivery (their pending writes
+        are of the lineage the copy is)."""
+        dropped = []
+        for vm, after in list(self._gone.items()):
+            if ticket <= after:
+                continue
+            if self._is_live(vm):
+                del self._gone[vm]  # back (a reboot): the copy stays
+            elif not has_pending(vm):
+                del self._gone[vm]
+                self.drop(vm)
+                dropped.append(vm)
+        if dropped:
+            self.log.info("last known state of {n} stopped VMs dropped: upstream answered "
+                          "after their sockets went", n=len(dropped))
 
     def drop(self, vm: str) -> "Deferred[None]":
         """Forget everything about ``vm``."""
@@ -354,34 +375,63 @@ class KnownState:
         return succeed(self._read_file(vm, name) if vm in self._kept else None)
 
     def _read_file(self, vm: str, name: str) -> bytes | None:
+        """A copy's content; None when there is none, or when it fails its
+        check (then it is moved aside, and the failure logged: a copy torn
+        by a kill mid-write, a disk that lied)."""
+        path = os.path.join(self.base, vm, name)
         try:
-            return _unsealed(_read_whole(os.path.join(self.base, vm, name)))
+            return _unsealed(_read_whole(path))
         except (FileNotFoundError, NotADirectoryError):
             return None
+        except Damaged as e:
+            self._digests.pop((vm, name), None)
+            self._set_aside(vm, name, path, str(e))
+            return None
+
+    def _set_aside(self, vm: str, name: str, path: str, why: str) -> None:
+        aside = os.path.join(self.quarantine, vm, name)
+        try:
+            makedirs(os.path.dirname(aside), 0o700)
+            os.replace(path, aside)
+        except OSError:
+            safe_unlink(path)
+            aside = "(removed)"
+        self.damaged += 1
+        self.log.error("last known state: the {name} copy of VM {vm} is damaged ({why}); it is "
+                       "never served, and is set aside as {aside}", name=name, vm=vm, why=why,
+                       aside=aside)
 
 
-#: A copy file: this header, the content's length and CRC-32 (a torn write
-#: fails them), a newline, the content.
-_MAGIC = b"xguard-copy-2 "
+#: Copies are checked files (xguard.util.checked) of this kind.
+_KIND = "copy"
+_VERSION = 1
+#: The previous format (still read): this header, the content's length and
+#: CRC-32, a newline, the content.
+_MAGIC_2 = b"xguard-copy-2 "
 
 
 def _seal(data: bytes) -> bytes:
-    return b"%s%d %08x\n" % (_MAGIC, len(data), zlib.crc32(data))
+    return seal(_KIND, _VERSION, data)
 
 
-def _unsealed(raw: bytes) -> bytes | None:
-    """The content of a copy file, or None when it is torn or foreign."""
-    head, sep, data = raw.partition(b"\n")
-    if not sep or head != _seal(data)[:-1]:
-        return None
-    return data
+def _unsealed(raw: bytes) -> bytes:
+    """The content of a copy file.
+
+    :raises Damaged: it fails its check (torn, truncated, foreign).
+    """
+    if raw.startswith(_MAGIC_2):
+        head, sep, data = raw.partition(b"\n")
+        if not sep or head != b"%s%d %08x" % (_MAGIC_2, len(data), zlib.crc32(data)):
+            raise Damaged("fails its length or CRC-32")
+        return data
+    return unseal(raw, _KIND)[1]
 
 
 def _write_file(path: str, data: bytes) -> None:
     """Overwrite ``path`` in place with ``data`` and its checksum (no
     fsync, no rename: see the module doc). The VM's directory is made when
     missing, without an fsync either: :meth:`KnownState.close` syncs it."""
-    sealed = _seal(data) + data
+    sealed = _seal(data)
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)

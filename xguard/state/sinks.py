@@ -13,6 +13,13 @@ gives, and every delivery it takes, is copied to
 :class:`~xguard.state.known.KnownState` *under the same lock* as the
 upstream call, so copies land in upstream's order and before the write is
 acknowledged.
+
+They are also where a cached write meets what upstream holds now (SPEC §6,
+"Other writers"): a delivery with a checked :class:`~xguard.model.Base`
+reads upstream first and writes only if upstream still holds a state of
+xguard's lineage — else upstream's value stays and the outcome says why,
+for the cache to set ours aside. Writes made before this process started
+are also set aside while their VM runs on another host.
 """
 
 from __future__ import annotations
@@ -26,7 +33,18 @@ from zope.interface import implementer
 
 from ..errors import PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from ..interfaces import INvramSink, IUpstream, IVtpmSink
-from ..model import NVRAM_EFI_VARIABLES, NvramWrite, Service, TpmKey, TpmState
+from ..model import (
+    DIRECT,
+    NVRAM_EFI_VARIABLES,
+    Accept,
+    Base,
+    NvramWrite,
+    Outcome,
+    Service,
+    TpmKey,
+    TpmState,
+    digest,
+)
 from ..util.locks import KeyedLocks
 from .known import KnownState
 
@@ -65,20 +83,62 @@ class VtpmSink:
         """The lock every read-modify-write of the vTPM handle ``vtpm`` takes."""
         return ("vtpm", vtpm)
 
-    def deliver(self, vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
+    def deliver(self, vm_uuid: str, items: Mapping[int, bytes],
+                base: Base = DIRECT) -> "Deferred[Outcome]":
         try:
             changes = {TpmKey(k): _ascii(v) for k, v in items.items()}
         except PermanentUpstreamError:
             return fail()
 
-        async def update(vtpm: str) -> None:
+        async def update(vtpm: str) -> Outcome:
+            if base.check:
+                return await self._checked(vm_uuid, vtpm, changes, base)
             state = await self._current(vm_uuid, vtpm, changes)
-            self.confirmed.discard(vtpm)  # until upstream says it took it
-            await self.upstream.set_vtpm_contents(vtpm, state.serialize())
-            if await self.known.record_tpm(vm_uuid, state):
-                self.confirmed.add(vtpm)
+            await self._write(vm_uuid, vtpm, state)
+            return DELIVERED
 
         return ensureDeferred(self._locked(vm_uuid, update))
+
+    async def _write(self, vm_uuid: str, vtpm: str, state: TpmState) -> None:
+        self.confirmed.discard(vtpm)  # until upstream says it took it
+        await self.upstream.set_vtpm_contents(vtpm, state.serialize())
+        if await self.known.record_tpm(vm_uuid, state):
+            self.confirmed.add(vtpm)
+
+    async def _checked(self, vm_uuid: str, vtpm: str, changes: Mapping[TpmKey, str],
+                       base: Base) -> Outcome:
+        """A cached write: delivered only over a state of xguard's lineage."""
+        before = await self.known.tpm(vm_uuid)  # what upstream last showed
+        elsewhere = await _elsewhere(self.upstream, self.known, vm_uuid, base)
+        if elsewhere is not None:
+            return Outcome("elsewhere", elsewhere, _ours(before, changes, base.accept))
+        contents = await self.upstream.get_vtpm_contents(vtpm)
+        try:
+            now = TpmState.deserialize(contents)
+        except ValueError:
+            self.confirmed.discard(vtpm)
+            return Outcome("conflict", "upstream holds vTPM contents that are not xapi's "
+                           "format", _ours(before, changes, base.accept))
+        if await self.known.record_tpm(vm_uuid, now):
+            self.confirmed.add(vtpm)
+        if base.accept is not None:
+            foreign = [key.name.lower() for key in TpmKey
+                       if now.get(key) != changes.get(key)
+                       and digest(now.get(key)) not in base.accept.get(key, ())]
+            if foreign:
+                return Outcome("conflict", "upstream's " + ", ".join(foreign) + " changed "
+                               "since this write's base (another writer)",
+                               _ours(before, changes, base.accept))
+        state = now.update(changes)
+        if state == now:
+            return ALREADY
+        await self._write(vm_uuid, vtpm, state)
+        return DELIVERED
+
+    def last_seen(self, vm_uuid: str) -> "Deferred[Mapping[int, str] | None]":
+        return self.known.tpm(vm_uuid).addCallback(
+            lambda copy: None if copy is None else {key: digest(copy.get(key))
+                                                    for key in TpmKey})
 
     async def _current(self, vm_uuid: str, vtpm: str,
                        changes: Mapping[TpmKey, str]) -> TpmState:
@@ -221,17 +281,39 @@ class NvramSink:
         self.locks = locks
         self.known = known
 
-    def deliver(self, vm_uuid: str, items: Mapping[int, bytes]) -> "Deferred[None]":
+    def deliver(self, vm_uuid: str, items: Mapping[int, bytes],
+                base: Base = DIRECT) -> "Deferred[Outcome]":
         try:
             (write,) = [NvramWrite.decode(v) for v in items.values()]
         except ValueError as e:
             return fail(PermanentUpstreamError(["NVRAM_RECORD_INVALID", vm_uuid], str(e)))
+        ours = {0: write.encode()}
 
-        async def send() -> None:
+        async def send() -> Outcome:
+            if base.check:
+                elsewhere = await _elsewhere(self.upstream, self.known, vm_uuid, base)
+                if elsewhere is not None:
+                    return Outcome("elsewhere", elsewhere, ours)
+                nvram = dict(await self.upstream.get_nvram(vm_uuid))
+                await self.known.record_nvram(vm_uuid, nvram)
+                now = nvram.get(NVRAM_EFI_VARIABLES, "")
+                if now == write.value:
+                    return ALREADY
+                if base.accept is not None and digest(now) not in base.accept.get(0, ()):
+                    return Outcome("conflict", "upstream's EFI variables changed since this "
+                                   "write's base (another writer)", ours)
             await self.upstream.set_nvram_efi_variables(vm_uuid, write.value, write.update)
             await self.known.record_nvram_key(vm_uuid, NVRAM_EFI_VARIABLES, write.value)
+            return DELIVERED
 
         return self.locks.run(("nvram", vm_uuid), send)
+
+    def last_seen(self, vm_uuid: str) -> "Deferred[Mapping[int, str] | None]":
+        """The EFI variables as last seen (absent and empty are the same:
+        a VM that never booted)."""
+        return self.known.nvram(vm_uuid).addCallback(
+            lambda copy: None if copy is None else {
+                0: digest(copy.get(NVRAM_EFI_VARIABLES, ""))})
 
     def read(self, vm_uuid: str) -> "Deferred[dict[str, str]]":
         """The VM's NVRAM map as upstream has it (copied)."""
@@ -275,3 +357,37 @@ def _updated(vm_uuid: str, contents: str, changes: Mapping[TpmKey, str]) -> TpmS
         return parse_state(vm_uuid, contents).update(changes)
     except ValueError as e:
         raise PermanentUpstreamError(["VTPM_CONTENTS_INVALID", vm_uuid], str(e)) from None
+
+
+DELIVERED = Outcome("delivered")
+ALREADY = Outcome("already")
+
+
+async def _elsewhere(upstream: IUpstream, known: KnownState, vm_uuid: str,
+                     base: Base) -> str | None:
+    """Why a write made before this process started must not be delivered
+    (the VM runs on another host: HA restarted it there, or it migrated),
+    or None. Asked only for a VM xguard serves no socket for; the embedded
+    store has no other host."""
+    if not base.recovered or known.is_live(vm_uuid):
+        return None
+    where = await upstream.vm_residence(vm_uuid)
+    if where is None:
+        return None
+    power_state, host = where
+    if power_state not in ("Running", "Paused"):
+        return None
+    return f"the VM is {power_state.lower()} on host {host or 'unknown'}"
+
+
+def _ours(before: TpmState | None, changes: Mapping[TpmKey, str],
+          accept: Accept | None) -> dict[int, bytes]:
+    """Our whole vTPM state when it is known — the last state seen upstream
+    is of our lineage for every key we do not change — else our keys."""
+    values = {int(k): v.encode("ascii") for k, v in changes.items()}
+    if before is None or accept is None:
+        return values
+    for key in TpmKey:
+        if key not in changes and digest(before.get(key)) not in accept.get(key, ()):
+            return values
+    return {int(key): before.update(changes).get(key).encode("ascii") for key in TpmKey}

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -143,6 +143,7 @@ class LocalStore:
 
     def _run(self, work: Callable[..., Any], *args: Any, write: bool = False) -> Deferred[Any]:
         self._calls += 1
+        ticket = self.reachability.call_started()
 
         def job() -> Any:
             try:
@@ -158,7 +159,7 @@ class LocalStore:
                 raise TransientUpstreamError(["LOCAL_STORE_ERROR", str(e)]) from e
 
         def answered(result: Any) -> Any:
-            self.reachability.answered()
+            self.reachability.answered(ticket)
             return result
 
         def note(failure: Any) -> Any:
@@ -166,7 +167,7 @@ class LocalStore:
             if failure.check(TransientUpstreamError):
                 self.reachability.failed(self._last_error)
             else:
-                self.reachability.answered()
+                self.reachability.answered(ticket)
             return failure
 
         return self._runner(job).addCallbacks(answered, note)
@@ -258,6 +259,14 @@ class LocalStore:
                          " VALUES (?, ?, ?, 'VM', ?, ?)", (ref, name, int(priority), vm_uuid, body))
             return ref
         return self._run(work, write=True)
+
+    def confirm(self, vm_uuid: str) -> Deferred[None]:
+        """The embedded store always answers."""
+        return self._run(lambda conn: None)
+
+    def vm_residence(self, vm_uuid: str) -> Deferred[tuple[str, str | None] | None]:
+        """One host, no HA or migration: a VM never runs elsewhere."""
+        return succeed(None)
 
     def forget(self, vm_uuid: str) -> None:
         """Nothing is cached: every call reads the database."""

@@ -14,8 +14,14 @@ An outage ends once upstream has answered and then not failed for
 the log at every retry.
 
 Others subscribe to the transitions: the caches' flushers retry at once
-when upstream answers again, and the last-known-state store drops the
-copies of VMs that stopped during the outage.
+when upstream answers again.
+
+Facts, not beliefs: every call takes a ticket when it starts
+(:meth:`Reachability.call_started`), and its answer is reported with it.
+The last-known-state store drops a stopped VM's copy only once upstream
+answered a call started after the VM's last socket went
+(:meth:`Reachability.subscribe_answered_call`) — not on the belief that
+upstream is up, nor on the outage's declared end.
 """
 
 from __future__ import annotations
@@ -56,6 +62,9 @@ class Reachability:
         self.answering = False
         self._observers: list[Callable[[bool], None]] = []
         self._answer_observers: list[Callable[[], None]] = []
+        self._call_observers: list[Callable[[int], None]] = []
+        #: The ticket of the last call started (0: none yet).
+        self.last_ticket = 0
 
     def subscribe(self, observer: Callable[[bool], None]) -> None:
         """Call ``observer(True)`` when upstream answers again after being
@@ -68,8 +77,24 @@ class Reachability:
         outage's end to be declared."""
         self._answer_observers.append(observer)
 
-    def answered(self) -> None:
-        """A call got an answer from upstream."""
+    def subscribe_answered_call(self, observer: Callable[[int], None]) -> None:
+        """Call ``observer(ticket)`` whenever upstream answers (success, or
+        an API error) a call that took ``ticket`` when it started."""
+        self._call_observers.append(observer)
+
+    def call_started(self) -> int:
+        """A call starts: its ticket, greater than every earlier call's."""
+        self.last_ticket += 1
+        return self.last_ticket
+
+    def answered(self, ticket: int | None = None) -> None:
+        """A call got an answer from upstream (``ticket``: the call's)."""
+        if ticket is not None:
+            for call_observer in list(self._call_observers):
+                try:
+                    call_observer(ticket)
+                except Exception:
+                    self.log.failure("reachability observer failed")
         if self.reachable is None:
             self.reachable = True
             self._notify(True)

@@ -204,6 +204,7 @@ class XapiUpstream:
         """Call ``method`` once, within the deadline; failures are always
         Transient/PermanentUpstreamError."""
         self._calls += 1
+        ticket = self.reachability.call_started()
         token = self.calls.started(method)
         call_id = next(self._ids)
         body = encode_call(method, params, call_id)
@@ -221,7 +222,7 @@ class XapiUpstream:
             if timer.active():
                 timer.cancel()
             if not isinstance(result, Failure):
-                self._note(None)
+                self._note(None, ticket)
                 self.calls.finished(token, "ok")
                 return result
             if timed_out:
@@ -233,7 +234,7 @@ class XapiUpstream:
                 self.log.failure("Unexpected failure calling xapi {method}", result,
                                   method=method)
                 error = TransientUpstreamError(["INTERNAL_ERROR", type(result.value).__name__])
-            self._note(error)
+            self._note(error, ticket)
             self.calls.finished(token, "transient" if isinstance(error, TransientUpstreamError)
                                 else "permanent")
             raise error
@@ -262,11 +263,11 @@ class XapiUpstream:
             return decode_response(payload, call_id)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _note(self, error: UpstreamError | None) -> None:
+    def _note(self, error: UpstreamError | None, ticket: int) -> None:
         """Report reachability: any answer, even an API error, proves xapi
         is there."""
         if error is None or not isinstance(error, TransientUpstreamError):
-            self.reachability.answered()
+            self.reachability.answered(ticket)
         else:
             self.reachability.failed(" ".join(error.codes),
                                      answered=error.codes[0] not in NO_ANSWER_CODES)
@@ -412,6 +413,25 @@ class XapiUpstream:
     def create_message(self, vm_uuid: str, name: str, priority: int, body: str) -> Deferred[str]:
         return Deferred.fromCoroutine(
             self._call("message.create", name, priority, "VM", vm_uuid, body))
+
+    def vm_residence(self, vm_uuid: str) -> Deferred[tuple[str, str | None] | None]:
+        """VM.get_power_state and VM.get_resident_on; the host is named by
+        its name label when xapi gives it, else by its reference."""
+        async def ask() -> tuple[str, str | None] | None:
+            power_state = str(await self._vm_call(vm_uuid, "VM.get_power_state"))
+            host = str(await self._vm_call(vm_uuid, "VM.get_resident_on"))
+            if host in ("", "OpaqueRef:NULL"):
+                return power_state, None
+            try:
+                return power_state, f"{await self._call('host.get_name_label', host)} ({host})"
+            except UpstreamError:
+                return power_state, host
+        return Deferred.fromCoroutine(ask())
+
+    def confirm(self, vm_uuid: str) -> Deferred[None]:
+        """VM.get_by_uuid, whose answer (even UUID_INVALID) proves xapi
+        answers calls made from now on."""
+        return Deferred.fromCoroutine(self._call("VM.get_by_uuid", vm_uuid)).addCallback(_none)
 
     def forget(self, vm_uuid: str) -> None:
         self._handles.forget_vm(vm_uuid)

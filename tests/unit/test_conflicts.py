@@ -1,0 +1,322 @@
+"""Acknowledged means final (SPEC §6): only proof sets a write aside, other
+writers' state is never overwritten, a vTPM's keys are never mixed, and a
+write set aside is never silently undone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.cachehelpers import VM1, VM2, Env
+from xguard.errors import PermanentUpstreamError, TransientUpstreamError
+from xguard.model import NvramWrite
+
+
+class Base(SynchronousTestCase):
+    nvram = False
+
+    def setUp(self) -> None:
+        self.env = Env(nvram=self.nvram)
+        self.addCleanup(self.env.cleanup)
+        self.up = self.env.upstream
+        self.events: list[dict[str, Any]] = []
+        self.cache = self.start(self.env.cache)
+
+    def start(self, cache: Any) -> Any:
+        for part in (cache.deliveries, cache.versions):
+            part.log = Logger(observer=self.events.append)
+        self.successResultOf(cache.recover())
+        cache.start()
+        self.addCleanup(lambda: self.successResultOf(cache.stop()))
+        return cache
+
+    def restart(self, *, live: set[str] | None = None) -> Any:
+        """The daemon restarts (kill -9) over the same directory."""
+        self.successResultOf(self.cache.stop())
+        self.up.new_client()
+        if live is not None:
+            self.env.live = live
+        self.env.known = self.env.build_known()
+        self.env.sink.known = self.env.known
+        self.cache = self.start(self.env.build())
+        return self.cache
+
+    def logged(self) -> str:
+        return "\n".join(formatEvent(e) for e in self.events)
+
+    def vtpm(self, vm: str = VM1) -> str:
+        return self.up.vms[vm]["vtpm"]  # type: ignore[no-any-return]
+
+    def seen(self, vm: str = VM1, contents: str = "p s v") -> None:
+        """Upstream holds ``contents`` and xguard saw it (a read)."""
+        self.up.vtpms[self.vtpm(vm)] = contents
+        self.successResultOf(self.env.sink.read_contents(vm))
+
+    def aside(self) -> list[Any]:
+        return list(self.cache.status().quarantined)
+
+
+class TransientTests(Base):
+    def test_an_internal_error_never_loses_an_acknowledged_write(self) -> None:
+        """Defect 1: INTERNAL_ERROR once (a database hiccup) after an outage
+        used to quarantine v2, so the guest read v1 again and xapi kept v1."""
+        self.seen(contents="v1 s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"v2"))
+        self.up.down = False
+        self.up.fail_next(TransientUpstreamError(["INTERNAL_ERROR", "db"]), n=3)
+        self.assertEqual(self.successResultOf(self.cache.pending(VM1, 0)), b"v2")
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "v2 s v")
+        self.assertEqual(self.aside(), [])
+
+    def test_a_direct_write_meeting_a_transient_error_is_cached(self) -> None:
+        self.seen(contents="v1 s v")
+        self.up.fail_next(TransientUpstreamError(["INTERNAL_ERROR"]))
+        self.successResultOf(self.cache.write(VM1, 0, b"v2"))  # acknowledged
+        self.assertEqual(self.cache.status().mode, "Engaged")
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "v2 s v")
+
+    def test_writes_failing_for_long_raise_one_alert(self) -> None:
+        self.cache.deliveries.stuck_after = 60.0
+        self.seen()
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"v2"))
+        for _ in range(400):
+            self.env.clock.advance(1.0)
+        self.assertEqual(list(self.cache.status().stuck), [VM1])
+        self.assertEqual(self.logged().count("have failed for"), 1)
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.cache.status().stuck, {})
+        self.assertEqual(self.logged().count("went through after failing"), 1)
+
+    def test_proof_sets_aside(self) -> None:
+        """The VM is gone (UUID_INVALID after a fresh lookup)."""
+        self.seen()
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"v2"))
+        self.up.down = False
+        del self.up.vms[VM1]
+        self.env.settle()
+        (item,) = self.aside()
+        self.assertEqual((item.kind, item.vm), ("refused", VM1))
+        self.assertIn("UUID_INVALID", item.reason)
+
+
+class OtherWriterTests(Base):
+    def test_another_writer_s_state_stays_and_ours_is_set_aside_whole(self) -> None:
+        """Defect 2: another host wrote since our base; delivering our
+        permall would mix two TPM lineages."""
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.up.vtpms[self.vtpm()] = "p3 s3 v3"  # HA: another host's writes
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p3 s3 v3")  # untouched
+        self.assertEqual(self.up.count("set_vtpm_contents"), 0)
+        (item,) = self.aside()
+        self.assertEqual((item.kind, item.keys, item.complete), ("conflict", (0, 1, 2), True))
+        self.assertEqual(self.successResultOf(self.cache.set_aside_values(item.id)),
+                         {0: b"p2", 1: b"s", 2: b"v"})
+        self.assertIn("set aside, not delivered", self.logged())
+        self.assertEqual(self.cache.status().pending, {})
+
+    def test_a_delivery_that_already_landed_is_no_conflict(self) -> None:
+        """A crash between a delivery and the deletion of its file."""
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.up.vtpms[self.vtpm()] = "p2 s v"  # it reached upstream before the crash
+        self.restart(live={VM1})
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.aside(), [])
+        self.assertEqual(self.env.tpm(VM1), "p2 s v")
+        self.assertEqual(self.up.count("set_vtpm_contents"), 0)
+
+    def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.restart(live=set())  # the host crashed: /run is gone, no socket comes back
+        self.up.residence[VM1] = ("Running", "host-b")
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p s v")  # untouched, although still the base
+        (item,) = self.aside()
+        self.assertEqual(item.kind, "elsewhere")
+        self.assertIn("host-b", item.reason)
+        self.assertFalse(item.held)
+
+    def test_a_plain_crash_still_delivers(self) -> None:
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.restart(live=set())
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p2 s v")
+        self.assertEqual(self.aside(), [])
+
+    def test_a_write_during_a_delivery_is_not_a_conflict(self) -> None:
+        """A write made while its VM's delivery is in flight records what
+        that delivery sends: upstream may hold it afterwards."""
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.up.down = False
+        self.up.hold = True
+        self.env.clock.advance(1.0)  # a round starts; its calls are held
+        self.successResultOf(self.cache.write(VM1, 1, b"s2"))
+        self.up.hold = False
+        self.up.release()
+        self.env.settle()
+        self.assertEqual(self.aside(), [])
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v")
+
+    def test_a_late_direct_write_is_not_a_conflict(self) -> None:
+        """A Direct write past its deadline goes to disk; when the abandoned
+        call lands later, a write made meanwhile still delivers."""
+        self.seen(contents="p s v")
+        self.up.hold = True
+        d = self.cache.write(VM1, 0, b"p2")
+        self.env.clock.advance(3.0)  # the deadline: on disk, acknowledged
+        self.successResultOf(d)
+        self.successResultOf(self.cache.write(VM1, 1, b"s2"))
+        self.up.hold = False
+        self.up.release()
+        self.env.settle()
+        self.assertEqual(self.aside(), [])
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v")
+
+    def test_files_of_earlier_formats_deliver_as_before(self) -> None:
+        import os
+
+        self.seen(contents="p s v")
+        d = os.path.join(self.env.root, "Swtpm", VM2, "0")
+        os.makedirs(d)
+        with open(os.path.join(d, "5"), "wb") as f:
+            f.write(b"cDI=")  # the upstream daemon's file: the key as received
+        self.restart(live=set())
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM2), "cDI=")
+        self.assertIn("did not record their base", self.logged())
+
+
+class HeldTests(Base):
+    def conflict(self) -> Any:
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.up.vtpms[self.vtpm()] = "p3 s3 v3"  # an operator's or a split brain's
+        self.up.down = False
+        self.env.settle()
+        (item,) = self.aside()
+        return item
+
+    def test_the_vm_keeps_reading_what_it_was_acknowledged(self) -> None:
+        item = self.conflict()
+        self.assertTrue(item.held)
+        for key, value in ((0, b"p2"), (1, b"s"), (2, b"v")):
+            self.assertEqual(self.successResultOf(self.cache.pending(VM1, key)), value)
+
+    def test_its_new_writes_join_it_never_upstream(self) -> None:
+        self.conflict()
+        self.successResultOf(self.cache.write(VM1, 1, b"s4"))
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p3 s3 v3")
+        self.assertEqual(self.successResultOf(self.cache.pending(VM1, 1)), b"s4")
+        (item,) = self.aside()
+        self.assertEqual(self.successResultOf(self.cache.set_aside_values(item.id)),
+                         {0: b"p2", 1: b"s4", 2: b"v"})
+
+    def test_push_ours(self) -> None:
+        item = self.conflict()
+        self.successResultOf(self.cache.write(VM1, 2, b"v4"))  # pending when pushed
+        self.successResultOf(self.cache.resolve(item.id, "push"))
+        self.assertEqual(self.env.tpm(VM1), "p2 s v4")
+        self.assertEqual(self.aside(), [])
+        self.env.settle()
+        self.successResultOf(self.cache.write(VM1, 1, b"s5"))  # delivered as usual now
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p2 s5 v4")
+        self.assertEqual(self.aside(), [])
+
+    def test_keep_is_refused_while_the_vm_runs_here(self) -> None:
+        item = self.conflict()
+        f = self.failureResultOf(self.cache.resolve(item.id, "keep"), ValueError)
+        self.assertIn("runs here", str(f.value))
+        self.env.live.discard(VM1)
+        self.successResultOf(self.cache.vm_gone(VM1))
+        (item,) = self.aside()
+        self.assertFalse(item.held)
+        self.assertIsNone(self.successResultOf(self.cache.pending(VM1, 1)))
+        self.successResultOf(self.cache.resolve(item.id, "keep"))
+        self.assertEqual(self.aside(), [])
+        self.assertEqual(self.env.tpm(VM1), "p3 s3 v3")
+
+    def test_held_only_while_its_vm_came_back_after_a_restart(self) -> None:
+        self.conflict()
+        self.restart(live=set())  # the host crashed: its sockets did not come back
+        self.successResultOf(self.cache.sockets_resumed())
+        self.env.live.add(VM1)  # started here again later: it reads upstream's
+        (item,) = self.aside()
+        self.assertFalse(item.held)
+        self.assertIsNone(self.successResultOf(self.cache.pending(VM1, 0)))
+
+    def test_an_incomplete_vtpm_cannot_be_pushed(self) -> None:
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM2, 0, b"p2"))  # its state never seen
+        self.up.vtpms[self.vtpm(VM2)] = "p3 s3 v3"
+        self.restart(live=set())
+        self.up.residence[VM2] = ("Running", "host-b")
+        self.up.down = False
+        self.env.settle()
+        (item,) = self.aside()
+        self.assertFalse(item.complete)
+        f = self.failureResultOf(self.cache.resolve(item.id, "push"), ValueError)
+        self.assertIn("would mix two states", str(f.value))
+        self.successResultOf(self.cache.resolve(item.id, "exported"))
+        self.assertEqual(self.aside(), [])
+
+
+class NvramTests(Base):
+    nvram = True
+
+    def test_another_writer_s_nvram_stays(self) -> None:
+        self.up.vms[VM1]["nvram"] = {"EFI-variables": "N1"}
+        self.successResultOf(self.env.sink.read(VM1))
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, NvramWrite("N2", "yes").encode()))
+        self.up.vms[VM1]["nvram"] = {"EFI-variables": "N3"}
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.up.vms[VM1]["nvram"], {"EFI-variables": "N3"})
+        (item,) = self.aside()
+        self.assertEqual((item.kind, item.keys, item.complete), ("conflict", (0,), True))
+
+    def test_no_other_writer_delivers(self) -> None:
+        self.up.vms[VM1]["nvram"] = {"EFI-variables": "N1"}
+        self.successResultOf(self.env.sink.read(VM1))
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, NvramWrite("N2", "yes").encode()))
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.up.vms[VM1]["nvram"], {"EFI-variables": "N2"})
+        self.assertEqual(self.up.vms[VM1]["update"], "yes")
+
+    def test_refused_content_sets_aside(self) -> None:
+        self.up.vms[VM1]["nvram"] = {}
+        self.successResultOf(self.env.sink.read(VM1))
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, NvramWrite("N2").encode()))
+        self.up.down = False
+        self.up.fail_next(PermanentUpstreamError(["INVALID_VALUE", "EFI-variables"]), n=2)
+        self.env.settle()
+        (item,) = self.aside()
+        self.assertEqual(item.kind, "refused")
