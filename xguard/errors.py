@@ -16,6 +16,8 @@ __all__ = [
     "CacheUnavailable",
     "NoVtpm",
     "RestartRefused",
+    "NotSetAside",
+    "ResolutionRefused",
 ]
 
 
@@ -75,3 +77,12 @@ class InvalidContents(ValueError):
 
 class RestartRefused(Exception):
     """A restart in place cannot be done now (the message says why)."""
+
+
+class NotSetAside(LookupError):
+    """No write is set aside under that id."""
+
+
+class ResolutionRefused(ValueError):
+    """A set-aside write cannot be resolved as asked (the message says why
+    and what can be done instead)."""

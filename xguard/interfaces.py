@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from .model import Base, Outcome, Service, TpmKey
     from .status import UpstreamStatus
 
-__all__ = ["IUpstream", "IItemSink", "IVtpmSink", "INvramSink", "IItemWriter", "ISocketRegistry",
+__all__ = ["IUpstream", "IItemSink", "IVtpmSink", "INvramSink", "IItemWriter", "ISetAsideSource",
+           "ISocketRegistry",
            "IStatusSource", "IClientReactor", "IServerReactor", "IProcessReactor",
            "IDaemonReactor"]
 
@@ -221,6 +222,23 @@ class IItemWriter(Interface):
 
     def pending_vms() -> set[str]:
         """set[str]: the VMs with writes awaiting delivery."""
+
+
+class ISetAsideSource(Interface):
+    """Writes a service's cache set aside, for the operator."""
+
+    service = Attribute("xguard.model.Service")
+
+    def set_aside() -> list[Any]:
+        """list[xguard.status.SetAside]: what is set aside now."""
+
+    def set_aside_values(item_id: str) -> "Deferred[dict[int, bytes]]":
+        """Deferred: our values of the item, per key (NotSetAside: unknown id)."""
+
+    def resolve(item_id: str, action: str) -> "Deferred[None]":
+        """Deferred[None]: ``push`` ours, ``keep`` upstream's, or
+        ``exported`` (keep upstream's, ours saved elsewhere);
+        ResolutionRefused saying why when it cannot be done as asked."""
 
 
 class ISocketRegistry(Interface):

@@ -10,7 +10,7 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cachehelpers import VM1, VM2, Env
-from xguard.errors import PermanentUpstreamError, TransientUpstreamError
+from xguard.errors import PermanentUpstreamError, ResolutionRefused, TransientUpstreamError
 from xguard.model import NvramWrite
 
 
@@ -249,7 +249,7 @@ class HeldTests(Base):
 
     def test_keep_is_refused_while_the_vm_runs_here(self) -> None:
         item = self.conflict()
-        f = self.failureResultOf(self.cache.resolve(item.id, "keep"), ValueError)
+        f = self.failureResultOf(self.cache.resolve(item.id, "keep"), ResolutionRefused)
         self.assertIn("runs here", str(f.value))
         self.env.live.discard(VM1)
         self.successResultOf(self.cache.vm_gone(VM1))
@@ -279,7 +279,7 @@ class HeldTests(Base):
         self.env.settle()
         (item,) = self.aside()
         self.assertFalse(item.complete)
-        f = self.failureResultOf(self.cache.resolve(item.id, "push"), ValueError)
+        f = self.failureResultOf(self.cache.resolve(item.id, "push"), ResolutionRefused)
         self.assertIn("would mix two states", str(f.value))
         self.successResultOf(self.cache.resolve(item.id, "exported"))
         self.assertEqual(self.aside(), [])

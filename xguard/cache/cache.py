@@ -42,7 +42,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from ..interfaces import IItemSink, IItemWriter, IStatusSource
+from ..errors import NotSetAside, ResolutionRefused
+from ..interfaces import IItemSink, IItemWriter, ISetAsideSource, IStatusSource
 from ..model import DIRECT
 from ..status import CacheStatus, SetAside
 from ..util.locks import KeyedLocks
@@ -60,7 +61,7 @@ from .pending import PendingVersions
 __all__ = ["WriteBackCache"]
 
 
-@implementer(IItemWriter, IStatusSource)
+@implementer(IItemWriter, IStatusSource, ISetAsideSource)
 class WriteBackCache:
     log = Logger()
 
@@ -191,7 +192,7 @@ class WriteBackCache:
         """Resolve a set-aside item: ``push`` ours over upstream's, or
         ``keep`` upstream's (``exported``: the same, once ours is saved
         elsewhere). Logged. Refused (ValueError, saying why) when it cannot
-        be done as asked."""
+        be done as asked (ResolutionRefused, saying why)."""
         async def run() -> None:
             await self._resolve(self._item(item_id), action)
         return ensureDeferred(run())
@@ -199,16 +200,16 @@ class WriteBackCache:
     def _item(self, item_id: str) -> SetAside:
         item = self.aside.get(item_id)
         if item is None:
-            raise KeyError(f"no write set aside as {item_id!r} (see xguard-ctl set-aside)")
+            raise NotSetAside(f"no write is set aside as {item_id!r} (see xguard-ctl set-aside)")
         return item
 
     async def _resolve(self, item: SetAside, action: str) -> None:
         if action not in ("push", "keep", "exported"):
-            raise ValueError(f"unknown resolution {action!r}: push, keep or export")
+            raise ResolutionRefused(f"unknown resolution {action!r}: push, keep or export")
         if action == "push":
             await self._push(item)
         elif item.held:
-            raise ValueError(
+            raise ResolutionRefused(
                 f"VM {item.vm} runs here and keeps writing the state that was set aside: "
                 "stop it first, or push ours")
         else:
@@ -221,10 +222,11 @@ class WriteBackCache:
 
     async def _push(self, item: SetAside) -> None:
         if item.kind == "damaged" or not item.file.endswith(UNIT):
-            raise ValueError(f"{item.id} holds the bytes of a single file ({item.reason}): "
-                             "it cannot be pushed; export it, or keep upstream's")
+            raise ResolutionRefused(
+                f"{item.id} holds the bytes of a single file ({item.reason}): it cannot be "
+                "pushed; export it, or keep upstream's")
         if not item.complete:
-            raise ValueError(
+            raise ResolutionRefused(
                 f"only key(s) {','.join(map(str, item.keys))} of {item.id} are known: pushing "
                 "them over upstream's other keys would mix two states; export it, or keep "
                 "upstream's")

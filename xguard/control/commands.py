@@ -10,8 +10,10 @@ from ..errors import (
     InvalidContents,
     InvalidPath,
     InvalidUUID,
+    NotSetAside,
     PathInUse,
     PermanentUpstreamError,
+    ResolutionRefused,
     RestartRefused,
     TransientUpstreamError,
 )
@@ -20,6 +22,7 @@ from .bigvalue import BigAmpList, BigUnicode
 __all__ = [
     "VarstoreCreate", "VarstoreDestroy", "VtpmCreate", "VtpmDestroy",
     "VtpmSetContents", "VtpmGetContents", "ListSockets", "Status", "Restart",
+    "SetAsideExport", "SetAsideResolve",
     "ControlError", "RestartRefused", "RemotePermanentUpstreamError",
     "RemoteTransientUpstreamError", "ERRORS", "error_code",
 ]
@@ -58,6 +61,8 @@ ERRORS: dict[type[Exception], bytes] = {
     RemoteTransientUpstreamError: b"UPSTREAM_UNAVAILABLE",
     ControlError: b"INTERNAL_ERROR",
     RestartRefused: b"RESTART_REFUSED",
+    NotSetAside: b"NOT_SET_ASIDE",
+    ResolutionRefused: b"RESOLUTION_REFUSED",
 }
 
 
@@ -140,5 +145,21 @@ class Restart(Command):
     """Restart in place (re-exec) handing every listening socket over."""
 
     arguments = [(b"dbg", Unicode())]
+    response = []
+    errors = ERRORS
+
+
+class SetAsideExport(Command):
+    """One write set aside, as an export document (JSON; see xguard.state.aside)."""
+
+    arguments = [(b"dbg", Unicode()), (b"id", Unicode())]
+    response = [(b"document", BigUnicode())]
+    errors = ERRORS
+
+
+class SetAsideResolve(Command):
+    """Resolve a write set aside: push ours, keep upstream's, or exported."""
+
+    arguments = [(b"dbg", Unicode()), (b"id", Unicode()), (b"action", Unicode())]
     response = []
     errors = ERRORS

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime, tzinfo
 from typing import IO, Any
 
+import attrs
 from twisted.internet import task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
@@ -35,12 +36,14 @@ from twisted.python.failure import Failure
 
 from .. import __version__
 from ..interfaces import IClientReactor
-from ..status import CacheStatus, DaemonStatus, UpstreamStatus, from_json
+from ..status import CacheStatus, DaemonStatus, SetAside, UpstreamStatus, from_json
 from .commands import (
     ERRORS,
     ControlError,
     ListSockets,
     Restart,
+    SetAsideExport,
+    SetAsideResolve,
     Status,
     VarstoreCreate,
     VarstoreDestroy,
@@ -51,7 +54,8 @@ from .commands import (
     error_code,
 )
 
-__all__ = ["main", "run", "DEFAULT_CONTROL", "format_status", "format_sockets"]
+__all__ = ["main", "run", "DEFAULT_CONTROL", "format_status", "format_sockets",
+           "format_set_aside"]
 
 DEFAULT_CONTROL = "/run/xguard/control.sock"
 SERVICES = ("Swtpm", "Varstored")
@@ -157,6 +161,31 @@ class _RestartOptions(_CommandOptions):
         self.update(dbg=dbg, timeout=timeout)
 
 
+class _SetAsideOptions(_ListOptions):
+    synopsis = ""
+    longdesc = ("List the writes set aside: acknowledged, never delivered, waiting for you "
+                "(another writer changed upstream since, the VM runs on another host, "
+                "upstream refused them for good, or their file is damaged). Resolve each "
+                "with 'xguard-ctl resolve'.")
+    optFlags = [["json", None, "print them as a JSON list on one line"]]
+
+
+class _ResolveOptions(_CommandOptions):
+    synopsis = "ID push|keep|export [FILE]"
+    longdesc = ("Resolve a write set aside (ID as 'xguard-ctl set-aside' shows it): push "
+                "ours over upstream's; keep upstream's (ours is dropped); or export ours to "
+                "FILE (a JSON document, 0600) and keep upstream's. Every resolution is "
+                "logged by the daemon.")
+    optParameters = [["dbg", None, "xguard-ctl", "the dbg string logged with it"]]
+
+    def parseArgs(self, item_id: str, action: str, file: str | None = None) -> None:  # type: ignore[override]  # usage.Options' way
+        if action not in ("push", "keep", "export"):
+            raise usage.UsageError(f"the resolution is push, keep or export, not {action!r}")
+        if (action == "export") != (file is not None):
+            raise usage.UsageError("export takes a FILE; push and keep take none")
+        self.update(id=item_id, action=action, file=file)
+
+
 class Options(_Options):
     synopsis = "xguard-ctl [--control PATH] COMMAND [ARGS...]"
     longdesc = ("Controls xguard over its privileged socket. Exit status: 0 success, "
@@ -173,6 +202,8 @@ class Options(_Options):
         ["list", None, _ListOptions, "list the domain sockets"],
         ["status", None, _StatusOptions, "show cache modes, queues, upstream, sockets"],
         ["restart", None, _RestartOptions, "restart in place, keeping every socket"],
+        ["set-aside", None, _SetAsideOptions, "list the writes set aside"],
+        ["resolve", None, _ResolveOptions, "resolve a write set aside: push, keep, export"],
     ]
 
     def postOptions(self) -> None:
@@ -242,6 +273,43 @@ async def _restart(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
     out.write("xguard restarted in place and is ready\n")
 
 
+async def _set_aside(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
+    document = json.loads((await _call(proto, Status))["status"])
+    status = from_json(document)
+    items = [item for svc in status.services.values() for item in svc.quarantined]
+    if o["json"]:
+        out.write(json.dumps([attrs.asdict(item) for item in items], sort_keys=True) + "\n")
+    else:
+        out.write(format_set_aside(items, now=o.get("now")))
+
+
+async def _resolve(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
+    action = o["action"]
+    if action == "export":
+        document = (await _call(proto, SetAsideExport, dbg=o["dbg"], id=o["id"]))["document"]
+        _write_private(o["file"], document + "\n")
+        out.write(f"{o['id']}: ours exported to {o['file']}\n")
+        action = "exported"
+    await _call(proto, SetAsideResolve, dbg=o["dbg"], id=o["id"], action=action)
+    out.write({"push": f"{o['id']}: ours pushed over upstream's\n",
+               "keep": f"{o['id']}: upstream's kept, ours dropped\n",
+               "exported": f"{o['id']}: upstream's kept\n"}[action])
+
+
+def _write_private(path: str, text: str) -> None:
+    """Write ``text`` to ``path``, mode 0600, durably (the export may hold
+    the only copy of a VM's state)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        data = text.encode("utf-8")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 _COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[None]]] = {
     "varstore_create": _varstore_create,
     "varstore_destroy": _varstore_destroy,
@@ -252,6 +320,8 @@ _COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[None]
     "list": _list,
     "status": _status,
     "restart": _restart,
+    "set-aside": _set_aside,
+    "resolve": _resolve,
 }
 
 
@@ -351,6 +421,19 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
         svc = status.services.get(name)
         if svc is not None and svc.last_error and svc.outage_since is not None:
             text += f"{name} last error: {svc.last_error}\n"
+    return text
+
+
+def format_set_aside(items: Sequence[SetAside], *, now: float | None = None) -> str:
+    """The writes set aside as a table, then each one's reason."""
+    if not items:
+        return "no write is set aside\n"
+    rows = [[item.id, item.kind, ",".join(map(str, item.keys)) or "-",
+             "-" if item.since is None or now is None else duration(now - item.since),
+             "yes" if item.held else "no", "yes" if item.complete else "no"]
+            for item in items]
+    text = _table(["ID", "KIND", "KEYS", "AGE", "HELD", "WHOLE"], rows)
+    text += "".join(f"{item.id}: {item.reason}\n" for item in items)
     return text
 
 
@@ -466,7 +549,7 @@ async def _run(reactor: IClientReactor, argv: Sequence[str], stdout: IO[str], st
         data = (stdin if stdin is not None else sys.stdin).read()
         sub["contents"] = data[:-1] if data.endswith("\n") else data
 
-    if config.subCommand == "status":
+    if config.subCommand in ("status", "set-aside"):
         sub["now"], sub["tz"] = reactor.seconds(), tz
 
     path = _control_path(sub["control"] or config["control"], environ)

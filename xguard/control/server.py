@@ -27,6 +27,7 @@ from twisted.protocols import amp
 from ..errors import PathInUse
 from ..interfaces import IServerReactor, ISocketRegistry
 from ..model import Service, check_socket_path, check_uuid
+from ..state.aside import SetAsideOps
 from ..state.contents import VtpmContents
 from ..status import DaemonStatus, to_json
 from .commands import (
@@ -35,6 +36,8 @@ from .commands import (
     ListSockets,
     Restart,
     RestartRefused,
+    SetAsideExport,
+    SetAsideResolve,
     Status,
     VarstoreCreate,
     VarstoreDestroy,
@@ -60,11 +63,13 @@ class ControlLocator(amp.CommandLocator):
 
     def __init__(self, registry: ISocketRegistry, vtpms: VtpmContents,
                  status: Callable[[], DaemonStatus],
-                 restart: Callable[[str], None] | None = None) -> None:
+                 restart: Callable[[str], None] | None = None,
+                 aside: SetAsideOps | None = None) -> None:
         self.registry = registry
         self.vtpms = vtpms
         self.status = status
         self.restart = restart
+        self.aside = aside if aside is not None else SetAsideOps(())
 
     # -- sockets -----------------------------------------------------------
     @VarstoreCreate.responder
@@ -166,6 +171,23 @@ class ControlLocator(amp.CommandLocator):
             self.log.failure("Status failed")
             raise ControlError(f"cannot build status: {e}") from e
         return {"status": document}
+
+    # -- writes set aside ------------------------------------------------------
+    @SetAsideExport.responder
+    async def set_aside_export(self, dbg: str, id: str) -> dict[str, Any]:
+        self.log.info("{dbg}: set-aside export {id}", dbg=dbg, id=id)
+        document: str = await self._run(dbg, "set-aside export", lambda: self.aside.export(id))
+        return {"document": document}
+
+    @SetAsideResolve.responder
+    async def set_aside_resolve(self, dbg: str, id: str, action: str) -> dict[str, Any]:
+        self.log.info("{dbg}: set-aside resolve {id} {action}", dbg=dbg, id=id, action=action)
+
+        async def resolve() -> None:
+            await self.aside.resolve(id, action)
+
+        await self._run(dbg, "set-aside resolve", resolve)
+        return {}
 
     # -- restart -------------------------------------------------------------
     @Restart.responder
@@ -304,11 +326,13 @@ class _ControlFactory(ServerFactory):
 
 def control_factory(registry: ISocketRegistry, vtpms: VtpmContents,
                     status: Callable[[], DaemonStatus],
-                    restart: Callable[[str], None] | None = None) -> ServerFactory:
+                    restart: Callable[[str], None] | None = None,
+                    aside: SetAsideOps | None = None) -> ServerFactory:
     """The control channel's server factory (listen it on a 0600 socket).
 
-    :param restart: begins a restart in place (raises RestartRefused)."""
-    return _ControlFactory(ControlLocator(registry, vtpms, status, restart))
+    :param restart: begins a restart in place (raises RestartRefused).
+    :param aside: the writes set aside (none without a cache)."""
+    return _ControlFactory(ControlLocator(registry, vtpms, status, restart, aside))
 
 
 def control_endpoint(reactor: IServerReactor, description: str) -> IStreamServerEndpoint:

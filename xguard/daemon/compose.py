@@ -45,6 +45,7 @@ from ..restart import sdnotify
 from ..restart.fdstore import FdStore
 from ..restart.handover import Handover
 from ..restart.reexec import Launch, Reexec
+from ..state.aside import SetAsideOps
 from ..state.contents import VtpmContents
 from ..state.direct import DirectWriter
 from ..state.known import KnownState
@@ -210,7 +211,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
                     launch=launch or Launch(), is_ready=lambda: service.ready)
     control = ControlListener(reactor, cfg.control, cfg.control_path or "",
                               control_factory(registry=registry, vtpms=vtpms, status=status,
-                                              restart=reexec.request),
+                                              restart=reexec.request,
+                                              aside=SetAsideOps(caches.values())),
                               handover)
     metrics = Metrics(status, reactor)
     if isinstance(upstream, XapiUpstream):
