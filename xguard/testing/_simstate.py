@@ -66,6 +66,13 @@ class Vm:
     last_update: str | None = None
     nvram_writes: int = 0
     history: collections.deque[str] = field(default_factory=lambda: _history())
+    #: xapi's power state; a seeded VM is Halted unless said otherwise.
+    power_state: str = "Halted"
+    #: The host it runs on (a host ref), None when it runs nowhere.
+    resident_on: str | None = None
+
+
+POWER_STATES = ("Halted", "Paused", "Running", "Suspended")
 
 
 @dataclass
@@ -90,17 +97,26 @@ class SimState:
         self.vtpm_refs: dict[str, str] = {}
         self.messages: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, str] = {}  # ref -> originator
+        self.hosts: dict[str, str] = {}  # ref -> name label
         self.on_change: Callable[[], None] = lambda: None
 
     # -- seeding and reading back (tests, admin API) -------------------------
     def seed_vm(self, vm_uuid: str | None = None, *, vtpm: bool = True,
                 vtpm_uuid: str | None = None, contents: str | None = None,
                 nvram: dict[str, str] | None = None, sb_state: str | None = None,
-                name_label: str | None = None) -> dict[str, Any]:
-        """Create or update a VM (and its vTPM). Returns its uuids and refs."""
+                name_label: str | None = None, power_state: str | None = None,
+                resident_on: str | None = None) -> dict[str, Any]:
+        """Create or update a VM (and its vTPM). Returns its uuids and refs.
+
+        ``resident_on`` names the host the VM runs on (a host of that name
+        label is created if there is none); ``""`` makes it run nowhere."""
         vm_uuid = _canonical_uuid(vm_uuid) if vm_uuid else str(_uuid.uuid4())
         if sb_state is not None and sb_state not in SB_STATES:
             raise ValueError(f"sb_state must be one of {SB_STATES}")
+        if power_state is not None and power_state not in POWER_STATES:
+            raise ValueError(f"power_state must be one of {POWER_STATES}")
+        if resident_on is not None and not isinstance(resident_on, str):
+            raise ValueError("resident_on must be a host's name")
         if nvram is not None and not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in nvram.items()):
             raise ValueError("nvram must map strings to strings")
@@ -118,6 +134,10 @@ class SimState:
             vm.nvram = dict(nvram)
         if sb_state is not None:
             vm.sb_state = sb_state
+        if power_state is not None:
+            vm.power_state = power_state
+        if resident_on is not None:
+            vm.resident_on = self.host(resident_on) if resident_on else None
         if (vtpm or vtpm_uuid or contents is not None) and not vm.vtpms:
             t_uuid = _canonical_uuid(vtpm_uuid) if vtpm_uuid else str(_uuid.uuid4())
             if t_uuid in self.vtpm_refs:
@@ -134,13 +154,23 @@ class SimState:
                 "vtpm_uuid": first.uuid if first else None,
                 "vtpm_ref": first.ref if first else None}
 
+    def host(self, name_label: str) -> str:
+        """The ref of the host with that name label (created if new)."""
+        for ref, name in self.hosts.items():
+            if name == name_label:
+                return ref
+        ref = new_ref()
+        self.hosts[ref] = name_label
+        return ref
+
     def vm_state(self, vm_uuid: str) -> dict[str, Any]:
         """Everything a test may assert about a VM; KeyError if unknown."""
         vm = self.vms[self.vm_refs[vm_uuid]]
         return {"uuid": vm.uuid, "ref": vm.ref, "name_label": vm.name_label,
                 "nvram": dict(vm.nvram), "sb_state": vm.sb_state,
                 "last_update": vm.last_update, "nvram_writes": vm.nvram_writes,
-                "nvram_history": list(vm.history),
+                "nvram_history": list(vm.history), "power_state": vm.power_state,
+                "resident_on": None if vm.resident_on is None else self.hosts[vm.resident_on],
                 "vtpms": [self.vtpm_state(self.vtpms[r].uuid) for r in vm.vtpms],
                 "messages": [dict(m, ref=r) for r, m in self.messages.items()
                              if m["obj_uuid"] == vm.uuid]}
@@ -155,8 +185,10 @@ class SimState:
         return {"version": 1,
                 "vms": [{"uuid": v.uuid, "ref": v.ref, "name_label": v.name_label,
                          "nvram": v.nvram, "sb_state": v.sb_state, "vtpms": v.vtpms,
-                         "last_update": v.last_update, "nvram_writes": v.nvram_writes}
+                         "last_update": v.last_update, "nvram_writes": v.nvram_writes,
+                         "power_state": v.power_state, "resident_on": v.resident_on}
                         for v in self.vms.values()],
+                "hosts": dict(self.hosts),
                 "vtpms": [{"uuid": t.uuid, "ref": t.ref, "vm": t.vm, "contents": t.contents,
                            "writes": t.writes} for t in self.vtpms.values()],
                 "messages": [dict(m, ref=r) for r, m in self.messages.items()]}
@@ -166,9 +198,12 @@ class SimState:
         state = cls()
         for v in doc.get("vms", []):
             vm = Vm(v["uuid"], v["ref"], v["name_label"], dict(v["nvram"]), v["sb_state"],
-                    list(v["vtpms"]), v.get("last_update"), v.get("nvram_writes", 0))
+                    list(v["vtpms"]), v.get("last_update"), v.get("nvram_writes", 0),
+                    power_state=v.get("power_state", "Halted"),
+                    resident_on=v.get("resident_on"))
             state.vms[vm.ref] = vm
             state.vm_refs[vm.uuid] = vm.ref
+        state.hosts = dict(doc.get("hosts", {}))
         for t in doc.get("vtpms", []):
             vtpm = Vtpm(t["uuid"], t["ref"], t["vm"], t["contents"], t.get("writes", 0))
             state.vtpms[vtpm.ref] = vtpm
@@ -177,6 +212,13 @@ class SimState:
             m = dict(m)
             state.messages[m.pop("ref")] = m
         return state
+
+
+def _by_uuid(refs: dict[str, str], cls: str, uuid: str) -> str:
+    ref = refs.get(uuid)
+    if ref is None:
+        raise XapiError("UUID_INVALID", cls, uuid)
+    return ref
 
 
 def _str(params: list[Any], i: int, name: str) -> str:
@@ -206,6 +248,10 @@ class Dispatcher:
             "VM.get_secureboot_certificates_state": (
                 lambda p: self._vm(p, 1).sb_state, 2, 2, True),
             "VM.get_record": (self._vm_record, 2, 2, True),
+            "VM.get_power_state": (lambda p: self._vm(p, 1).power_state, 2, 2, True),
+            "VM.get_resident_on": (
+                lambda p: self._vm(p, 1).resident_on or "OpaqueRef:NULL", 2, 2, True),
+            "host.get_name_label": (self._host_name, 2, 2, True),
             "VTPM.get_by_uuid": (self._vtpm_by_uuid, 2, 2, True),
             "VTPM.get_uuid": (lambda p: self._vtpm(p, 1).uuid, 2, 2, True),
             "VTPM.get_VM": (lambda p: self._vtpm(p, 1).vm, 2, 2, True),
@@ -248,19 +294,17 @@ class Dispatcher:
             raise XapiError("HANDLE_INVALID", "VTPM", ref)
         return vtpm
 
+    def _host_name(self, params: list[Any]) -> str:
+        ref = _str(params, 1, "self")
+        if ref not in self.state.hosts:
+            raise XapiError("HANDLE_INVALID", "host", ref)
+        return self.state.hosts[ref]
+
     def _vm_by_uuid(self, params: list[Any]) -> str:
-        uuid = _str(params, 1, "uuid")
-        ref = self.state.vm_refs.get(uuid)
-        if ref is None:
-            raise XapiError("UUID_INVALID", "VM", uuid)
-        return ref
+        return _by_uuid(self.state.vm_refs, "VM", _str(params, 1, "uuid"))
 
     def _vtpm_by_uuid(self, params: list[Any]) -> str:
-        uuid = _str(params, 1, "uuid")
-        ref = self.state.vtpm_refs.get(uuid)
-        if ref is None:
-            raise XapiError("UUID_INVALID", "VTPM", uuid)
-        return ref
+        return _by_uuid(self.state.vtpm_refs, "VTPM", _str(params, 1, "uuid"))
 
     # -- calls ----------------------------------------------------------------
     def _login(self, params: list[Any]) -> str:
@@ -276,7 +320,7 @@ class Dispatcher:
 
     def _vm_record(self, params: list[Any]) -> dict[str, Any]:
         vm = self._vm(params, 1)
-        return {"uuid": vm.uuid, "name_label": vm.name_label, "power_state": "Running",
+        return {"uuid": vm.uuid, "name_label": vm.name_label, "power_state": vm.power_state,
                 "is_a_template": False, "NVRAM": dict(vm.nvram), "VTPMs": list(vm.vtpms)}
 
     def _set_nvram(self, params: list[Any]) -> str:

@@ -23,7 +23,7 @@ from typing import IO, Any
 
 from xguard.testing.unixhttp import request
 
-__all__ = ["SimClient", "SimProcess", "SimAdminError"]
+__all__ = ["SimClient", "SimProcess", "SimAdminError", "PeerHost"]
 
 
 class SimAdminError(Exception):
@@ -55,12 +55,16 @@ class SimClient:
     def seed_vm(self, vm_uuid: str | None = None, *, vtpm: bool = True,
                 vtpm_uuid: str | None = None, contents: str | None = None,
                 nvram: dict[str, str] | None = None, sb_state: str | None = None,
-                name_label: str | None = None) -> dict[str, Any]:
-        """Create (or update) a VM; ``{vm_uuid, vm_ref, vtpm_uuid, vtpm_ref}``."""
+                name_label: str | None = None, power_state: str | None = None,
+                resident_on: str | None = None) -> dict[str, Any]:
+        """Create (or update) a VM; ``{vm_uuid, vm_ref, vtpm_uuid, vtpm_ref}``.
+        ``power_state`` and ``resident_on`` (a host's name; ``""``: none)
+        say where it runs (a seeded VM is Halted, resident nowhere)."""
         body: dict[str, Any] = {"vtpm": vtpm}
         for key, value in (("vm_uuid", vm_uuid), ("vtpm_uuid", vtpm_uuid),
                            ("contents", contents), ("nvram", nvram),
-                           ("sb_state", sb_state), ("name_label", name_label)):
+                           ("sb_state", sb_state), ("name_label", name_label),
+                           ("power_state", power_state), ("resident_on", resident_on)):
             if value is not None:
                 body[key] = value
         return self._call("POST", "/vms", body)  # type: ignore[no-any-return]
@@ -99,14 +103,22 @@ class SimClient:
                           {"n": n, "codes": list(codes)})
 
     def fail_method(self, method: str,
-                    codes: Sequence[str] | None = ("HOST_STILL_BOOTING",)) -> dict[str, Any]:
-        """Every call of ``method`` fails with ``codes`` (None: stop failing it)."""
+                    codes: Sequence[str] | None = ("HOST_STILL_BOOTING",),
+                    n: int | None = None) -> dict[str, Any]:
+        """Every call of ``method`` fails with ``codes`` — only the next ``n``
+        when given (None codes: stop failing it)."""
         body: dict[str, Any] = {"method": method}
         if codes is None:
             body["clear"] = True
         else:
             body["codes"] = list(codes)
+            if n is not None:
+                body["n"] = n
         return self._call("POST", "/fail_method", body)  # type: ignore[no-any-return]
+
+    def peer_counters(self) -> dict[str, int]:
+        """Calls another host made (the peer socket)."""
+        return self._call("GET", "/peer_counters")  # type: ignore[no-any-return]
 
     def http_500_next(self, n: int) -> dict[str, Any]:
         return self._call("POST", "/http_500_next", {"n": n})  # type: ignore[no-any-return]
@@ -123,6 +135,50 @@ class SimClient:
         return self._call("POST", "/reset", {})  # type: ignore[no-any-return]
 
 
+class PeerHost:
+    """Another host's guard, writing a VM's state through the simulator's
+    peer socket as xapi-guard does (JSON-RPC): HA restarted the VM there,
+    or it migrated. No mode or fault of the simulator affects it."""
+
+    def __init__(self, peer_socket: str, timeout: float = 10.0) -> None:
+        self.socket = peer_socket
+        self.timeout = timeout
+        self._session: str | None = None
+        self._ids = 0
+
+    def call(self, method: str, *params: Any) -> Any:
+        """One JSON-RPC call; raises SimAdminError with xapi's codes on failure."""
+        self._ids += 1
+        body = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params),
+                           "id": self._ids}).encode()
+        status, _, payload = request(self.socket, "POST", "/jsonrpc", body,
+                                     {"Content-Type": "application/json"},
+                                     timeout=self.timeout)
+        doc = json.loads(payload)
+        if status != 200 or doc.get("error"):
+            error = doc.get("error") or {}
+            raise SimAdminError(status, " ".join([error.get("message", "")]
+                                                 + [str(d) for d in error.get("data", [])]))
+        return doc["result"]
+
+    def _logged_in(self) -> str:
+        if self._session is None:
+            self._session = str(self.call("session.login_with_password", "root", "", "2.21",
+                                          "peer-host"))
+        return self._session
+
+    def set_vtpm_contents(self, vm_uuid: str, contents: str) -> None:
+        session = self._logged_in()
+        vm = self.call("VM.get_by_uuid", session, vm_uuid)
+        (vtpm, *_) = self.call("VM.get_VTPMs", session, vm)
+        self.call("VTPM.set_contents", session, vtpm, contents)
+
+    def set_efi_variables(self, vm_uuid: str, value: str) -> None:
+        session = self._logged_in()
+        vm = self.call("VM.get_by_uuid", session, vm_uuid)
+        self.call("VM.set_NVRAM_EFI_variables", session, vm, value)
+
+
 class SimProcess:
     """The simulator as a child process (``sys.executable -m
     xguard.testing.xapisim``). ``start()`` returns once the admin API
@@ -130,8 +186,12 @@ class SimProcess:
 
     def __init__(self, socket: str, admin_socket: str, state_file: str | None = None, *,
                  tcp_port: int | None = None, log_file: str | None = None,
-                 start_timeout: float = 15.0, extra_args: Sequence[str] = ()) -> None:
+                 start_timeout: float = 15.0, extra_args: Sequence[str] = (),
+                 peer_socket: str | None = None) -> None:
         self.socket = socket
+        self.peer_socket = peer_socket
+        #: Another host writing through the peer socket (with ``peer_socket``).
+        self.peer = PeerHost(peer_socket) if peer_socket else None
         self.admin_socket = admin_socket
         self.state_file = state_file
         self.tcp_port = tcp_port
@@ -153,6 +213,8 @@ class SimProcess:
             argv += ["--state", self.state_file]
         if self.tcp_port is not None:
             argv += ["--tcp", str(self.tcp_port)]
+        if self.peer_socket:
+            argv += ["--peer-socket", self.peer_socket]
         return argv + self.extra_args
 
     def start(self) -> SimProcess:

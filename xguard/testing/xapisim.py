@@ -24,7 +24,14 @@ The admin socket (JSON over HTTP, see doc/xapisim.md and
 and injects faults: ``refuse`` (the main socket stops listening: connect
 fails with ECONNREFUSED), ``hang`` (requests are read, never answered until
 the mode goes back to ``up``), a delay before each answer, the next N calls
-failing with a given xapi error, the next N answered with HTTP 500.
+failing with a given xapi error, the next N answered with HTTP 500, one
+method failing (always, or its next N calls).
+
+``--peer-socket`` serves the same API to *another host*: no mode or fault
+touches it, as a pool's master still serves the other hosts while this
+host's xapi restarts. Tests write through it as another host's guard would
+(HA restarting a VM elsewhere, a migration), see
+:meth:`xguard.testing.simclient.SimProcess.peer_call`.
 
 Nothing of VM contents is logged: only paths, modes and counts.
 """
@@ -116,6 +123,10 @@ class Simulator:
         #: e.g. only VTPM.set_contents answering HOST_STILL_BOOTING keeps the
         #: "xapi is back but the cache has not drained" window open.
         self.fail_methods: dict[str, list[str]] = {}
+        #: method -> how many more calls fail (absent: all, until cleared).
+        self.fail_method_left: dict[str, int] = {}
+        #: Calls another host made (the peer socket).
+        self.peer_counters: collections.Counter[str] = collections.Counter()
         self.counters: collections.Counter[str] = collections.Counter()
         self._parked: list[_Waiting] = []
         self._wrappers: list[WrappingFactory] = []  # one per listener, tracks connections
@@ -152,7 +163,17 @@ class Simulator:
             self.fail_n -= 1
             return codec.failure(call, list(self.fail_codes))
         if call.method in self.fail_methods:
-            return codec.failure(call, list(self.fail_methods[call.method]))
+            codes = self.fail_methods[call.method]
+            left = self.fail_method_left.get(call.method)
+            if left is not None:
+                if left <= 1:
+                    self.fail_method(call.method, None)
+                else:
+                    self.fail_method_left[call.method] = left - 1
+            return codec.failure(call, list(codes))
+        return self._dispatch(codec, call)
+
+    def _dispatch(self, codec: Codec, call: Call) -> bytes:
         try:
             return codec.success(call, self.dispatcher.call(call.method, call.params))
         except XapiError as e:
@@ -201,20 +222,33 @@ class Simulator:
             raise ValueError("n >= 0 and a non-empty list of string codes are needed")
         self.fail_n, self.fail_codes = n, list(codes)
 
-    def fail_method(self, method: str, codes: list[str] | None) -> None:
-        """Fail every call of ``method`` with ``codes``; None clears it."""
+    def fail_method(self, method: str, codes: list[str] | None, n: int | None = None) -> None:
+        """Fail every call of ``method`` with ``codes`` (only the next ``n``
+        when given); None clears it."""
         if not isinstance(method, str) or not method:
             raise ValueError("a method name is needed")
+        self.fail_method_left.pop(method, None)
         if codes is None:
             self.fail_methods.pop(method, None)
             return
         if not codes or not all(isinstance(c, str) for c in codes):
             raise ValueError("a non-empty list of string codes is needed")
+        if n is not None and n < 1:
+            raise ValueError("n must be >= 1")
         self.fail_methods[method] = list(codes)
+        if n is not None:
+            self.fail_method_left[method] = n
+
+    def handle_peer(self, request: Request, codec: Codec, call: Call) -> bytes:
+        """A call from another host: no mode or fault applies."""
+        self.peer_counters[call.method] += 1
+        request.setHeader(b"content-type", codec.content_type)
+        return self._dispatch(codec, call)
 
     def reset_faults(self) -> None:
         self.delay, self.fail_n, self.http_500_n = 0.0, 0, 0
         self.fail_methods.clear()
+        self.fail_method_left.clear()
         self.counters.clear()
 
     def status(self) -> dict[str, Any]:
@@ -222,6 +256,7 @@ class Simulator:
                 "fail_next": {"n": self.fail_n, "codes": self.fail_codes},
                 "http_500_next": self.http_500_n,
                 "fail_methods": {m: list(c) for m, c in self.fail_methods.items()},
+                "fail_method_left": dict(self.fail_method_left),
                 "parked": len(self._parked),
                 "sessions": len(self.state.sessions), "vms": len(self.state.vms),
                 "addresses": [f"{kind}:{where}" for kind, where in self._specs]}
@@ -229,6 +264,14 @@ class Simulator:
     # -- listening --------------------------------------------------------------
     def api_site(self) -> Site:
         return _Site(_ApiResource(self))
+
+    def peer_site(self) -> Site:
+        """The API as another host sees it (see the module docstring)."""
+        return _Site(_ApiResource(self, peer=True))
+
+    def listen_peer(self, path: str) -> None:
+        _remove_stale_socket(path)
+        IReactorUNIX(self._reactor).listenUNIX(path, self.peer_site(), mode=0o660)  # type: ignore[arg-type]
 
     def admin_site(self) -> Site:
         return _Site(_AdminResource(self))
@@ -314,9 +357,10 @@ class _Site(Site):
 class _ApiResource(Resource):
     isLeaf = True
 
-    def __init__(self, sim: Simulator) -> None:
+    def __init__(self, sim: Simulator, peer: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]  # Twisted's, untyped
         self._sim = sim
+        self._peer = peer
 
     def render(self, request: Request) -> bytes | int:
         if request.method != b"POST":
@@ -333,6 +377,8 @@ class _ApiResource(Resource):
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"text/plain")
             return str(e).encode() + b"\n"
+        if self._peer:
+            return self._sim.handle_peer(request, codec, call)
         return self._sim.handle(request, codec, call)
 
 
@@ -397,7 +443,9 @@ class _AdminResource(Resource):
             return sim.status()
         if route == ("POST", "/fail_method"):
             codes = body.get("codes", ["HOST_STILL_BOOTING"])
-            sim.fail_method(body["method"], None if body.get("clear") else codes)
+            n = body.get("n")
+            sim.fail_method(body["method"], None if body.get("clear") else codes,
+                            None if n is None else int(n))
             return sim.status()
         if route == ("POST", "/http_500_next"):
             n = int(body["n"])
@@ -407,6 +455,8 @@ class _AdminResource(Resource):
             return sim.status()
         if route == ("GET", "/counters"):
             return dict(sim.counters)
+        if route == ("GET", "/peer_counters"):
+            return dict(sim.peer_counters)
         if route == ("POST", "/counters/reset"):
             old = dict(sim.counters)
             sim.counters.clear()
@@ -416,7 +466,7 @@ class _AdminResource(Resource):
             return sim.status()
         if route == ("POST", "/vms"):
             fields = ("vm_uuid", "vtpm", "vtpm_uuid", "contents", "nvram", "sb_state",
-                      "name_label")
+                      "name_label", "power_state", "resident_on")
             unknown = set(body) - set(fields)
             if unknown:
                 raise ValueError(f"unknown fields {sorted(unknown)}")
@@ -449,6 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--socket", help="UNIX socket for the xapi API")
     parser.add_argument("--tcp", type=int, help="also serve the API on 127.0.0.1:PORT")
     parser.add_argument("--admin-socket", required=True, help="UNIX socket for the admin API")
+    parser.add_argument("--peer-socket", help="UNIX socket serving the API to another host "
+                        "(no mode or fault applies to it)")
     parser.add_argument("--state", help="JSON file the state is loaded from and saved to")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warn", "error"])
@@ -474,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         sim.listen_unix(args.socket)
     if args.tcp is not None:
         args.tcp = sim.listen_tcp(args.tcp)
+    if args.peer_socket:
+        sim.listen_peer(args.peer_socket)
     _remove_stale_socket(args.admin_socket)
     IReactorUNIX(reactor).listenUNIX(args.admin_socket, sim.admin_site(), mode=0o600)  # type: ignore[arg-type]
     reactor.addSystemEventTrigger("before", "shutdown", sim.shutdown)
