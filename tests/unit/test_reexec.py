@@ -47,7 +47,10 @@ class Recorded:
 class ReexecTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
+        # Running and not yet stopped, whatever the fake's initial flags:
+        # until Twisted 26.4 a new MemoryReactor said hasStopped = True.
         self.reactor.running = True
+        self.reactor.hasStopped = False
         self.handover = Handover(FdStore(Clock(), environ={}), take=list)
         self.rec = Recorded()
         self.ready = True
