@@ -6,6 +6,7 @@ from __future__ import annotations
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.resource import Resource
 from twisted.web.server import Request
@@ -104,7 +105,10 @@ class TwistedUnixAdoptionTests(SynchronousTestCase):
         from twisted.web.server import Site
 
         reactor = MemoryReactor()
-        port = Port._fromListeningDescriptor(reactor, self.sock.fileno(), Site(Resource()))
+        # The site's clock is not the global reactor's: its log-time updates
+        # would outlive the test there.
+        site = Site(Resource(), reactor=Clock())
+        port = Port._fromListeningDescriptor(reactor, self.sock.fileno(), site)
         port.startListening()  # what adoptStreamPort(fd, AF_UNIX, f) runs
         self.addCleanup(port.socket.close)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o666)
@@ -121,8 +125,8 @@ class TwistedUnixAdoptionTests(SynchronousTestCase):
         from xguard._internals.twisted_unix import adopt_unix_port
 
         reactor = MemoryReactor()
-        port = adopt_unix_port(reactor, self.sock.fileno(), Site(Resource()), mode=0o660,
-                               backlog=7)
+        port = adopt_unix_port(reactor, self.sock.fileno(), Site(Resource(), reactor=Clock()),
+                               mode=0o660, backlog=7)
         self.addCleanup(port.socket.close)
         self.assertEqual(stat.S_IMODE(os.stat(self.path).st_mode), 0o660)
         self.assertEqual((port.backlog, port.getHost().name), (7, os.fsencode(self.path)))
