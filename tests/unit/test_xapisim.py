@@ -302,24 +302,16 @@ class WebTests(SynchronousTestCase):
 
 
 class ProcessTests(SynchronousTestCase):
-    """One simulator process, driven by the real XenAPI SDK and raw sockets."""
-
-    sim: SimProcess
-    dir: str
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.dir = tempfile.mkdtemp(prefix="xg")
-        cls.sim = SimProcess(os.path.join(cls.dir, "xapi"), os.path.join(cls.dir, "admin"),
-                             log_file=os.path.join(cls.dir, "log"))
-        cls.sim.start()
-
-    @classmethod
-    def tearDownClass(cls) -> None:
-        cls.sim.stop()
-        shutil.rmtree(cls.dir, ignore_errors=True)
+    """A simulator process for each test (trial has no setUpClass), driven
+    by the real XenAPI SDK and raw sockets."""
 
     def setUp(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="xg")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.sim = SimProcess(os.path.join(self.dir, "xapi"), os.path.join(self.dir, "admin"),
+                              log_file=os.path.join(self.dir, "log"))
+        self.addCleanup(self.sim.stop)
+        self.sim.start()
         self.client = self.sim.client
         self.client.set_mode("up")
         self.client.reset()
