@@ -1,18 +1,20 @@
-"""Shared pytest fixtures. Socket paths live directly under the system temp
-directory: a UNIX socket path is limited to 107 bytes."""
+"""pytest's settings for the whole suite.
+
+The tests that need the real reactor are trial TestCases (they run under
+trial as well as pytest): trial's TestCase runs the global reactor itself,
+for each test, and stops it again. pytest-twisted, where it is installed
+(older checkouts listed it in the test extra), runs that same reactor in a
+greenlet from the first plain test function on (its pytest_pyfunc_call
+hook takes every one), and from then on each trial TestCase that needs the
+reactor fails with ReactorAlreadyRunning and an unclean reactor. So it is
+blocked here: nothing uses it."""
 
 from __future__ import annotations
-
-import shutil
-import tempfile
-from collections.abc import Iterator
 
 import pytest
 
 
-@pytest.fixture
-def short_tmp() -> Iterator[str]:
-    """A short directory for UNIX sockets (pytest's tmp_path is too deep)."""
-    d = tempfile.mkdtemp(prefix="xg")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+def pytest_configure(config: pytest.Config) -> None:
+    # Unregisters it (if loaded) before any test runs: its greenlet is
+    # created at configure time but only started by a test.
+    config.pluginmanager.set_blocked("twisted")

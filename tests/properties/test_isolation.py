@@ -11,6 +11,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from treq.testing import StubTreq
+from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import FakeUpstream, StoreKit
 from xguard.domain.swtpm import SwtpmSocket
@@ -56,20 +57,21 @@ def send(treq: StubTreq, method: str, url: str, body: bytes) -> None:
     treq.flush()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(METHODS), st.lists(param, max_size=7)),
-                min_size=1, max_size=8),
-       st.lists(st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "HEAD"]),
-                          st.sampled_from([k.path for k in TpmKey] + ["/../" + OTHERS[0]]),
-                          st.sampled_from([b"", b"QUFB", b"T1RIRVI="])), max_size=6))
-def test_a_socket_only_touches_its_own_vm(calls: list[tuple[str, list[Any]]],
-                                          rest: list[tuple[str, str, bytes]]) -> None:
-    upstream, vtpms, kit, varstored, swtpm = build()
-    before = others_state(upstream, vtpms)
-    try:
-        _exercise(upstream, vtpms, kit, varstored, swtpm, before, calls, rest)
-    finally:
-        kit.cleanup()
+class IsolationTests(SynchronousTestCase):
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.tuples(st.sampled_from(METHODS), st.lists(param, max_size=7)),
+                    min_size=1, max_size=8),
+           st.lists(st.tuples(st.sampled_from(["GET", "PUT", "DELETE", "HEAD"]),
+                              st.sampled_from([k.path for k in TpmKey] + ["/../" + OTHERS[0]]),
+                              st.sampled_from([b"", b"QUFB", b"T1RIRVI="])), max_size=6))
+    def test_a_socket_only_touches_its_own_vm(self, calls: list[tuple[str, list[Any]]],
+                                              rest: list[tuple[str, str, bytes]]) -> None:
+        upstream, vtpms, kit, varstored, swtpm = build()
+        before = others_state(upstream, vtpms)
+        try:
+            _exercise(upstream, vtpms, kit, varstored, swtpm, before, calls, rest)
+        finally:
+            kit.cleanup()
 
 
 def _exercise(upstream: FakeUpstream, vtpms: dict[str, str], kit: StoreKit,

@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from typing import Any
 
-import pytest
-import pytest_twisted
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.internet.task import Clock
+from twisted.trial.unittest import TestCase
 
+from tests.shorttmp import short_tmp
 from xguard.control.listener import ControlListener
 from xguard.restart.fdstore import FdStore
 from xguard.restart.handover import Handover
@@ -44,46 +43,45 @@ def listener(path: str, handover: Handover) -> ControlListener:
     return ControlListener(reactor, "unix:" + path, path, factory(), handover)
 
 
-@pytest.fixture
-def path(short_tmp: str) -> str:
-    return os.path.join(short_tmp, "ctl.sock")
+class ListenerTests(TestCase):
+    """On the real reactor: trial's TestCase runs it for each test."""
 
+    def setUp(self) -> None:
+        self.path = os.path.join(short_tmp(self), "ctl.sock")
 
-@pytest_twisted.ensureDeferred
-async def test_handed_over_control_socket_keeps_callers_waiting(path: str) -> None:
-    from twisted.internet import threads
+    async def test_handed_over_control_socket_keeps_callers_waiting(self) -> None:
+        from twisted.internet import threads
 
-    old_handover = Handover(FdStore(Clock(), environ={}), take=list)
-    old = listener(path, old_handover)
-    old.check()
-    await old.listen()
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert await threads.deferToThread(hello, path) == b"hello"
-    old_handover.reexec_pending = True
-    await old.stop()
-    (name, fd), = old.handed_over()
-    assert name.startswith("xgc-")
-    waiting = threads.deferToThread(hello, path)  # an xguard-ctl call meanwhile
-    passed = [Passed(os.dup(fd), name)]
-    os.close(fd)  # the old image is gone
-    handover = Handover(FdStore(Clock(), environ={}), take=lambda: passed)
-    handover.inherit()
-    new = listener(path, handover)
-    new.check()  # would refuse a live socket at the path: this one is ours
-    await new.listen()
-    assert await waiting == b"hello"
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    await new.stop()
-    assert not os.path.exists(path)
+        path = self.path
+        old_handover = Handover(FdStore(Clock(), environ={}), take=list)
+        old = listener(path, old_handover)
+        old.check()
+        await old.listen()
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(await threads.deferToThread(hello, path), b"hello")
+        old_handover.reexec_pending = True
+        await old.stop()
+        (name, fd), = old.handed_over()
+        self.assertTrue(name.startswith("xgc-"))
+        waiting = threads.deferToThread(hello, path)  # an xguard-ctl call meanwhile
+        passed = [Passed(os.dup(fd), name)]
+        os.close(fd)  # the old image is gone
+        handover = Handover(FdStore(Clock(), environ={}), take=lambda: passed)
+        handover.inherit()
+        new = listener(path, handover)
+        new.check()  # would refuse a live socket at the path: this one is ours
+        await new.listen()
+        self.assertEqual(await waiting, b"hello")
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        await new.stop()
+        self.assertFalse(os.path.exists(path))
 
-
-@pytest_twisted.ensureDeferred
-async def test_a_live_stranger_still_refuses_the_start(path: Any) -> None:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.bind(path)
-    s.listen(1)
-    try:
-        with pytest.raises(OSError, match="in use"):
-            listener(path, Handover(FdStore(Clock(), environ={}), take=list)).check()
-    finally:
-        s.close()
+    def test_a_live_stranger_still_refuses_the_start(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(self.path)
+        s.listen(1)
+        try:
+            with self.assertRaisesRegex(OSError, "in use"):
+                listener(self.path, Handover(FdStore(Clock(), environ={}), take=list)).check()
+        finally:
+            s.close()

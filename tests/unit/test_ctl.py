@@ -12,16 +12,15 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-import pytest
-import pytest_twisted
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectError, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.protocols import amp
 from twisted.test import iosim
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from tests.fakes import FakeUpstream, StoreKit
+from tests.shorttmp import short_tmp
 from tests.unit.test_control import VM, MemoryRegistry
 from xguard.control.ctl import DEFAULT_CONTROL, duration, format_sockets, format_status, run
 from xguard.control.server import control_factory
@@ -29,7 +28,7 @@ from xguard.model import Service
 from xguard.status import (
     CacheStatus,
     DaemonStatus,
-    Quarantined,
+    SetAside,
     UpstreamStatus,
     from_json,
     to_json,
@@ -46,7 +45,9 @@ class CtlTestCase(SynchronousTestCase):
         self.registry = MemoryRegistry()
         self.upstream = FakeUpstream()
         self.vtpm = self.upstream.add_vm(VM)
-        q = Quarantined(vm=VM, key=0, file="/q/1", reason="UUID_INVALID")
+        q = SetAside(id="Swtpm/" + VM, service="Swtpm", vm=VM, keys=(0,), kind="refused",
+                     reason="UUID_INVALID", since=None, held=False, complete=False,
+                     file="/q/1")
         self.status = DaemonStatus(
             version="0", ready=True, cache_enabled=True,
             upstream=UpstreamStatus(kind="xapi", target="xapi unix:/var/lib/xcp/xapi",
@@ -357,69 +358,76 @@ class FormatTests(SynchronousTestCase):
         self.assertEqual(format_sockets([]).split(), ["SERVICE", "VM_UUID", "GID", "PATH"])
 
 
-# -- over a real UNIX socket, in pytest-twisted's reactor ---------------------
-@pytest_twisted.ensureDeferred
-async def test_real_unix_socket(short_tmp: str) -> None:
-    from twisted.internet import reactor
+# -- over a real UNIX socket, on the real reactor (trial's TestCase runs it) ---
+class RealSocketTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = short_tmp(self)
 
-    registry = MemoryRegistry()
-    upstream = FakeUpstream()
-    kit = StoreKit(upstream)
-    factory = control_factory(registry, kit.vtpm_contents(), lambda: DaemonStatus(
-        version="0", ready=True, cache_enabled=True, services={},
-        upstream=UpstreamStatus(kind="fake", target="fake"),
-        sockets={"Swtpm": len(registry.sockets)}))
-    path = os.path.join(short_tmp, "c.sock")
-    port = reactor.listenUNIX(path, factory)
-    try:
+    async def test_real_unix_socket(self) -> None:
+        from twisted.internet import reactor
+
+        registry = MemoryRegistry()
+        upstream = FakeUpstream()
+        kit = StoreKit(upstream)
+        factory = control_factory(registry, kit.vtpm_contents(), lambda: DaemonStatus(
+            version="0", ready=True, cache_enabled=True, services={},
+            upstream=UpstreamStatus(kind="fake", target="fake"),
+            sockets={"Swtpm": len(registry.sockets)}))
+        path = os.path.join(self.dir, "c.sock")
+        port = reactor.listenUNIX(path, factory)
+        try:
+            out, err = io.StringIO(), io.StringIO()
+            code = await run(reactor, ["--control", path, "vtpm_create", "d", VM, "7", "/run/s"],
+                             out, err, environ={})
+            self.assertEqual((code, err.getvalue()), (0, ""))
+            self.assertEqual(registry.sockets["/run/s"]["gid"], 7)
+            code = await run(reactor, ["--control", path, "status", "--json"], out, err,
+                             environ={})
+            self.assertEqual(code, 0)
+            self.assertEqual(json.loads(out.getvalue())["sockets"], {"Swtpm": 1})
+        finally:
+            kit.cleanup()
+            await port.stopListening()
+
+    async def test_real_unreachable_socket(self) -> None:
+        from twisted.internet import reactor
+
+        path = os.path.join(self.dir, "none.sock")
         out, err = io.StringIO(), io.StringIO()
-        code = await run(reactor, ["--control", path, "vtpm_create", "d", VM, "7", "/run/s"],
-                         out, err, environ={})
-        assert (code, err.getvalue()) == (0, "")
-        assert registry.sockets["/run/s"]["gid"] == 7
-        code = await run(reactor, ["--control", path, "status", "--json"], out, err,
-                         environ={})
-        assert code == 0
-        assert json.loads(out.getvalue())["sockets"] == {"Swtpm": 1}
-    finally:
-        kit.cleanup()
-        await port.stopListening()
+        code = await run(reactor, ["--control", path, "list"], out, err, environ={})
+        self.assertEqual(code, 1)
+        self.assertIn(f"cannot reach xguard at {path}: no such socket; is xguard running?",
+                      err.getvalue())
+
+    async def test_real_refused_socket(self) -> None:
+        """A socket file nobody listens on (a daemon that died) is refused."""
+        from twisted.internet import reactor
+
+        path = os.path.join(self.dir, "dead.sock")
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(path)
+        dead.close()
+        out, err = io.StringIO(), io.StringIO()
+        code = await run(reactor, ["list", "--control", path], out, err, environ={})
+        self.assertEqual(code, 1)
+        self.assertIn(f"cannot reach xguard at {path}: connection refused", err.getvalue())
 
 
-@pytest_twisted.ensureDeferred
-async def test_real_unreachable_socket(short_tmp: str) -> None:
-    from twisted.internet import reactor
-
-    path = os.path.join(short_tmp, "none.sock")
-    out, err = io.StringIO(), io.StringIO()
-    code = await run(reactor, ["--control", path, "list"], out, err, environ={})
-    assert code == 1
-    assert f"cannot reach xguard at {path}: no such socket; is xguard running?" in err.getvalue()
-
-
-@pytest_twisted.ensureDeferred
-async def test_real_refused_socket(short_tmp: str) -> None:
-    """A socket file nobody listens on (a daemon that died) is refused."""
-    from twisted.internet import reactor
-
-    path = os.path.join(short_tmp, "dead.sock")
-    dead = socket.socket(socket.AF_UNIX)
-    dead.bind(path)
-    dead.close()
-    out, err = io.StringIO(), io.StringIO()
-    code = await run(reactor, ["list", "--control", path], out, err, environ={})
-    assert code == 1
-    assert f"cannot reach xguard at {path}: connection refused" in err.getvalue()
-
-
-@pytest.mark.parametrize("argv, code, needle", [
-    (["--control", "/nonexistent/xg.sock", "list"], 1, "cannot reach xguard"),
-    (["vtpm_destroy", "d", "gid", "/p"], 2, "GID"),
-    (["--help"], 0, "vtpm_set_contents"),
-])
-def test_main_exit_status(argv: list[str], code: int, needle: str) -> None:
+class MainTests(SynchronousTestCase):
     """The console script's exit status, in a real process."""
-    proc = subprocess.run([sys.executable, "-c", "from xguard.control.ctl import main; main()",
-                           *argv], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == code, proc.stderr
-    assert needle in proc.stdout + proc.stderr
+
+    def check(self, argv: list[str], code: int, needle: str) -> None:
+        proc = subprocess.run([sys.executable, "-c",
+                               "from xguard.control.ctl import main; main()", *argv],
+                              capture_output=True, text=True, timeout=30)
+        self.assertEqual(proc.returncode, code, proc.stderr)
+        self.assertIn(needle, proc.stdout + proc.stderr)
+
+    def test_unreachable(self) -> None:
+        self.check(["--control", "/nonexistent/xg.sock", "list"], 1, "cannot reach xguard")
+
+    def test_usage_error(self) -> None:
+        self.check(["vtpm_destroy", "d", "gid", "/p"], 2, "GID")
+
+    def test_help(self) -> None:
+        self.check(["--help"], 0, "vtpm_set_contents")

@@ -8,17 +8,15 @@ import io
 import os
 import socket
 import tempfile
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
-import pytest_twisted
 from twisted.application.service import Application
 from twisted.internet.protocol import Factory
 from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tests.shorttmp import short_tmp
 from xguard.daemon.logconfig import (
     JournalStreamObserver,
     SyslogObserver,
@@ -205,48 +203,50 @@ class ChoiceTests(SynchronousTestCase):
 
 
 # -- Twisted's own per-port lines, from a real listening port ----------------
-@pytest.fixture
-def captured() -> Iterator[list[dict[str, Any]]]:
-    events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
-    yield events
-    globalLogPublisher.removeObserver(events.append)
+class ChatterTests(TestCase):
+    """On the real reactor: trial's TestCase runs it for each test."""
 
+    def setUp(self) -> None:
+        self.captured: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.captured.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.captured.append)
 
-@pytest_twisted.ensureDeferred
-async def test_port_chatter_is_debug(captured: list[dict[str, Any]], short_tmp: str) -> None:
-    from twisted.internet import reactor
+    async def test_port_chatter_is_debug(self) -> None:
+        from twisted.internet import reactor
 
-    factory = Factory()
-    factory.noisy = False
-    path = os.path.join(short_tmp, "p.sock")
-    port = reactor.listenUNIX(path, factory)
-    await port.stopListening()
-    chatter = [e for e in captured if path in str(e.get("message", ""))]
-    assert len(chatter) == 2, captured  # "Factory starting on …", "(UNIX Port … Closed)"
-    assert all(e["log_level"] == LogLevel.info for e in chatter)
+        captured = self.captured
+        factory = Factory()
+        factory.noisy = False
+        path = os.path.join(short_tmp(self), "p.sock")
+        port = reactor.listenUNIX(path, factory)
+        await port.stopListening()
+        chatter = [e for e in captured if path in str(e.get("message", ""))]
+        # "Factory starting on …", "(UNIX Port … Closed)"
+        self.assertEqual(len(chatter), 2, captured)
+        self.assertTrue(all(e["log_level"] == LogLevel.info for e in chatter))
 
-    at_info: list[dict[str, Any]] = []
-    at_debug: list[dict[str, Any]] = []
-    for event in chatter:
-        level_filter(at_info.append, "info")(event)
-        level_filter(at_debug.append, "debug")(event)
-    assert at_info == []
-    assert [e["log_level"] for e in at_debug] == [LogLevel.debug, LogLevel.debug]
-    assert all(e["log_level"] == LogLevel.info for e in chatter)  # others see them unchanged
+        at_info: list[dict[str, Any]] = []
+        at_debug: list[dict[str, Any]] = []
+        for event in chatter:
+            level_filter(at_info.append, "info")(event)
+            level_filter(at_debug.append, "debug")(event)
+        self.assertEqual(at_info, [])
+        self.assertEqual([e["log_level"] for e in at_debug], [LogLevel.debug, LogLevel.debug])
+        # others see them unchanged
+        self.assertTrue(all(e["log_level"] == LogLevel.info for e in chatter))
 
+    def test_amp_connection_chatter_is_debug(self) -> None:
+        from twisted.internet.error import ConnectionDone
+        from twisted.internet.testing import StringTransport
+        from twisted.protocols import amp
 
-def test_amp_connection_chatter_is_debug(captured: list[dict[str, Any]]) -> None:
-    from twisted.internet.error import ConnectionDone
-    from twisted.internet.testing import StringTransport
-    from twisted.protocols import amp
-
-    protocol = amp.AMP()
-    protocol.makeConnection(StringTransport())
-    protocol.connectionLost(Failure(ConnectionDone()))
-    chatter = [e for e in captured if e.get("log_namespace") == "twisted.protocols.amp"]
-    assert len(chatter) == 2, captured
-    at_info: list[dict[str, Any]] = []
-    for event in chatter:
-        level_filter(at_info.append, "info")(event)
-    assert at_info == []
+        captured = self.captured
+        protocol = amp.AMP()
+        protocol.makeConnection(StringTransport())
+        protocol.connectionLost(Failure(ConnectionDone()))
+        chatter = [e for e in captured if e.get("log_namespace") == "twisted.protocols.amp"]
+        self.assertEqual(len(chatter), 2, captured)
+        at_info: list[dict[str, Any]] = []
+        for event in chatter:
+            level_filter(at_info.append, "info")(event)
+        self.assertEqual(at_info, [])

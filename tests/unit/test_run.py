@@ -44,19 +44,20 @@ def _xguard(*args: str) -> subprocess.CompletedProcess[str]:
                           text=True, timeout=60, env=_env())
 
 
-def test_help_lists_both_option_sets() -> None:
-    proc = _xguard("--help")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("Usage: xguard [twistd options] [xguard options]")
-    for option in ("--state-dir", "--xapi", "--log-level", "--nodaemon", "--pidfile",
-                   "--syslog"):
-        assert option in proc.stdout
+class CommandTests(SynchronousTestCase):
+    def test_help_lists_both_option_sets(self) -> None:
+        proc = _xguard("--help")
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        self.assertTrue(proc.stdout.startswith(
+            "Usage: xguard [twistd options] [xguard options]"))
+        for option in ("--state-dir", "--xapi", "--log-level", "--nodaemon", "--pidfile",
+                       "--syslog"):
+            self.assertIn(option, proc.stdout)
 
-
-def test_usage_error() -> None:
-    proc = _xguard("--state-dir")
-    assert proc.returncode == 2
-    assert "xguard --help" in proc.stderr
+    def test_usage_error(self) -> None:
+        proc = _xguard("--state-dir")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("xguard --help", proc.stderr)
 
 
 class ScriptDaemon(Daemon):
@@ -71,13 +72,14 @@ class ScriptDaemon(Daemon):
 
 
 @pytest.mark.integration
-def test_runs_the_daemon_without_a_plugin_scan() -> None:
-    cache = os.path.join(REPO, "twisted", "plugins", "dropin.cache")
-    if os.path.exists(cache):
-        os.unlink(cache)
-    with ScriptDaemon() as d:
-        d.start()
-        assert d.status()["ready"] is True
-        assert d.stop() == 0
-        assert "xguard ready" in d.log()
-    assert not os.path.exists(cache)
+class ScriptTests(SynchronousTestCase):
+    def test_runs_the_daemon_without_a_plugin_scan(self) -> None:
+        cache = os.path.join(REPO, "twisted", "plugins", "dropin.cache")
+        if os.path.exists(cache):
+            os.unlink(cache)
+        with ScriptDaemon() as d:
+            d.start()
+            self.assertIs(d.status()["ready"], True)
+            self.assertEqual(d.stop(), 0)
+            self.assertIn("xguard ready", d.log())
+        self.assertFalse(os.path.exists(cache))

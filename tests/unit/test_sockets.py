@@ -1,8 +1,9 @@
 """The domain socket registry on real UNIX sockets.
 
 Listening, connecting and closing a port need a running reactor, so those
-tests use pytest-twisted (the global reactor is imported inside the tests
-only); input validation and the unknown-destroy path are synchronous."""
+tests are trial TestCases, which run it for each test (the global reactor is
+imported inside the tests only); input validation and the unknown-destroy
+path are synchronous."""
 
 from __future__ import annotations
 
@@ -13,17 +14,16 @@ import stat
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-import pytest_twisted
 from twisted.internet.defer import Deferred, fail, gatherResults, succeed
 from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.resource import Resource
 from zope.interface.verify import verifyObject
 
+from tests.shorttmp import short_tmp
 from xguard.domain import activefile
 from xguard.domain.activefile import Entry
 from xguard.domain.site import DomainSite
@@ -132,31 +132,41 @@ class HeldRunner:
                 d.callback(run())
 
 
-@pytest.fixture
-def env(short_tmp: str) -> Any:
-    from twisted.internet import reactor
+class Env:
+    """A short directory for the sockets and the active file; every registry
+    made here stops accepting when the test ends (in the order made)."""
 
-    class Env:
-        dir = short_tmp
-        active = os.path.join(short_tmp, "run", "active.json")
-        forgotten: list[str] = []
-        registries: list[SocketRegistry] = []
+    def __init__(self, case: TestCase) -> None:
+        self.dir = short_tmp(case)
+        self.active = os.path.join(self.dir, "run", "active.json")
+        self.forgotten: list[str] = []
+        self.registries: list[SocketRegistry] = []
+        case.addCleanup(self.stop_accepting)
 
-        def path(self, name: str) -> str:
-            return os.path.join(short_tmp, name)
+    def path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
 
-        def registry(self, **kwargs: Any) -> SocketRegistry:
-            r = SocketRegistry(reactor, self.active, site_factory,
-                               on_forget=self.forgotten.append, **kwargs)
-            self.registries.append(r)
-            return r
+    def registry(self, **kwargs: Any) -> SocketRegistry:
+        from twisted.internet import reactor
 
-    e = Env()
-    e.forgotten = []
-    e.registries = []
-    yield e
-    for r in e.registries:
-        pytest_twisted.blockon(r.stop_accepting())
+        r = SocketRegistry(reactor, self.active, site_factory,
+                           on_forget=self.forgotten.append, **kwargs)
+        self.registries.append(r)
+        return r
+
+    def stop_accepting(self) -> Deferred[None]:
+        async def stop() -> None:
+            for r in self.registries:
+                await r.stop_accepting()
+
+        return Deferred.fromCoroutine(stop())
+
+
+class RealSocketTestCase(TestCase):
+    """On the real reactor: trial's TestCase runs it for each test."""
+
+    def setUp(self) -> None:
+        self.env = Env(self)
 
 
 # -- create -------------------------------------------------------------------
@@ -181,230 +191,223 @@ def queued_connections(path: str, attempts: int) -> int:
             s.close()
 
 
-@pytest_twisted.ensureDeferred
-async def test_default_backlog_absorbs_a_burst_of_connections(env: Any) -> None:
-    # A boot storm: many connections arrive while the reactor is busy; the
-    # kernel must queue them (16 refused the 17th with EAGAIN).
-    registry = env.registry()
-    path = env.path("burst.sock")
-    await registry.create(Service.VARSTORED, VM1, GID, path)
-    assert BACKLOG >= 128
-    assert queued_connections(path, 128) == 128
-
-
-@pytest_twisted.ensureDeferred
-async def test_backlog_is_configurable(env: Any) -> None:
-    registry = env.registry(backlog=4)
-    path = env.path("small.sock")
-    await registry.create(Service.VARSTORED, VM1, GID, path)
-    assert queued_connections(path, 50) in (4, 5)  # Linux queues backlog + 1
-
-
-
-@pytest_twisted.ensureDeferred
-async def test_create_listens_secures_and_records(env: Any) -> None:
-    from twisted.internet import reactor
-
-    registry = env.registry()
-    path = env.path("vtpm.sock")
-    await registry.create(Service.SWTPM, VM1, GID, path)
-    st = os.stat(path)
-    assert stat.S_ISSOCK(st.st_mode)
-    assert stat.S_IMODE(st.st_mode) == 0o660
-    assert (st.st_uid, st.st_gid) == (0, GID)
-    assert read_file(env.active) == [
-        {"vm_uuid": VM1, "path": path, "gid": GID, "typ": "Swtpm"}]
-    answer = await http_get(reactor, path)
-    assert answer.startswith(b"HTTP/1.")
-    assert answer.endswith(f"Swtpm {VM1}".encode())
-    assert registry.entries() == [
-        {"path": path, "vm_uuid": VM1, "gid": GID, "service": "Swtpm"}]
-    assert registry.count_by_service() == {"Swtpm": 1, "Varstored": 0}
-
-
-@pytest_twisted.ensureDeferred
-async def test_create_same_path_twice_is_path_in_use(env: Any) -> None:
-    registry = env.registry()
-    path = env.path("dup.sock")
-    await registry.create(Service.VARSTORED, VM1, GID, path)
-    with pytest.raises(PathInUse, match=path):
-        await registry.create(Service.SWTPM, VM2, GID, path)
-    # The first socket is untouched.
-    assert accepts(path)
-    assert [e["vm_uuid"] for e in registry.entries()] == [VM1]
-    assert len(read_file(env.active)) == 1
-
-
-@pytest_twisted.ensureDeferred
-async def test_create_same_path_concurrently_one_wins(env: Any) -> None:
-    registry = env.registry(runner=HeldRunner())
-    path = env.path("race.sock")
-    first = registry.create(Service.SWTPM, VM1, GID, path)
-    with pytest.raises(PathInUse, match=path):
-        await registry.create(Service.SWTPM, VM2, GID, path)
-    assert not first.called  # still waiting for its file write
-
-
-@pytest_twisted.ensureDeferred
-async def test_live_foreign_listener_is_path_in_use(env: Any) -> None:
-    path = env.path("foreign.sock")
-    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    foreign.bind(path)
-    foreign.listen(1)
-    try:
+class CreateTests(RealSocketTestCase):
+    async def test_default_backlog_absorbs_a_burst_of_connections(self) -> None:
+        env = self.env
+        # A boot storm: many connections arrive while the reactor is busy; the
+        # kernel must queue them (16 refused the 17th with EAGAIN).
         registry = env.registry()
-        with pytest.raises(PathInUse, match=path):
-            await registry.create(Service.SWTPM, VM1, GID, path)
-        assert os.path.exists(path), "a foreign listener's socket file was removed"
-        assert registry.entries() == []
-        assert not os.path.exists(env.active)
-    finally:
-        foreign.close()
+        path = env.path("burst.sock")
+        await registry.create(Service.VARSTORED, VM1, GID, path)
+        self.assertGreaterEqual(BACKLOG, 128)
+        self.assertEqual(queued_connections(path, 128), 128)
+
+    async def test_backlog_is_configurable(self) -> None:
+        env = self.env
+        registry = env.registry(backlog=4)
+        path = env.path("small.sock")
+        await registry.create(Service.VARSTORED, VM1, GID, path)
+        self.assertIn(queued_connections(path, 50), (4, 5))  # Linux queues backlog + 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_non_socket_file_is_left_alone(env: Any) -> None:
-    path = env.path("plain")
-    with open(path, "w") as f:
-        f.write("data")
-    with pytest.raises(PathInUse, match=path):
-        await env.registry().create(Service.SWTPM, VM1, GID, path)
-    with open(path) as f:
-        assert f.read() == "data"
+    async def test_create_listens_secures_and_records(self) -> None:
+        env = self.env
+        from twisted.internet import reactor
 
+        registry = env.registry()
+        path = env.path("vtpm.sock")
+        await registry.create(Service.SWTPM, VM1, GID, path)
+        st = os.stat(path)
+        self.assertTrue(stat.S_ISSOCK(st.st_mode))
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o660)
+        self.assertEqual((st.st_uid, st.st_gid), (0, GID))
+        self.assertEqual(read_file(env.active), [
+            {"vm_uuid": VM1, "path": path, "gid": GID, "typ": "Swtpm"}])
+        answer = await http_get(reactor, path)
+        self.assertTrue(answer.startswith(b"HTTP/1."))
+        self.assertTrue(answer.endswith(f"Swtpm {VM1}".encode()))
+        self.assertEqual(registry.entries(), [
+            {"path": path, "vm_uuid": VM1, "gid": GID, "service": "Swtpm"}])
+        self.assertEqual(registry.count_by_service(), {"Swtpm": 1, "Varstored": 0})
 
-@pytest_twisted.ensureDeferred
-async def test_stale_socket_file_is_replaced(env: Any) -> None:
-    from twisted.internet import reactor
+    async def test_create_same_path_twice_is_path_in_use(self) -> None:
+        env = self.env
+        registry = env.registry()
+        path = env.path("dup.sock")
+        await registry.create(Service.VARSTORED, VM1, GID, path)
+        with self.assertRaisesRegex(PathInUse, path):
+            await registry.create(Service.SWTPM, VM2, GID, path)
+        # The first socket is untouched.
+        self.assertTrue(accepts(path))
+        self.assertEqual([e["vm_uuid"] for e in registry.entries()], [VM1])
+        self.assertEqual(len(read_file(env.active)), 1)
 
-    path = env.path("stale.sock")
-    stale_socket(path)
-    assert not accepts(path)
-    await env.registry().create(Service.VARSTORED, VM1, GID, path)
-    assert (await http_get(reactor, path)).endswith(f"Varstored {VM1}".encode())
+    async def test_create_same_path_concurrently_one_wins(self) -> None:
+        env = self.env
+        registry = env.registry(runner=HeldRunner())
+        path = env.path("race.sock")
+        first = registry.create(Service.SWTPM, VM1, GID, path)
+        with self.assertRaisesRegex(PathInUse, path):
+            await registry.create(Service.SWTPM, VM2, GID, path)
+        self.assertFalse(first.called)  # still waiting for its file write
 
+    async def test_live_foreign_listener_is_path_in_use(self) -> None:
+        env = self.env
+        path = env.path("foreign.sock")
+        foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        foreign.bind(path)
+        foreign.listen(1)
+        try:
+            registry = env.registry()
+            with self.assertRaisesRegex(PathInUse, path):
+                await registry.create(Service.SWTPM, VM1, GID, path)
+            self.assertTrue(os.path.exists(path), "a foreign listener's socket file was removed")
+            self.assertEqual(registry.entries(), [])
+            self.assertFalse(os.path.exists(env.active))
+        finally:
+            foreign.close()
 
-@pytest_twisted.ensureDeferred
-async def test_missing_parent_directory(env: Any) -> None:
-    path = env.path("nodir/x.sock")
-    with pytest.raises(InvalidPath, match="does not exist"):
-        await env.registry().create(Service.SWTPM, VM1, GID, path)
+    async def test_non_socket_file_is_left_alone(self) -> None:
+        env = self.env
+        path = env.path("plain")
+        with open(path, "w") as f:
+            f.write("data")
+        with self.assertRaisesRegex(PathInUse, path):
+            await env.registry().create(Service.SWTPM, VM1, GID, path)
+        with open(path) as f:
+            self.assertEqual(f.read(), "data")
 
+    async def test_stale_socket_file_is_replaced(self) -> None:
+        env = self.env
+        from twisted.internet import reactor
 
-@pytest_twisted.ensureDeferred
-async def test_failed_file_write_undoes_the_socket(env: Any) -> None:
-    runner = HeldRunner()
-    registry = env.registry(runner=runner)
-    path = env.path("undo.sock")
-    d = registry.create(Service.SWTPM, VM1, GID, path)
-    runner.failing = True
-    runner.release()
-    with pytest.raises(OSError, match="disk full"):
-        await d
-    assert not os.path.exists(path)
-    assert registry.entries() == []
-    # The path is free again.
-    runner.failing = False
-    d = registry.create(Service.SWTPM, VM1, GID, path)
-    runner.release()
-    await d
-    assert accepts(path)
+        path = env.path("stale.sock")
+        stale_socket(path)
+        self.assertFalse(accepts(path))
+        await env.registry().create(Service.VARSTORED, VM1, GID, path)
+        self.assertTrue((await http_get(reactor, path)).endswith(f"Varstored {VM1}".encode()))
 
+    async def test_missing_parent_directory(self) -> None:
+        env = self.env
+        path = env.path("nodir/x.sock")
+        with self.assertRaisesRegex(InvalidPath, "does not exist"):
+            await env.registry().create(Service.SWTPM, VM1, GID, path)
 
-@pytest_twisted.ensureDeferred
-async def test_concurrent_creates_are_all_recorded(env: Any) -> None:
-    runner = HeldRunner()
-    registry = env.registry(runner=runner)
-    paths = [env.path(f"c{i}.sock") for i in range(10)]
-    creates = [registry.create(Service.SWTPM, VM1, GID, p) for p in paths]
-    while runner.calls:
+    async def test_failed_file_write_undoes_the_socket(self) -> None:
+        env = self.env
+        runner = HeldRunner()
+        registry = env.registry(runner=runner)
+        path = env.path("undo.sock")
+        d = registry.create(Service.SWTPM, VM1, GID, path)
+        runner.failing = True
         runner.release()
-    for d in creates:
+        with self.assertRaisesRegex(OSError, "disk full"):
+            await d
+        self.assertFalse(os.path.exists(path))
+        self.assertEqual(registry.entries(), [])
+        # The path is free again.
+        runner.failing = False
+        d = registry.create(Service.SWTPM, VM1, GID, path)
+        runner.release()
         await d
-    assert sorted(e["path"] for e in read_file(env.active)) == sorted(paths)
-    # The nine creates that waited for the first write shared one rewrite.
-    assert runner.count == 2
+        self.assertTrue(accepts(path))
+
+    async def test_concurrent_creates_are_all_recorded(self) -> None:
+        env = self.env
+        runner = HeldRunner()
+        registry = env.registry(runner=runner)
+        paths = [env.path(f"c{i}.sock") for i in range(10)]
+        creates = [registry.create(Service.SWTPM, VM1, GID, p) for p in paths]
+        while runner.calls:
+            runner.release()
+        for d in creates:
+            await d
+        self.assertEqual(sorted(e["path"] for e in read_file(env.active)), sorted(paths))
+        # The nine creates that waited for the first write shared one rewrite.
+        self.assertEqual(runner.count, 2)
 
 
 # -- destroy ------------------------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_destroy_removes_socket_and_entry(env: Any) -> None:
-    registry = env.registry()
-    swtpm, varstored = env.path("t.sock"), env.path("v.sock")
-    await registry.create(Service.SWTPM, VM1, GID, swtpm)
-    await registry.create(Service.VARSTORED, VM1, GID, varstored)
-    await registry.destroy(Service.SWTPM, GID, swtpm)
-    assert not os.path.exists(swtpm)
-    assert [e["path"] for e in read_file(env.active)] == [varstored]
-    assert registry.count_by_service() == {"Swtpm": 0, "Varstored": 1}
-    assert env.forgotten == []  # the VM still has a socket
-    await registry.destroy(Service.VARSTORED, GID, varstored)
-    assert not os.path.exists(varstored)
-    assert read_file(env.active) == []
-    assert env.forgotten == [VM1]
-    # The path can be served again.
-    await registry.create(Service.SWTPM, VM2, GID, swtpm)
-    assert accepts(swtpm)
+class DestroyTests(RealSocketTestCase):
+    async def test_destroy_removes_socket_and_entry(self) -> None:
+        env = self.env
+        registry = env.registry()
+        swtpm, varstored = env.path("t.sock"), env.path("v.sock")
+        await registry.create(Service.SWTPM, VM1, GID, swtpm)
+        await registry.create(Service.VARSTORED, VM1, GID, varstored)
+        await registry.destroy(Service.SWTPM, GID, swtpm)
+        self.assertFalse(os.path.exists(swtpm))
+        self.assertEqual([e["path"] for e in read_file(env.active)], [varstored])
+        self.assertEqual(registry.count_by_service(), {"Swtpm": 0, "Varstored": 1})
+        self.assertEqual(env.forgotten, [])  # the VM still has a socket
+        await registry.destroy(Service.VARSTORED, GID, varstored)
+        self.assertFalse(os.path.exists(varstored))
+        self.assertEqual(read_file(env.active), [])
+        self.assertEqual(env.forgotten, [VM1])
+        # The path can be served again.
+        await registry.create(Service.SWTPM, VM2, GID, swtpm)
+        self.assertTrue(accepts(swtpm))
 
 
 # -- resume / stop ------------------------------------------------------------
 
-@pytest_twisted.ensureDeferred
-async def test_resume_listens_again_and_skips_bad_entries(env: Any) -> None:
-    from twisted.internet import reactor
+class ResumeTests(RealSocketTestCase):
+    async def test_resume_listens_again_and_skips_bad_entries(self) -> None:
+        env = self.env
+        from twisted.internet import reactor
 
-    fresh, stale, bad = env.path("f.sock"), env.path("s.sock"), env.path("gone/b.sock")
-    stale_socket(stale)
-    activefile.save(env.active, [
-        Entry(VM1, fresh, GID, Service.SWTPM),
-        Entry(VM1, bad, GID, Service.SWTPM),
-        Entry(VM2, stale, GID + 1, Service.VARSTORED),
-    ])
-    registry = env.registry()
-    with capturedLogs() as events:
+        fresh, stale, bad = env.path("f.sock"), env.path("s.sock"), env.path("gone/b.sock")
+        stale_socket(stale)
+        activefile.save(env.active, [
+            Entry(VM1, fresh, GID, Service.SWTPM),
+            Entry(VM1, bad, GID, Service.SWTPM),
+            Entry(VM2, stale, GID + 1, Service.VARSTORED),
+        ])
+        registry = env.registry()
+        with capturedLogs() as events:
+            await registry.resume()
+        self.assertTrue(any(e["log_level"].name == "error" and e.get("path") == bad
+                            for e in events))
+        self.assertTrue((await http_get(reactor, fresh)).endswith(f"Swtpm {VM1}".encode()))
+        self.assertTrue((await http_get(reactor, stale)).endswith(f"Varstored {VM2}".encode()))
+        st = os.stat(stale)
+        self.assertEqual((stat.S_IMODE(st.st_mode), st.st_gid), (0o660, GID + 1))
+        self.assertEqual([e["path"] for e in read_file(env.active)], [fresh, stale])
+        self.assertEqual([e["path"] for e in registry.entries()], [fresh, stale])
+
+    async def test_resume_without_file_is_empty(self) -> None:
+        env = self.env
+        registry = env.registry()
         await registry.resume()
-    assert any(e["log_level"].name == "error" and e.get("path") == bad for e in events)
-    assert (await http_get(reactor, fresh)).endswith(f"Swtpm {VM1}".encode())
-    assert (await http_get(reactor, stale)).endswith(f"Varstored {VM2}".encode())
-    st = os.stat(stale)
-    assert (stat.S_IMODE(st.st_mode), st.st_gid) == (0o660, GID + 1)
-    assert [e["path"] for e in read_file(env.active)] == [fresh, stale]
-    assert [e["path"] for e in registry.entries()] == [fresh, stale]
+        self.assertEqual(registry.entries(), [])
+        self.assertFalse(os.path.exists(env.active))
 
+    async def test_stop_accepting_keeps_files_and_restart_resumes(self) -> None:
+        env = self.env
+        from twisted.internet import reactor
 
-@pytest_twisted.ensureDeferred
-async def test_resume_without_file_is_empty(env: Any) -> None:
-    registry = env.registry()
-    await registry.resume()
-    assert registry.entries() == []
-    assert not os.path.exists(env.active)
-
-
-@pytest_twisted.ensureDeferred
-async def test_stop_accepting_keeps_files_and_restart_resumes(env: Any) -> None:
-    from twisted.internet import reactor
-
-    registry = env.registry()
-    paths = [env.path("k1.sock"), env.path("k2.sock")]
-    for p in paths:
-        await registry.create(Service.SWTPM, VM1, GID, p)
-    before = read_file(env.active)
-    await registry.stop_accepting()
-    for p in paths:
-        st = os.stat(p)
-        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
-        assert not accepts(p)
-        assert not os.path.exists(p + KEEP_SUFFIX)
-    assert read_file(env.active) == before
-    with pytest.raises(RuntimeError):
-        await registry.create(Service.SWTPM, VM2, GID, env.path("late.sock"))
-    # The restart.
-    again = env.registry()
-    await again.resume()
-    for p in paths:
-        assert (await http_get(reactor, p)).endswith(f"Swtpm {VM1}".encode())
-    assert read_file(env.active) == before
+        registry = env.registry()
+        paths = [env.path("k1.sock"), env.path("k2.sock")]
+        for p in paths:
+            await registry.create(Service.SWTPM, VM1, GID, p)
+        before = read_file(env.active)
+        await registry.stop_accepting()
+        for p in paths:
+            st = os.stat(p)
+            self.assertTrue(stat.S_ISSOCK(st.st_mode))
+            self.assertEqual(stat.S_IMODE(st.st_mode), 0o660)
+            self.assertFalse(accepts(p))
+            self.assertFalse(os.path.exists(p + KEEP_SUFFIX))
+        self.assertEqual(read_file(env.active), before)
+        with self.assertRaises(RuntimeError):
+            await registry.create(Service.SWTPM, VM2, GID, env.path("late.sock"))
+        # The restart.
+        again = env.registry()
+        await again.resume()
+        for p in paths:
+            self.assertTrue((await http_get(reactor, p)).endswith(f"Swtpm {VM1}".encode()))
+        self.assertEqual(read_file(env.active), before)
 
 
 # -- synchronous ---------------------------------------------------------------
@@ -482,13 +485,13 @@ def handed(pairs: list[tuple[str, int]]) -> Callable[[], list[Any]]:
     return lambda: passed
 
 
-def successor(env: Any, pairs: list[tuple[str, int]], **kwargs: Any) -> SocketRegistry:
+def successor(env: Env, pairs: list[tuple[str, int]], **kwargs: Any) -> SocketRegistry:
     handover = Handover(FdStore(Clock(), environ={}), take=handed(pairs))
     handover.inherit()
     return env.registry(handover=handover, **kwargs)
 
 
-def predecessor(env: Any, **kwargs: Any) -> tuple[SocketRegistry, Any]:
+def predecessor(env: Env, **kwargs: Any) -> tuple[SocketRegistry, Any]:
     handover = Handover(FdStore(Clock(), environ={}), take=list)
     handover.reexec_pending = True  # a successor takes the sockets
     return env.registry(handover=handover, **kwargs), handover
@@ -520,139 +523,140 @@ def answer_of(s: socket.socket) -> bytes:
     return data
 
 
-@pytest_twisted.ensureDeferred
-async def test_handover_keeps_sockets_and_the_successor_serves_the_backlog(env: Any) -> None:
-    from twisted.internet import reactor, threads
+class HandoverTests(RealSocketTestCase):
+    async def test_handover_keeps_sockets_and_the_successor_serves_the_backlog(self) -> None:
+        env = self.env
+        from twisted.internet import reactor, threads
 
-    old, _ = predecessor(env)
-    paths = [env.path("h1.sock"), env.path("h2.sock")]
-    await old.create(Service.SWTPM, VM1, GID, paths[0])
-    await old.create(Service.VARSTORED, VM2, GID + 1, paths[1])
-    await old.stop_accepting()
-    await old.wait_closed()
-    pairs = old.handed_over()
-    assert sorted(n.startswith("xgd-") for n, _ in pairs) == [True, True]
-    # Between the two processes: files kept, connections wait in the backlog.
-    waiting = [connect_and_send(p) for p in paths]
-    for p in paths:
-        assert stat.S_ISSOCK(os.stat(p).st_mode)
-    new = successor(env, pairs)
-    old_process_exits(old, pairs)
-    with capturedLogs() as events:
-        await new.resume()
-    answers = await gatherResults([threads.deferToThread(answer_of, s) for s in waiting])
-    assert answers[0].endswith(f"Swtpm {VM1}".encode())
-    assert answers[1].endswith(f"Varstored {VM2}".encode())
-    assert [e["adopted"] for e in events if "adopted" in e] == [2]
-    assert not [e for e in events if e["log_level"].name in ("warn", "error")]
-    st = os.stat(paths[1])
-    assert stat.S_IMODE(st.st_mode) == 0o660
-    assert (await http_get(reactor, paths[0])).endswith(f"Swtpm {VM1}".encode())
-    assert queued_connections(paths[0], 128) == 128  # --listen-backlog kept
-
-
-@pytest_twisted.ensureDeferred
-async def test_handover_file_is_the_truth(env: Any) -> None:
-    """A socket destroyed during the handover listens afresh; one whose
-    entry left the file is closed (its file left, refusing); a stale
-    descriptor and a foreign socket are closed; one log line each."""
-    from twisted.internet import reactor
-
-    old, _ = predecessor(env)
-    kept, gone, dropped = env.path("k.sock"), env.path("g.sock"), env.path("d.sock")
-    for p in (kept, gone, dropped):
-        await old.create(Service.SWTPM, VM1, GID, p)
-    await old.stop_accepting()
-    pairs = old.handed_over()
-    os.unlink(gone)  # destroyed behind our back during the handover
-    activefile.save(env.active, [e for e in activefile.load(env.active) if e.path != dropped])
-    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    foreign.bind(env.path("f.sock"))
-    foreign.listen(1)
-    r, w = os.pipe()
-    os.close(w)
-    with capturedLogs() as events:
-        new = successor(env, [*pairs, ("xgd-1-2-3", r), ("foreign", foreign.fileno())])
+        old, _ = predecessor(env)
+        paths = [env.path("h1.sock"), env.path("h2.sock")]
+        await old.create(Service.SWTPM, VM1, GID, paths[0])
+        await old.create(Service.VARSTORED, VM2, GID + 1, paths[1])
+        await old.stop_accepting()
+        await old.wait_closed()
+        pairs = old.handed_over()
+        self.assertEqual(sorted(n.startswith("xgd-") for n, _ in pairs), [True, True])
+        # Between the two processes: files kept, connections wait in the backlog.
+        waiting = [connect_and_send(p) for p in paths]
+        for p in paths:
+            self.assertTrue(stat.S_ISSOCK(os.stat(p).st_mode))
+        new = successor(env, pairs)
         old_process_exits(old, pairs)
-        foreign.close()
-        os.close(r)
-        await new.resume()
-    warned = {e.get("path"): e["reason"] for e in events if e["log_level"].name == "warn"}
-    assert warned == {gone: "its socket file is gone",
-                      dropped: "not in the active sockets file",
-                      "no path": "not a socket",
-                      env.path("f.sock"): "not in the active sockets file"}
-    assert (await http_get(reactor, kept)).endswith(f"Swtpm {VM1}".encode())
-    assert (await http_get(reactor, gone)).endswith(f"Swtpm {VM1}".encode())  # afresh
-    assert os.path.exists(dropped) and not accepts(dropped)
-    assert sorted(e["path"] for e in new.entries()) == sorted([kept, gone])
+        with capturedLogs() as events:
+            await new.resume()
+        answers = await gatherResults([threads.deferToThread(answer_of, s) for s in waiting])
+        self.assertTrue(answers[0].endswith(f"Swtpm {VM1}".encode()))
+        self.assertTrue(answers[1].endswith(f"Varstored {VM2}".encode()))
+        self.assertEqual([e["adopted"] for e in events if "adopted" in e], [2])
+        self.assertFalse([e for e in events if e["log_level"].name in ("warn", "error")])
+        st = os.stat(paths[1])
+        self.assertEqual(stat.S_IMODE(st.st_mode), 0o660)
+        self.assertTrue((await http_get(reactor, paths[0])).endswith(f"Swtpm {VM1}".encode()))
+        self.assertEqual(queued_connections(paths[0], 128), 128)  # --listen-backlog kept
 
+    async def test_handover_file_is_the_truth(self) -> None:
+        """A socket destroyed during the handover listens afresh; one whose
+        entry left the file is closed (its file left, refusing); a stale
+        descriptor and a foreign socket are closed; one log line each."""
+        env = self.env
+        from twisted.internet import reactor
 
-@pytest_twisted.ensureDeferred
-async def test_handover_of_a_socket_replaced_during_it(env: Any) -> None:
-    old, _ = predecessor(env)
-    path = env.path("r.sock")
-    await old.create(Service.SWTPM, VM1, GID, path)
-    await old.stop_accepting()
-    pairs = old.handed_over()
-    os.unlink(path)
-    stale_socket(path)  # someone else's file at the path now
-    new = successor(env, pairs)
-    old_process_exits(old, pairs)
-    with capturedLogs() as events:
-        await new.resume()
-    assert [e["reason"] for e in events if e["log_level"].name == "warn"] == [
-        "its socket file was replaced"]
-    assert accepts(path)
+        old, _ = predecessor(env)
+        kept, gone, dropped = env.path("k.sock"), env.path("g.sock"), env.path("d.sock")
+        for p in (kept, gone, dropped):
+            await old.create(Service.SWTPM, VM1, GID, p)
+        await old.stop_accepting()
+        pairs = old.handed_over()
+        os.unlink(gone)  # destroyed behind our back during the handover
+        activefile.save(env.active, [e for e in activefile.load(env.active) if e.path != dropped])
+        foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        foreign.bind(env.path("f.sock"))
+        foreign.listen(1)
+        r, w = os.pipe()
+        os.close(w)
+        with capturedLogs() as events:
+            new = successor(env, [*pairs, ("xgd-1-2-3", r), ("foreign", foreign.fileno())])
+            old_process_exits(old, pairs)
+            foreign.close()
+            os.close(r)
+            await new.resume()
+        warned = {e.get("path"): e["reason"] for e in events if e["log_level"].name == "warn"}
+        self.assertEqual(warned, {gone: "its socket file is gone",
+                          dropped: "not in the active sockets file",
+                          "no path": "not a socket",
+                          env.path("f.sock"): "not in the active sockets file"})
+        self.assertTrue((await http_get(reactor, kept)).endswith(f"Swtpm {VM1}".encode()))
+        self.assertTrue((await http_get(reactor, gone)).endswith(f"Swtpm {VM1}".encode()))  # afresh
+        self.assertTrue(os.path.exists(dropped))
+        self.assertFalse(accepts(dropped))
+        self.assertEqual(sorted(e["path"] for e in new.entries()), sorted([kept, gone]))
 
+    async def test_handover_of_a_socket_replaced_during_it(self) -> None:
+        env = self.env
+        old, _ = predecessor(env)
+        path = env.path("r.sock")
+        await old.create(Service.SWTPM, VM1, GID, path)
+        await old.stop_accepting()
+        pairs = old.handed_over()
+        os.unlink(path)
+        stale_socket(path)  # someone else's file at the path now
+        new = successor(env, pairs)
+        old_process_exits(old, pairs)
+        with capturedLogs() as events:
+            await new.resume()
+        self.assertEqual([e["reason"] for e in events if e["log_level"].name == "warn"], [
+            "its socket file was replaced"])
+        self.assertTrue(accepts(path))
 
-@pytest_twisted.ensureDeferred
-async def test_stop_without_successor_closes_and_keeps_files(env: Any) -> None:
-    registry = env.registry(handover=Handover(FdStore(Clock(), environ={}), take=list))
-    path = env.path("c.sock")
-    await registry.create(Service.SWTPM, VM1, GID, path)
-    await registry.stop_accepting()
-    assert registry.handed_over() == []
-    assert not accepts(path) and os.path.exists(path)
+    async def test_stop_without_successor_closes_and_keeps_files(self) -> None:
+        env = self.env
+        registry = env.registry(handover=Handover(FdStore(Clock(), environ={}), take=list))
+        path = env.path("c.sock")
+        await registry.create(Service.SWTPM, VM1, GID, path)
+        await registry.stop_accepting()
+        self.assertEqual(registry.handed_over(), [])
+        self.assertFalse(accepts(path))
+        self.assertTrue(os.path.exists(path))
 
+    async def test_sockets_go_to_the_fd_store_and_leave_it_when_destroyed(self) -> None:
+        env = self.env
+        from twisted.internet import reactor
 
-@pytest_twisted.ensureDeferred
-async def test_sockets_go_to_the_fd_store_and_leave_it_when_destroyed(env: Any) -> None:
-    from twisted.internet import reactor
+        from xguard.testing.fakesystemd import receive
 
-    from xguard.testing.fakesystemd import receive
+        manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        manager.bind(env.path("notify"))
+        store = FdStore(reactor, environ={"NOTIFY_SOCKET": env.path("notify")})
+        registry = env.registry(handover=Handover(store, take=list))
+        path = env.path("s.sock")
+        await registry.create(Service.SWTPM, VM1, GID, path)
+        stored = receive(manager, 5)
+        (fd,) = stored.fds
+        with socket.socket(fileno=fd) as copy:
+            self.assertEqual(copy.getsockname(), path)
+        name = stored.fields["FDNAME"]
+        self.assertTrue(name.startswith("xgd-"))
+        self.assertNotEqual(str(os.stat(path).st_ino), name)  # hex inode
+        await registry.destroy(Service.SWTPM, GID, path)
+        self.assertEqual(receive(manager, 5).fields, {"FDSTOREREMOVE": "1", "FDNAME": name})
+        manager.close()
 
-    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    manager.bind(env.path("notify"))
-    store = FdStore(reactor, environ={"NOTIFY_SOCKET": env.path("notify")})
-    registry = env.registry(handover=Handover(store, take=list))
-    path = env.path("s.sock")
-    await registry.create(Service.SWTPM, VM1, GID, path)
-    stored = receive(manager, 5)
-    (fd,) = stored.fds
-    with socket.socket(fileno=fd) as copy:
-        assert copy.getsockname() == path
-    name = stored.fields["FDNAME"]
-    assert name.startswith("xgd-") and str(os.stat(path).st_ino) != name  # hex inode
-    await registry.destroy(Service.SWTPM, GID, path)
-    assert receive(manager, 5).fields == {"FDSTOREREMOVE": "1", "FDNAME": name}
-    manager.close()
-
-
-@pytest_twisted.ensureDeferred
-async def test_sockets_with_clients_waiting_are_adopted_first(env: Any) -> None:
-    old, _ = predecessor(env)
-    paths = [env.path(f"o{i}.sock") for i in range(4)]
-    for p in paths:
-        await old.create(Service.SWTPM, VM1, GID, p)
-    await old.stop_accepting()
-    pairs = old.handed_over()
-    waiting = connect_and_send(paths[2])  # a VM writing during the restart
-    new = successor(env, pairs)
-    old_process_exits(old, pairs)
-    with capturedLogs() as events:
-        await new.resume()
-    resumed = [e["path"] for e in events if e.get("log_format", "").startswith("resumed {service}")]
-    assert resumed[0] == paths[2] and sorted(resumed) == sorted(paths)
-    assert [e["path"] for e in new.entries()] == paths  # the file's order is kept
-    waiting.close()
+    async def test_sockets_with_clients_waiting_are_adopted_first(self) -> None:
+        env = self.env
+        old, _ = predecessor(env)
+        paths = [env.path(f"o{i}.sock") for i in range(4)]
+        for p in paths:
+            await old.create(Service.SWTPM, VM1, GID, p)
+        await old.stop_accepting()
+        pairs = old.handed_over()
+        waiting = connect_and_send(paths[2])  # a VM writing during the restart
+        new = successor(env, pairs)
+        old_process_exits(old, pairs)
+        with capturedLogs() as events:
+            await new.resume()
+        resumed = [e["path"] for e in events
+                   if e.get("log_format", "").startswith("resumed {service}")]
+        self.assertEqual(resumed[0], paths[2])
+        self.assertEqual(sorted(resumed), sorted(paths))
+        self.assertEqual([e["path"] for e in new.entries()], paths)  # the file's order is kept
+        waiting.close()

@@ -10,8 +10,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import skipIf
 
-import pytest
+from twisted.trial.unittest import SynchronousTestCase
 
 from xguard.daemon.config import (
     DEFAULT_CONTROL,
@@ -25,8 +26,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 UNIT = os.path.join(REPO, "contrib", "xguard.service")
 MAN_PAGE = os.path.join(REPO, "doc", "xguard.8")
 ANALYZE = shutil.which("systemd-analyze")
-needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed "
-                                   "(apt-get install systemd)")
+needs_analyze = skipIf(ANALYZE is None, "systemd-analyze is not installed "
+                       "(apt-get install systemd)")
 
 
 def _settings() -> dict[str, list[str]]:
@@ -44,85 +45,88 @@ def _exec_start() -> list[str]:
     return shlex.split(_settings()["ExecStart"][0])
 
 
-@needs_analyze
-def test_systemd_analyze_verify() -> None:
-    """Run against a copy whose ExecStart names an executable that exists
-    here (the installed xguard command when there is one), with the man page
-    the unit's Documentation= names on MANPATH, as an install puts it."""
-    xguard = os.path.join(os.path.dirname(sys.executable), "xguard")
-    binary = xguard if os.access(xguard, os.X_OK) else shutil.which("true")
-    with tempfile.TemporaryDirectory(prefix="xg") as d:
-        os.makedirs(os.path.join(d, "man", "man8"))
-        shutil.copy(MAN_PAGE, os.path.join(d, "man", "man8"))
-        with open(UNIT) as f:
-            text = f.read().replace("/usr/bin/xguard", str(binary))
-        with open(os.path.join(d, "xguard.service"), "w") as f:
-            f.write(text)
-        proc = subprocess.run([str(ANALYZE), "verify", os.path.join(d, "xguard.service")],
-                              capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "MANPATH": os.path.join(d, "man")})
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "xguard.service" not in proc.stdout + proc.stderr
+class UnitFileTests(SynchronousTestCase):
+    @needs_analyze
+    def test_systemd_analyze_verify(self) -> None:
+        """Run against a copy whose ExecStart names an executable that exists
+        here (the installed xguard command when there is one), with the man page
+        the unit's Documentation= names on MANPATH, as an install puts it."""
+        xguard = os.path.join(os.path.dirname(sys.executable), "xguard")
+        binary = xguard if os.access(xguard, os.X_OK) else shutil.which("true")
+        with tempfile.TemporaryDirectory(prefix="xg") as d:
+            os.makedirs(os.path.join(d, "man", "man8"))
+            shutil.copy(MAN_PAGE, os.path.join(d, "man", "man8"))
+            with open(UNIT) as f:
+                text = f.read().replace("/usr/bin/xguard", str(binary))
+            with open(os.path.join(d, "xguard.service"), "w") as f:
+                f.write(text)
+            proc = subprocess.run([str(ANALYZE), "verify", os.path.join(d, "xguard.service")],
+                                  capture_output=True, text=True, timeout=120,
+                                  env={**os.environ, "MANPATH": os.path.join(d, "man")})
+        self.assertEqual(proc.returncode, 0, proc.stdout + proc.stderr)
+        self.assertNotIn("xguard.service", proc.stdout + proc.stderr)
 
+    @needs_analyze
+    def test_security_exposure_is_low(self) -> None:
+        proc = subprocess.run([str(ANALYZE), "security", "--offline=true", UNIT],
+                              capture_output=True, text=True, timeout=120)
+        found = re.search(r"Overall exposure level for xguard.service: (\d+\.\d+)", proc.stdout)
+        self.assertTrue(found, proc.stdout + proc.stderr)
+        self.assertLessEqual(float(found.group(1)), 2.6)  # doc/operations.md reports it
 
-@needs_analyze
-def test_security_exposure_is_low() -> None:
-    proc = subprocess.run([str(ANALYZE), "security", "--offline=true", UNIT],
-                          capture_output=True, text=True, timeout=120)
-    found = re.search(r"Overall exposure level for xguard.service: (\d+\.\d+)", proc.stdout)
-    assert found, proc.stdout + proc.stderr
-    assert float(found.group(1)) <= 2.6  # doc/operations.md reports it
+    def test_upstream_ordering_and_start_limits(self) -> None:
+        s = _settings()
+        self.assertGreaterEqual(set(" ".join(s["Before"]).split()),
+                                {"xapi-domains.service", "xenopsd-xc.service"})
+        self.assertEqual(s["PartOf"], ["toolstack.target"])
+        self.assertEqual(s["Type"], ["notify"])
+        self.assertGreater(int(s["StartLimitBurst"][0]), 0)
+        self.assertTrue(s["StartLimitIntervalSec"])
+        self.assertEqual(s["Documentation"], ["man:xguard(8)"])
 
+    def test_documentation_is_installed(self) -> None:
+        import tomllib
 
-def test_upstream_ordering_and_start_limits() -> None:
-    s = _settings()
-    assert set(" ".join(s["Before"]).split()) >= {"xapi-domains.service", "xenopsd-xc.service"}
-    assert s["PartOf"] == ["toolstack.target"]
-    assert s["Type"] == ["notify"]
-    assert int(s["StartLimitBurst"][0]) > 0 and s["StartLimitIntervalSec"]
-    assert s["Documentation"] == ["man:xguard(8)"]
+        with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+            data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
+        self.assertEqual(data_files["share/man/man8"], ["doc/xguard.8"])
 
+    def test_exec_start_parses_and_matches_the_sandbox(self) -> None:
+        argv = _exec_start()
+        self.assertEqual(argv[0], "/usr/bin/xguard")
+        config = _ServerOptions()
+        config.parseOptions(split_argv(argv[1:]))
+        options = config.subOptions.config
+        s = _settings()
+        # The state directory is the one systemd creates and leaves writable.
+        self.assertEqual(options.state_dir, DEFAULT_STATE_DIR)
+        self.assertEqual(DEFAULT_STATE_DIR, "/var/lib/" + s["StateDirectory"][0])
+        # The control socket, the active list and the domain sockets are in /run.
+        writable = " ".join(s["ReadWritePaths"]).split()
+        self.assertIn("/run", writable)
+        self.assertEqual(options.control, DEFAULT_CONTROL)
+        self.assertTrue(options.control_path.startswith(
+            "/run/" + s["RuntimeDirectory"][0] + "/"))
+        self.assertEqual(options.sockets_file, DEFAULT_SOCKETS_FILE)
+        self.assertTrue(options.sockets_file.startswith("/run/"))
+        # The fault switch in the host's /tmp stays visible.
+        self.assertTrue(FAULT_FILE.startswith("/tmp/"))
+        self.assertEqual(s.get("PrivateTmp", ["no"]), ["no"])
+        # Chowning sockets to a VM's group needs CAP_CHOWN and the host's ids.
+        self.assertIn("CAP_CHOWN", s["CapabilityBoundingSet"][0].split())
+        self.assertNotIn("PrivateUsers", s)
+        # The open-files limit xguard raises its soft limit to.
+        soft, hard = s["LimitNOFILE"][0].split(":")
+        self.assertGreaterEqual(int(hard), 65536)
+        self.assertLessEqual(int(soft), int(hard))
 
-def test_documentation_is_installed() -> None:
-    import tomllib
-
-    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
-        data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
-    assert data_files["share/man/man8"] == ["doc/xguard.8"]
-
-
-def test_exec_start_parses_and_matches_the_sandbox() -> None:
-    argv = _exec_start()
-    assert argv[0] == "/usr/bin/xguard"
-    config = _ServerOptions()
-    config.parseOptions(split_argv(argv[1:]))
-    options = config.subOptions.config
-    s = _settings()
-    # The state directory is the one systemd creates and leaves writable.
-    assert options.state_dir == DEFAULT_STATE_DIR == "/var/lib/" + s["StateDirectory"][0]
-    # The control socket, the active list and the domain sockets are in /run.
-    writable = " ".join(s["ReadWritePaths"]).split()
-    assert "/run" in writable
-    assert options.control == DEFAULT_CONTROL and options.control_path.startswith(
-        "/run/" + s["RuntimeDirectory"][0] + "/")
-    assert options.sockets_file == DEFAULT_SOCKETS_FILE and options.sockets_file.startswith(
-        "/run/")
-    # The fault switch in the host's /tmp stays visible.
-    assert FAULT_FILE.startswith("/tmp/") and s.get("PrivateTmp", ["no"]) == ["no"]
-    # Chowning sockets to a VM's group needs CAP_CHOWN and the host's ids.
-    assert "CAP_CHOWN" in s["CapabilityBoundingSet"][0].split()
-    assert "PrivateUsers" not in s
-    # The open-files limit xguard raises its soft limit to.
-    soft, hard = s["LimitNOFILE"][0].split(":")
-    assert int(hard) >= 65536 and int(soft) <= int(hard)
-
-
-def test_fd_store_and_reload_keep_sockets_across_restarts() -> None:
-    """Issue 12: the fd store holds every socket of a large host (two per
-    VM plus the control socket), and reload is the in-place re-exec."""
-    s = _settings()
-    assert int(s["FileDescriptorStoreMax"][0]) >= 2 * 4096 + 1
-    assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
-    # The new process inherits every stored socket: they must fit.
-    assert int(s["LimitNOFILE"][0].split(":")[1]) > int(s["FileDescriptorStoreMax"][0])
-    assert "FileDescriptorStorePreserve" not in s  # unknown before systemd 254
+    def test_fd_store_and_reload_keep_sockets_across_restarts(self) -> None:
+        """Issue 12: the fd store holds every socket of a large host (two per
+        VM plus the control socket), and reload is the in-place re-exec."""
+        s = _settings()
+        self.assertGreaterEqual(int(s["FileDescriptorStoreMax"][0]), 2 * 4096 + 1)
+        self.assertEqual(s["ExecReload"], ["/bin/kill -HUP $MAINPID"])
+        # The new process inherits every stored socket: they must fit.
+        self.assertGreater(int(s["LimitNOFILE"][0].split(":")[1]),
+                           int(s["FileDescriptorStoreMax"][0]))
+        self.assertNotIn("FileDescriptorStorePreserve", s)  # unknown before systemd 254

@@ -93,15 +93,16 @@ class ControlPathTests(SynchronousTestCase):
         self.assertRaises(ValueError, Config, control="tcp:9999:interface=127.0.0.1")
 
 
-def test_the_reactor_provides_what_the_daemon_types_it_with() -> None:
-    """tap.py casts the global reactor to IDaemonReactor: every Twisted
-    interface that intersection names is one the installed reactor
-    declares (the intersections themselves are ours, declared by nobody)."""
-    from twisted.internet import reactor
+class ReactorTests(SynchronousTestCase):
+    def test_the_reactor_provides_what_the_daemon_types_it_with(self) -> None:
+        """tap.py casts the global reactor to IDaemonReactor: every Twisted
+        interface that intersection names is one the installed reactor
+        declares (the intersections themselves are ours, declared by nobody)."""
+        from twisted.internet import reactor
 
-    from xguard.interfaces import IDaemonReactor
+        from xguard.interfaces import IDaemonReactor
 
-    twisted_ones = [i for i in IDaemonReactor.__iro__
-                    if i.__module__.startswith("twisted.")]
-    assert twisted_ones
-    assert [i for i in twisted_ones if not i.providedBy(reactor)] == []
+        twisted_ones = [i for i in IDaemonReactor.__iro__
+                        if i.__module__.startswith("twisted.")]
+        self.assertTrue(twisted_ones)
+        self.assertEqual([i for i in twisted_ones if not i.providedBy(reactor)], [])
