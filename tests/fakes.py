@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from xguard.errors import NoVtpm, PermanentUpstreamError, TransientUpstreamError, UpstreamError
 from xguard.interfaces import IItemWriter, IUpstream
-from xguard.model import Service
+from xguard.model import Residence, Service
 from xguard.state.contents import VtpmContents
 from xguard.state.direct import DirectWriter
 from xguard.state.known import KnownState
@@ -36,8 +36,8 @@ class FakeUpstream:
     - ``fail_next(exc, n)``: the next ``n`` calls fail with ``exc``.
     - ``hold = True``: calls wait until ``release()`` (answers in order).
     - ``calls``: (method, args) of every call, for assertions.
-    - ``residence[vm] = ("Running", "host-b")``: where ``vm_residence`` says
-      the VM is (absent: halted, nowhere).
+    - ``residence[vm] = Residence("Running", "host-b", here=False)``: where
+      ``vm_residence`` says the VM is (absent: halted, nowhere).
     - another host writes by changing ``vtpms`` / ``vms`` directly.
     """
 
@@ -56,7 +56,10 @@ class FakeUpstream:
         self._failures: list[UpstreamError] = []
         self._refs = itertools.count()
         self.closed = False
-        self.residence: dict[str, tuple[str, str | None]] = {}
+        self.residence: dict[str, Residence] = {}
+        #: (vtpm, before, after, who) of every vTPM contents change, in the
+        #: order upstream applied them ("xguard", or "other" host).
+        self.history: list[tuple[str, str, str, str]] = []
 
     # -- scripting ---------------------------------------------------------
     def new_client(self) -> None:
@@ -157,10 +160,16 @@ class FakeUpstream:
             return self.vtpms[vtpm_uuid]
         return self._call("get_vtpm_contents", (vtpm_uuid,), run)
 
+    def other_host_writes(self, vtpm_uuid: str, contents: str) -> None:
+        """Another host's guard sets the vTPM's contents (HA, migration)."""
+        self.history.append((vtpm_uuid, self.vtpms[vtpm_uuid], contents, "other"))
+        self.vtpms[vtpm_uuid] = contents
+
     def set_vtpm_contents(self, vtpm_uuid: str, contents: str) -> "Deferred[None]":
         def run() -> None:
             if vtpm_uuid not in self.vtpms:
                 raise PermanentUpstreamError(["UUID_INVALID", "VTPM", vtpm_uuid])
+            self.history.append((vtpm_uuid, self.vtpms[vtpm_uuid], contents, "xguard"))
             self.vtpms[vtpm_uuid] = contents
         return self._call("set_vtpm_contents", (vtpm_uuid, contents), run)
 
@@ -187,10 +196,10 @@ class FakeUpstream:
     def confirm(self, vm_uuid: str) -> "Deferred[None]":
         return self._call("confirm", (vm_uuid,), lambda: None)
 
-    def vm_residence(self, vm_uuid: str) -> "Deferred[tuple[str, str | None] | None]":
-        def run() -> tuple[str, str | None]:
+    def vm_residence(self, vm_uuid: str) -> "Deferred[Residence | None]":
+        def run() -> Residence:
             self._vm(vm_uuid)
-            return self.residence.get(vm_uuid, ("Halted", None))
+            return self.residence.get(vm_uuid, Residence("Halted"))
         return self._call("vm_residence", (vm_uuid,), run)
 
     def forget(self, vm_uuid: str) -> None:

@@ -24,7 +24,7 @@ from ._internals.treq import TreqReactor
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
-    from .model import Base, Outcome, Service, TpmKey
+    from .model import Base, Outcome, Residence, Service, TpmKey
     from .status import UpstreamStatus
 
 __all__ = ["IUpstream", "IItemSink", "IVtpmSink", "INvramSink", "IItemWriter", "ISetAsideSource",
@@ -115,11 +115,10 @@ class IUpstream(Interface):
         it says, proves upstream answers calls made from now on (reported
         to ``reachability`` like any call's)."""
 
-    def vm_residence(vm_uuid: str) -> "Deferred[tuple[str, str | None] | None]":
-        """Deferred: the VM's power state (``Running``, ``Halted`` …) and
-        the name of the host it is resident on (None if none), as xapi says
-        now (VM.get_power_state, VM.get_resident_on); None for a store with
-        no other host (the embedded one)."""
+    def vm_residence(vm_uuid: str) -> "Deferred[Residence | None]":
+        """Deferred: where xapi says the VM runs now (its power state, the
+        host it is resident on, whether that is this host); None for a
+        store with no other host (the embedded one)."""
 
     def forget(vm_uuid: str) -> None:
         """Drop cached handles of a VM: its sockets were destroyed, so they

@@ -32,6 +32,7 @@ __all__ = [
     "Base",
     "DIRECT",
     "Outcome",
+    "Residence",
 ]
 
 
@@ -204,8 +205,12 @@ class Base:
       xguard's own lineage — every key's value in ``accept``, or already
       the value being delivered — else another writer changed it, and the
       write is set aside instead. ``accept`` None: the base is unknown
-      (files of the upstream daemon, or of xguard before it recorded
-      bases): delivered as before, with a log line.
+      (xguard never saw the VM's state before the write): delivered only
+      while the VM has run here without a break since the write
+      (``continuous``: no other host can have written it), else set aside
+      as unverified;
+    - ``legacy``: files of the upstream daemon, or of xguard before it
+      recorded bases: delivered as before (with a log line at start-up);
     - ``recovered``: the write was made before this process started (so
       the VM may have moved to another host meanwhile).
     """
@@ -213,6 +218,8 @@ class Base:
     check: bool = False
     accept: Accept | None = None
     recovered: bool = False
+    legacy: bool = False
+    continuous: bool = True
 
 
 #: A Direct write's base.
@@ -228,7 +235,9 @@ class Outcome:
       the deletion of its file);
     - ``conflict``: another writer changed upstream since the base: its
       value stays, ours is set aside;
-    - ``elsewhere``: the VM runs on another host: ours is set aside.
+    - ``elsewhere``: the VM runs on another host: ours is set aside;
+    - ``unverified``: nobody can say what the write was based on, and the
+      VM does not run here: ours is set aside.
 
     ``ours``: for a conflict, the whole state of the item as xguard's
     lineage has it (the base's values with ours over them), when it is
@@ -241,4 +250,20 @@ class Outcome:
 
     @property
     def set_aside(self) -> bool:
-        return self.kind in ("conflict", "elsewhere")
+        return self.kind in ("conflict", "elsewhere", "unverified")
+
+
+@attrs.frozen
+class Residence:
+    """Where xapi says a VM runs (VM.get_power_state, VM.get_resident_on)."""
+
+    power_state: str
+    #: The host's name (and reference), None when it runs nowhere.
+    host: str | None = None
+    #: Whether that host is the one xguard runs on (None: not known).
+    here: bool | None = None
+
+    @property
+    def elsewhere(self) -> bool:
+        """It runs (or is paused) on another host."""
+        return self.power_state in ("Running", "Paused") and self.here is not True

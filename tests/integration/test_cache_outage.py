@@ -36,6 +36,7 @@ from tests.integration.harness import (
     value,
     vtpm_fields,
 )
+from xguard.cache.entry import decode
 from xguard.testing.daemon import wait_for
 from xguard.testing.simclient import SimProcess
 from xguard.testing.unixhttp import UnixHTTPConnection, request
@@ -92,7 +93,7 @@ def test_vtpm_writes_survive_an_outage(hosts: Callable[..., Host], sim_up: SimPr
             path = os.path.join(item, names[0])
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
             with open(path, "rb") as f:
-                assert f.read() == value(vm["vm_uuid"], key, ROUNDS)
+                assert decode(f.read()).content == value(vm["vm_uuid"], key, ROUNDS)
             # Reads are served from the cache while xapi is down.
             assert get(vm["tpm"], key) == (200, value(vm["vm_uuid"], key, ROUNDS))
         assert request(vm["tpm"], "HEAD", KEYS[1])[0] == 200
@@ -159,7 +160,7 @@ def test_nvram_writes_survive_an_outage(hosts: Callable[..., Host], sim_up: SimP
         item = os.path.join(host.state_dir, "Varstored", vm["vm_uuid"], "0")
         names = only_latest_left(item)
         with open(os.path.join(item, names[0]), "rb") as f:
-            assert json.loads(f.read()) == {"value": last, "update": "yes"}
+            assert json.loads(decode(f.read()).content) == {"value": last, "update": "yes"}
         answer = rpc(vm["var"], "VM.get_NVRAM", "s", "vm")
         assert answer == {"Status": "Success", "Value": {"EFI-variables": last}}
     status = host.status("Varstored")

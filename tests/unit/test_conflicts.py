@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cachehelpers import VM1, VM2, Env
 from xguard.errors import PermanentUpstreamError, ResolutionRefused, TransientUpstreamError
-from xguard.model import NvramWrite
+from xguard.model import NvramWrite, Residence
 
 
 class Base(SynchronousTestCase):
@@ -144,7 +144,7 @@ class OtherWriterTests(Base):
         self.up.down = True
         self.successResultOf(self.cache.write(VM1, 0, b"p2"))
         self.restart(live=set())  # the host crashed: /run is gone, no socket comes back
-        self.up.residence[VM1] = ("Running", "host-b")
+        self.up.residence[VM1] = Residence("Running", "host-b", here=False)
         self.up.down = False
         self.env.settle()
         self.assertEqual(self.env.tpm(VM1), "p s v")  # untouched, although still the base
@@ -274,7 +274,7 @@ class HeldTests(Base):
         self.successResultOf(self.cache.write(VM2, 0, b"p2"))  # its state never seen
         self.up.vtpms[self.vtpm(VM2)] = "p3 s3 v3"
         self.restart(live=set())
-        self.up.residence[VM2] = ("Running", "host-b")
+        self.up.residence[VM2] = Residence("Running", "host-b", here=False)
         self.up.down = False
         self.env.settle()
         (item,) = self.aside()

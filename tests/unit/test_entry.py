@@ -21,9 +21,9 @@ class EntryTests(SynchronousTestCase):
     def test_earlier_formats_are_read_with_an_unknown_base(self) -> None:
         """The upstream daemon's files hold the key exactly as received;
         xguard's earlier NVRAM files its JSON record."""
-        self.assertEqual(decode(b"AAECAwQ="), Entry(b"AAECAwQ="))
+        self.assertEqual(decode(b"AAECAwQ="), Entry(b"AAECAwQ=", legacy=True))
         record = NvramWrite("VkFMVUU=", "yes").encode()
-        self.assertEqual(decode(record), Entry(record))
+        self.assertEqual(decode(record), Entry(record, legacy=True))
 
     def test_a_zero_length_file_is_damaged(self) -> None:
         with self.assertRaises(Damaged):

@@ -189,7 +189,7 @@ class KnownTests(SynchronousTestCase):
         # Moved aside (never served) and reported; the rest carries on.
         self.assertFalse(os.path.exists(path))
         self.assertTrue(os.path.exists(os.path.join(self.root, "quarantine", KNOWN, VM, "vtpm")))
-        self.assertIn("the vtpm copy of VM %s is damaged (checksum mismatch)" % VM,
+        self.assertIn(f"the vtpm copy of VM {VM} is damaged (checksum mismatch)",
                       self.logged())
         self.assertEqual(again.damaged, 1)
         self.successResultOf(again.record_tpm(VM, TpmState("q")))

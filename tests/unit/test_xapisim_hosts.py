@@ -45,6 +45,9 @@ class ResidenceTests(SynchronousTestCase):
         self.assertEqual(self.d.call("VM.get_power_state", [self.session, ref]), "Running")
         host = self.d.call("VM.get_resident_on", [self.session, ref])
         self.assertEqual(self.d.call("host.get_name_label", [self.session, host]), "host-b")
+        this = self.d.call("session.get_this_host", [self.session, self.session])
+        self.assertEqual(self.d.call("host.get_name_label", [self.session, this]), "host-a")
+        self.assertNotEqual(this, host)
         self.assertEqual(self.d.call("VM.get_record", [self.session, ref])["power_state"],
                          "Running")
         with self.assertRaises(XapiError) as cm:

@@ -119,7 +119,9 @@ class WriteBackCache:
 
     def vm_gone(self, vm: str) -> "Deferred[None]":
         """``vm``'s last socket was destroyed: what was set aside for it is
-        no longer read (a VM started again reads upstream's state)."""
+        no longer read (a VM started again reads upstream's state), and its
+        writes whose base is unknown can no longer be delivered blindly."""
+        self.lineage.vm_gone(vm)
         return self.aside.release(vm)
 
     def start(self) -> None:

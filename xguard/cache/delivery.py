@@ -59,6 +59,7 @@ class _Versions(Protocol):
     """The versions on disk (:class:`~xguard.cache.pending.PendingVersions`)."""
 
     recovered: set[Version]
+    lives: dict[Version, int]
 
     async def snapshot(self, vm: str,
                        keys: Iterable[int]) -> dict[int, tuple[Version, Entry]]: ...
@@ -121,7 +122,10 @@ class Deliveries:
         base = Base(check=True,
                     accept=self.lineage.for_delivery(
                         vm, [entry.accept for _, entry in snapshot.values()]),
-                    recovered=any(v in self.versions.recovered for v in versions))
+                    recovered=any(v in self.versions.recovered for v in versions),
+                    legacy=any(entry.legacy for _, entry in snapshot.values()),
+                    continuous=all(self.versions.lives.get(v, 0) == self.lineage.life(vm)
+                                   for v in versions))
         self.lineage.sending(vm, contents)
         try:
             outcome = await maybeDeferred(self.sink.deliver, vm, contents, base)

@@ -47,8 +47,11 @@ class Entry:
 
     content: bytes
     #: What upstream may hold for this write to be delivered over it
-    #: (None: unknown: a file of an earlier format).
+    #: (None: unknown).
     accept: Accept | None = None
+    #: A file of an earlier format (the upstream daemon's, or xguard's
+    #: before it recorded bases).
+    legacy: bool = False
 
 
 def encode(entry: Entry) -> bytes:
@@ -69,7 +72,7 @@ def decode(raw: bytes) -> Entry:
     if MAGIC.startswith(raw):
         raise Damaged("torn in its header")
     if not is_sealed(raw):
-        return Entry(raw)  # the upstream daemon's, or xguard's earlier format
+        return Entry(raw, legacy=True)  # the upstream daemon's, or xguard's earlier format
     version, payload = unseal(raw, KIND)
     if version != VERSION:
         raise Damaged(f"entry format {version}, this xguard reads {VERSION}")

@@ -19,6 +19,12 @@ xguard knows (the sink recorded it): the sent values are forgotten, and
 the next chain starts from that state. A delivery is checked against the
 union of what its files recorded and what is in flight now; whatever else
 upstream holds was written by someone else.
+
+When xguard never saw the VM's state (its last known state was not kept),
+a write's base is unknown. Such a write can only be delivered while no
+other host can have written since: while its VM has run here without a
+break since the write. Each VM's *life* here counts the times it lost its
+last socket; a version records the life it was written in.
 """
 
 from __future__ import annotations
@@ -64,6 +70,15 @@ class Lineage:
         self.service = service
         self._last_seen = last_seen
         self._sent: dict[str, dict[int, set[str]]] = {}
+        self._lives: dict[str, int] = {}
+
+    def life(self, vm: str) -> int:
+        """How many times ``vm`` lost its last socket here since the start."""
+        return self._lives.get(vm, 0)
+
+    def vm_gone(self, vm: str) -> None:
+        """``vm``'s last socket was destroyed: a new life starts."""
+        self._lives[vm] = self.life(vm) + 1
 
     def sending(self, vm: str, contents: Mapping[int, bytes]) -> None:
         """``contents`` is about to be sent upstream for ``vm``: until a

@@ -61,6 +61,9 @@ class PendingVersions:
         self.accepts: dict[Version, Accept | None] = {}
         #: Versions found at start-up: written before this process started.
         self.recovered: set[Version] = set()
+        #: The life of its VM each version was written in (lineage.life;
+        #: recovered ones: the first life of this process).
+        self.lives: dict[Version, int] = {}
         #: Why the disk refuses writes, and since when (None: it takes them).
         self.disk_error: str | None = None
         self.disk_error_since: float | None = None
@@ -186,6 +189,7 @@ class PendingVersions:
         older = []
         for version in written:
             self._record(version, sizes[version], accept)
+            self.lives[version] = self.lineage.life(batch.vm)
             older += [Version(version.item, t) for t in self.index[version.item]
                       if t < version.ts]
         if older:
@@ -367,6 +371,7 @@ class PendingVersions:
         self.sizes.pop(version, None)
         self.accepts.pop(version, None)
         self.recovered.discard(version)
+        self.lives.pop(version, None)
         versions = self.index.get(version.item)
         if versions is not None and version.ts in versions:
             versions.remove(version.ts)

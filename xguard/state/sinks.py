@@ -121,6 +121,9 @@ class VtpmSink:
                            "format", _ours(before, changes, base.accept))
         if await self.known.record_tpm(vm_uuid, now):
             self.confirmed.add(vtpm)
+        unverified = _unverified(self.known, vm_uuid, base)
+        if unverified is not None:
+            return Outcome("unverified", unverified, _ours(before, changes, base.accept))
         if base.accept is not None:
             foreign = [key.name.lower() for key in TpmKey
                        if now.get(key) != changes.get(key)
@@ -299,6 +302,9 @@ class NvramSink:
                 now = nvram.get(NVRAM_EFI_VARIABLES, "")
                 if now == write.value:
                     return ALREADY
+                unverified = _unverified(self.known, vm_uuid, base)
+                if unverified is not None:
+                    return Outcome("unverified", unverified, ours)
                 if base.accept is not None and digest(now) not in base.accept.get(0, ()):
                     return Outcome("conflict", "upstream's EFI variables changed since this "
                                    "write's base (another writer)", ours)
@@ -372,12 +378,21 @@ async def _elsewhere(upstream: IUpstream, known: KnownState, vm_uuid: str,
     if not base.recovered or known.is_live(vm_uuid):
         return None
     where = await upstream.vm_residence(vm_uuid)
-    if where is None:
+    if where is None or not where.elsewhere:
         return None
-    power_state, host = where
-    if power_state not in ("Running", "Paused"):
+    return f"the VM is {where.power_state.lower()} on host {where.host or 'unknown'}"
+
+
+def _unverified(known: KnownState, vm_uuid: str, base: Base) -> str | None:
+    """Why a write whose base nobody recorded must not be delivered: its VM
+    has not run here without a break since, so another host may have
+    written. Files of the upstream daemon's format are delivered as before."""
+    if base.accept is not None or base.legacy or (base.continuous
+                                                  and known.is_live(vm_uuid)):
         return None
-    return f"the VM is {power_state.lower()} on host {host or 'unknown'}"
+    return ("its base is unknown (xguard had not seen the VM's state when it was written) "
+            "and the VM has not run here without a break since: another host may have "
+            "written since")
 
 
 def _ours(before: TpmState | None, changes: Mapping[TpmKey, str],

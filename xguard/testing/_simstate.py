@@ -98,6 +98,9 @@ class SimState:
         self.messages: dict[str, dict[str, Any]] = {}
         self.sessions: dict[str, str] = {}  # ref -> originator
         self.hosts: dict[str, str] = {}  # ref -> name label
+        #: The host the API's sessions are on (session.get_this_host): the
+        #: host xguard runs on.
+        self.this_host = "host-a"
         self.on_change: Callable[[], None] = lambda: None
 
     # -- seeding and reading back (tests, admin API) -------------------------
@@ -252,6 +255,8 @@ class Dispatcher:
             "VM.get_resident_on": (
                 lambda p: self._vm(p, 1).resident_on or "OpaqueRef:NULL", 2, 2, True),
             "host.get_name_label": (self._host_name, 2, 2, True),
+            "session.get_this_host": (lambda p: self.state.host(self.state.this_host), 2, 2,
+                                      True),
             "VTPM.get_by_uuid": (self._vtpm_by_uuid, 2, 2, True),
             "VTPM.get_uuid": (lambda p: self._vtpm(p, 1).uuid, 2, 2, True),
             "VTPM.get_VM": (lambda p: self._vtpm(p, 1).vm, 2, 2, True),

@@ -501,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--admin-socket", required=True, help="UNIX socket for the admin API")
     parser.add_argument("--peer-socket", help="UNIX socket serving the API to another host "
                         "(no mode or fault applies to it)")
+    parser.add_argument("--this-host", default="host-a",
+                        help="the name of the host the API's sessions are on "
+                        "(session.get_this_host) [host-a]")
     parser.add_argument("--state", help="JSON file the state is loaded from and saved to")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warn", "error"])
@@ -522,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         [FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])],
         redirectStandardIO=False)
     sim = Simulator(reactor, load_state(args.state) if args.state else None, args.state)
+    sim.state.this_host = args.this_host
     if args.socket:
         sim.listen_unix(args.socket)
     if args.tcp is not None:

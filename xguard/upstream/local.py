@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IUpstream
+from xguard.model import Residence
 from xguard.status import UpstreamStatus
 from xguard.upstream.reachability import Reachability
 from xguard.util.threads import Runner
@@ -264,7 +265,7 @@ class LocalStore:
         """The embedded store always answers."""
         return self._run(lambda conn: None)
 
-    def vm_residence(self, vm_uuid: str) -> Deferred[tuple[str, str | None] | None]:
+    def vm_residence(self, vm_uuid: str) -> Deferred[Residence | None]:
         """One host, no HA or migration: a VM never runs elsewhere."""
         return succeed(None)
 

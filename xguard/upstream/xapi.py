@@ -34,6 +34,7 @@ from xguard._internals.treq import FixedURL
 from xguard._internals.twisted_web import STALE_CONNECTION, ResponseDone
 from xguard.errors import NoVtpm, TransientUpstreamError, UpstreamError
 from xguard.interfaces import IClientReactor, IUpstream
+from xguard.model import Residence
 from xguard.status import UpstreamStatus
 from xguard.upstream.agent import MAX_PERSISTENT_PER_HOST, make_client, make_pool
 from xguard.upstream.calls import CallMonitor
@@ -194,6 +195,7 @@ class XapiUpstream:
         self._login: OneShotObserver[str] | None = None
         self._handles = handles if handles is not None else HandleCache()
         self._lookups: dict[tuple[str, str], OneShotObserver[str]] = {}
+        self._this: str | None = None  # this host's reference, once known
         self._calls = 0
         self.reachability = Reachability(reactor, self.description)
         self.calls = CallMonitor(reactor, self.description,
@@ -414,19 +416,37 @@ class XapiUpstream:
         return Deferred.fromCoroutine(
             self._call("message.create", name, priority, "VM", vm_uuid, body))
 
-    def vm_residence(self, vm_uuid: str) -> Deferred[tuple[str, str | None] | None]:
+    def vm_residence(self, vm_uuid: str) -> Deferred[Residence | None]:
         """VM.get_power_state and VM.get_resident_on; the host is named by
-        its name label when xapi gives it, else by its reference."""
-        async def ask() -> tuple[str, str | None] | None:
+        its name label when xapi gives it, and compared with this host
+        (``session.get_this_host``: the host of xguard's own session)."""
+        async def ask() -> Residence:
             power_state = str(await self._vm_call(vm_uuid, "VM.get_power_state"))
             host = str(await self._vm_call(vm_uuid, "VM.get_resident_on"))
             if host in ("", "OpaqueRef:NULL"):
-                return power_state, None
+                return Residence(power_state)
+            this = await self._this_host()
             try:
-                return power_state, f"{await self._call('host.get_name_label', host)} ({host})"
-            except UpstreamError:
-                return power_state, host
+                name = f"{await self._call('host.get_name_label', host)} ({host})"
+            except UpstreamError as e:
+                if _no_answer(e):
+                    raise
+                name = host
+            return Residence(power_state, name, None if this is None else this == host)
         return Deferred.fromCoroutine(ask())
+
+    async def _this_host(self) -> str | None:
+        """The reference of the host xguard runs on (cached): its session's
+        host. None when this xapi cannot tell (it answered an error)."""
+        if self._this is None:
+            session = await self._get_session()
+            try:
+                self._this = str(await self._rpc("session.get_this_host", session, session))
+            except UpstreamError as e:
+                if _no_answer(e):
+                    raise
+                return None
+        return self._this
 
     def confirm(self, vm_uuid: str) -> Deferred[None]:
         """VM.get_by_uuid, whose answer (even UUID_INVALID) proves xapi
@@ -464,6 +484,11 @@ class XapiUpstream:
 
 def _none(_: object) -> None:
     return None
+
+
+def _no_answer(error: UpstreamError) -> bool:
+    """xapi did not answer (as opposed to answering an API error)."""
+    return error.codes[0] in NO_ANSWER_CODES or error.codes[0] == "HTTP_ERROR"
 
 
 def xapi_upstream(reactor: IClientReactor, endpoint: str, timeout: float, *,
