@@ -47,7 +47,8 @@ class MetricsTests(SynchronousTestCase):
                 quarantined=(SetAside(id="Swtpm/" + VM, service="Swtpm", vm=VM, keys=(0,),
                                       kind="conflict", reason="R", since=950.0, held=False,
                                       complete=False, file="/q"),),
-                deadline_fallbacks=2, disk_error="No space left on device")},
+                deadline_fallbacks=2, disk_error="No space left on device",
+                stuck={VM: 900.0}, set_aside_total={"conflict": 4})},
             sockets={"Swtpm": 4, "Varstored": 4})
         self.metrics = Metrics(lambda: self.status, self.clock)
 
@@ -70,6 +71,13 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(value(m, "xguard_cache_oldest_pending_age_seconds", service="Swtpm"),
                          100)
         self.assertEqual(value(m, "xguard_cache_quarantined_items", service="Swtpm"), 1)
+        self.assertEqual(value(m, "xguard_cache_set_aside_items", service="Swtpm",
+                               kind="conflict"), 1)
+        self.assertEqual(value(m, "xguard_cache_set_aside_items", service="Swtpm",
+                               kind="damaged"), 0)
+        self.assertEqual(value(m, "xguard_cache_set_aside_total", service="Swtpm",
+                               kind="conflict"), 4)
+        self.assertEqual(value(m, "xguard_cache_stuck_vms", service="Swtpm"), 1)
         self.assertEqual(value(m, "xguard_cache_delivered_total", service="Swtpm"), 7)
         self.assertEqual(value(m, "xguard_cache_direct_deadline_fallbacks_total",
                                service="Swtpm"), 2)

@@ -42,6 +42,8 @@ from .config import unix_endpoint_path
 __all__ = ["Metrics", "MetricsListener", "MODES"]
 
 MODES = ("Direct", "Engaged", "Disengaged")
+#: Why a write is set aside (xguard.cache.aside), one series each.
+SET_ASIDE_KINDS = ("conflict", "elsewhere", "unverified", "refused", "damaged")
 
 #: Upstream call durations: a local xapi answers in milliseconds; the
 #: direct deadline is seconds; --xapi-timeout is minutes.
@@ -173,9 +175,19 @@ class _StatusCollector(Collector):
             "age": GaugeMetricFamily("xguard_cache_oldest_pending_age_seconds", "Age of the "
                                      "oldest write not yet delivered (0: none).",
                                      labels=["service"]),
-            "quarantined": GaugeMetricFamily("xguard_cache_quarantined_items", "Writes "
-                                             "upstream refused for good (see Status).",
-                                             labels=["service"]),
+            "quarantined": GaugeMetricFamily("xguard_cache_quarantined_items", "Writes set "
+                                             "aside, waiting for the operator (xguard-ctl "
+                                             "set-aside).", labels=["service"]),
+            "aside": GaugeMetricFamily("xguard_cache_set_aside_items", "Writes set aside now, "
+                                       "by why: conflict (another writer), elsewhere (the VM "
+                                       "runs on another host), unverified, refused, damaged.",
+                                       labels=["service", "kind"]),
+            "aside_total": CounterMetricFamily("xguard_cache_set_aside", "Writes set aside "
+                                               "since the start, by why.",
+                                               labels=["service", "kind"]),
+            "stuck": GaugeMetricFamily("xguard_cache_stuck_vms", "VMs whose cached writes have "
+                                       "failed for longer than --stuck-after.",
+                                       labels=["service"]),
             "disk": GaugeMetricFamily("xguard_cache_disk_error", "1 while the disk refuses "
                                       "cache writes (they fail, and clients retry).",
                                       labels=["service"]),
@@ -196,6 +208,12 @@ class _StatusCollector(Collector):
             families["age"].add_metric([name], 0 if svc.oldest_pending_since is None
                                        else max(0.0, now - svc.oldest_pending_since))
             families["quarantined"].add_metric([name], len(svc.quarantined))
+            for kind in SET_ASIDE_KINDS:
+                families["aside"].add_metric(
+                    [name, kind], sum(1 for item in svc.quarantined if item.kind == kind))
+                families["aside_total"].add_metric([name, kind],
+                                                   svc.set_aside_total.get(kind, 0))
+            families["stuck"].add_metric([name], len(svc.stuck))
             families["disk"].add_metric([name], int(svc.disk_error is not None))
             families["delivered"].add_metric([name], svc.delivered)
             families["fallbacks"].add_metric([name], svc.deadline_fallbacks)
