@@ -12,6 +12,8 @@ __all__ = [
     "PathInUse",
     "InvalidUUID",
     "InvalidPath",
+    "InvalidGid",
+    "SocketMismatch",
     "InvalidContents",
     "CacheUnavailable",
     "NoVtpm",
@@ -68,6 +70,16 @@ class InvalidUUID(ValueError):
 
 class InvalidPath(ValueError):
     """A socket path that is not absolute (or otherwise unusable)."""
+
+
+class InvalidGid(ValueError):
+    """Not a group id (0 to 2**32 - 2)."""
+
+
+class SocketMismatch(ValueError):
+    """A destroy names a socket by a service or gid it was not created
+    with: refused, the socket is left alone (the message says what it
+    serves)."""
 
 
 class InvalidContents(ValueError):

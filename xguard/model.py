@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from .errors import InvalidPath, InvalidUUID
+from .errors import InvalidGid, InvalidPath, InvalidUUID
 
 __all__ = [
     "Service",
@@ -27,6 +27,7 @@ __all__ = [
     "check_socket_path",
     "check_gid",
     "MAX_SOCKET_PATH_BYTES",
+    "MAX_GID",
     "digest",
     "Accept",
     "Base",
@@ -153,10 +154,12 @@ MAX_SOCKET_PATH_BYTES = 107
 
 
 def check_uuid(value: object, what: str = "VM") -> str:
-    """``value`` if it is a canonical UUID; InvalidUUID naming it otherwise."""
+    """``value`` in the one form xguard names VMs and vTPMs by (hyphenated,
+    lower case: xapi's), so ``6A1F…`` and ``6a1f…`` are one VM, never two;
+    InvalidUUID naming it when it is not a UUID of that shape."""
     if not isinstance(value, str) or not is_valid_uuid(value):
         raise InvalidUUID(f"invalid {what} uuid {value!r}")
-    return value
+    return value.lower()
 
 
 def check_socket_path(path: object) -> str:
@@ -172,10 +175,15 @@ def check_socket_path(path: object) -> str:
     return path
 
 
+#: The largest group id: gid_t is 32 bits, and (gid_t) -1 means "no change".
+MAX_GID = 2**32 - 2
+
+
 def check_gid(gid: object) -> int:
-    """``gid`` if it is a group id (a non-negative int); ValueError otherwise."""
-    if isinstance(gid, bool) or not isinstance(gid, int) or gid < 0:
-        raise ValueError(f"invalid gid {gid!r}")
+    """``gid`` if it is a group id (an int from 0 to MAX_GID); InvalidGid
+    naming it otherwise."""
+    if isinstance(gid, bool) or not isinstance(gid, int) or not 0 <= gid <= MAX_GID:
+        raise InvalidGid(f"invalid gid {gid!r}: a group id is a number from 0 to {MAX_GID}")
     return gid
 
 

@@ -36,6 +36,7 @@ from xguard.control.commands import (
 from xguard.control.server import ControlLocator, control_endpoint, control_factory
 from xguard.errors import (
     InvalidContents,
+    InvalidGid,
     InvalidPath,
     InvalidUUID,
     PathInUse,
@@ -174,6 +175,20 @@ class RegistryTests(ControlTestCase):
             e = self.error(VarstoreCreate, InvalidUUID, dbg="d", vm_uuid=bad, gid=1, path="/p")
             self.assertIn(repr(bad), str(e))
         self.assertEqual(self.registry.sockets, {})
+
+    def test_upper_case_uuids_are_one_vm(self) -> None:
+        """xapi's uuids are lower case: an upper-case one names the same VM
+        (it used to become a second identity whose reads failed)."""
+        self.ok(VtpmCreate, dbg="d", vm_uuid=VM.upper(), gid=5, path="/run/t.sock")
+        self.assertEqual(self.registry.sockets["/run/t.sock"]["vm_uuid"], VM)
+
+    def test_a_gid_out_of_range_is_a_clear_error(self) -> None:
+        for gid in (99999999999, 2**32 - 1, -1):
+            e = self.error(VarstoreCreate, InvalidGid, dbg="d", vm_uuid=VM, gid=gid,
+                           path="/run/v.sock")
+            self.assertIn(str(gid), str(e))
+        self.assertEqual(self.registry.sockets, {})
+        self.assertNotIn("Traceback", self.logged())
 
     def test_relative_path(self) -> None:
         e = self.error(VtpmCreate, InvalidPath, dbg="d", vm_uuid=VM, gid=1, path="run/sock")

@@ -112,6 +112,16 @@ class CommandTests(CtlTestCase):
         self.assertIn("PATH_IN_USE", err)
         self.assertIn("/run/t.sock", err)
 
+    def test_a_tcp_control_endpoint_is_a_usage_error(self) -> None:
+        """The control channel is a UNIX socket only: say so, rather than
+        'no such socket'."""
+        for argv in (("-c", "tcp:127.0.0.1:9", "status"), ("status", "-c", "tcp:9")):
+            code, out, err = self.ctl(*argv)
+            self.assertEqual((code, out), (2, ""))
+            self.assertIn("UNIX socket only", err)
+        self.assertEqual(self.connected_to, [])
+        self.assertEqual(self.ctl("-c", "unix:/run/x.sock", "status")[0], 0)
+
     def test_invalid_uuid_exits_1(self) -> None:
         code, _, err = self.ctl("vtpm_create", "dbg", "nope", "1", "/run/t.sock")
         self.assertEqual(code, 1)

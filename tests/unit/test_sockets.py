@@ -28,7 +28,7 @@ from xguard.domain import activefile
 from xguard.domain.activefile import Entry
 from xguard.domain.site import DomainSite
 from xguard.domain.sockets import BACKLOG, KEEP_SUFFIX, SocketRegistry, listen_backlog
-from xguard.errors import InvalidPath, InvalidUUID, PathInUse
+from xguard.errors import InvalidPath, InvalidUUID, PathInUse, SocketMismatch
 from xguard.interfaces import ISocketRegistry
 from xguard.model import Service
 from xguard.restart.fdstore import FdStore
@@ -348,6 +348,29 @@ class DestroyTests(RealSocketTestCase):
         # The path can be served again.
         await registry.create(Service.SWTPM, VM2, GID, swtpm)
         self.assertTrue(accepts(swtpm))
+
+    async def test_a_destroy_naming_another_service_or_gid_is_refused(self) -> None:
+        """The socket stays, served and recorded: the orchestrator named
+        another socket than the one at that path."""
+        env = self.env
+        registry = env.registry()
+        swtpm = env.path("m.sock")
+        await registry.create(Service.SWTPM, VM1, GID, swtpm)
+        for service, gid in ((Service.VARSTORED, GID), (Service.SWTPM, GID + 1)):
+            with self.assertRaises(SocketMismatch) as cm:
+                await registry.destroy(service, gid, swtpm)
+            self.assertIn(f"serves Swtpm of VM {VM1} with gid {GID}", str(cm.exception))
+        self.assertTrue(accepts(swtpm))
+        self.assertEqual([e["path"] for e in read_file(env.active)], [swtpm])
+        self.assertEqual(env.forgotten, [])
+
+    async def test_an_upper_case_uuid_is_the_same_vm(self) -> None:
+        env = self.env
+        registry = env.registry()
+        await registry.create(Service.SWTPM, VM1.upper(), GID, env.path("u1.sock"))
+        await registry.create(Service.VARSTORED, VM1, GID, env.path("u2.sock"))
+        self.assertEqual({e["vm_uuid"] for e in read_file(env.active)}, {VM1})
+        self.assertEqual(registry.vms(), {VM1})
 
 
 # -- resume / stop ------------------------------------------------------------

@@ -8,6 +8,7 @@ from twisted.protocols.amp import Command, Integer, Unicode
 
 from ..errors import (
     InvalidContents,
+    InvalidGid,
     InvalidPath,
     InvalidUUID,
     NotSetAside,
@@ -15,6 +16,7 @@ from ..errors import (
     PermanentUpstreamError,
     ResolutionRefused,
     RestartRefused,
+    SocketMismatch,
     TransientUpstreamError,
 )
 from .bigvalue import BigAmpList, BigUnicode
@@ -54,6 +56,8 @@ ERRORS: dict[type[Exception], bytes] = {
     PathInUse: b"PATH_IN_USE",
     InvalidUUID: b"INVALID_UUID",
     InvalidPath: b"INVALID_PATH",
+    InvalidGid: b"INVALID_GID",
+    SocketMismatch: b"SOCKET_MISMATCH",
     InvalidContents: b"INVALID_CONTENTS",
     PermanentUpstreamError: b"UPSTREAM_ERROR",
     TransientUpstreamError: b"UPSTREAM_UNAVAILABLE",

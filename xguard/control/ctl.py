@@ -503,9 +503,18 @@ def _cannot_connect(path: str, error: BaseException) -> str:
 
 
 def _control_path(option: str | None, environ: Mapping[str, str]) -> str:
+    """The control socket's path. The daemon's endpoint syntax is accepted
+    (``unix:/path``); any other endpoint is a usage error: the control
+    channel is a UNIX socket only (root's)."""
     path = option or environ.get("XGUARD_CONTROL") or DEFAULT_CONTROL
-    # Accept the daemon's endpoint syntax too (--control unix:/path).
-    return path[len("unix:"):] if path.startswith("unix:") else path
+    if path.startswith("unix:"):
+        return path[len("unix:"):]
+    scheme = path.split(":", 1)[0]
+    if ":" in path and not path.startswith("/") and scheme.isalnum():
+        raise usage.UsageError(
+            f"--control takes the control socket's path (or unix:PATH), not {path!r}: "
+            "the control channel listens on a UNIX socket only")
+    return path
 
 
 def _describe(error: BaseException) -> str:
@@ -552,7 +561,11 @@ async def _run(reactor: IClientReactor, argv: Sequence[str], stdout: IO[str], st
     if config.subCommand in ("status", "set-aside"):
         sub["now"], sub["tz"] = reactor.seconds(), tz
 
-    path = _control_path(sub["control"] or config["control"], environ)
+    try:
+        path = _control_path(sub["control"] or config["control"], environ)
+    except usage.UsageError as e:
+        stderr.write(f"xguard-ctl: {e}\n")
+        return 2
     if config.subCommand == "restart":
         sub["wait_ready"] = lambda timeout: _wait_ready(reactor, connect, path, timeout)
     try:

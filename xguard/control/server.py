@@ -26,7 +26,7 @@ from twisted.protocols import amp
 
 from ..errors import PathInUse
 from ..interfaces import IServerReactor, ISocketRegistry
-from ..model import Service, check_socket_path, check_uuid
+from ..model import Service, check_gid, check_socket_path, check_uuid
 from ..state.aside import SetAsideOps
 from ..state.contents import VtpmContents
 from ..status import DaemonStatus, to_json
@@ -80,7 +80,7 @@ class ControlLocator(amp.CommandLocator):
 
     @VtpmCreate.responder
     async def vtpm_create(self, dbg: str, vm_uuid: str, gid: int, path: str) -> dict[str, Any]:
-        await self._create(Service.SWTPM, dbg, vm_uuid, gid, path)
+        vm_uuid = await self._create(Service.SWTPM, dbg, vm_uuid, gid, path)
         # In the background: the orchestrator's vTPM calls that follow must
         # know this VM's vTPM even if upstream goes away meanwhile.
         self.vtpms.learn(vm_uuid).addErrback(
@@ -98,11 +98,13 @@ class ControlLocator(amp.CommandLocator):
         return {}
 
     async def _create(self, service: Service, dbg: str, vm_uuid: str, gid: int,
-                      path: str) -> None:
+                      path: str) -> str:
+        """Serve the socket; returns the VM's uuid in its canonical form."""
         op = f"{service.value}.create"
         self.log.info("{dbg}: {op} vm={vm_uuid} gid={gid} path={path}",
                       dbg=dbg, op=op, vm_uuid=vm_uuid, gid=gid, path=path)
-        check_uuid(vm_uuid, "VM")
+        vm_uuid = check_uuid(vm_uuid, "VM")
+        check_gid(gid)
         check_socket_path(path)
 
         async def create() -> None:
@@ -114,6 +116,7 @@ class ControlLocator(amp.CommandLocator):
                 raise PathInUse(f"socket path {path} is already in use ({e})") from e
 
         await self._run(dbg, op, create)
+        return vm_uuid
 
     async def _destroy(self, service: Service, dbg: str, gid: int, path: str) -> None:
         op = f"{service.value}.destroy"
@@ -131,7 +134,7 @@ class ControlLocator(amp.CommandLocator):
                                 contents: str) -> dict[str, Any]:
         self.log.info("{dbg}: vtpm.set_contents vtpm={vtpm_uuid} size={size}",
                       dbg=dbg, vtpm_uuid=vtpm_uuid, size=len(contents))
-        check_uuid(vtpm_uuid, "vTPM")
+        vtpm_uuid = check_uuid(vtpm_uuid, "vTPM")
 
         async def set_contents() -> None:
             # Ordered with the swtpm socket's writes and the cache (SPEC §6).
@@ -143,7 +146,7 @@ class ControlLocator(amp.CommandLocator):
     @VtpmGetContents.responder
     async def vtpm_get_contents(self, dbg: str, vtpm_uuid: str) -> dict[str, Any]:
         self.log.info("{dbg}: vtpm.get_contents vtpm={vtpm_uuid}", dbg=dbg, vtpm_uuid=vtpm_uuid)
-        check_uuid(vtpm_uuid, "vTPM")
+        vtpm_uuid = check_uuid(vtpm_uuid, "vTPM")
 
         async def get_contents() -> str:
             return await self.vtpms.get(vtpm_uuid)

@@ -43,7 +43,7 @@ class Entry:
     """One domain socket: who it serves (``vm_uuid``, ``service``), where it
     listens (``path``) and which group may connect (``gid``)."""
 
-    vm_uuid: str = attrs.field(validator=_check(check_uuid))
+    vm_uuid: str = attrs.field(converter=check_uuid)
     path: str = attrs.field(converter=check_socket_path)
     gid: int = attrs.field(validator=_check(check_gid))
     service: Service = attrs.field(validator=attrs.validators.instance_of(Service))

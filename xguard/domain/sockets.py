@@ -48,7 +48,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from .._internals.twisted_unix import adopt_unix_port
-from ..errors import InvalidPath, PathInUse
+from ..errors import InvalidPath, PathInUse, SocketMismatch
 from ..interfaces import IServerReactor, ISocketRegistry
 from ..model import MAX_SOCKET_PATH_BYTES, Service
 from ..restart.handover import DOMAIN, Claimed, Handover
@@ -295,23 +295,24 @@ class SocketRegistry:
     def destroy(self, service: Service, gid: int, path: str) -> "Deferred[None]":
         """Stop serving ``path``, unlink it and drop it from the file. An
         unknown path succeeds with a warning (the orchestrator retries
-        destroys)."""
+        destroys); a known one named with another service or gid than it
+        was created with is refused (SocketMismatch) and left alone."""
         key = os.path.normpath(path) if isinstance(path, str) and path else path
         sock = self._sockets.get(key)
         if sock is None or sock.state != "open":
             self.log.warn("destroy of unknown socket {path}: nothing to do", path=path)
             return succeed(None)
-        return ensureDeferred(self._destroy(sock, service, gid))
-
-    async def _destroy(self, sock: _Socket, service: Service, gid: int) -> None:
         entry = sock.entry
-        sock.state = "closing"
         asked = service.value if isinstance(service, Service) else str(service)
         if asked != entry.service.value or gid != entry.gid:
-            self.log.warn("destroy of {path} as {service} gid {gid}, but it serves "
-                          "{actual} gid {actual_gid}; destroying it",
-                          path=entry.path, service=asked, gid=gid,
-                          actual=entry.service.value, actual_gid=entry.gid)
+            return fail(SocketMismatch(
+                f"socket {entry.path} serves {entry.service.value} of VM {entry.vm_uuid} with "
+                f"gid {entry.gid}, not {asked} with gid {gid}: not destroyed"))
+        return ensureDeferred(self._destroy(sock))
+
+    async def _destroy(self, sock: _Socket) -> None:
+        entry = sock.entry
+        sock.state = "closing"
         try:
             await self._close(sock, unlink=True)
         finally:
