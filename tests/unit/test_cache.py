@@ -5,6 +5,7 @@ import os
 import stat
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -208,6 +209,29 @@ class DiskErrorTests(CacheTestCase):
         self.disk = self.cache.versions.files = FullDisk(self.env.root, self.cache.service)
         self.events: list[dict[str, Any]] = []
         self.cache.versions.log = Logger(observer=self.events.append)
+
+    def test_pending_writes_come_first_on_a_full_disk(self) -> None:
+        """Issue 18: on a full disk, what is only a cache (the last known
+        state) goes before a VM's write is refused."""
+        asked: list[int] = []
+
+        def make_room(needed: int) -> Deferred[int]:
+            asked.append(needed)
+            self.disk.full = False  # the copies dropped freed enough
+            return succeed(70_000)
+
+        self.cache.versions.make_room = make_room
+        self.env.upstream.down = True
+        self.disk.full = True
+        self.successResultOf(self.cache.write(VM1, 0, b"x" * 70_000))
+        self.assertEqual(len(asked), 1)
+        self.assertGreaterEqual(asked[0], 70_000)
+        self.assertEqual(self.cache.status().disk_error, None)
+        self.disk.full = True
+        asked.clear()
+        self.cache.versions.make_room = lambda needed: asked.append(needed) or succeed(0)
+        self.failureResultOf(self.cache.write(VM1, 0, b"y"), CacheUnavailable)  # nothing left
+        self.assertEqual(len(asked), 1)
 
     def errors(self) -> list[dict[str, Any]]:
         return [e for e in self.events if e["log_level"] == LogLevel.error]

@@ -195,6 +195,26 @@ class KnownTests(SynchronousTestCase):
         self.successResultOf(again.record_tpm(VM, TpmState("q")))
         self.assertEqual(self.tpm(again), TpmState("q"))
 
+    def test_a_full_disk_drops_copies_for_vm_writes(self) -> None:
+        """Pending writes come first: copies of VMs without a socket go
+        first, then the largest; a VM's vTPM handle stays."""
+        self.live.add(VM2)
+        self.successResultOf(self.known.record_tpm(VM, TpmState("p" * 100)))
+        self.successResultOf(self.known.record_tpm(VM2, TpmState("p" * 5000)))
+        self.successResultOf(self.known.record_vtpm_handle(VM2, "OpaqueRef:t2"))
+        self.live.discard(VM)  # stopped: its copy is kept (no answer yet)
+        freed = self.successResultOf(self.known.make_room(10))
+        self.assertGreater(freed, 100)
+        self.assertIsNone(self.tpm())
+        self.assertEqual(self.tpm(vm=VM2), TpmState("p" * 5000))  # enough was freed
+        self.assertGreater(self.successResultOf(self.known.make_room(1000)), 5000)
+        self.assertIsNone(self.tpm(vm=VM2))
+        self.assertEqual(self.known.vtpm_of_vm(VM2), "OpaqueRef:t2")
+        self.assertEqual(self.successResultOf(self.known.make_room(1)), 0)  # nothing left
+        self.assertIn("disk full: dropped the last known state", self.logged())
+        self.successResultOf(self.known.record_tpm(VM2, TpmState("q")))  # written again
+        self.assertEqual(self.tpm(vm=VM2), TpmState("q"))
+
     def test_copies_of_the_previous_format_are_read(self) -> None:
         import zlib
 

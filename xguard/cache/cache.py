@@ -71,7 +71,8 @@ class WriteBackCache:
                  backoff: Callable[[int], float] | None = None,
                  enabled: Callable[[], bool] = lambda: True, interval: float = 0.5,
                  coalesce: bool = True, is_live: Callable[[str], bool] = lambda vm: False,
-                 stuck_after: float = STUCK_AFTER) -> None:
+                 stuck_after: float = STUCK_AFTER,
+                 make_room: Callable[[int], "Deferred[int]"] | None = None) -> None:
         self.sink = sink
         self.service = sink.service
         self.clock = clock
@@ -83,7 +84,7 @@ class WriteBackCache:
                                    is_live=is_live)
         self.versions = PendingVersions(root, self.service, clock=clock, runner=runner,
                                         monotonic_ns=monotonic_ns, lineage=self.lineage,
-                                        aside=self.aside)
+                                        aside=self.aside, make_room=make_room)
         self.attempts = DirectAttempts(sink, self.vm_locks, self.lineage, clock=clock,
                                        deadline=direct_deadline,
                                        give_up=lambda batch: self.modes.failed_transient(batch),

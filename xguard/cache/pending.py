@@ -17,6 +17,7 @@ inline in tests).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -46,7 +47,8 @@ class PendingVersions:
 
     def __init__(self, root: str, service: Service, *, clock: IReactorTime, runner: Runner,
                  monotonic_ns: Callable[[], int], lineage: Lineage,
-                 aside: SetAsideStore) -> None:
+                 aside: SetAsideStore,
+                 make_room: Callable[[int], "Deferred[int]"] | None = None) -> None:
         self.root = root
         self.service = service
         self.clock = clock
@@ -54,6 +56,9 @@ class PendingVersions:
         self.monotonic_ns = monotonic_ns
         self.lineage = lineage
         self.aside = aside
+        #: Frees disk space held by what is only a cache (the last known
+        #: state) when a write does not fit; the bytes freed.
+        self.make_room = make_room
         self.files = VersionFiles(root, service)
         self.index: dict[Item, list[int]] = {}
         self.sizes: dict[Version, int] = {}
@@ -176,7 +181,7 @@ class PendingVersions:
             for version, content in batch.entries:
                 if self._newest.get(version.item, -1) > version.ts:
                     continue  # a newer version is already acknowledged: superseded
-                await self.runner(self.files.write, version, Entry(content, accept))
+                await self._write(version, Entry(content, accept), len(content))
                 written.append(version)
         except OSError as e:
             await self._refused_by_disk(written, e)
@@ -203,6 +208,19 @@ class PendingVersions:
         """The bases ``vm``'s pending versions record."""
         return [self.accepts.get(Version(item, ts)) for item, stamps in self.index.items()
                 if item.vm == vm for ts in stamps]
+
+    async def _write(self, version: Version, entry: Entry, size: int) -> None:
+        """Write one version; on a full disk, make room by dropping what is
+        only a cache, and try again while that freed something."""
+        while True:
+            try:
+                await self.runner(self.files.write, version, entry)
+                return
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self.make_room is None:
+                    raise
+                if not await self.make_room(size + 8192):  # the file, its metadata
+                    raise
 
     async def _refused_by_disk(self, written: list[Version], error: OSError) -> None:
         """One log line per episode; the part of the batch already written

@@ -115,7 +115,9 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             queue_size=cfg.queue_size, direct_deadline=cfg.direct_deadline,
             max_concurrency=design.flush_concurrency or cfg.flush_concurrency,
             coalesce=design.coalesce, enabled=lambda: not os.path.exists(cfg.fault_file),
-            is_live=lambda vm: registry.serves(vm), stuck_after=cfg.stuck_after)
+            is_live=lambda vm: registry.serves(vm), stuck_after=cfg.stuck_after,
+            # A full disk: pending writes come first, copies are a read cache.
+            make_room=known.make_room)
 
     swtpm_writer, nvram_writer = writer(vtpm_sink), writer(nvram_sink)
     writers = {Kind.SWTPM: swtpm_writer, Kind.VARSTORED: nvram_writer}

@@ -238,6 +238,46 @@ class KnownState:
             self.log.info("last known state of {n} stopped VMs dropped: upstream answered "
                           "after their sockets went", n=len(dropped))
 
+    def make_room(self, needed: int) -> "Deferred[int]":
+        """The disk is full and a VM's write needs ``needed`` bytes: pending
+        writes come first, and copies are a read cache. Drop copies —
+        of VMs without a socket first, then the largest — until at least
+        that much is freed (a VM's handle, which names its vTPM, stays).
+        Fires with the bytes freed (0: nothing left to drop)."""
+        return self._runner(self._make_room, needed).addCallback(self._made_room)
+
+    def _make_room(self, needed: int) -> tuple[int, list[str]]:
+        sizes: list[tuple[bool, int, str]] = []
+        for vm in self._kept:
+            total = 0
+            for name in ("vtpm", "nvram", "sb"):
+                try:
+                    total += os.stat(os.path.join(self.base, vm, name)).st_size
+                except OSError:
+                    pass
+            if total:
+                sizes.append((self._is_live(vm), -total, vm))
+        freed, shed = 0, []
+        for _live, negative, vm in sorted(sizes):
+            if freed >= needed:
+                break
+            for name in ("vtpm", "nvram", "sb"):
+                safe_unlink(os.path.join(self.base, vm, name))
+            freed -= negative
+            shed.append(vm)
+        return freed, shed
+
+    def _made_room(self, result: tuple[int, list[str]]) -> int:
+        freed, shed = result
+        for vm in shed:
+            for name in ("vtpm", "nvram", "sb"):
+                self._digests.pop((vm, name), None)
+        if shed:
+            self.log.warn("disk full: dropped the last known state of {n} VMs ({size} bytes) to "
+                          "make room for VM writes; their reads fail during an outage until "
+                          "upstream answers", n=len(shed), size=freed)
+        return freed
+
     def drop(self, vm: str) -> "Deferred[None]":
         """Forget everything about ``vm``."""
         self._forget_vm(vm)
