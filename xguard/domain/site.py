@@ -452,6 +452,8 @@ class DomainSite(Site):
         self.linger_bytes = linger_bytes
         self.linger_timeout = linger_timeout
         vm = resource.vm_uuid if isinstance(resource, VmResource) else "(unknown)"
+        #: The VM this socket serves (named in every line about it).
+        self.vm_uuid = vm
         #: Every line about this socket's requests goes through here.
         self.log_observer = RateLimitedObserver(reactor, vm)
         #: One connection parses input per reactor iteration.
@@ -514,7 +516,7 @@ class DomainSite(Site):
         """Every request Twisted finished answering (refusals: see refuse)."""
         self.answered(request.code)
         self.requests_log.debug(
-            "{method} {path} -> {code}",
+            "VM {vm}: {method} {path} -> {code}", vm=self.vm_uuid,
             method=request.method.decode("ascii", "replace"),
             path=request.path.decode("ascii", "replace")[:100],
             code=request.code,
