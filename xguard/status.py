@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 
 import attrs
 
-__all__ = ["UpstreamStatus", "SetAside", "CacheStatus", "DaemonStatus", "to_json",
-           "from_json"]
+__all__ = ["UpstreamStatus", "SetAside", "Drain", "CacheStatus", "Reason", "Health",
+           "DaemonStatus", "assess", "to_json", "from_json", "HEALTHY", "DEGRADED", "FAILED",
+           "VERDICTS", "REASONS"]
 
 T = TypeVar("T")
 
@@ -69,6 +70,24 @@ class SetAside:
 
 
 @attrs.frozen
+class Drain:
+    """A backlog of cached writes being delivered (see xguard.cache.flusher):
+    from the first round that delivered something until the cache is
+    Direct again."""
+
+    #: When its first delivering round started (epoch seconds).
+    started: float
+    #: Writes delivered since.
+    delivered: int = 0
+    #: Writes still pending.
+    left: int = 0
+    #: Writes delivered per second since it started (until it ended).
+    rate: float = 0.0
+    #: When it ended (epoch seconds); None while it lasts.
+    ended: float | None = None
+
+
+@attrs.frozen
 class CacheStatus:
     """One service's write-back cache (or its absence, ``cache == "off"``)."""
 
@@ -101,10 +120,51 @@ class CacheStatus:
     pending_bytes: int = 0
     #: Direct writes upstream did not answer within --direct-deadline.
     deadline_fallbacks: int = 0
+    #: The backlog being delivered now, else the last one delivered (ended
+    #: set); None before the first.
+    drain: Drain | None = None
 
     @property
     def pending_items(self) -> int:
         return sum(self.pending.values())
+
+
+#: The health verdicts, best first (doc/operations.md, "Health").
+HEALTHY, DEGRADED, FAILED = "healthy", "degraded", "failed"
+VERDICTS = (HEALTHY, DEGRADED, FAILED)
+#: Every reason :func:`assess` gives, by its code (stable: scripts and the
+#: metrics name them) -> the verdict it makes at least. ``disk_error`` is
+#: FAILED while the cache needs the disk, DEGRADED otherwise.
+REASONS = {
+    "not_ready": FAILED,
+    "writes_fail": FAILED,
+    "disk_error": FAILED,
+    "upstream_unreachable": DEGRADED,
+    "upstream_unresponsive": DEGRADED,
+    "cache_disabled": DEGRADED,
+    "set_aside": DEGRADED,
+    "stuck": DEGRADED,
+}
+
+
+@attrs.frozen
+class Reason:
+    """Why the daemon is not healthy."""
+
+    #: One of :data:`REASONS`.
+    code: str
+    #: What it makes the verdict: DEGRADED or FAILED.
+    severity: str
+    #: For people: what, where (a service, a count, upstream's error).
+    text: str
+
+
+@attrs.frozen
+class Health:
+    """The daemon's health: a verdict and why (:func:`assess`)."""
+
+    verdict: str = HEALTHY
+    reasons: tuple[Reason, ...] = ()
 
 
 @attrs.frozen
@@ -122,6 +182,74 @@ class DaemonStatus:
     cache_enabled: bool
     #: VMs whose last known state is kept (live or across an outage).
     known_state_vms: int = 0
+    #: Computed from the rest (:func:`assess`), never given: the daemon's
+    #: document carries it, and a reader computes it again from the document.
+    health: Health = attrs.field(init=False)
+
+    @health.default
+    def _health(self) -> Health:
+        return assess(self)
+
+
+def assess(status: DaemonStatus) -> Health:
+    """The health verdict (the rules are doc/operations.md's "Health"):
+
+    - FAILED: VM requests fail, or may fail, now: not ready (starting,
+      stopping, restarting); upstream unreachable while the cache is off;
+      the disk refusing cache writes while the cache needs it (upstream
+      unreachable, or writes pending).
+    - DEGRADED: VMs are served, but something needs a look: upstream
+      unreachable (writes are cached) or unresponsive; the cache off
+      (``--no-cache``, the fault switch file); writes set aside; VMs whose
+      writes keep failing; the disk refused the last cache write.
+    - HEALTHY: none of these.
+    """
+    reasons: list[Reason] = []
+
+    def add(code: str, text: str, severity: str | None = None) -> None:
+        reasons.append(Reason(code=code, severity=severity or REASONS[code], text=text))
+
+    up = status.upstream
+    services = [status.services[name] for name in sorted(status.services)]
+    if not status.ready:
+        add("not_ready", "not ready: starting, stopping or restarting")
+    no_cache = any(svc.cache == "off" for svc in services)
+    cache_off = not status.cache_enabled or any(not svc.enabled for svc in services)
+    if up.reachable is False:
+        if cache_off:
+            add("writes_fail", "upstream unreachable and the cache off: VM writes fail")
+        error = f" ({up.last_error})" if up.last_error else ""
+        pending = sum(svc.pending_items for svc in services)
+        add("upstream_unreachable", f"upstream unreachable{error}" + (
+            "" if cache_off else f": {_count(pending, 'write')} cached"))
+    if up.unresponsive_since is not None:
+        add("upstream_unresponsive",
+            "upstream unresponsive: a call has waited longer than --unresponsive-after")
+    if cache_off:
+        add("cache_disabled", "the cache is off (--no-cache)" if no_cache else
+            "the cache is disabled: the fault switch file exists")
+    for svc in services:
+        if svc.disk_error is not None:
+            needed = up.reachable is False or svc.mode != "Direct" or svc.pending_items > 0
+            add("disk_error", f"{svc.service} cache: the disk refuses writes ({svc.disk_error})",
+                FAILED if needed else DEGRADED)
+        if svc.quarantined:
+            kinds: dict[str, int] = {}
+            for item in svc.quarantined:
+                kinds[item.kind] = kinds.get(item.kind, 0) + 1
+            why = ", ".join(f"{kind} {n}" for kind, n in sorted(kinds.items()))
+            add("set_aside", f"{svc.service}: {_count(len(svc.quarantined), 'write')} set aside "
+                f"({why}): see xguard-ctl set-aside")
+        if svc.stuck:
+            add("stuck", f"{svc.service}: the writes of {_count(len(svc.stuck), 'VM')} have "
+                "failed for longer than --stuck-after")
+    severities = {reason.severity for reason in reasons}
+    verdict = FAILED if FAILED in severities else DEGRADED if severities else HEALTHY
+    return Health(verdict=verdict, reasons=tuple(reasons))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def to_json(status: DaemonStatus) -> dict[str, Any]:
@@ -171,6 +299,9 @@ def _cache(name: str, doc: Mapping[str, Any]) -> CacheStatus:
     fields["set_aside_total"] = {str(k): int(v)
                                  for k, v in _mapping(doc.get("set_aside_total")).items()
                                  if isinstance(v, int)}
+    drain = doc.get("drain")
+    fields["drain"] = (_build(Drain, {"started": 0.0, **drain})
+                       if isinstance(drain, Mapping) else None)
     return _build(CacheStatus, fields)
 
 
@@ -188,5 +319,5 @@ def _mapping(value: Any) -> Mapping[str, Any]:
 
 
 def _build(cls: type[T], fields: Mapping[str, Any]) -> T:
-    known = {f.name for f in attrs.fields(cls)}  # type: ignore[arg-type]
+    known = {f.name for f in attrs.fields(cls) if f.init}  # type: ignore[arg-type]
     return cls(**{k: v for k, v in fields.items() if k in known})
