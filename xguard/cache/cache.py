@@ -35,7 +35,6 @@ from twisted.internet.defer import (
     Deferred,
     DeferredQueue,
     ensureDeferred,
-    gatherResults,
     maybeDeferred,
 )
 from twisted.internet.interfaces import IReactorTime
@@ -135,8 +134,7 @@ class WriteBackCache:
         """Stop flushing; Direct writes in flight are persisted now (and
         acknowledged), so shutdown never waits for upstream."""
         self.flusher.stop()
-        return gatherResults([self.attempts.stop(), *self.versions.cleanups()],
-                             consumeErrors=True).addCallback(lambda _: None)
+        return self.attempts.stop()
 
     def upstream_answers(self) -> None:
         """Upstream is back: deliveries waiting out a backoff go now."""
@@ -252,12 +250,13 @@ class WriteBackCache:
     def status(self) -> CacheStatus:
         versions = self.versions
         oldest = versions.oldest_stamp()
+        pending = versions.per_vm()
         return CacheStatus(
             service=self.service.value,
             mode=self.modes.mode(),
             enabled=bool(self.enabled()),
             queue_depth=len(self.queue.pending),
-            pending=versions.per_vm(),
+            pending=pending,
             quarantined=tuple(self.aside.items()),
             stuck=dict(self.deliveries.stuck),
             set_aside_total=dict(self.aside.created),
@@ -270,4 +269,5 @@ class WriteBackCache:
             self.clock.seconds() - max(0, self.monotonic_ns() - oldest) / 1e9,
             pending_bytes=versions.total_bytes(),
             deadline_fallbacks=self.attempts.deadline_fallbacks,
+            drain=self.flusher.progress.status(left=sum(pending.values())),
         )

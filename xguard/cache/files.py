@@ -26,7 +26,7 @@ from .layout import (
     version_path,
 )
 
-__all__ = ["VersionFiles", "sync_removal"]
+__all__ = ["VersionFiles", "BatchWriteError", "sync_removal"]
 
 REASON_SUFFIX = ".reason"
 
@@ -46,6 +46,16 @@ def sync_removal(directory: str, root: str) -> None:
             if os.path.normpath(directory) == os.path.normpath(root):
                 raise
             directory = os.path.dirname(directory)
+
+
+class BatchWriteError(Exception):
+    """A batch's write failed after ``written`` of its versions were made
+    durable (``error`` says why)."""
+
+    def __init__(self, error: OSError, written: int) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.written = written
 
 
 class VersionFiles:
@@ -69,6 +79,24 @@ class VersionFiles:
             except FileNotFoundError:
                 continue  # a concurrent prune removed the empty directory
         atomic_write(path, content, mode=0o600, tmp_suffix=PRE_SUFFIX)
+
+    def write_all(self, entries: list[tuple[Version, Entry]], superseded: list[Version]) -> None:
+        """A write's versions, each durable (:meth:`write`), then the older
+        versions they supersede removed (:meth:`discard`: no fsync of their
+        own, see there) — one job, one trip to the I/O threads per write.
+
+        :raises BatchWriteError: with how many versions are durable.
+        """
+        for done, (version, entry) in enumerate(entries):
+            try:
+                self.write(version, entry)
+            except OSError as e:
+                raise BatchWriteError(e, done) from e
+        for version in superseded:
+            try:
+                self.discard(version)
+            except OSError:
+                pass  # still beside the newer one: recovery keeps the newest
 
     def read(self, version: Version) -> bytes | None:
         """The bytes of ``version``'s file, or None when it is gone (decode

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable, Coroutine, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -33,7 +32,7 @@ from ..util.threads import Runner
 from . import recovery
 from .aside import SetAsideStore
 from .entry import Damaged, Entry, decode
-from .files import VersionFiles
+from .files import BatchWriteError, VersionFiles
 from .layout import Batch, Item, Version, service_dir
 from .lineage import Lineage
 
@@ -75,7 +74,6 @@ class PendingVersions:
         self._last_ts: dict[Item, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
         self._done: list[Version] = []  # delivered this round, files to delete
-        self._cleanups: set[Deferred[None]] = set()
 
     # -- start / stop ----------------------------------------------------------
     def recover(self) -> "Deferred[list[Version]]":
@@ -176,13 +174,14 @@ class PendingVersions:
 
     async def _persist(self, batch: Batch) -> None:
         accept = await self.lineage.base_for(batch.vm, self.accepts_of(batch.vm))
+        todo = [(version, Entry(content, accept)) for version, content in batch.entries
+                # a newer version already acknowledged supersedes it
+                if self._newest.get(version.item, -1) <= version.ts]
+        older = sorted({Version(version.item, ts) for version, _ in todo
+                        for ts in self.index.get(version.item, ()) if ts < version.ts})
         written: list[Version] = []
         try:
-            for version, content in batch.entries:
-                if self._newest.get(version.item, -1) > version.ts:
-                    continue  # a newer version is already acknowledged: superseded
-                await self._write(version, Entry(content, accept), len(content))
-                written.append(version)
+            await self._write_all(todo, older, written)
         except OSError as e:
             await self._refused_by_disk(written, e)
             raise CacheUnavailable(e.strerror or str(e)) from e
@@ -190,37 +189,35 @@ class PendingVersions:
             self.log.info("{service} cache: the disk takes writes again",
                           service=self.service.value)
             self.disk_error = self.disk_error_since = None
-        sizes = {version: len(content) for version, content in batch.entries}
-        older = []
-        for version in written:
-            self._record(version, sizes[version], accept)
+        for version, entry in todo:
+            self._record(version, len(entry.content), accept)
             self.lives[version] = self.lineage.life(batch.vm)
-            older += [Version(version.item, t) for t in self.index[version.item]
-                      if t < version.ts]
-        if older:
-            # Not on the acknowledgement's path, and not synced: once the
-            # new versions are durable, a crash before (or instead of)
-            # these deletions leaves older files beside them, which
-            # recovery discards (it keeps only the latest).
-            self._background(self._discard_all(older))
+        for version in older:
+            self._unindex(version)
 
     def accepts_of(self, vm: str) -> list[Accept | None]:
         """The bases ``vm``'s pending versions record."""
         return [self.accepts.get(Version(item, ts)) for item, stamps in self.index.items()
                 if item.vm == vm for ts in stamps]
 
-    async def _write(self, version: Version, entry: Entry, size: int) -> None:
-        """Write one version; on a full disk, make room by dropping what is
-        only a cache, and try again while that freed something."""
+    async def _write_all(self, todo: list[tuple[Version, Entry]], older: list[Version],
+                         written: list[Version]) -> None:
+        """One trip to the I/O threads: every version made durable, then
+        the versions they supersede unlinked (:meth:`VersionFiles.write_all`).
+        On a full disk, make room by dropping what is only a cache, and go
+        on while that freed something. ``written`` collects what is on
+        disk (the part of a refused batch to remove)."""
         while True:
             try:
-                await self.runner(self.files.write, version, entry)
+                await self.runner(self.files.write_all, todo[len(written):], older)
+                written[:] = [version for version, _ in todo]
                 return
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self.make_room is None:
-                    raise
-                if not await self.make_room(size + 8192):  # the file, its metadata
-                    raise
+            except BatchWriteError as e:
+                written.extend(version for version, _ in todo[len(written):][:e.written])
+                size = len(todo[len(written)][1].content)
+                if (e.error.errno not in (errno.ENOSPC, errno.EDQUOT) or self.make_room is None
+                        or not await self.make_room(size + 8192)):  # the file, its metadata
+                    raise e.error from None
 
     async def _refused_by_disk(self, written: list[Version], error: OSError) -> None:
         """One log line per episode; the part of the batch already written
@@ -237,28 +234,6 @@ class PendingVersions:
                 await self.runner(self.files.delete, version)
             except OSError:
                 self._record(version, 0)  # still on disk: it will be delivered
-
-    async def _discard_all(self, versions: list[Version]) -> None:
-        """Remove superseded versions (see :meth:`VersionFiles.discard`)."""
-        for version in versions:
-            await self.runner(self.files.discard, version)
-            self._unindex(version)
-
-    def _background(self, work: Coroutine[Any, Any, None]) -> None:
-        d: Deferred[None] = ensureDeferred(work)
-        self._cleanups.add(d)
-
-        def done(result: object) -> None:
-            self._cleanups.discard(d)
-            if isinstance(result, Failure):
-                self.log.failure("{service} cache: deleting superseded versions failed",
-                                 result, service=self.service.value)
-
-        d.addBoth(done)
-
-    def cleanups(self) -> list["Deferred[None]"]:
-        """Background deletions in progress (a stop waits for them)."""
-        return list(self._cleanups)
 
     def superseded_by(self, versions: Iterable[Version]) -> "Deferred[None]":
         """``versions`` reached upstream directly: older files of their
