@@ -11,12 +11,17 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from xguard.testing.daemon import Daemon
+from tests.integration.conftest import VmSockets
+from tests.integration.harness import KEYS
+from xguard.testing.daemon import Daemon, wait_for
+from xguard.testing.simclient import SimProcess
+from xguard.testing.unixhttp import request
 
 pytestmark = pytest.mark.integration
 
@@ -195,3 +200,37 @@ def test_restart_logs_a_summary_not_a_line_per_socket() -> None:
     assert "resumed 20 domain sockets (20 Swtpm, 0 Varstored), skipped 0" in restart
     per_socket = [line for line in restart.splitlines() if any(p in line for p in paths)]
     assert per_socket == []
+
+
+# -- an xapi restart: two lines, not one per retry (issue 18, item 1) -----------
+def test_an_xapi_restart_is_two_warning_lines(sim_up: SimProcess) -> None:
+    """xapi stops (connections refused: the prober logs in once a second,
+    the flusher retries), comes back answering HOST_STILL_BOOTING for a
+    while, then answers: ``journalctl -p warning`` shows the outage's start
+    and its end, nothing else."""
+    with StdoutDaemon() as d:
+        d.xapi = "unix:" + sim_up.socket
+        d.start()
+        vm = VmSockets(d, sim_up)
+        assert request(vm.tpm, "PUT", KEYS[0], b"QUFB")[0] == 204
+        sim_up.client.set_mode("refuse")
+        for _ in range(6):  # writes cached meanwhile, the flusher retrying
+            assert request(vm.tpm, "PUT", KEYS[0], b"QUFC")[0] == 204
+            time.sleep(1)
+        sim_up.client.fail_next(3)  # back, but still booting (the flusher backs off)
+        sim_up.client.set_mode("up")
+
+        def over() -> bool:
+            upstream = d.status()["upstream"]
+            return upstream["reachable"] is True and upstream["down_since"] is None
+
+        wait_for(over, timeout=30, what="the outage to end")
+        assert d.stop() == 0
+        lines = d.stdout().splitlines()
+    # Up to the stop (the harness is no service manager: STOPPING=1 warns).
+    lines = lines[:next(i for i, line in enumerate(lines) if "received signal" in line)]
+    serious = [line for line in lines if re.match(r"<[0-4]>", line)]
+    assert len(serious) == 2, serious
+    assert "unreachable (" in serious[0] and "answers again after" in serious[1], serious
+    # The retries are there for whoever asks for debug, not at warning.
+    assert not any("Login to" in line for line in serious)

@@ -53,16 +53,24 @@ class Prober:
         self._inflight = False
         self._stopped = False
         self.probes = 0
+        self._started_at = 0  # self.probes when this outage's probing began
         reachability.subscribe(self._changed)
 
     def _changed(self, up: bool) -> None:
         if not up and not self._stopped and not self._loop.running:
+            # Per-retry detail is debug: the outage itself is logged twice
+            # (its start and its end) by the reachability.
+            self.log.debug("probing upstream {target} every {interval}s until it answers",
+                           target=self._reachability.target, interval=self._interval)
+            self._started_at = self.probes
             self._loop.start(self._interval, now=False)
 
     def _tick(self) -> None:
         r = self._reachability
         if r.reachable is not False:
             self._loop.stop()  # back
+            self.log.debug("upstream {target} is back: stopped probing after {n} probes",
+                           target=r.target, n=self.probes - self._started_at)
             return
         if r.answering or self._inflight:
             return  # it answers "not now" (no need to ask); or one at a time

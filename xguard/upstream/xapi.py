@@ -193,6 +193,8 @@ class XapiUpstream:
         self._ids = itertools.count(1)
         self._session: str | None = None
         self._login: OneShotObserver[str] | None = None
+        #: The codes of the last refused login, logged once (None: none).
+        self._login_refused: str | None = None
         self._handles = handles if handles is not None else HandleCache()
         self._lookups: dict[tuple[str, str], OneShotObserver[str]] = {}
         self._this: str | None = None  # this host's reference, once known
@@ -287,12 +289,26 @@ class XapiUpstream:
         return login.when_fired()
 
     def _logged_in(self, result: Any, login: OneShotObserver[str]) -> None:
+        """One line per session, not per attempt: a login that fails
+        transiently (xapi down, restarting, still booting) is one retry of
+        an outage the reachability logs at its start and end, so it is
+        debug; a refusal (an API error) is a warning, once until a login
+        succeeds or it changes."""
         self._login = None
         if isinstance(result, Failure):
-            self.log.warn("Login to {target} failed: {codes}", target=self.description,
-                           codes=getattr(result.value, "codes", None))
+            codes = getattr(result.value, "codes", None)
+            if isinstance(result.value, TransientUpstreamError) or codes is None:
+                self.log.debug("Login to {target} failed: {codes}", target=self.description,
+                               codes=codes)
+            else:
+                refusal = " ".join(codes)
+                if refusal != self._login_refused:
+                    self._login_refused = refusal
+                    self.log.warn("Login to {target} refused: {codes}",
+                                  target=self.description, codes=codes)
         else:
             self._session = result
+            self._login_refused = None
             self.log.info("Logged in to {target}", target=self.description)
         login.fire(result)
 
