@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import uuid
 
-from twisted.logger import globalLogPublisher
+from twisted.internet.task import deferLater
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cachehelpers import VM1, VM2, VM3, Env
@@ -182,3 +184,99 @@ class FlusherTests(SynchronousTestCase):
         policy = default_backoff()
         self.assertLessEqual(policy(100), 61.0)
         self.assertGreaterEqual(policy(100), 60.0)
+
+
+class DrainProgressTests(SynchronousTestCase):
+    """A large backlog tells its progress (items left, rate) every few
+    seconds, and one summary line (items, time) at its end; Status shows
+    the same (``drain``). An outage's failing rounds are no drain."""
+
+    VMS = [str(uuid.UUID(int=n, version=4)) for n in range(1, 31)]
+
+    def setUp(self) -> None:
+        self.env = Env(queue_size=64, max_concurrency=2)
+        self.addCleanup(self.env.cleanup)
+        for vm in self.VMS:
+            self.env.upstream.add_vm(vm)
+            self.env.live.add(vm)
+        self.cache = self.env.cache
+        self.successResultOf(self.cache.recover())
+        self.cache.start()
+        self.events: list[dict] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def slow(self) -> None:
+        """From now on, each VM's delivery takes a second of the clock."""
+        deliver = self.env.sink.deliver
+        self.env.sink.deliver = lambda vm, items, base: deferLater(  # type: ignore[method-assign]
+            self.env.clock, 1.0, deliver, vm, items, base)
+
+    def lines(self, word: str) -> list[str]:
+        return [formatEvent(e) for e in self.events if word in e.get("log_format", "")]
+
+    def backlog(self) -> None:
+        self.env.upstream.down = True
+        for vm in self.VMS:
+            self.successResultOf(self.cache.write(vm, 0, b"x"))
+
+    def test_progress_then_one_summary(self) -> None:
+        self.backlog()
+        for _ in range(40):  # 20 s of outage: failing rounds, backing off
+            self.env.clock.advance(0.5)
+        self.assertEqual(self.lines("backlog"), [])
+        self.assertIsNone(self.cache.status().drain)
+        self.env.upstream.down = False
+        self.slow()
+        self.cache.upstream_answers()
+        start = self.env.clock.seconds()
+        seen = []
+        while self.cache.status().mode != "Direct":
+            self.env.clock.advance(0.5)
+            drain = self.cache.status().drain
+            if drain is not None and drain.ended is None:
+                seen.append(drain)
+        progress = self.lines("delivering the backlog")
+        # 30 VMs, two at a time, a second each: 15 s; a line every 5 s.
+        self.assertEqual(len(progress), 3, progress)
+        self.assertEqual(progress[0], "Swtpm cache: delivering the backlog: 21 items left, 9 "
+                         "delivered in 5 s (1.8/s), about 12 s to go")
+        (summary,) = self.lines("backlog delivered")
+        self.assertIn("Swtpm cache: backlog delivered: 30 items in 15.", summary)
+        drain = self.cache.status().drain
+        assert drain is not None
+        self.assertEqual((drain.delivered, drain.left), (30, 0))
+        self.assertGreaterEqual(drain.started, start - 0.5)
+        self.assertIsNotNone(drain.ended)
+        self.assertAlmostEqual(drain.rate, 30 / (drain.ended - drain.started))  # type: ignore[operator]
+        # Status followed it on the way: fewer left, more delivered.
+        self.assertTrue(seen)
+        self.assertEqual(seen[0].left + seen[0].delivered, 30)
+        self.assertEqual([d.delivered for d in seen], sorted(d.delivered for d in seen))
+        self.assertTrue(all(e["log_level"] is LogLevel.info for e in self.events
+                            if "backlog" in e.get("log_format", "")))
+        self.successResultOf(self.cache.stop())
+
+    def test_a_short_backlog_logs_only_its_summary(self) -> None:
+        self.env.upstream.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"x"))
+        self.slow()
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(self.lines("delivering the backlog"), [])
+        (summary,) = self.lines("backlog delivered")
+        self.assertIn("backlog delivered: 1 item in 1.0 s", summary)
+        self.successResultOf(self.cache.stop())
+
+    def test_a_stop_mid_drain_says_what_is_left(self) -> None:
+        self.backlog()
+        self.env.upstream.down = False
+        self.slow()
+        for _ in range(12):
+            self.env.clock.advance(0.5)
+        self.successResultOf(self.cache.stop())
+        (line,) = self.lines("delivery stopped")
+        self.assertRegex(line, r"Swtpm cache: delivery stopped: \d+ items delivered in [\d.]+ s, "
+                               r"\d+ left \(delivered after the next start\)")
+        self.assertEqual(self.lines("backlog delivered"), [])
+        self.env.settle()

@@ -15,6 +15,13 @@ keeps those items and waits ``backoff(attempt)`` (capped exponential with
 jitter) — cut short when upstream answers again
 (:class:`~xguard.upstream.reachability.Reachability`).
 
+A large backlog takes a while: :class:`DrainProgress` tells it, in the log
+(a line every :data:`PROGRESS_EVERY` seconds once it lasts longer: items
+left, rate; one summary line at its end: items, time) and in Status
+(:class:`~xguard.status.Drain`). It counts from the first round that
+delivered something, so an outage's failing rounds are not part of it and
+log nothing.
+
 The step never raises: a failing LoopingCall would stop for good. The
 flusher knows the cache through narrow collaborators: its modes
 (:class:`FlushModes`), its versions (:class:`FlushVersions`) and the
@@ -39,10 +46,16 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ..status import Drain
 from .delivery import Result
 from .layout import Item
 
-__all__ = ["Flusher", "FlushModes", "FlushVersions", "default_backoff"]
+__all__ = ["Flusher", "FlushModes", "FlushVersions", "DrainProgress", "default_backoff",
+           "PROGRESS_EVERY"]
+
+#: Seconds between two progress lines of a backlog being delivered (none for
+#: a backlog delivered faster: only its summary line).
+PROGRESS_EVERY = 5.0
 
 
 def default_backoff() -> Callable[[int], float]:
@@ -59,6 +72,9 @@ class FlushModes(Protocol):
 
     def settle(self) -> "Deferred[None]":
         "A round ended: let the machine check whether the cache is empty."
+
+    def mode(self) -> str:
+        "Direct, Engaged or Disengaged."
 
 
 class FlushVersions(Protocol):
@@ -77,9 +93,99 @@ class FlushDeliveries(Protocol):
 
     service: str
     last_error: str | None
+    #: Versions delivered since the start.
+    delivered: int
 
     def deliver(self, vm: str, keys: set[int]) -> "Deferred[Result]":
         "Deliver (or set aside) the latest pending version of ``keys`` of ``vm``."
+
+
+class DrainProgress:
+    """A backlog being delivered: from the first round that delivered
+    something until the cache is Direct again (or the flusher stops).
+
+    :param left: how many items are pending now.
+    """
+
+    def __init__(self, service: str, clock: IReactorTime, left: Callable[[], int], log: Logger,
+                 *, every: float = PROGRESS_EVERY) -> None:
+        self.service = service
+        self.clock = clock
+        self.left = left
+        self.log = log
+        self.every = every
+        #: The drain now or the last one: when it started and ended, what the
+        #: delivered count was when it started, and is now.
+        self.started: float | None = None
+        self.ended: float | None = None
+        self.base = 0
+        self.delivered = 0
+        self._round_base = 0
+        self._last_line = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.started is not None and self.ended is None
+
+    def round_started(self, delivered: int) -> None:
+        """A round with work starts (``delivered``: the count so far)."""
+        self._round_base = delivered
+
+    def advanced(self, delivered: int, began: float) -> None:
+        """A VM's delivery, begun at ``began``, ended (``delivered``: the
+        count so far). A line at most every ``every`` seconds."""
+        if not self.active:
+            if delivered == self._round_base:
+                return  # nothing delivered yet: no drain (an outage's rounds)
+            self.started, self.ended, self.base = began, None, self._round_base
+            self._last_line = began
+        self.delivered = delivered - self.base
+        now = self.clock.seconds()
+        if now - self._last_line < self.every:
+            return
+        self._last_line = now
+        elapsed = now - (self.started or now)
+        rate = self.delivered / elapsed if elapsed > 0 else 0.0
+        left = self.left()
+        self.log.info("{service} cache: delivering the backlog: {items} left, {delivered} "
+                      "delivered in {elapsed:.0f} s ({rate:.1f}/s){eta}",
+                      service=self.service, items=_items(left), left=left,
+                      delivered=self.delivered, elapsed=elapsed, rate=rate,
+                      eta=f", about {left / rate:.0f} s to go" if rate > 0 else "")
+
+    def finished(self, delivered: int, *, stopped: bool = False) -> None:
+        """The cache is Direct again (or, ``stopped``, the flusher stops):
+        one summary line."""
+        if not self.active:
+            return
+        self.ended = now = self.clock.seconds()
+        self.delivered = delivered - self.base
+        elapsed = now - (self.started or now)
+        rate = self.delivered / elapsed if elapsed > 0 else 0.0
+        if stopped:
+            left = self.left()
+            self.log.info("{service} cache: delivery stopped: {items} delivered in "
+                          "{elapsed:.1f} s, {left} left (delivered after the next start)",
+                          service=self.service, items=_items(self.delivered),
+                          delivered=self.delivered, elapsed=elapsed, left=left)
+        else:
+            self.log.info("{service} cache: backlog delivered: {items} in {elapsed:.1f} s "
+                          "({rate:.1f}/s)", service=self.service, items=_items(self.delivered),
+                          delivered=self.delivered, elapsed=elapsed, rate=rate)
+
+    def status(self, left: int) -> Drain | None:
+        """For Status: the drain now (``left`` items pending), or the last one."""
+        if self.started is None:
+            return None
+        until = self.clock.seconds() if self.ended is None else self.ended
+        elapsed = until - self.started
+        return Drain(started=self.started, delivered=self.delivered,
+                     left=0 if self.ended is not None else left,
+                     rate=self.delivered / elapsed if elapsed > 0 else 0.0, ended=self.ended)
+
+
+def _items(n: int) -> str:
+    return "1 item" if n == 1 else f"{n} items"
 
 
 class _State(enum.Enum):
@@ -113,6 +219,8 @@ class Flusher:
         self._loop = LoopingCall(self._step)
         self._loop.clock = clock
         self._sleeping: tuple[IDelayedCall, Deferred[None]] | None = None
+        self.progress = DrainProgress(deliveries.service, clock,
+                                      lambda: len(versions.items()), self.log)
 
     # -- lifecycle ---------------------------------------------------------
     @property
@@ -137,6 +245,7 @@ class Flusher:
         if self._loop.running:
             self._loop.stop()
         self._end_sleep()
+        self.progress.finished(self.deliveries.delivered, stopped=True)
 
     def resume(self) -> None:
         if self.state is _State.STOPPED:
@@ -162,6 +271,7 @@ class Flusher:
     async def _round(self) -> None:
         batch = await self.modes.next_batch()
         if batch is None:
+            self.progress.finished(self.deliveries.delivered)
             if self._loop.running:
                 self._loop.stop()  # Direct: nothing to do until woken
             if self.state is not _State.STOPPED:
@@ -171,6 +281,7 @@ class Flusher:
         if not work:
             work = set(self.versions.items())
         self.retry = set()
+        self.progress.round_started(self.deliveries.delivered)
         retry = await self.deliver(work)
         try:
             await self.versions.round_done()
@@ -188,6 +299,8 @@ class Flusher:
         self.attempt = 0
         self.deliveries.last_error = None
         await self.modes.settle()
+        if self.modes.mode() == "Direct":
+            self.progress.finished(self.deliveries.delivered)
 
     def _sleep(self, seconds: float) -> "Deferred[None]":
         d: Deferred[None] = Deferred()
@@ -210,7 +323,7 @@ class Flusher:
         groups = sorted(per_vm.items())
         if not self.coalesce:  # the upstream design: one push per item
             groups = [(vm, {key}) for vm, keys in groups for key in sorted(keys)]
-        ds = [self.semaphore.run(self.deliveries.deliver, vm, keys) for vm, keys in groups]
+        ds = [self.semaphore.run(self._deliver, vm, keys) for vm, keys in groups]
         results = await DeferredList(ds, consumeErrors=True)
         retry = False
         for (vm, keys), (ok, value) in zip(groups, results):
@@ -221,3 +334,12 @@ class Flusher:
                 self.retry.update(Item(vm, k) for k in keys)
                 retry = True
         return retry
+
+    def _deliver(self, vm: str, keys: set[int]) -> "Deferred[Result]":
+        began = self.clock.seconds()
+
+        def ended(result: Result) -> Result:
+            self.progress.advanced(self.deliveries.delivered, began)
+            return result
+
+        return self.deliveries.deliver(vm, keys).addCallback(ended)
