@@ -289,9 +289,12 @@ def test_second_daemon_on_same_state_refuses_and_harms_nothing(sim: SimProcess) 
             before = f.read()
         second = Daemon(first.root, xapi="unix:" + sim.socket)
         second.log_file = os.path.join(first.root, "second.log")
-        with pytest.raises(RuntimeError, match="exited 1"):
+        with pytest.raises(RuntimeError, match="exited 75"):
             second.start()
-        assert "another xguard is running" in second.log()
+        # Issue 18, item 2: the reason on one error line, no traceback.
+        (line,) = [line for line in second.log().splitlines() if "cannot start" in line]
+        assert "another xguard is running on" in line and "(exit status 75)" in line
+        assert "Traceback" not in second.log()
         with open(first.sockets_file, "rb") as f:
             assert f.read() == before
         assert request(vm.tpm, "PUT", KEYS[0], b"QUFB")[0] == 204

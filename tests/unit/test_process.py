@@ -9,7 +9,7 @@ import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.daemon.process import InstanceLock
+from xguard.daemon.process import EXIT_RUNNING, AlreadyRunning, InstanceLock
 from xguard.util.observer import OneShotObserver
 from xguard.util.unixsock import Found, probe, remove_stale
 
@@ -23,8 +23,10 @@ class InstanceLockTests(SynchronousTestCase):
         first.acquire()
         with open(path) as f:
             self.assertEqual(f.read(), f"{os.getpid()}\n")
-        e = self.assertRaises(OSError, second.acquire)
+        e = self.assertRaises(AlreadyRunning, second.acquire)
         self.assertIn(root, str(e))
+        self.assertIn(f"pid {os.getpid()}", str(e))
+        self.assertEqual(e.exit_status, EXIT_RUNNING)
         first.release()
         second.acquire()  # released: free again
         second.release()

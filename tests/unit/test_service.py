@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.fakes import FakeSignals, InlineReactor, some_status
@@ -67,14 +67,16 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.r.events[-1], "READY")
 
     def test_failed_start_stops_and_exits_1(self) -> None:
+        """An unexpected failure: its traceback, naming the stage; exit 1."""
         stages = [Stage("a", self.r.step("start a"), self.r.step("stop a")),
-                  Stage("lock", lambda: fail(OSError("another xguard is running")))]
+                  Stage("lock", lambda: fail(RuntimeError("a bug")))]
         s = self.service(stages)
         s.startService()
         self.assertNotIn("READY", self.r.events)
         self.assertFalse(s.ready)
         (failed,) = [e for e in self.log if e.get("log_failure")]
-        self.assertTrue(failed["log_failure"].check(OSError))
+        self.assertTrue(failed["log_failure"].check(RuntimeError))
+        self.assertEqual(failed["stage"], "lock")
         # The reactor is stopped once it runs, and exit(1) follows shutdown.
         self.reactor.run()  # MemoryReactor: runs the callWhenRunning calls
         self.assertTrue(self.reactor.hasStopped)
@@ -84,6 +86,84 @@ class ServiceTests(SynchronousTestCase):
         self.assertEqual(self.exits, [1])
         self.successResultOf(s.stopService())
         self.assertEqual(self.r.events, ["start a", "stop a"])  # only what started
+
+    def exit_after_shutdown(self) -> int:
+        self.reactor.run()
+        self.assertTrue(self.reactor.hasStopped)
+        ((exit_fn, args, _),) = self.reactor.triggers["after"]["shutdown"]
+        exit_fn(*args)
+        (code,) = self.exits
+        return code
+
+    def test_known_causes_are_one_line_and_their_exit_status(self) -> None:
+        """Issue 18, item 2: the reason on one error line, no traceback."""
+        import errno
+        import os
+        import shutil
+        import socket
+        import tempfile
+
+        from twisted.internet.error import CannotListenError
+
+        from xguard.daemon.process import (
+            EXIT_IN_USE,
+            EXIT_NO_ACCESS,
+            EXIT_RUNNING,
+            InstanceLock,
+        )
+        from xguard.util.unixsock import remove_stale
+
+        root = tempfile.mkdtemp(prefix="xgs")
+        self.addCleanup(shutil.rmtree, root)
+        holder = InstanceLock(os.path.join(root, "xguard.lock"))
+        holder.acquire()
+        self.addCleanup(holder.release)
+        live = socket.socket(socket.AF_UNIX)
+        self.addCleanup(live.close)
+        live.bind(os.path.join(root, "control.sock"))
+        live.listen(1)
+
+        def raises(f: Any) -> Any:
+            def run() -> Any:
+                f()
+            return run
+
+        cases = [
+            (raises(InstanceLock(os.path.join(root, "xguard.lock")).acquire), EXIT_RUNNING,
+             f"another xguard is running on {root} (pid {os.getpid()}, it holds"),
+            (raises(lambda: remove_stale(os.path.join(root, "control.sock"),
+                                         "control socket")),
+             EXIT_IN_USE, "control socket " + root),
+            (lambda: fail(CannotListenError("127.0.0.1", 9101,
+                                            OSError(errno.EADDRINUSE,
+                                                    "Address already in use"))),
+             EXIT_IN_USE, "Address already in use"),
+            (lambda: fail(PermissionError(errno.EACCES, "Permission denied", "/s/xguard.lock")),
+             EXIT_NO_ACCESS, "Permission denied: '/s/xguard.lock'"),
+        ]
+        for start, code, reason in cases:
+            self.log.clear()
+            self.exits.clear()
+            self.reactor = InlineReactor()
+            s = self.service([Stage("a", lambda: None), Stage("b", start)])
+            s.startService()
+            self.assertEqual([e for e in self.log if e.get("log_failure")], [], reason)
+            (line,) = [e for e in self.log if e["log_level"] == LogLevel.error]
+            text = formatEvent(line)
+            self.assertTrue(text.startswith("xguard cannot start: "), text)
+            self.assertIn(reason, text)
+            self.assertNotIn("\n", text)
+            self.assertEqual(self.exit_after_shutdown(), code, text)
+            self.assertIn(f"(exit status {code})", text)
+
+    def test_a_stop_during_start_is_no_failure(self) -> None:
+        slow: Deferred[None] = Deferred()
+        s = self.service(self.stages(1) + [Stage("slow", lambda: slow)])
+        s.startService()
+        self.successResultOf(s.stopService())
+        self.assertEqual([e for e in self.log if e.get("log_failure")], [])
+        self.assertFalse(any(e["log_level"] == LogLevel.error for e in self.log))
+        self.assertEqual(self.reactor.triggers.get("after", {}).get("shutdown", []), [])
 
     def test_a_failing_stop_does_not_skip_the_rest(self) -> None:
         """e.g. the control socket file was removed while the daemon ran."""

@@ -10,10 +10,16 @@ directory, and an exit status systemd and the orchestrator can trust.
 - :class:`ExitStatus`: SIGTERM/SIGINT shut down cleanly and exit 0 (SPEC
   §2) — Twisted's own handlers make twistd re-raise the signal after
   shutdown, which systemd and the orchestrator would see as a crash — and a
-  start that fails exits 1 once the reactor has shut down (twistd has no
-  way to set an exit status). SIGHUP asks for a restart in place
+  start that fails exits non-zero once the reactor has shut down (twistd
+  has no way to set an exit status). SIGHUP asks for a restart in place
   (:mod:`xguard.restart.reexec`); twistd itself does not use SIGHUP (its log file
   rotates on SIGUSR1).
+- Why a start failed: :func:`known_start_failure` recognises the causes an
+  operator can fix (:class:`StartupError`: another xguard on the state
+  directory, a socket path in use, permission denied); each is one log line
+  and has its own exit status (``EXIT_*``, doc/operations.md "Exit
+  status"). Anything else is a bug or a surprise: its traceback is logged,
+  and the exit status is 1.
 
 The instance lock's descriptor is close-on-exec and released by the stop
 anyway, so a restart in place takes it again in the new image.
@@ -21,6 +27,7 @@ anyway, so a restart in place takes it again in the new image.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import signal
@@ -28,12 +35,90 @@ import sys
 from collections.abc import Callable
 from types import ModuleType
 
-from twisted.internet.error import ReactorNotRunning
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.logger import Logger
 
+from ..errors import PathInUse
 from ..interfaces import IProcessReactor
 
-__all__ = ["InstanceLock", "ExitStatus"]
+__all__ = ["InstanceLock", "ExitStatus", "StartupError", "AlreadyRunning", "SocketInUse",
+           "NoAccess", "known_start_failure", "EXIT_FAILURE", "EXIT_USAGE",
+           "EXIT_NO_ACCESS", "EXIT_IN_USE", "EXIT_RUNNING"]
+
+# The exit statuses of a start that fails. systemd names them in
+# ``systemctl status`` (``status=75/TEMPFAIL``): the LSB and BSD (sysexits)
+# codes it knows were picked for what they say.
+#: Anything unexpected (its traceback is in the log).
+EXIT_FAILURE = 1
+#: A bad option or configuration file (nothing was started).
+EXIT_USAGE = 2
+#: Permission denied (or a read-only file system) on a file or directory
+#: xguard must write: the state directory, its lock, a socket's directory.
+EXIT_NO_ACCESS = 4
+#: A socket path xguard must listen on is in use by another process (the
+#: control socket, the metrics endpoint), or is not a socket.
+EXIT_IN_USE = 73
+#: Another xguard runs on the same state directory.
+EXIT_RUNNING = 75
+
+
+class StartupError(Exception):
+    """A reason start-up cannot go on that the operator can fix: logged as
+    one line, without a traceback, and the process exits ``exit_status``."""
+
+    exit_status = EXIT_FAILURE
+
+
+class AlreadyRunning(StartupError):
+    """Another xguard holds the state directory's instance lock."""
+
+    exit_status = EXIT_RUNNING
+
+
+class SocketInUse(StartupError):
+    """A socket path (or address) to listen on is taken."""
+
+    exit_status = EXIT_IN_USE
+
+
+class NoAccess(StartupError):
+    """A file or directory xguard must write refuses it."""
+
+    exit_status = EXIT_NO_ACCESS
+
+
+_NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def known_start_failure(error: BaseException | None) -> StartupError | None:
+    """The known cause ``error`` is, or None for an unexpected one.
+
+    - a :class:`StartupError` as it is;
+    - a listen that failed (``CannotListenError``: address in use, or
+      permission denied) and a domain socket path in use;
+    - an ``OSError`` refusing access (EACCES, EPERM, EROFS), whose message
+      names the file;
+    - an ``OSError`` without an errno: the refusal of
+      ``xguard.util.unixsock.remove_stale`` to take over a live socket (or
+      a file that is not a socket) at the control or metrics socket's path.
+    """
+    if isinstance(error, StartupError):
+        return error
+    if isinstance(error, CannotListenError):
+        cause = error.socketError
+        if isinstance(cause, OSError) and cause.errno in _NO_ACCESS:
+            return NoAccess(str(error))
+        return SocketInUse(str(error))
+    if isinstance(error, PathInUse):
+        return SocketInUse(str(error))
+    if isinstance(error, OSError):
+        if error.errno in _NO_ACCESS:
+            return NoAccess(str(error))
+        if error.errno == errno.EADDRINUSE:
+            return SocketInUse(str(error))
+        if error.errno is None and len(error.args) == 1 and isinstance(error.args[0], str):
+            return SocketInUse(error.args[0])
+    return None
 
 
 class InstanceLock:
@@ -44,14 +129,18 @@ class InstanceLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """:raises OSError: naming the directory when another daemon holds it."""
+        """:raises AlreadyRunning: naming the directory (and the other
+            daemon's pid) when another daemon holds it.
+        :raises OSError: the lock file cannot be opened (permissions)."""
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = _read_pid(fd)
             os.close(fd)
-            raise OSError(f"another xguard is running on {os.path.dirname(self.path)} "
-                          f"(it holds {self.path})") from None
+            pid = f"pid {holder}, " if holder is not None else ""
+            raise AlreadyRunning(f"another xguard is running on {os.path.dirname(self.path)} "
+                                 f"({pid}it holds {self.path})") from None
         os.ftruncate(fd, 0)
         os.write(fd, b"%d\n" % os.getpid())
         self._fd = fd
@@ -60,6 +149,15 @@ class InstanceLock:
         if self._fd is not None:
             os.close(self._fd)  # releases the flock
             self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    """The pid the lock's holder wrote into it, if it can be read."""
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
 
 
 class ExitStatus:
@@ -129,8 +227,8 @@ class ExitStatus:
                 pass
         self._exit(code)
 
-    def start_failed(self) -> None:
+    def start_failed(self, code: int = EXIT_FAILURE) -> None:
         """Stop the reactor (once it runs: the failure may come before),
-        and exit 1 when it has shut down."""
-        self._reactor.addSystemEventTrigger("after", "shutdown", self._exit, 1)
+        and exit ``code`` when it has shut down."""
+        self._reactor.addSystemEventTrigger("after", "shutdown", self._flush_and_exit, code)
         self._reactor.callWhenRunning(self._reactor.stop)

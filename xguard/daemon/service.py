@@ -7,8 +7,12 @@ module is only the lifecycle, testable with fakes.
 
 Start runs the stages in order (the instance lock, the I/O threads, the
 upstream, the last known state, the caches' recovery, the domain sockets,
-the control channel …); a stage that fails stops the start, and the daemon
-exits 1. Readiness (``READY=1``) is only told once every stage started.
+the control channel …); a stage that fails stops the start. A cause the
+operator can fix (another xguard on the state directory, a socket path in
+use, permission denied: :func:`~xguard.daemon.process.known_start_failure`)
+is one error line and its own exit status; anything else is logged with
+its traceback and exits 1. Readiness (``READY=1``) is only told once every
+stage started.
 
 Stop runs the ``stop`` of every started stage in reverse order (so the
 control channel and the domain sockets stop accepting before in-flight
@@ -26,7 +30,7 @@ from typing import Any
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, ensureDeferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger
 from twisted.python.failure import Failure
@@ -34,7 +38,7 @@ from twisted.python.failure import Failure
 from ..status import DaemonStatus
 from ..util.deadlines import DeadlineExceeded, within
 from .logconfig import attach as attach_log_observer
-from .process import ExitStatus
+from .process import ExitStatus, known_start_failure
 
 __all__ = ["Stage", "XguardService"]
 
@@ -81,6 +85,9 @@ class XguardService(Service):
         self.ready = False
         self._started: list[Stage] = []
         self._starting: Deferred[None] | None = None
+        #: The stage being started (named when it fails).
+        self._stage: Stage | None = None
+        self._stopping = False
 
     # -- start ---------------------------------------------------------------
     def setServiceParent(self, parent: Any) -> None:
@@ -100,15 +107,28 @@ class XguardService(Service):
 
     async def _start(self) -> None:
         for stage in self.stages:
+            self._stage = stage
             self.log.debug("starting {stage}", stage=stage.name)
             await maybeDeferred(stage.start)
             self._started.append(stage)
+        self._stage = None
         self.ready = True
         self._ready()
 
     def _start_failed(self, failure: Failure) -> None:
-        self.log.failure("xguard failed to start", failure)
-        self.exit_status.start_failed()
+        """One line for a known cause, the traceback for anything else."""
+        stage = self._stage.name if self._stage is not None else "?"
+        if self._stopping and failure.check(CancelledError):
+            self.log.info("stopped while starting {stage}", stage=stage)
+            return  # a stop asked for: its exit status stands
+        known = known_start_failure(failure.value)
+        if known is None:
+            self.log.failure("xguard failed to start (starting {stage})", failure, stage=stage)
+            self.exit_status.start_failed()
+            return
+        self.log.error("xguard cannot start: {reason} (exit status {code})",
+                       reason=str(known), code=known.exit_status, stage=stage)
+        self.exit_status.start_failed(known.exit_status)
 
     # -- stop ----------------------------------------------------------------
     def stopService(self) -> "Deferred[None]":
@@ -117,6 +137,7 @@ class XguardService(Service):
 
     async def _stop(self) -> None:
         self.log.info("xguard stopping")
+        self._stopping = True
         if self._starting is not None and not self._starting.called:
             self._starting.cancel()
         self.ready = False
