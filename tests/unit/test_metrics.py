@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import attrs
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.task import Clock
 from twisted.logger import Logger
@@ -84,21 +85,60 @@ class MetricsTests(SynchronousTestCase):
         self.assertEqual(value(m, "xguard_cache_disk_error", service="Swtpm"), 1)
         self.assertEqual(value(m, "xguard_domain_sockets", service="Varstored"), 4)
         self.assertNotIn(VM, text)  # no per-VM label, ever
+        # The health verdict: failed (the disk refuses writes during the outage).
+        self.assertEqual(value(m, "xguard_health", verdict="failed"), 1)
+        self.assertEqual(value(m, "xguard_health", verdict="healthy"), 0)
+        self.assertEqual(value(m, "xguard_health_reasons", reason="disk_error"), 1)
+        self.assertEqual(value(m, "xguard_health_reasons", reason="set_aside"), 1)
+        self.assertEqual(value(m, "xguard_health_reasons", reason="not_ready"), 0)
+
+    def test_healthy(self) -> None:
+        self.status = attrs.evolve(self.status, upstream=UpstreamStatus(
+            kind="xapi", target="t", reachable=True), services={})
+        m = parse(self.scrape())
+        self.assertEqual(value(m, "xguard_health", verdict="healthy"), 1)
+        self.assertEqual(value(m, "xguard_health", verdict="degraded"), 0)
+        self.assertEqual(value(m, "xguard_upstream_up"), 1)
+
+    def test_upstream_up_is_absent_before_any_call(self) -> None:
+        """Before any call xguard does not know: it does not claim "up"."""
+        self.status = attrs.evolve(self.status, upstream=UpstreamStatus(kind="xapi", target="t"))
+        m = parse(self.scrape())
+        self.assertNotIn("xguard_upstream_up", m)
+        self.assertEqual(value(m, "xguard_upstream_unresponsive"), 0)
+
+    def test_process_metrics(self) -> None:
+        """RSS and open files against their limit (Linux /proc)."""
+        if not os.path.isdir("/proc/self/fd"):
+            self.skipTest("no /proc")
+        m = parse(self.scrape())
+        self.assertGreater(value(m, "process_resident_memory_bytes"), 0)
+        self.assertGreater(value(m, "process_open_fds"), 0)
+        self.assertGreaterEqual(value(m, "process_max_fds"), value(m, "process_open_fds"))
 
     def test_counted_events(self) -> None:
         self.metrics.upstream_call("VTPM.set_contents", "ok", 0.004)
         self.metrics.upstream_call("VTPM.set_contents", "transient", 3.0)
-        self.metrics.domain_request("Swtpm", 204)
+        self.metrics.domain_request("Swtpm", 204, 0.003)
+        self.metrics.domain_request("Swtpm", 204, 0.2)
+        self.metrics.domain_request("Swtpm", 413)  # a refusal: counted, not timed
         m = parse(self.scrape())
         self.assertEqual(value(m, "xguard_upstream_calls_total", method="VTPM.set_contents",
                                outcome="transient"), 1)
         self.assertEqual(value(m, "xguard_upstream_call_duration_seconds_count",
                                method="VTPM.set_contents"), 2)
-        self.assertEqual(value(m, "xguard_domain_requests_total", service="Swtpm", code="204"), 1)
+        self.assertEqual(value(m, "xguard_domain_requests_total", service="Swtpm", code="204"), 2)
+        self.assertEqual(value(m, "xguard_domain_requests_total", service="Swtpm", code="413"), 1)
+        self.assertEqual(value(m, "xguard_domain_request_duration_seconds_count",
+                               service="Swtpm"), 2)
+        self.assertAlmostEqual(value(m, "xguard_domain_request_duration_seconds_sum",
+                                     service="Swtpm"), 0.203)
+        self.assertEqual(value(m, "xguard_domain_request_duration_seconds_bucket",
+                               service="Swtpm", le="0.005"), 1)
 
     def test_every_metric_is_documented(self) -> None:
         self.metrics.upstream_call("m", "ok", 0.1)
-        self.metrics.domain_request("Swtpm", 200)
+        self.metrics.domain_request("Swtpm", 200, 0.1)
         with open(DOC, encoding="utf-8") as f:
             doc = f.read()
         for name in parse(self.scrape()):

@@ -135,11 +135,11 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             resource = VarstoredSocket(vm_uuid, nvram).resource()
         return DomainSite(resource, reactor=reactor, timeout=cfg.request_timeout,
                           on_connection=activity.connection,
-                          on_response=lambda code: answered(kind, code))
+                          on_response=lambda code, seconds: answered(kind, code, seconds))
 
-    def answered(kind: Kind, code: int) -> None:
+    def answered(kind: Kind, code: int, seconds: float | None) -> None:
         activity.answer()
-        metrics.domain_request(kind.value, code)
+        metrics.domain_request(kind.value, code, seconds)
 
     def vm_gone(vm_uuid: str) -> None:
         """The VM's last socket was destroyed (it stopped, or reboots): its

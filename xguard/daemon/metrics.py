@@ -3,12 +3,16 @@
 ``/metrics``), with prometheus_client.
 
 Most values are read from the Status values at scrape time (one source of
-truth with ``xguard-ctl status``); what Status does not keep — every
-upstream call's outcome and duration, every domain request's status code —
-is counted as it happens. Labels are the service (``Swtpm``/``Varstored``),
-the upstream method and outcome, the HTTP status code: never a VM, so the
-number of series does not grow with the host, and no VM content ever
-appears. Every metric is listed in doc/operations.md.
+truth with ``xguard-ctl status``, its health verdict included); what Status
+does not keep — every upstream call's outcome and duration, every domain
+request's status code and latency — is counted as it happens, and the
+process's own figures (memory, open files against their limit) come from
+prometheus_client's ``ProcessCollector`` (``process_*``, read from /proc at
+scrape time). Labels are the service (``Swtpm``/``Varstored``), the
+upstream method and outcome, the HTTP status code, the health verdict and
+reason: never a VM, so the number of series does not grow with the host,
+and no VM content ever appears. Every metric is listed in
+doc/operations.md.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -34,7 +39,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from ..interfaces import IServerReactor
-from ..status import DaemonStatus
+from ..status import REASONS, VERDICTS, DaemonStatus
 from ..util.durable import makedirs
 from ..util.unixsock import remove_stale
 from .config import unix_endpoint_path
@@ -72,7 +77,14 @@ class Metrics:
         self.domain_requests = Counter(
             "xguard_domain_requests", "Requests answered on domain sockets, by service and "
             "HTTP status code.", ["service", "code"], registry=self.registry)
+        self.domain_request_duration = Histogram(
+            "xguard_domain_request_duration_seconds", "How long domain requests took, from "
+            "their arrival in full to their answer's last byte, by service.", ["service"],
+            buckets=_BUCKETS, registry=self.registry)
         self.registry.register(_StatusCollector(self))
+        # process_*: resident memory, open file descriptors and their limit,
+        # CPU time, start time (Linux /proc; nothing elsewhere).
+        ProcessCollector(registry=self.registry)
         self._children: dict[Any, Any] = {}
 
     def upstream_call(self, method: str, outcome: str, seconds: float) -> None:
@@ -88,12 +100,21 @@ class Metrics:
             histogram = self._children[method] = self.upstream_call_duration.labels(method)
         histogram.observe(seconds)
 
-    def domain_request(self, service: str, code: int) -> None:
+    def domain_request(self, service: str, code: int, seconds: float | None = None) -> None:
+        """A domain request was answered (on every request: the labelled
+        children are looked up once). ``seconds``: its latency (None for a
+        refusal of a request never received in full: counted, not timed)."""
         counter = self._children.get((service, code))
         if counter is None:
             counter = self._children[(service, code)] = self.domain_requests.labels(
                 service, str(code))
         counter.inc()
+        if seconds is not None:
+            histogram = self._children.get(service)
+            if histogram is None:
+                histogram = self._children[service] = self.domain_request_duration.labels(
+                    service)
+            histogram.observe(seconds)
 
     def resource(self) -> Resource:
         """``/metrics`` (everything else: 404)."""
@@ -140,10 +161,23 @@ class _StatusCollector(Collector):
         yield _gauge("xguard_known_state_vms",
                      "VMs whose last known state is kept (for reads during an outage).",
                      status.known_state_vms)
+        health = GaugeMetricFamily("xguard_health", "1 for the daemon's health verdict "
+                                   "(healthy, degraded, failed; xguard-ctl status).",
+                                   labels=["verdict"])
+        for verdict in VERDICTS:
+            health.add_metric([verdict], int(status.health.verdict == verdict))
+        yield health
+        reasons = GaugeMetricFamily("xguard_health_reasons", "Why the daemon is not healthy: "
+                                    "how many reasons of each kind hold now.",
+                                    labels=["reason"])
+        for code in REASONS:
+            reasons.add_metric([code], sum(1 for r in status.health.reasons if r.code == code))
+        yield reasons
 
         up = status.upstream
-        yield _gauge("xguard_upstream_up", "1 while upstream answers, 0 during an outage "
-                     "(1 until a call tells otherwise).", int(up.reachable is not False))
+        if up.reachable is not None:  # absent until a call answered or failed
+            yield _gauge("xguard_upstream_up", "1 while upstream answers, 0 during an outage "
+                         "(absent until a call answered or failed).", int(up.reachable))
         yield _gauge("xguard_upstream_outage_start_time_seconds",
                      "When the current upstream outage started (0: none).", up.down_since or 0)
         yield _gauge("xguard_upstream_unresponsive",

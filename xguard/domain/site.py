@@ -125,6 +125,9 @@ class _LimitedRequest(Request):
     and logs its processing failures through the socket's limiter."""
 
     _received = 0
+    #: When it was received in full (its site's clock): its latency runs
+    #: from here to its answer's last byte (DomainSite.log).
+    received_at: float | None = None
 
     def __init__(self, channel: http.HTTPChannel, *args: Any, **kwargs: Any) -> None:
         super().__init__(channel, *args, **kwargs)
@@ -146,6 +149,12 @@ class _LimitedRequest(Request):
             channel.refuse(413, "request body over limit")
             return
         super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, DomainSite):
+            self.received_at = site.reactor.seconds()
+        super().requestReceived(command, path, version)
 
     def getRequestHostname(self) -> bytes:
         """Host means nothing on a UNIX socket (and HTTP/1.0 has none):
@@ -415,7 +424,9 @@ class DomainSite(Site):
     :param on_connection: called for every accepted connection (the
         daemon's activity count).
     :param on_response: called with the status code of every answer (the
-        metrics), refusals included.
+        metrics), refusals included, and the seconds from the request's
+        arrival in full to its answer's last byte (None for a refusal,
+        which answers a request never received in full).
     :param linger_bytes: after a refusal, bytes read and discarded at most.
     :param linger_timeout: after a refusal, seconds before the connection
         is closed anyway.
@@ -435,7 +446,7 @@ class DomainSite(Site):
         max_body: int = MAX_BODY,
         timeout: float = DEFAULT_TIMEOUT,
         on_connection: Callable[[], None] | None = None,
-        on_response: Callable[[int], None] | None = None,
+        on_response: Callable[[int, float | None], None] | None = None,
         linger_bytes: int = LINGER_BYTES,
         linger_timeout: float = LINGER_TIMEOUT,
     ) -> None:
@@ -508,13 +519,15 @@ class DomainSite(Site):
         self.log_observer.stop()
         self.turns.stop()
 
-    def answered(self, code: int) -> None:
+    def answered(self, code: int, seconds: float | None = None) -> None:
         if self._on_response is not None:
-            self._on_response(code)
+            self._on_response(code, seconds)
 
     def log(self, request: http.Request) -> None:
         """Every request Twisted finished answering (refusals: see refuse)."""
-        self.answered(request.code)
+        received = getattr(request, "received_at", None)
+        self.answered(request.code,
+                      None if received is None else self.reactor.seconds() - received)
         self.requests_log.debug(
             "VM {vm}: {method} {path} -> {code}", vm=self.vm_uuid,
             method=request.method.decode("ascii", "replace"),
