@@ -50,14 +50,31 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(proc.returncode, 0, proc.stderr)
         self.assertTrue(proc.stdout.startswith(
             "Usage: xguard [twistd options] [xguard options]"))
-        for option in ("--state-dir", "--xapi", "--log-level", "--nodaemon", "--pidfile",
-                       "--syslog"):
+        for option in ("--state-dir", "--xapi", "--log-level", "--config", "--nodaemon",
+                       "--pidfile", "--syslog"):
             self.assertIn(option, proc.stdout)
 
     def test_usage_error(self) -> None:
         proc = _xguard("--state-dir")
         self.assertEqual(proc.returncode, 2)
         self.assertIn("xguard --help", proc.stderr)
+
+    def test_a_bad_configuration_file_is_a_usage_error(self) -> None:
+        """One line naming the file and the key; exit 2; nothing started."""
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+            f.write('metric = "tcp:9101:interface=127.0.0.1"\n')
+            f.flush()
+            proc = _xguard("-n", "--pidfile=", "--config", f.name)
+        self.assertEqual(proc.returncode, 2)
+        self.assertEqual(proc.stderr.splitlines()[0],
+                         f"xguard: configuration file {f.name}: metric is not an option; "
+                         "did you mean metrics?")
+        proc = _xguard("--config", "/nonexistent/xguard.toml")
+        self.assertEqual(proc.returncode, 2)
+        self.assertIn("cannot read the configuration file /nonexistent/xguard.toml",
+                      proc.stderr)
 
 
 class ScriptDaemon(Daemon):

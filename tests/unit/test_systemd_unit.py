@@ -41,8 +41,12 @@ def _settings() -> dict[str, list[str]]:
     return settings
 
 
-def _exec_start() -> list[str]:
-    return shlex.split(_settings()["ExecStart"][0])
+def _exec_start(xguard_opts: str = "") -> list[str]:
+    """ExecStart's command line, ``$XGUARD_OPTS`` expanded as systemd does
+    (an unquoted ``$VAR`` is split at whitespace; empty: no word)."""
+    words = shlex.split(_settings()["ExecStart"][0])
+    i = words.index("$XGUARD_OPTS")
+    return words[:i] + xguard_opts.split() + words[i + 1:]
 
 
 class UnitFileTests(SynchronousTestCase):
@@ -91,7 +95,34 @@ class UnitFileTests(SynchronousTestCase):
             data_files = tomllib.load(f)["tool"]["setuptools"]["data-files"]
         self.assertEqual(data_files["share/man/man8"], ["doc/xguard.8"])
 
+    def test_options_from_the_environment_file(self) -> None:
+        """Issue 18, item 4: /etc/default/xguard's XGUARD_OPTS reach the
+        command line (a missing file is fine), no drop-in needed."""
+        from xguard.tap import Options
+
+        self.patch(Options, "default_config_file", "/nonexistent/xguard.toml")
+        s = _settings()
+        self.assertEqual(s["EnvironmentFile"], ["-/etc/default/xguard"])
+        self.assertEqual(s["Environment"], ["XGUARD_OPTS="])  # unset: no warning
+        argv = _exec_start("--metrics tcp:9101:interface=127.0.0.1 --log-level debug")
+        config = _ServerOptions()
+        config.parseOptions(split_argv(argv[1:]))
+        options = config.subOptions.config
+        self.assertEqual((options.metrics, options.log_level),
+                         ("tcp:9101:interface=127.0.0.1", "debug"))
+        self.assertEqual(options.xapi, "unix:/var/lib/xcp/xapi")
+
+    def test_a_bad_configuration_is_not_restarted(self) -> None:
+        from xguard.daemon.process import EXIT_NO_ACCESS, EXIT_USAGE
+
+        s = _settings()
+        self.assertEqual(s["RestartPreventExitStatus"],
+                         [f"{EXIT_USAGE} {EXIT_NO_ACCESS}"])
+
     def test_exec_start_parses_and_matches_the_sandbox(self) -> None:
+        from xguard.tap import Options
+
+        self.patch(Options, "default_config_file", "/nonexistent/xguard.toml")
         argv = _exec_start()
         self.assertEqual(argv[0], "/usr/bin/xguard")
         config = _ServerOptions()

@@ -229,7 +229,12 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
                  sockets=len(registry.entries()), cache="off" if cfg.no_cache else "on")
 
     def prepare() -> None:
-        log.info("xguard {version} starting", version=__version__)
+        if cfg.config_file is None:
+            log.info("xguard {version} starting", version=__version__)
+        else:
+            log.info("xguard {version} starting; configuration file {path} sets {keys}",
+                     version=__version__, path=cfg.config_file,
+                     keys=", ".join(cfg.from_file) or "nothing the command line does not")
         makedirs(cfg.state_dir, 0o700)
         lock.acquire()
         handover.inherit()

@@ -2,17 +2,28 @@
 """The daemon's configuration as one frozen value, validated once.
 
 Built from twistd's parsed options by :func:`Config.from_options`; every
-component gets the parts it needs from here instead of reading options."""
+component gets the parts it needs from here instead of reading options.
+
+The options can also come from a TOML file (:func:`read_config_file`,
+``/etc/xguard/xguard.toml`` unless ``--config`` names another): one key per
+long option, with TOML's types (``queue-size = 512``, ``no-cache = true``,
+``metrics = "tcp:9101:interface=127.0.0.1"``). The command line wins over
+the file. A file that cannot be read, is not TOML, names an unknown option
+or gives a value of the wrong type stops the start with a message naming
+the file and the key (a usage error)."""
 
 from __future__ import annotations
 
+import difflib
 import os
-from collections.abc import Mapping
+import tomllib
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import attrs
 
-__all__ = ["Config", "LOG_LEVELS", "FAULT_FILE"]
+__all__ = ["Config", "LOG_LEVELS", "FAULT_FILE", "DEFAULT_CONFIG_FILE", "INT_OPTIONS",
+           "NUMBER_OPTIONS", "UPSTREAM_OPTIONS", "read_config_file"]
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 #: The upstream daemon's fault switch: while it exists the cache is off.
@@ -22,6 +33,83 @@ DEFAULT_SOCKETS_FILE = "/run/nonpersistent/varstored-guard-active.json"
 DEFAULT_CONTROL = "unix:/run/xguard/control.sock"
 #: sun_path holds 108 bytes with the terminating NUL (Linux).
 MAX_SOCKET_PATH = 107
+#: Read when it exists, unless --config names another file (or none).
+DEFAULT_CONFIG_FILE = "/etc/xguard/xguard.toml"
+#: Options whose value is an integer, and a number (seconds).
+INT_OPTIONS = ("queue-size", "flush-concurrency", "listen-backlog")
+NUMBER_OPTIONS = ("xapi-timeout", "direct-deadline", "request-timeout", "unresponsive-after",
+                  "stuck-after")
+#: One choice, the upstream: either on the command line overrides both in
+#: the file (--xapi does not clash with a file's local-store).
+UPSTREAM_OPTIONS = ("xapi", "local-store")
+
+
+#: twistd's own options (what twistd does before xguard's options are read:
+#: where the log goes, daemonizing), named in the error for such a key.
+_TWISTD_OPTIONS = frozenset({"nodaemon", "pidfile", "logfile", "syslog", "prefix", "logger",
+                             "reactor", "umask", "uid", "gid", "euid", "chroot", "rundir",
+                             "profile", "debug"})
+
+
+def _toml_type(value: object) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "an array", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def read_config_file(path: str, *, flags: Collection[str],
+                     parameters: Collection[str]) -> dict[str, str | int]:
+    """The options the TOML file at ``path`` sets, as the command line would
+    give them: parameters as strings, flags as 0 or 1.
+
+    :param flags: the long names of the flags (``no-cache``).
+    :param parameters: the long names of the options taking a value.
+    :raises ValueError: the file cannot be read or parsed, a key is no
+        option, or a value has the wrong type; the message names the file
+        (and the key).
+    """
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ValueError(f"cannot read the configuration file {path}: "
+                         f"{e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"configuration file {path} is not valid TOML: {e}") from None
+    known = set(flags) | set(parameters)
+    options: dict[str, str | int] = {}
+    for key, value in document.items():
+        where = f"configuration file {path}: {key}"
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+            if key in _TWISTD_OPTIONS:
+                hint = f": --{key} is twistd's, and stays on the command line"
+            elif close:
+                hint = f"; did you mean {close[0]}?"
+            else:
+                hint = ("; the keys are xguard's long options without '--' (twistd's own, "
+                        "such as --logfile or --syslog, stay on the command line)")
+            raise ValueError(f"{where} is not an option{hint}")
+        if key in flags:
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} must be true or false, not {value!r} "
+                                 f"({_toml_type(value)})")
+            options[key] = int(value)
+        elif key in INT_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{where} must be an integer, not {value!r} "
+                                 f"({_toml_type(value)})")
+            options[key] = str(value)
+        elif key in NUMBER_OPTIONS:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where} must be a number of seconds, not {value!r} "
+                                 f"({_toml_type(value)})")
+            options[key] = str(value)
+        else:
+            if not isinstance(value, str):
+                raise ValueError(f"{where} must be a string, not {value!r} "
+                                 f"({_toml_type(value)})")
+            options[key] = value
+    return options
 
 
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
@@ -113,6 +201,9 @@ class Config:
     listen_backlog: int = attrs.field(default=128, validator=_positive)
     #: A VM whose cached writes keep failing this long raises one alert.
     stuck_after: float = attrs.field(default=600.0, validator=_positive)
+    #: The configuration file read (None: none), and the options it set.
+    config_file: str | None = None
+    from_file: tuple[str, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if self.xapi is not None and self.local_store is not None:
@@ -152,4 +243,6 @@ class Config:
             unresponsive_after=float(options["unresponsive-after"]),
             listen_backlog=int(options.get("listen-backlog", 128)),
             stuck_after=float(options.get("stuck-after", 600)),
+            config_file=options.get("config") or None,
+            from_file=tuple(getattr(options, "from_file", ())),
         )

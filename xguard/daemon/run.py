@@ -100,7 +100,7 @@ def help_text() -> str:
         SYNOPSIS,
         "",
         "xguard options:",
-        Options().getUsage().rstrip(),  # type: ignore[no-untyped-call]  # usage.Options
+        Options().getUsage().rstrip(),
         "",
         "twistd options (-n: stay in the foreground; --pidfile= : no pid file; "
         "--logfile, --syslog, --prefix: where the log goes):",
