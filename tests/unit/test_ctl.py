@@ -120,7 +120,7 @@ class CommandTests(CtlTestCase):
             self.assertEqual((code, out), (2, ""))
             self.assertIn("UNIX socket only", err)
         self.assertEqual(self.connected_to, [])
-        self.assertEqual(self.ctl("-c", "unix:/run/x.sock", "status")[0], 0)
+        self.assertEqual(self.ctl("-c", "unix:/run/x.sock", "status")[0], 3)  # degraded
 
     def test_invalid_uuid_exits_1(self) -> None:
         code, _, err = self.ctl("vtpm_create", "dbg", "nope", "1", "/run/t.sock")
@@ -168,19 +168,21 @@ class CommandTests(CtlTestCase):
 
     def test_json_is_one_line_for_every_command(self) -> None:
         self.ctl("vtpm_create", "dbg", VM, "108", "/run/t.sock")
-        for command in ("list", "status"):
+        for command, status in (("list", 0), ("status", 3)):  # 3: degraded (set aside)
             code, out, _ = self.ctl(command, "--json")
-            self.assertEqual((code, out.count("\n")), (0, 1), out)
+            self.assertEqual((code, out.count("\n")), (status, 1), out)
             self.assertTrue(out.endswith("\n"))
             json.loads(out)
 
     def test_status_json_is_the_raw_document(self) -> None:
         code, out, _ = self.ctl("status", "--json")
-        self.assertEqual((code, json.loads(out)), (0, to_json(self.status)))
+        self.assertEqual((code, json.loads(out)), (3, to_json(self.status)))
 
     def test_status_table(self) -> None:
         code, out, _ = self.ctl("status")
-        self.assertEqual(code, 0)
+        self.assertEqual(code, 3)  # degraded: writes set aside
+        self.assertEqual(out.splitlines()[0], "health: degraded: Swtpm: 2 writes set aside "
+                                              "(refused 2): see xguard-ctl set-aside")
         rows = {line.split()[0]: line.split() for line in out.splitlines()}
         self.assertEqual(rows["SERVICE"], ["SERVICE", "MODE", "CACHE", "QUEUE", "PENDING",
                                            "QUARANTINED", "UPSTREAM", "SOCKETS"])
@@ -260,7 +262,7 @@ class ControlPathTests(CtlTestCase):
         self.assertIn("serves root only; run as root", err.getvalue())
 
     def test_options_after_the_command(self) -> None:
-        self.assertEqual(self.ctl("status", "--control", "/tmp/after.sock")[0], 0)
+        self.assertEqual(self.ctl("status", "--control", "/tmp/after.sock")[0], 3)
         self.assertEqual(self.ctl("list", "--json", "-c", "unix:/tmp/c.sock")[0], 0)
         self.assertEqual(self.ctl("vtpm_get_contents", "--control", "/tmp/g.sock", "d",
                                   self.vtpm)[0], 0)
@@ -309,8 +311,8 @@ class UsageTests(CtlTestCase):
 class FormatTests(SynchronousTestCase):
     def test_status_missing_services_show_dash(self) -> None:
         lines = format_status(from_json({})).splitlines()
-        self.assertEqual(lines[3].split(), ["Swtpm", "-", "-", "-", "-", "-", "-", "-"])
-        self.assertEqual(lines[4].split(), ["Varstored", "-", "-", "-", "-", "-", "-", "-"])
+        self.assertEqual(lines[4].split(), ["Swtpm", "-", "-", "-", "-", "-", "-", "-"])
+        self.assertEqual(lines[5].split(), ["Varstored", "-", "-", "-", "-", "-", "-", "-"])
 
     def test_status_outage_in_human_time(self) -> None:
         since = datetime(2026, 11, 28, 14, 2, 11, tzinfo=UTC).timestamp()
@@ -357,7 +359,7 @@ class FormatTests(SynchronousTestCase):
         on = format_status(from_json({"cache_enabled": True,
                                       "services": {"Swtpm": {"mode": "Direct", "enabled": True}}}))
         self.assertIn("cache: on", on)
-        self.assertEqual(on.splitlines()[3].split()[2], "on")
+        self.assertEqual(on.splitlines()[4].split()[2], "on")
 
     def test_disk_error_shown(self) -> None:
         text = format_status(from_json({"services": {"Swtpm": {

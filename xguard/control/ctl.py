@@ -4,7 +4,9 @@ upstream daemon's command names.
 
 Exit status: 0 on success; 1 when the daemon answered with an error or
 could not be reached (the reason on stderr, with a hint for the usual
-causes: xguard not running, not root); 2 on usage errors. The core,
+causes: xguard not running, not root); 2 on usage errors. ``status`` says
+the daemon's health by its exit status too: 0 healthy, 3 degraded, 4
+failed (:data:`HEALTH_EXIT`). The core,
 :func:`run`, takes its streams and its way of connecting as arguments so it
 is tested in-process.
 
@@ -36,7 +38,17 @@ from twisted.python.failure import Failure
 
 from .. import __version__
 from ..interfaces import IClientReactor
-from ..status import CacheStatus, DaemonStatus, SetAside, UpstreamStatus, from_json
+from ..status import (
+    DEGRADED,
+    FAILED,
+    HEALTHY,
+    CacheStatus,
+    DaemonStatus,
+    Drain,
+    SetAside,
+    UpstreamStatus,
+    from_json,
+)
 from .commands import (
     ERRORS,
     ControlError,
@@ -59,6 +71,9 @@ __all__ = ["main", "run", "DEFAULT_CONTROL", "format_status", "format_sockets",
 
 DEFAULT_CONTROL = "/run/xguard/control.sock"
 SERVICES = ("Swtpm", "Varstored")
+#: ``xguard-ctl status``'s exit status per health verdict (1: no answer, or
+#: an error; 2: usage).
+HEALTH_EXIT = {HEALTHY: 0, DEGRADED: 3, FAILED: 4}
 
 Connect = Callable[[Any, str], "Deferred[amp.AMP]"]
 
@@ -143,7 +158,10 @@ class _ListOptions(_CommandOptions):
 
 
 class _StatusOptions(_ListOptions):
-    optFlags = [["json", None, "print the daemon's raw status document (one line)"]]
+    longdesc = ("The first line is the daemon's health and why. The exit status says it "
+                "too: 0 healthy, 3 degraded, 4 failed (1: no answer from the daemon).")
+    optFlags = [["json", None, "print the daemon's raw status document (one line)"],
+                ["quiet", "q", "print nothing: the exit status says the health"]]
 
 
 class _RestartOptions(_CommandOptions):
@@ -189,7 +207,8 @@ class _ResolveOptions(_CommandOptions):
 class Options(_Options):
     synopsis = "xguard-ctl [--control PATH] COMMAND [ARGS...]"
     longdesc = ("Controls xguard over its privileged socket. Exit status: 0 success, "
-                "1 error (reported by the daemon, or daemon unreachable), 2 usage error.")
+                "1 error (reported by the daemon, or daemon unreachable), 2 usage error; "
+                "status: 0 healthy, 3 degraded, 4 failed.")
     optParameters = [["control", "c", None,
                       f"control socket path [$XGUARD_CONTROL or {DEFAULT_CONTROL}]"]]
     subCommands = [
@@ -252,13 +271,18 @@ async def _list(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
         out.write(format_sockets(sockets))
 
 
-async def _status(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
+async def _status(proto: amp.AMP, o: usage.Options, out: IO[str]) -> int:
+    """The exit status says the daemon's health (:data:`HEALTH_EXIT`), in
+    every form."""
     document = (await _call(proto, Status))["status"]
-    if o["json"]:
+    status = from_json(json.loads(document))
+    if o["quiet"]:
+        pass
+    elif o["json"]:
         out.write(document.rstrip("\n") + "\n")
     else:
-        out.write(format_status(from_json(json.loads(document)), now=o.get("now"),
-                                tz=o.get("tz")))
+        out.write(format_status(status, now=o.get("now"), tz=o.get("tz")))
+    return HEALTH_EXIT.get(status.health.verdict, HEALTH_EXIT[FAILED])
 
 
 async def _restart(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
@@ -310,7 +334,8 @@ def _write_private(path: str, text: str) -> None:
         os.close(fd)
 
 
-_COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[None]]] = {
+#: Each command's coroutine; one that returns an int gives the exit status.
+_COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[int | None]]] = {
     "varstore_create": _varstore_create,
     "varstore_destroy": _varstore_destroy,
     "vtpm_create": _vtpm_create,
@@ -354,13 +379,17 @@ def duration(seconds: float) -> str:
     return f"{secs}s"
 
 
-def _since(timestamp: float, now: float | None, tz: tzinfo | None) -> str:
-    """``down for 3m12s, since 14:02:11`` (the date too when not today)."""
+def _clock(timestamp: float, now: float | None, tz: tzinfo | None) -> str:
+    """``14:02:11`` (the date too when not today)."""
     when = datetime.fromtimestamp(timestamp, tz)
     if now is not None and datetime.fromtimestamp(now, tz).date() == when.date():
-        clock = when.strftime("%H:%M:%S")
-    else:
-        clock = when.strftime("%Y-%m-%d %H:%M:%S")
+        return when.strftime("%H:%M:%S")
+    return when.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _since(timestamp: float, now: float | None, tz: tzinfo | None) -> str:
+    """``down for 3m12s, since 14:02:11`` (the date too when not today)."""
+    clock = _clock(timestamp, now, tz)
     if now is None:
         return f"down since {clock}"
     return f"down for {duration(now - timestamp)}, since {clock}"
@@ -387,6 +416,7 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
     its outage lasts, upstream's while it is unreachable (``--json`` keeps
     them all)."""
     upstream = status.upstream
+    health = status.health
     names = sorted(set(SERVICES) | set(status.services) | set(status.sockets))
     rows = []
     for name in names:
@@ -398,7 +428,10 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
                      ("on" if svc.enabled else "OFF"),
                      str(svc.queue_depth), str(svc.pending_items), str(len(svc.quarantined)),
                      _reachability(upstream, svc, now, tz), str(status.sockets.get(name, 0))])
-    lines = [f"upstream: {upstream.target}"]
+    lines = [f"health: {health.verdict}"
+             + "".join(f"{': ' if i == 0 else '; '}{r.text}"
+                       for i, r in enumerate(health.reasons)),
+             f"upstream: {upstream.target}"]
     if upstream.last_error and upstream.reachable is False:
         lines.append(f"upstream last error: {upstream.last_error}")
     if upstream.unresponsive_since is not None:
@@ -421,7 +454,27 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
         svc = status.services.get(name)
         if svc is not None and svc.last_error and svc.outage_since is not None:
             text += f"{name} last error: {svc.last_error}\n"
+    for name in names:
+        svc = status.services.get(name)
+        if svc is not None and svc.drain is not None:
+            text += f"{name} {_drain(svc.drain, now, tz)}\n"
     return text
+
+
+def _drain(drain: Drain, now: float | None, tz: tzinfo | None) -> str:
+    """A backlog being delivered (items left, rate), or the last one."""
+    if drain.ended is None:
+        elapsed = "" if now is None else f" in {duration(now - drain.started)}"
+        eta = (f", about {duration(drain.left / drain.rate)} to go" if drain.rate > 0 else "")
+        return (f"delivering the backlog: {_items(drain.left)} left, {drain.delivered} "
+                f"delivered{elapsed} ({drain.rate:.1f}/s){eta}")
+    return (f"last backlog: {_items(drain.delivered)} delivered in "
+            f"{duration(drain.ended - drain.started)} ({drain.rate:.1f}/s), ended "
+            f"{_clock(drain.ended, now, tz)}")
+
+
+def _items(n: int) -> str:
+    return "1 item" if n == 1 else f"{n} items"
 
 
 def format_set_aside(items: Sequence[SetAside], *, now: float | None = None) -> str:
@@ -574,7 +627,8 @@ async def _run(reactor: IClientReactor, argv: Sequence[str], stdout: IO[str], st
         stderr.write(f"xguard-ctl: {_cannot_connect(path, e)}\n")
         return 1
     try:
-        await _COMMANDS[str(config.subCommand)](proto, sub, stdout)  # postOptions: one is set
+        # postOptions: one is set
+        code = await _COMMANDS[str(config.subCommand)](proto, sub, stdout)
     except ConnectionClosed as e:
         hint = (": the control channel serves root only; run as root" if euid != 0
                 else f": {e}")
@@ -586,7 +640,7 @@ async def _run(reactor: IClientReactor, argv: Sequence[str], stdout: IO[str], st
     finally:
         if proto.transport is not None:
             proto.transport.loseConnection()
-    return 0
+    return code or 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
