@@ -138,7 +138,13 @@ class Daemon:
         return result
 
     def status(self) -> dict[str, Any]:
-        doc: dict[str, Any] = json.loads(self.ctl("status", "--json").stdout)
+        """The Status document, whatever the daemon's health (``status``
+        exits 3 when degraded, 4 when failed)."""
+        result = self.ctl("status", "--json", check=False)
+        if result.returncode not in (0, 3, 4):
+            raise AssertionError(f"xguard-ctl status exited {result.returncode}: "
+                                 f"{result.stderr.decode()}")
+        doc: dict[str, Any] = json.loads(result.stdout)
         return doc
 
     def cleanup(self) -> None:
