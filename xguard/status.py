@@ -182,6 +182,12 @@ class DaemonStatus:
     cache_enabled: bool
     #: VMs whose last known state is kept (live or across an outage).
     known_state_vms: int = 0
+    #: The level the log is filtered at now (``xguard-ctl log-level``
+    #: changes it until the next start); None from an older daemon.
+    log_level: str | None = None
+    #: The fault switch file (``--fault-file``): while it exists the cache
+    #: is off; None from an older daemon.
+    fault_file: str | None = None
     #: Computed from the rest (:func:`assess`), never given: the daemon's
     #: document carries it, and a reader computes it again from the document.
     health: Health = attrs.field(init=False)
@@ -281,7 +287,13 @@ def from_json(doc: Mapping[str, Any]) -> DaemonStatus:
                  if isinstance(v, int)},
         cache_enabled=bool(doc.get("cache_enabled", True)),
         known_state_vms=int(doc.get("known_state_vms", 0) or 0),
+        log_level=_text_or_none(doc.get("log_level")),
+        fault_file=_text_or_none(doc.get("fault_file")),
     )
+
+
+def _text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _cache(name: str, doc: Mapping[str, Any]) -> CacheStatus:

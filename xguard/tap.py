@@ -176,7 +176,8 @@ def makeService(options: Options) -> IService:
     reactor = cast(IDaemonReactor, global_reactor)
     service = build_service(options.config, reactor, launch=launch)
     if twistd is not None:
-        service.log_observer = observer_for(twistd, options.config.log_level,
+        # The filter's level is the one the control channel changes.
+        service.log_observer = observer_for(twistd, service.log_levels or options.config.log_level,
                                             call_from_thread=IReactorFromThreads(
                                                 reactor).callFromThread)
     return service

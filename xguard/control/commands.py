@@ -24,14 +24,18 @@ from .bigvalue import BigAmpList, BigUnicode
 __all__ = [
     "VarstoreCreate", "VarstoreDestroy", "VtpmCreate", "VtpmDestroy",
     "VtpmSetContents", "VtpmGetContents", "ListSockets", "Status", "Restart",
-    "SetAsideExport", "SetAsideResolve",
-    "ControlError", "RestartRefused", "RemotePermanentUpstreamError",
-    "RemoteTransientUpstreamError", "ERRORS", "error_code",
+    "SetAsideExport", "SetAsideResolve", "SetLogLevel",
+    "ControlError", "InvalidLogLevel", "LOG_LEVELS", "RestartRefused",
+    "RemotePermanentUpstreamError", "RemoteTransientUpstreamError", "ERRORS", "error_code",
 ]
 
 
 class ControlError(Exception):
     """The daemon failed in a way no other error names (details in its log)."""
+
+
+class InvalidLogLevel(ValueError):
+    """Not a log level (debug, info, warn, error)."""
 
 
 class RemotePermanentUpstreamError(PermanentUpstreamError):
@@ -67,6 +71,7 @@ ERRORS: dict[type[Exception], bytes] = {
     RestartRefused: b"RESTART_REFUSED",
     NotSetAside: b"NOT_SET_ASIDE",
     ResolutionRefused: b"RESOLUTION_REFUSED",
+    InvalidLogLevel: b"INVALID_LOG_LEVEL",
 }
 
 
@@ -166,4 +171,17 @@ class SetAsideResolve(Command):
 
     arguments = [(b"dbg", Unicode()), (b"id", Unicode()), (b"action", Unicode())]
     response = []
+    errors = ERRORS
+
+
+#: The levels SetLogLevel takes (those of --log-level).
+LOG_LEVELS = ("debug", "info", "warn", "error")
+
+
+class SetLogLevel(Command):
+    """Log at ``level`` (one of :data:`LOG_LEVELS`) from now on, until the
+    next start; answers the level it was and the configured one."""
+
+    arguments = [(b"dbg", Unicode()), (b"level", Unicode())]
+    response = [(b"previous", Unicode()), (b"configured", Unicode())]
     errors = ERRORS

@@ -51,11 +51,13 @@ from ..status import (
 )
 from .commands import (
     ERRORS,
+    LOG_LEVELS,
     ControlError,
     ListSockets,
     Restart,
     SetAsideExport,
     SetAsideResolve,
+    SetLogLevel,
     Status,
     VarstoreCreate,
     VarstoreDestroy,
@@ -70,6 +72,9 @@ __all__ = ["main", "run", "DEFAULT_CONTROL", "format_status", "format_sockets",
            "format_set_aside"]
 
 DEFAULT_CONTROL = "/run/xguard/control.sock"
+#: The daemon's default --fault-file, for a Status document that does not
+#: name it (an older daemon).
+FAULT_FILE = "/tmp/fist_disable_xapi_guard_cache"
 SERVICES = ("Swtpm", "Varstored")
 #: ``xguard-ctl status``'s exit status per health verdict (1: no answer, or
 #: an error; 2: usage).
@@ -204,6 +209,20 @@ class _ResolveOptions(_CommandOptions):
         self.update(id=item_id, action=action, file=file)
 
 
+class _LogLevelOptions(_CommandOptions):
+    synopsis = "[" + "|".join(LOG_LEVELS) + "]"
+    longdesc = ("Log at LEVEL from now on, without a restart; the configured level "
+                "(--log-level, or log-level in the configuration file) is back at the next "
+                "start. Without LEVEL, print the level the daemon logs at now.")
+    optParameters = [["dbg", None, "xguard-ctl", "the dbg string logged with it"]]
+
+    def parseArgs(self, level: str | None = None) -> None:
+        if level is not None and level not in LOG_LEVELS:
+            raise usage.UsageError(f"the log level is one of {', '.join(LOG_LEVELS)}, "
+                                   f"not {level!r}")
+        self.update(level=level)
+
+
 class Options(_Options):
     synopsis = "xguard-ctl [--control PATH] COMMAND [ARGS...]"
     longdesc = ("Controls xguard over its privileged socket. Exit status: 0 success, "
@@ -223,6 +242,7 @@ class Options(_Options):
         ["restart", None, _RestartOptions, "restart in place, keeping every socket"],
         ["set-aside", None, _SetAsideOptions, "list the writes set aside"],
         ["resolve", None, _ResolveOptions, "resolve a write set aside: push, keep, export"],
+        ["log-level", None, _LogLevelOptions, "log at another level until the next start"],
     ]
 
     def postOptions(self) -> None:
@@ -320,6 +340,16 @@ async def _resolve(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
                "exported": f"{o['id']}: upstream's kept\n"}[action])
 
 
+async def _log_level(proto: amp.AMP, o: usage.Options, out: IO[str]) -> None:
+    if o["level"] is None:
+        status = from_json(json.loads((await _call(proto, Status))["status"]))
+        out.write(f"{status.log_level or 'unknown (an older xguard)'}\n")
+        return
+    answer = await _call(proto, SetLogLevel, dbg=o["dbg"], level=o["level"])
+    out.write(f"log level {o['level']} (was {answer['previous']}); the configured "
+              f"{answer['configured']} is back at the next start\n")
+
+
 def _write_private(path: str, text: str) -> None:
     """Write ``text`` to ``path``, mode 0600, durably (the export may hold
     the only copy of a VM's state)."""
@@ -347,6 +377,7 @@ _COMMANDS: dict[str, Callable[[amp.AMP, usage.Options, IO[str]], Awaitable[int |
     "restart": _restart,
     "set-aside": _set_aside,
     "resolve": _resolve,
+    "log-level": _log_level,
 }
 
 
@@ -439,10 +470,11 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
                      + _since(upstream.unresponsive_since, now, tz).replace("down", "a call"))
     if not status.cache_enabled or any(not s.enabled for s in status.services.values()):
         lines.append("cache: OFF: writes go to upstream only and fail while it is down "
-                     "(--no-cache, or the fault switch file "
-                     "/tmp/fist_disable_xapi_guard_cache exists)")
+                     f"({_cache_off_because(status)})")
     else:
         lines.append("cache: on")
+    if status.log_level is not None:
+        lines.append(f"log level: {status.log_level}")
     for svc in status.services.values():
         if svc.disk_error is not None:
             lines.append(f"{svc.service} cache disk error: {svc.disk_error} "
@@ -459,6 +491,16 @@ def format_status(status: DaemonStatus, *, now: float | None = None,
         if svc is not None and svc.drain is not None:
             text += f"{name} {_drain(svc.drain, now, tz)}\n"
     return text
+
+
+def _cache_off_because(status: DaemonStatus) -> str:
+    """--no-cache, or the fault switch file the daemon names (an older
+    daemon does not: its default then)."""
+    services = status.services.values()
+    if services and all(s.cache == "off" for s in services):
+        return "--no-cache"
+    fault_file = status.fault_file or f"{FAULT_FILE}, or the one --fault-file names,"
+    return f"the fault switch file {fault_file} exists"
 
 
 def _drain(drain: Drain, now: float | None, tz: tzinfo | None) -> str:

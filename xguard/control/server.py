@@ -33,11 +33,13 @@ from ..status import DaemonStatus, to_json
 from .commands import (
     ERRORS,
     ControlError,
+    InvalidLogLevel,
     ListSockets,
     Restart,
     RestartRefused,
     SetAsideExport,
     SetAsideResolve,
+    SetLogLevel,
     Status,
     VarstoreCreate,
     VarstoreDestroy,
@@ -52,6 +54,9 @@ __all__ = ["ControlLocator", "control_factory", "control_endpoint"]
 
 T = TypeVar("T")
 
+#: Sets the log level: (level, dbg) -> (the level it was, the configured one).
+SetLevel = Callable[[str, str], tuple[str, str]]
+
 _KNOWN_ERRORS = tuple(ERRORS)
 
 
@@ -64,12 +69,14 @@ class ControlLocator(amp.CommandLocator):
     def __init__(self, registry: ISocketRegistry, vtpms: VtpmContents,
                  status: Callable[[], DaemonStatus],
                  restart: Callable[[str], None] | None = None,
-                 aside: SetAsideOps | None = None) -> None:
+                 aside: SetAsideOps | None = None,
+                 set_log_level: SetLevel | None = None) -> None:
         self.registry = registry
         self.vtpms = vtpms
         self.status = status
         self.restart = restart
         self.aside = aside if aside is not None else SetAsideOps(())
+        self.set_level = set_log_level
 
     # -- sockets -----------------------------------------------------------
     @VarstoreCreate.responder
@@ -207,6 +214,19 @@ class ControlLocator(amp.CommandLocator):
             raise
         return {}
 
+    # -- the log level -------------------------------------------------------
+    @SetLogLevel.responder
+    def set_log_level(self, dbg: str, level: str) -> dict[str, Any]:
+        """Until the next start (the change is logged by the levels)."""
+        if self.set_level is None:
+            raise ControlError("this daemon's log level cannot be changed while it runs")
+        try:
+            previous, configured = self.set_level(level, dbg)
+        except ValueError as e:
+            self.log.warn("{dbg}: log-level refused: {error}", dbg=dbg, error=str(e))
+            raise InvalidLogLevel(str(e)) from None
+        return {"previous": previous, "configured": configured}
+
     # -- helpers -----------------------------------------------------------
     async def _run(self, dbg: str, op: str, f: Callable[[], Awaitable[T]]) -> T:
         """Run ``f``; log its outcome under ``dbg``. Errors the client knows
@@ -330,12 +350,17 @@ class _ControlFactory(ServerFactory):
 def control_factory(registry: ISocketRegistry, vtpms: VtpmContents,
                     status: Callable[[], DaemonStatus],
                     restart: Callable[[str], None] | None = None,
-                    aside: SetAsideOps | None = None) -> ServerFactory:
+                    aside: SetAsideOps | None = None,
+                    set_log_level: SetLevel | None = None) -> ServerFactory:
     """The control channel's server factory (listen it on a 0600 socket).
 
     :param restart: begins a restart in place (raises RestartRefused).
-    :param aside: the writes set aside (none without a cache)."""
-    return _ControlFactory(ControlLocator(registry, vtpms, status, restart, aside))
+    :param aside: the writes set aside (none without a cache).
+    :param set_log_level: ``(level, dbg) -> (previous, configured)``: sets
+        the log filter's level until the next start (raises ValueError for
+        an unknown level)."""
+    return _ControlFactory(ControlLocator(registry, vtpms, status, restart, aside,
+                                          set_log_level))
 
 
 def control_endpoint(reactor: IServerReactor, description: str) -> IStreamServerEndpoint:

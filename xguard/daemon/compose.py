@@ -60,6 +60,7 @@ from ..util.locks import KeyedLocks
 from ..util.threads import ThreadPoolRunner
 from . import rlimits
 from .config import Config
+from .logconfig import LogLevels
 from .memory import Activity, IdleTrimmer, freeze_startup
 from .metrics import Metrics, MetricsListener
 from .process import ExitStatus, InstanceLock
@@ -206,7 +207,15 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             version=__version__, ready=service.ready,
             cache_enabled=not cfg.no_cache and not os.path.exists(cfg.fault_file),
             upstream=upstream.status(), sockets=registry.count_by_service(),
-            services=services, known_state_vms=len(known.kept()))
+            services=services, known_state_vms=len(known.kept()),
+            log_level=log_levels.level, fault_file=cfg.fault_file)
+
+    # The log filter's level: --log-level, changed by xguard-ctl log-level
+    # until the next start (tap.py puts the filter in front of the log).
+    log_levels = LogLevels(cfg.log_level)
+
+    def set_log_level(level: str, dbg: str) -> tuple[str, str]:
+        return log_levels.set(level, dbg), log_levels.configured
 
     reexec = Reexec(reactor, handover,
                     lambda: registry.handed_over() + control.handed_over(),
@@ -214,7 +223,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
     control = ControlListener(reactor, cfg.control, cfg.control_path or "",
                               control_factory(registry=registry, vtpms=vtpms, status=status,
                                               restart=reexec.request,
-                                              aside=SetAsideOps(caches.values())),
+                                              aside=SetAsideOps(caches.values()),
+                                              set_log_level=set_log_level),
                               handover)
     metrics = Metrics(status, reactor)
     if isinstance(upstream, XapiUpstream):
@@ -269,7 +279,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
     ]
     exit_status = ExitStatus(reactor, on_hangup=reexec.on_signal, on_stop=reexec.cancel)
     service = XguardService(stages, clock=reactor, ready=ready, status=status,
-                            exit_status=exit_status, privileged=rlimits.raise_nofile)
+                            exit_status=exit_status, privileged=rlimits.raise_nofile,
+                            log_levels=log_levels)
     return service
 
 

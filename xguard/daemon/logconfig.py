@@ -25,7 +25,9 @@ twistd's ``AppLogger.start`` uses instead of its own (an explicit
 Every observer is behind the ``--log-level`` filter (a public
 :class:`~twisted.logger.FilteringLogObserver`), and Twisted's per-socket
 "starting on" / "Port Closed" lines are demoted to debug: a restart of a
-host with 2,000 sockets would otherwise log 4,000 of them.
+host with 2,000 sockets would otherwise log 4,000 of them. The filter's
+level is a :class:`LogLevels`, which ``xguard-ctl log-level`` changes while
+the daemon runs (the configured level is back at the next start).
 
 Convention for every log call in xguard: identifiers (VM/vTPM uuid, path,
 dbg) and sizes only, never VM contents.
@@ -46,6 +48,7 @@ from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
     LogEvent,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     eventAsText,
@@ -59,6 +62,7 @@ __all__ = [
     "LEVELS",
     "SEVERITY",
     "JournalStreamObserver",
+    "LogLevels",
     "SyslogObserver",
     "attach",
     "level_filter",
@@ -218,12 +222,54 @@ class _DemoteChatter:
         self._observer(event)
 
 
-def level_filter(observer: ILogObserver, level: str) -> ILogObserver:
+class LogLevels:
+    """The level of the ``--log-level`` filter: ``configured`` at start,
+    changed while the daemon runs by :meth:`set` (``xguard-ctl log-level``;
+    not kept across a restart)."""
+
+    log = Logger(namespace="xguard.daemon.logconfig")
+
+    def __init__(self, level: str) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+        self.configured = level
+        self.level = level
+        self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
+
+    def set(self, level: str, dbg: str = "") -> str:
+        """Filter at ``level`` from now on; returns the level it was.
+
+        The change itself is always in the log: said at the more verbose of
+        the two levels (info at least), while that level is the filter's.
+
+        :raises ValueError: ``level`` is not one of :data:`LEVELS`.
+        """
+        if level not in LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+        previous = self.level
+        verbose = min(LEVELS[level], LEVELS[previous])
+        say = max(verbose, LogLevel.info)
+        more_verbose = LEVELS[level] < LEVELS[previous]
+        if more_verbose:
+            self._switch(level)
+        self.log.emit(say, "{dbg}: log level {new} (was {previous}); the configured "
+                      "{configured} is back at the next start", dbg=dbg or "-", new=level,
+                      previous=previous, configured=self.configured)
+        if not more_verbose:
+            self._switch(level)
+        return previous
+
+    def _switch(self, level: str) -> None:
+        self.level = level
+        self.predicate.setLogLevelForNamespace("", LEVELS[level])
+
+
+def level_filter(observer: ILogObserver, level: "str | LogLevels") -> ILogObserver:
     """``observer`` behind the ``--log-level`` filter (``level`` and above
-    pass), with Twisted's port and connection chatter demoted to debug
-    first."""
-    predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
-    return _DemoteChatter(FilteringLogObserver(observer, [predicate]))
+    pass; a :class:`LogLevels` can be changed later), with Twisted's port
+    and connection chatter demoted to debug first."""
+    levels = LogLevels(level) if isinstance(level, str) else level
+    return _DemoteChatter(FilteringLogObserver(observer, [levels.predicate]))
 
 
 @implementer(ILogObserver)
@@ -259,14 +305,15 @@ def _stdout_observer(stream: IO[str], environ: Mapping[str, str]) -> ILogObserve
     return textFileLogObserver(stream)
 
 
-def observer_for(twistd: Mapping[str, Any], level: str, *,
+def observer_for(twistd: Mapping[str, Any], level: "str | LogLevels", *,
                  call_from_thread: Callable[..., Any],
                  environ: Mapping[str, str] = os.environ,
                  stdout: IO[str] | None = None,
                  syslog_address: str = SYSLOG_SOCKET) -> ILogObserver | None:
     """The log observer for twistd's options ``twistd`` (its ServerOptions)
-    at ``level``, or None where twistd's own choice must stand (it refuses
-    ``--logfile -`` for a daemon, with its own message).
+    at ``level`` (a :class:`LogLevels` to change it later), or None where
+    twistd's own choice must stand (it refuses ``--logfile -`` for a
+    daemon, with its own message).
 
     Nothing is opened here: the file or socket is opened at the first event.
     ``stdout`` is taken now, before twistd redirects ``sys.stdout`` into the

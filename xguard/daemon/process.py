@@ -69,8 +69,9 @@ class StartupError(Exception):
     exit_status = EXIT_FAILURE
 
 
-class AlreadyRunning(StartupError):
-    """Another xguard holds the state directory's instance lock."""
+class AlreadyRunning(StartupError, OSError):
+    """Another xguard holds the state directory's instance lock (an OSError
+    too, as :meth:`InstanceLock.acquire` always raised)."""
 
     exit_status = EXIT_RUNNING
 

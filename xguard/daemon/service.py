@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 
 from ..status import DaemonStatus
 from ..util.deadlines import DeadlineExceeded, within
+from .logconfig import LogLevels
 from .logconfig import attach as attach_log_observer
 from .process import ExitStatus, known_start_failure
 
@@ -63,6 +64,8 @@ class XguardService(Service):
     :param exit_status: makes a failed start exit 1 (and SIGTERM exit 0).
     :param stop_timeout: seconds one stop step may take before shutdown
         goes on without it.
+    :param log_levels: the level of the log's filter (``log_observer``),
+        which the control channel can change.
     """
 
     log = Logger()
@@ -74,8 +77,9 @@ class XguardService(Service):
     def __init__(self, stages: Sequence[Stage], *, clock: IReactorTime,
                  ready: Callable[[], None], status: Callable[[], DaemonStatus],
                  exit_status: ExitStatus, privileged: Callable[[], object] = lambda: None,
-                 stop_timeout: float = 10.0) -> None:
+                 stop_timeout: float = 10.0, log_levels: LogLevels | None = None) -> None:
         self.stages = list(stages)
+        self.log_levels = log_levels
         self.clock = clock
         self._ready = ready
         self.status = status
