@@ -236,9 +236,12 @@ def assess(status: DaemonStatus) -> Health:
             "the cache is disabled: the fault switch file exists")
     for svc in services:
         if svc.disk_error is not None:
-            needed = up.reachable is False or svc.mode != "Direct" or svc.pending_items > 0
-            add("disk_error", f"{svc.service} cache: the disk refuses writes ({svc.disk_error})",
-                FAILED if needed else DEGRADED)
+            if up.reachable is False or svc.mode != "Direct" or svc.pending_items > 0:
+                add("disk_error", f"{svc.service} cache: the disk refuses writes "
+                    f"({svc.disk_error})", FAILED)
+            else:  # Direct: the disk is not needed until the next outage
+                add("disk_error", f"{svc.service} cache: the disk refused the last cache write "
+                    f"({svc.disk_error}): writes would fail in an outage", DEGRADED)
         if svc.quarantined:
             kinds: dict[str, int] = {}
             for item in svc.quarantined:

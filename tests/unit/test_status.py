@@ -132,6 +132,9 @@ class HealthTests(SynchronousTestCase):
         # The disk refused the last cache write, but the cache needs no disk now.
         disk = self.status(disk_error="No space left on device")
         self.assertEqual(self.verdict(disk), (DEGRADED, ["disk_error"]))
+        self.assertEqual(disk.health.reasons[0].text,
+                         "Swtpm cache: the disk refused the last cache write (No space left on "
+                         "device): writes would fail in an outage")
 
     def test_failed(self) -> None:
         self.assertEqual(self.verdict(self.status(ready=False)), (FAILED, ["not_ready"]))
