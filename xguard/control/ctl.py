@@ -19,6 +19,7 @@ the tables are for people.
 from __future__ import annotations
 
 import errno
+import getopt
 import json
 import os
 import sys
@@ -119,9 +120,27 @@ def _gid(text: str) -> int:
 
 class _CommandOptions(_Options):
     """A command's options: ``--control`` is accepted after the command too
-    (``xguard-ctl status --control PATH``), as operators type it."""
+    (``xguard-ctl status --control PATH``), as operators type it; and every
+    option may follow the command's arguments (``restart DBG --timeout 5``,
+    ``resolve ID keep --dbg op-1``), as in GNU tools. ``--`` ends them."""
 
     optParameters = [["control", "c", None, "control socket path (as before the command)"]]
+
+    def parseOptions(self, options: Sequence[str] | None = None) -> None:
+        args = list(sys.argv[1:] if options is None else options)
+        try:
+            found, rest = getopt.gnu_getopt(args, self.shortOpt, self.longOpt)
+        except getopt.GetoptError as e:
+            raise usage.UsageError(str(e)) from None
+        args = []
+        for name, value in found:
+            if name.startswith("--"):
+                takes = f"{name[2:]}=" in self.longOpt
+                args.append(f"{name}={value}" if takes else name)
+            else:
+                takes = f"{name[1]}:" in self.shortOpt
+                args.extend([name, value] if takes else [name])
+        super().parseOptions([*args, "--", *rest])  # type: ignore[no-untyped-call]  # usage.Options, untyped
 
 
 class _CreateOptions(_CommandOptions):
