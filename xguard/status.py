@@ -72,10 +72,10 @@ class SetAside:
 @attrs.frozen
 class Drain:
     """A backlog of cached writes being delivered (see xguard.cache.flusher):
-    from the first round that delivered something until the cache is
-    Direct again."""
+    from the start of the first delivery that went through until the cache
+    is Direct again."""
 
-    #: When its first delivering round started (epoch seconds).
+    #: When its first successful delivery started (epoch seconds).
     started: float
     #: Writes delivered since.
     delivered: int = 0

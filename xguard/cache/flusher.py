@@ -18,9 +18,9 @@ jitter) — cut short when upstream answers again
 A large backlog takes a while: :class:`DrainProgress` tells it, in the log
 (a line every :data:`PROGRESS_EVERY` seconds once it lasts longer: items
 left, rate; one summary line at its end: items, time) and in Status
-(:class:`~xguard.status.Drain`). It counts from the first round that
-delivered something, so an outage's failing rounds are not part of it and
-log nothing.
+(:class:`~xguard.status.Drain`). It counts from the start of the first
+delivery that went through, so an outage's failing rounds are not part of
+it and log nothing.
 
 The step never raises: a failing LoopingCall would stop for good. The
 flusher knows the cache through narrow collaborators: its modes
@@ -101,8 +101,9 @@ class FlushDeliveries(Protocol):
 
 
 class DrainProgress:
-    """A backlog being delivered: from the first round that delivered
-    something until the cache is Direct again (or the flusher stops).
+    """A backlog being delivered: from the start of the first delivery
+    that went through until the cache is Direct again (or the flusher
+    stops).
 
     :param left: how many items are pending now.
     """
