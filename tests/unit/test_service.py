@@ -122,6 +122,9 @@ class ServiceTests(SynchronousTestCase):
         self.addCleanup(live.close)
         live.bind(os.path.join(root, "control.sock"))
         live.listen(1)
+        plain = os.path.join(root, "metrics.sock")
+        with open(plain, "w"):
+            pass
 
         def raises(f: Any) -> Any:
             def run() -> Any:
@@ -134,6 +137,8 @@ class ServiceTests(SynchronousTestCase):
             (raises(lambda: remove_stale(os.path.join(root, "control.sock"),
                                          "control socket")),
              EXIT_IN_USE, "control socket " + root),
+            (raises(lambda: remove_stale(plain, "metrics socket")),
+             EXIT_IN_USE, f"metrics socket {plain} exists and is not a socket"),
             (lambda: fail(CannotListenError("127.0.0.1", 9101,
                                             OSError(errno.EADDRINUSE,
                                                     "Address already in use"))),

@@ -89,6 +89,7 @@ class NoAccess(StartupError):
 
 
 _NO_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+_TAKEN = frozenset({errno.EADDRINUSE, errno.EEXIST})
 
 
 def known_start_failure(error: BaseException | None) -> StartupError | None:
@@ -99,9 +100,9 @@ def known_start_failure(error: BaseException | None) -> StartupError | None:
       permission denied) and a domain socket path in use;
     - an ``OSError`` refusing access (EACCES, EPERM, EROFS), whose message
       names the file;
-    - an ``OSError`` without an errno: the refusal of
-      ``xguard.util.unixsock.remove_stale`` to take over a live socket (or
-      a file that is not a socket) at the control or metrics socket's path.
+    - the refusal of ``xguard.util.unixsock.remove_stale`` to take over a
+      live socket (EADDRINUSE), or a file that is not a socket (EEXIST), at
+      the control or metrics socket's path.
     """
     if isinstance(error, StartupError):
         return error
@@ -115,10 +116,11 @@ def known_start_failure(error: BaseException | None) -> StartupError | None:
     if isinstance(error, OSError):
         if error.errno in _NO_ACCESS:
             return NoAccess(str(error))
+        if error.errno in _TAKEN and error.filename is None:
+            # remove_stale's refusal: its message names the path already
+            return SocketInUse(error.strerror or str(error))
         if error.errno == errno.EADDRINUSE:
             return SocketInUse(str(error))
-        if error.errno is None and len(error.args) == 1 and isinstance(error.args[0], str):
-            return SocketInUse(error.args[0])
     return None
 
 

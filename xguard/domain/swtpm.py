@@ -160,7 +160,9 @@ class SwtpmSocket:
     def _upstream_failed(self, what: str, key: TpmKey, e: Exception, log: Logger) -> HTTPError:
         name = key.name.lower()
         if isinstance(e, TransientUpstreamError):
-            log.info("{what} {key} of VM {vm}: upstream unavailable ({codes})",
+            # debug: swtpm retries a 503 at once, and the outage itself is
+            # logged once when it starts and once when it ends.
+            log.debug("{what} {key} of VM {vm}: upstream unavailable ({codes})",
                      what=what, key=name, vm=self.vm_uuid, codes=e.codes)
             return HTTPError(503, "upstream unavailable, retry later")
         if isinstance(e, PermanentUpstreamError):

@@ -41,7 +41,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from werkzeug.exceptions import HTTPException as WerkzeugHTTPException
 
-from ..errors import UpstreamError
+from ..errors import TransientUpstreamError, UpstreamError
 from ..model import normalise_update
 from ..state.views import VmNvram
 from .site import (
@@ -192,8 +192,10 @@ class VarstoredSocket:
                      method=method[:80], vm=self.vm_uuid, code=e.codes[0])
             return [encode_failure(e.codes)]
         except UpstreamError as e:
-            log.info("{method} for VM {vm} failed upstream: {codes}",
-                     method=method, vm=self.vm_uuid, codes=e.codes)
+            # An outage is logged when it starts and ends, not per retry.
+            emit = log.debug if isinstance(e, TransientUpstreamError) else log.info
+            emit("{method} for VM {vm} failed upstream: {codes}",
+                 method=method, vm=self.vm_uuid, codes=e.codes)
             return [encode_failure(e.codes)]
         except Exception:  # noqa: BLE001 - a bug must not kill the socket
             log.failure("{method} for VM {vm} failed", Failure(),

@@ -11,6 +11,7 @@ socket answers at once (refused: stale; accepted or backlog full: live).
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import socket
 import stat
@@ -59,9 +60,9 @@ def remove_stale(path: str, what: str = "socket") -> bool:
     """
     found = probe(path)
     if found is Found.LIVE:
-        raise OSError(f"{what} {path} is in use by another process")
+        raise OSError(errno.EADDRINUSE, f"{what} {path} is in use by another process")
     if found is Found.OTHER:
-        raise OSError(f"{what} {path} exists and is not a socket")
+        raise OSError(errno.EEXIST, f"{what} {path} exists and is not a socket")
     if found is Found.STALE:
         return safe_unlink(path)
     return False
