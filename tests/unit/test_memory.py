@@ -7,7 +7,14 @@ import gc
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from xguard.daemon.memory import Activity, IdleTrimmer, freeze_startup, libc_trim
+from xguard.daemon.memory import (
+    YOUNG_THRESHOLD,
+    Activity,
+    IdleTrimmer,
+    freeze_startup,
+    libc_trim,
+    tune_collector,
+)
 
 
 class IdleTrimmerTests(SynchronousTestCase):
@@ -77,3 +84,12 @@ class FreezeStartupTests(SynchronousTestCase):
         frozen = freeze_startup()
         self.assertGreaterEqual(frozen, len(kept))
         self.assertEqual(frozen, gc.get_freeze_count())
+
+
+class TuneCollectorTests(SynchronousTestCase):
+    def test_young_collections_rarer_older_unchanged(self) -> None:
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        self.assertEqual(tune_collector(), (YOUNG_THRESHOLD, before[1], before[2]))
+        self.assertEqual(gc.get_threshold()[0], YOUNG_THRESHOLD)
+        self.assertGreater(YOUNG_THRESHOLD, before[0])

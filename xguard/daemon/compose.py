@@ -52,17 +52,15 @@ from ..state.known import KnownState
 from ..state.sinks import NvramSink, VtpmSink
 from ..state.views import TpmKeys, VmNvram
 from ..status import CacheStatus, DaemonStatus
-from ..upstream.local import LocalStore
+from ..upstream.calls import CallMonitor
 from ..upstream.probe import Prober
-from ..upstream.xapi import HandleCache, NoHandleCache, XapiUpstream, xapi_upstream
 from ..util.durable import makedirs
 from ..util.locks import KeyedLocks
 from ..util.threads import ThreadPoolRunner
 from . import rlimits
 from .config import Config
 from .logconfig import LogLevels
-from .memory import Activity, IdleTrimmer, freeze_startup
-from .metrics import Metrics, MetricsListener
+from .memory import Activity, IdleTrimmer, freeze_startup, tune_collector
 from .process import ExitStatus, InstanceLock
 from .service import Stage, XguardService
 
@@ -96,7 +94,7 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
     handover = Handover(FdStore(reactor))
     io = ThreadPoolRunner(reactor, "xguard-io", maxthreads=4)
     lock = InstanceLock(os.path.join(cfg.state_dir, "xguard.lock"))
-    upstream, upstream_stage = _upstream(cfg, reactor, design)
+    upstream, upstream_stage, calls = _upstream(cfg, reactor, design)
 
     registry: SocketRegistry  # built below; the closures run only once it is
     known = KnownState(cfg.state_dir, runner=io,
@@ -138,9 +136,13 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
                           on_connection=activity.connection,
                           on_response=lambda code, seconds: answered(kind, code, seconds))
 
+    #: What hears of every answered domain request (the metrics, if any).
+    domain_requests: list[Callable[[str, int, float | None], None]] = []
+
     def answered(kind: Kind, code: int, seconds: float | None) -> None:
         activity.answer()
-        metrics.domain_request(kind.value, code, seconds)
+        for hear in domain_requests:
+            hear(kind.value, code, seconds)
 
     def vm_gone(vm_uuid: str) -> None:
         """The VM's last socket was destroyed (it stopped, or reboots): its
@@ -226,14 +228,22 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
                                               aside=SetAsideOps(caches.values()),
                                               set_log_level=set_log_level),
                               handover)
-    metrics = Metrics(status, reactor)
-    if isinstance(upstream, XapiUpstream):
-        upstream.calls.subscribe(metrics.upstream_call)
-    metrics_listener = MetricsListener(reactor, cfg.metrics, metrics) if cfg.metrics else None
+    metrics_listener = None
+    if cfg.metrics:
+        # Imported here: without --metrics nothing is counted, and
+        # prometheus_client is not even loaded (start-up time).
+        from .metrics import Metrics, MetricsListener
+
+        metrics = Metrics(status, reactor)
+        domain_requests.append(metrics.domain_request)
+        if calls is not None:
+            calls.subscribe(metrics.upstream_call)
+        metrics_listener = MetricsListener(reactor, cfg.metrics, metrics)
     trimmer = IdleTrimmer(reactor, activity)
 
     def ready() -> None:
         freeze_startup()
+        tune_collector()
         sdnotify.notify(sdnotify.READY)
         log.info("xguard ready: {sockets} domain sockets, cache {cache}",
                  sockets=len(registry.entries()), cache="off" if cfg.no_cache else "on")
@@ -284,10 +294,15 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
     return service
 
 
-def _upstream(cfg: Config, reactor: IDaemonReactor, design: Design) -> tuple[IUpstream, Stage]:
+def _upstream(cfg: Config, reactor: IDaemonReactor,
+              design: Design) -> tuple[IUpstream, Stage, CallMonitor | None]:
     """xapi when --xapi is given (start-up never waits for it), else the
-    embedded store, opened at start so a broken database fails it."""
+    embedded store, opened at start so a broken database fails it; and
+    xapi's call monitor (the metrics of its calls). Each is imported only
+    when used: treq brings TLS along, the store SQLite."""
     if cfg.xapi is not None:
+        from ..upstream.xapi import HandleCache, NoHandleCache, xapi_upstream
+
         handles = HandleCache() if design.cache_handles else NoHandleCache()
         xapi = xapi_upstream(reactor, cfg.xapi, cfg.xapi_timeout, handles=handles,
                              unresponsive_after=cfg.unresponsive_after)
@@ -295,7 +310,9 @@ def _upstream(cfg: Config, reactor: IDaemonReactor, design: Design) -> tuple[IUp
         def connected() -> None:
             log.info("upstream: {target}", target=xapi.description)
 
-        return xapi, Stage("the upstream", connected, xapi.close)
+        return xapi, Stage("the upstream", connected, xapi.close), xapi.calls
+    from ..upstream.local import LocalStore
+
     path = cfg.store_path
     assert path is not None
     runner = ThreadPoolRunner(reactor, "xguard-local-store", maxthreads=1)
@@ -317,7 +334,7 @@ def _upstream(cfg: Config, reactor: IDaemonReactor, design: Design) -> tuple[IUp
                 runner.stop()
         return ensureDeferred(run())
 
-    return store, Stage("the upstream", open_store, close_store)
+    return store, Stage("the upstream", open_store, close_store), None
 
 
 def _recover_and_start(cache: WriteBackCache) -> Callable[[], "Deferred[None]"]:
