@@ -27,12 +27,22 @@ class BenchDaemon(Daemon):
     of bench/design_tap.py), built with the upstream daemon's design."""
 
     def __init__(self, root: str, xapi: str, *, design: Sequence[str] = (),
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), tree: str | None = None) -> None:
         os.makedirs(root, exist_ok=True)
         super().__init__(root, xapi=xapi, extra=[*DAEMON_ARGS, *extra])
         self.design = tuple(design)
+        #: Another commit's code to run (run.py --baseline), or None for
+        #: the checkout's.
+        self.tree = tree
 
     def argv(self) -> list[str]:
+        if self.tree is not None:
+            # Older commits had no ``python -m xguard``: their entry point.
+            new = os.path.exists(os.path.join(self.tree, "xguard", "__main__.py"))
+            return [sys.executable, "-m", "xguard" if new else "xguard.run", "-n",
+                    "--pidfile=", "--logfile", self.log_file, "--state-dir", self.state_dir,
+                    "--sockets-file", self.sockets_file, "--control", "unix:" + self.control,
+                    "--xapi", str(self.xapi), *self.extra]
         command = [sys.executable, "-m", "bench.design_daemon" if self.design else "xguard"]
         design = ["--design", ",".join(self.design)] if self.design else []
         return [*command, "-n", "--pidfile=", "--logfile", self.log_file,
@@ -43,6 +53,8 @@ class BenchDaemon(Daemon):
     def environment(self) -> dict[str, str]:
         env = super().environment()
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")  # bench.*
+        if self.tree is not None:  # its xguard before the checkout's
+            env["PYTHONPATH"] = self.tree + os.pathsep + env["PYTHONPATH"]
         return env
 
     def start(self, timeout: float = 120.0) -> "BenchDaemon":
@@ -67,6 +79,21 @@ def rss_mb(pid: int) -> float:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def export_tree(rev: str, into: str) -> str:
+    """The files of commit ``rev`` of this repository, in ``into``; its
+    commit id (run.py --baseline: older code measured in the same run)."""
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", rev + "^{commit}"],
+                            check=True, capture_output=True, text=True).stdout.strip()
+    os.makedirs(into)
+    archive = subprocess.Popen(["git", "-C", REPO, "archive", commit], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", into], stdin=archive.stdout, check=True)
+    assert archive.stdout is not None
+    archive.stdout.close()
+    if archive.wait() != 0:
+        raise RuntimeError(f"git archive {commit} failed")
+    return commit
 
 
 def cpu_seconds(pid: int) -> float:

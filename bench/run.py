@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's code, whatever is installed
 
 from bench import flood, report, scenarios  # noqa: E402
-from bench.procs import UPSTREAM_DESIGN  # noqa: E402
+from bench.procs import UPSTREAM_DESIGN, export_tree  # noqa: E402
 
 ALL = ("latency", "flood", "storm", "footprint", "drain")
 #: Drain configurations: xguard, the upstream design, then each knob alone.
@@ -74,6 +74,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--samples", type=int, help="latency samples per series")
     p.add_argument("--daemon-args", default="",
                    help="extra options for every daemon, e.g. '--direct-deadline 30'")
+    p.add_argument("--baseline", metavar="REV",
+                   help="also run each storm with commit REV's daemon, just before the "
+                        "checkout's (daemon CPU per VM is compared with it)")
     p.add_argument("--drains",
                    help="drain configurations, comma-separated (default: all; with "
                         "--quick, xguard and upstream)")
@@ -133,7 +136,17 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
             # read the RSS of every size after one idle period (RSS vs
             # sockets); idle daemons cost no CPU (the trimmer's check only).
             idle: list[tuple[int, Any]] = []
+            baseline = None
+            if args.baseline and "storm" in only:
+                tree = os.path.join(tmp, "baseline")
+                baseline = (export_tree(args.baseline, tree), tree)
+                log(f"baseline: commit {baseline[0]} in {tree}")
             for n in sizes:
+                if baseline is not None:  # side by side, just before ours
+                    r, _ = await scenarios.boot_storm(ctx, n, baseline=baseline)
+                    results["storm"].append(r)
+                    report.print_storm(r)
+                    save()
                 r, d = await scenarios.boot_storm(ctx, n, keep=True)
                 assert d is not None
                 if n == nkeep:

@@ -209,12 +209,18 @@ async def latency(ctx: Ctx, samples: int) -> dict[str, Any]:
 
 # -- 4: boot storm ------------------------------------------------------------------
 async def boot_storm(ctx: Ctx, n: int, design: Sequence[str] = (), *, keep: bool = False,
-                     profile: str | None = None) -> tuple[dict[str, Any], BenchDaemon | None]:
+                     profile: str | None = None, baseline: tuple[str, str] | None = None,
+                     ) -> tuple[dict[str, Any], BenchDaemon | None]:
     """Every VM at once: create both sockets, then swtpm's start-up (3 GETs
     and a PUT on one kept-alive connection) alongside varstored's login,
-    get_NVRAM and set_NVRAM (a connection each)."""
+    get_NVRAM and set_NVRAM (a connection each).
+
+    :param baseline: (commit, its files) to run that commit's daemon
+        instead of the checkout's (run.py --baseline).
+    """
     reactor = ctx.reactor
-    d = BenchDaemon(ctx.root("storm"), ctx.xapi, design=design).start()
+    d = BenchDaemon(ctx.root("storm"), ctx.xapi, design=design,
+                    tree=baseline[1] if baseline else None).start()
     ctl = await clients.amp_connect(reactor, d.control)
     sockdir = os.path.join(d.root, "s")
     os.makedirs(sockdir)
@@ -277,6 +283,7 @@ async def boot_storm(ctx: Ctx, n: int, design: Sequence[str] = (), *, keep: bool
     requests = lat["swtpm_get"] + lat["swtpm_put"] + lat["varstored"]
     result = {
         "n": n, "design": list(design), "total_s": total, "daemon_cpu_s": cpu,
+        "baseline": baseline[0] if baseline else None,
         "requests": summary(requests), "per_kind": {k: summary(v) for k, v in lat.items()},
         "errors": len(errors), "error_samples": errors[:5],
         "upstream_calls": sim_calls(counters), "upstream_calls_per_vm": sim_calls(counters) / n,
