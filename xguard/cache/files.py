@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 from ..model import Service
 from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
@@ -80,10 +81,14 @@ class VersionFiles:
                 continue  # a concurrent prune removed the empty directory
         atomic_write(path, content, mode=0o600, tmp_suffix=PRE_SUFFIX)
 
-    def write_all(self, entries: list[tuple[Version, Entry]], superseded: list[Version]) -> None:
-        """A write's versions, each durable (:meth:`write`), then the older
+    def write_all(self, entries: list[tuple[Version, Entry]], superseded: list[Version], *,
+                  acknowledge: Callable[[], None] = lambda: None) -> None:
+        """A write's versions, each durable (:meth:`write`), then
+        ``acknowledge()`` (the write may be acknowledged: see
+        :func:`xguard.util.threads.run_acknowledging`), then the older
         versions they supersede removed (:meth:`discard`: no fsync of their
-        own, see there) — one job, one trip to the I/O threads per write.
+        own, see there) — one job, one trip to the I/O threads per write,
+        and the unlinks off the acknowledgement's path.
 
         :raises BatchWriteError: with how many versions are durable.
         """
@@ -92,6 +97,7 @@ class VersionFiles:
                 self.write(version, entry)
             except OSError as e:
                 raise BatchWriteError(e, done) from e
+        acknowledge()
         for version in superseded:
             try:
                 self.discard(version)

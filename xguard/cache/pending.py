@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from ..errors import CacheUnavailable
 from ..model import Accept, Service
-from ..util.threads import Runner
+from ..util.threads import Runner, run_acknowledging
 from . import recovery
 from .aside import SetAsideStore
 from .entry import Damaged, Entry, decode
@@ -203,13 +203,15 @@ class PendingVersions:
     async def _write_all(self, todo: list[tuple[Version, Entry]], older: list[Version],
                          written: list[Version]) -> None:
         """One trip to the I/O threads: every version made durable, then
-        the versions they supersede unlinked (:meth:`VersionFiles.write_all`).
+        the versions they supersede unlinked (:meth:`VersionFiles.write_all`),
+        answered as soon as the versions are durable.
         On a full disk, make room by dropping what is only a cache, and go
         on while that freed something. ``written`` collects what is on
         disk (the part of a refused batch to remove)."""
         while True:
             try:
-                await self.runner(self.files.write_all, todo[len(written):], older)
+                await run_acknowledging(self.runner, self.files.write_all,
+                                        todo[len(written):], older)
                 written[:] = [version for version, _ in todo]
                 return
             except BatchWriteError as e:
