@@ -10,6 +10,7 @@ from twisted.internet.interfaces import (
     IReactorCore,
     IReactorFDSet,
     IReactorFromThreads,
+    IReactorPluggableNameResolver,
     IReactorProcess,
     IReactorSocket,
     IReactorTCP,
@@ -19,11 +20,10 @@ from twisted.internet.interfaces import (
 )
 from zope.interface import Attribute, Interface
 
-from ._internals.treq import TreqReactor
-
 if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
+    from ._internals.treq import TreqReactor
     from .model import Base, Outcome, Residence, Service, TpmKey
     from .status import UpstreamStatus
 
@@ -38,10 +38,21 @@ __all__ = ["IUpstream", "IItemSink", "IVtpmSink", "INvramSink", "IItemWriter", "
 # intersection it uses, as treq's _ITreqReactor does (an interface
 # inheriting the ones it needs: mypy-zope checks calls against all of them).
 
-class IClientReactor(TreqReactor, IReactorUNIX):
-    """What an HTTP client needs: treq's own reactor type (TCP with name
-    resolution, and time for its timeouts and connection pool), and UNIX
-    for xapi's local socket."""
+if TYPE_CHECKING:
+    class IClientReactor(TreqReactor, IReactorUNIX):
+        """What an HTTP client needs: treq's own reactor type (TCP with
+        name resolution, and time for its timeouts and connection pool),
+        and UNIX for xapi's local socket."""
+else:
+    # At run time, the same interfaces without importing treq: treq pulls
+    # in twisted.web.client, TLS and OpenSSL (~0.1 s), which the daemon
+    # does not need on the local store nor xguard-ctl ever
+    # (tests/unit/test_internals.py checks the two stay the same).
+    class IClientReactor(IReactorTCP, IReactorTime, IReactorPluggableNameResolver,
+                         IReactorUNIX):
+        """What an HTTP client needs: treq's own reactor type (TCP with
+        name resolution, and time for its timeouts and connection pool),
+        and UNIX for xapi's local socket."""
 
 
 class IServerReactor(IReactorTCP, IReactorTime, IReactorUNIX, IReactorSocket, IReactorFDSet):

@@ -52,6 +52,16 @@ class TreqFixedURLTests(SynchronousTestCase):
         self.assertTrue(treq_internals.TreqReactor.extends(IReactorPluggableNameResolver))
         self.assertIn("_ITreqReactor", str(inspect.signature(HTTPClient.request)))
 
+    def test_client_reactor_is_treqs_plus_unix_without_importing_treq(self) -> None:
+        """xguard.interfaces names treq's interfaces itself at run time (so
+        importing it does not import treq): they must stay treq's."""
+        from twisted.internet.interfaces import IReactorUNIX
+
+        from xguard.interfaces import IClientReactor
+
+        self.assertEqual(set(IClientReactor.__bases__),
+                         {*treq_internals.TreqReactor.__bases__, IReactorUNIX})
+
     def test_treq_takes_it_and_asks_it_for_its_uri(self) -> None:
         calls: list[bool] = []
 
