@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import stat
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -146,10 +147,10 @@ class Env:
     def path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
-    def registry(self, **kwargs: Any) -> SocketRegistry:
+    def registry(self, *, factory: Any = site_factory, **kwargs: Any) -> SocketRegistry:
         from twisted.internet import reactor
 
-        r = SocketRegistry(reactor, self.active, site_factory,
+        r = SocketRegistry(reactor, self.active, factory,
                            on_forget=self.forgotten.append, **kwargs)
         self.registries.append(r)
         return r
@@ -668,18 +669,22 @@ class HandoverTests(RealSocketTestCase):
         env = self.env
         old, _ = predecessor(env)
         paths = [env.path(f"o{i}.sock") for i in range(4)]
-        for p in paths:
-            await old.create(Service.SWTPM, VM1, GID, p)
+        vms = [str(uuid.uuid4()) for _ in paths]  # each socket's own VM, to tell them apart
+        for p, vm in zip(paths, vms):
+            await old.create(Service.SWTPM, vm, GID, p)
         await old.stop_accepting()
         pairs = old.handed_over()
         waiting = connect_and_send(paths[2])  # a VM writing during the restart
-        new = successor(env, pairs)
+        served: list[str] = []  # the VM of each socket, in the order served
+
+        def factory(service: Service, vm: str) -> Any:
+            served.append(vm)
+            return site_factory(service, vm)
+
+        new = successor(env, pairs, factory=factory)
         old_process_exits(old, pairs)
-        with capturedLogs() as events:
-            await new.resume()
-        resumed = [e["path"] for e in events
-                   if e.get("log_format", "").startswith("resumed {service}")]
-        self.assertEqual(resumed[0], paths[2])
-        self.assertEqual(sorted(resumed), sorted(paths))
+        await new.resume()
+        self.assertEqual(served[0], vms[2])
+        self.assertEqual(sorted(served), sorted(vms))
         self.assertEqual([e["path"] for e in new.entries()], paths)  # the file's order is kept
         waiting.close()

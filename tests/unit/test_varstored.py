@@ -388,3 +388,12 @@ class HostileRequestTests(SynchronousTestCase):
         self.clock.advance(60)
         self.assertEqual([e["count"] for e in self.events if "count" in e], [35])
         self.assertNotIn("SECRET", repr(self.events))
+
+
+class HandlerTableTests(SynchronousTestCase):
+    def test_every_checked_call_has_its_handler(self) -> None:
+        from xguard.domain import varstored
+
+        self.assertEqual(set(varstored._HANDLERS), set(varstored._SIGNATURES))
+        for name in varstored._HANDLERS.values():
+            self.assertTrue(callable(getattr(varstored.VarstoredSocket, name)))

@@ -528,3 +528,37 @@ class EndpointTests(SynchronousTestCase):
         pool = make_pool(MemoryReactorClock())
         self.assertTrue(pool.persistent)
         self.assertGreaterEqual(pool.maxPersistentPerHost, 16)
+
+
+class NoCookiesTests(SynchronousTestCase):
+    def test_a_cookie_set_by_the_server_is_never_sent_back(self) -> None:
+        from treq.client import HTTPClient
+        from treq.testing import RequestTraversalAgent
+        from twisted.web.resource import Resource
+
+        from xguard.upstream.agent import NoCookies
+        from xguard.upstream.xapi import _Payload  # written at once, as xguard sends
+
+        seen: list[object] = []
+
+        class Rpc(Resource):
+            isLeaf = True
+
+            def render_POST(self, request: Any) -> bytes:
+                seen.append(request.getHeader(b"cookie"))
+                request.addCookie(b"session", b"s1")
+                return b"{}"
+
+        agent = RequestTraversalAgent(Rpc())
+        client = HTTPClient(agent, cookiejar=NoCookies())
+        for _ in range(2):
+            d = client.post("http://localhost/jsonrpc", data=_Payload(b"{}"))
+            agent.flush()
+            self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(seen, [None, None])
+        # the stock jar would have sent it back: the check can fail
+        stock = HTTPClient(agent)
+        for _ in range(2):
+            stock.post("http://localhost/jsonrpc", data=_Payload(b"{}"))
+            agent.flush()
+        self.assertEqual(seen[-1], b"session=s1")

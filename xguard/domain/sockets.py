@@ -235,8 +235,8 @@ class SocketRegistry:
         if not os.path.isdir(parent):
             raise InvalidPath(f"directory {parent} of socket path {entry.path} does not exist")
         if found is Found.STALE:
-            # Routine: every socket kept across a restart is stale until resumed.
-            self.log.debug("replacing stale socket file {path}", path=entry.path)
+            # Routine, and not logged: every socket kept across a restart is
+            # stale until resumed (2,000 lines, even filtered, cost start-up).
             safe_unlink(entry.path)
         factory = self._site_factory(entry.service, entry.vm_uuid)
         endpoint = UNIXServerEndpoint(self._reactor, entry.path, backlog=self._backlog,
@@ -424,8 +424,6 @@ class SocketRegistry:
                                vm_uuid=entry.vm_uuid, error=str(e))
                 continue
             resumed += 1
-            self.log.debug("resumed {service} socket {path} of VM {vm_uuid}",
-                           service=entry.service.value, path=entry.path, vm_uuid=entry.vm_uuid)
         if busy:  # the file's order, for ListSockets and the next save
             rank = {path: i for i, path in enumerate(order)}
             self._sockets = dict(sorted(self._sockets.items(),
@@ -438,8 +436,8 @@ class SocketRegistry:
             except Exception:
                 self.log.failure("rewriting the active sockets file {path} failed",
                                  path=self._active_file)
-        # One line for the whole restart (per-socket lines are debug): a host
-        # with 2,000 sockets would otherwise log thousands of lines.
+        # One line for the whole restart, none per socket: a host with 2,000
+        # sockets would otherwise log (or at least build) thousands of lines.
         self.log.info("resumed {resumed} domain sockets ({by_service}), skipped {skipped}; "
                       "{adopted} handed over", resumed=resumed, skipped=skipped,
                       by_service=", ".join(f"{n} {k}" for k, n in self.count_by_service().items()),

@@ -46,7 +46,6 @@ copy's operations never interleave. No content is ever logged.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -58,7 +57,7 @@ from twisted.internet.defer import Deferred, ensureDeferred, succeed
 from twisted.logger import Logger
 
 from ..model import TpmState, is_valid_uuid
-from ..util.checked import Damaged, seal, unseal
+from ..util.checked import Damaged, digest, seal, unseal
 from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..util.threads import Runner
 
@@ -79,10 +78,6 @@ def read_boot_id() -> str:
             return f.read().strip()
     except OSError:
         return "unknown"
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 class KnownState:
@@ -380,20 +375,20 @@ class KnownState:
         served)."""
         if not (self._is_live(vm) or vm in self._kept):
             return False  # a stopped VM: nothing to keep
-        digest = _digest(data)
-        if self._digests.get((vm, name)) == digest:
+        checksum = digest(data)  # compared here, and written in the file's header
+        if self._digests.get((vm, name)) == checksum:
             return True
         path = os.path.join(self.base, vm, name)
         try:
             if len(data) > MAX_COPY_BYTES:
                 raise ValueError(f"over {MAX_COPY_BYTES} bytes")
-            _write_file(path, data)
+            _write_file(path, data, checksum)
         except Exception as e:
             self._digests.pop((vm, name), None)
             self._discard(vm, name, path, e)
             return False
         self._kept.add(vm)
-        self._digests[(vm, name)] = digest
+        self._digests[(vm, name)] = checksum
         self._dirty.add(path)
         if self._failing:
             self._failing = False
@@ -450,8 +445,8 @@ _VERSION = 1
 _MAGIC_2 = b"xguard-copy-2 "
 
 
-def _seal(data: bytes) -> bytes:
-    return seal(_KIND, _VERSION, data)
+def _seal(data: bytes, checksum: bytes | None = None) -> bytes:
+    return seal(_KIND, _VERSION, data, checksum=checksum)
 
 
 def _unsealed(raw: bytes) -> bytes:
@@ -467,11 +462,11 @@ def _unsealed(raw: bytes) -> bytes:
     return unseal(raw, _KIND)[1]
 
 
-def _write_file(path: str, data: bytes) -> None:
+def _write_file(path: str, data: bytes, checksum: bytes | None = None) -> None:
     """Overwrite ``path`` in place with ``data`` and its checksum (no
     fsync, no rename: see the module doc). The VM's directory is made when
     missing, without an fsync either: :meth:`KnownState.close` syncs it."""
-    sealed = _seal(data)
+    sealed = _seal(data, checksum)
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
     try:
         fd = os.open(path, flags, 0o600)

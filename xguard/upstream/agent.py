@@ -22,7 +22,13 @@ from zope.interface import implementer
 
 from xguard.interfaces import IClientReactor
 
-__all__ = ["MAX_PERSISTENT_PER_HOST", "make_pool", "make_client", "parse_endpoint"]
+try:  # treq 25 types its jar as its own CookieJar subclass
+    from treq.cookies import IndexableCookieJar as _TreqJar
+except ImportError:  # pragma: no cover - treq 24 takes any CookieJar
+    from http.cookiejar import CookieJar as _TreqJar  # type: ignore[assignment]
+
+__all__ = ["MAX_PERSISTENT_PER_HOST", "NoCookies", "make_pool", "make_client",
+           "parse_endpoint"]
 
 #: Keep-alive connections per target; benchmarks run dozens of concurrent
 #: calls and xapi serves each connection on its own thread.
@@ -38,6 +44,18 @@ CONNECT_TIMEOUT = 30
 
 # The Host of a UNIX-socket request is meaningless; xapi ignores it.
 _UNIX_URL = "http://localhost/jsonrpc"
+
+
+class NoCookies(_TreqJar):
+    """A cookie jar that keeps nothing: xapi's JSON-RPC carries its session
+    in the call, never in a cookie, so treq's cookie handling (a jar
+    consulted and fed on every call) is work for nothing."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        pass
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        pass
 
 
 @implementer(IAgentEndpointFactory)
@@ -135,8 +153,9 @@ def make_client(
     if kind == "unix":
         agent = Agent.usingEndpointFactory(
             reactor, _UnixEndpointFactory(reactor, target), pool=pool)
-        return HTTPClient(agent), _UNIX_URL
+        return HTTPClient(agent, cookiejar=NoCookies()), _UNIX_URL
     kwargs: dict[str, Any] = {"pool": pool, "connectTimeout": CONNECT_TIMEOUT}
     if tls_policy is not None:
         kwargs["contextFactory"] = tls_policy
-    return HTTPClient(Agent(reactor, **kwargs)), f"{kind}://{target}/jsonrpc"
+    return (HTTPClient(Agent(reactor, **kwargs), cookiejar=NoCookies()),
+            f"{kind}://{target}/jsonrpc")

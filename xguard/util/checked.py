@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["Damaged", "seal", "unseal", "is_sealed", "MAGIC"]
+__all__ = ["Damaged", "seal", "unseal", "is_sealed", "digest", "MAGIC"]
 
 MAGIC = b"xguard "
 _DIGEST_SIZE = 16
@@ -27,16 +27,23 @@ class Damaged(ValueError):
     """A file that fails its check (the message says how)."""
 
 
-def _digest(payload: bytes) -> bytes:
+def digest(payload: bytes) -> bytes:
+    """The checksum a sealed file carries for ``payload`` (hex, ASCII): a
+    caller that also compares contents by it hashes once (see ``seal``)."""
     return hashlib.blake2b(payload, digest_size=_DIGEST_SIZE).hexdigest().encode("ascii")
 
 
-def seal(kind: str, version: int, payload: bytes) -> bytes:
-    """``payload`` with its header: the bytes to write in one durable step."""
+_digest = digest
+
+
+def seal(kind: str, version: int, payload: bytes, *, checksum: bytes | None = None) -> bytes:
+    """``payload`` with its header: the bytes to write in one durable step.
+    ``checksum``: ``digest(payload)`` when the caller has it already."""
     if not kind.isascii() or not kind.isalnum():
         raise ValueError(f"bad kind {kind!r}")
     return b"%s%s %d %d %s\n%s" % (MAGIC, kind.encode("ascii"), version, len(payload),
-                                    _digest(payload), payload)
+                                    checksum if checksum is not None else _digest(payload),
+                                    payload)
 
 
 def is_sealed(raw: bytes) -> bool:
