@@ -53,6 +53,22 @@ class IdleTrimmerTests(SynchronousTestCase):
     def test_libc_trim_runs(self) -> None:
         self.assertIn(libc_trim(), (True, False))
 
+    def test_libc_trim_collects_cycles_first(self) -> None:
+        import weakref
+
+        class Node:
+            pass
+
+        gc.disable()
+        self.addCleanup(gc.enable)
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # type: ignore[attr-defined]
+        gone = weakref.ref(a)
+        del a, b
+        self.assertIsNotNone(gone())  # a cycle: reference counting alone keeps it
+        libc_trim()
+        self.assertIsNone(gone())
+
 
 class ActivityTests(SynchronousTestCase):
     def test_answers_after_a_quiet_period_bring_another_trim(self) -> None:

@@ -77,7 +77,11 @@ def tune_collector() -> tuple[int, int, int]:
 
 
 def libc_trim() -> bool:
-    """``malloc_trim(0)`` where glibc provides it; False elsewhere."""
+    """Collect what cyclic garbage is left (with young collections rare, a
+    burst's last cycles would otherwise wait for the next burst), then
+    ``malloc_trim(0)`` where glibc provides it (False elsewhere). Run when
+    idle: the collection's cost then delays no one."""
+    gc.collect()
     trim = _malloc_trim()
     return trim is not None and bool(trim(0))
 
