@@ -112,9 +112,11 @@ class XguardService(Service):
     async def _start(self) -> None:
         for stage in self.stages:
             self._stage = stage
-            self.log.debug("starting {stage}", stage=stage.name)
+            began = self.clock.seconds()
             await maybeDeferred(stage.start)
             self._started.append(stage)
+            self.log.debug("started {stage} in {seconds:.3f}s", stage=stage.name,
+                           seconds=self.clock.seconds() - began)
         self._stage = None
         self.ready = True
         self._ready()
