@@ -81,8 +81,7 @@ def one_way(way: str, sim: SimProcess, vms: list[dict[str, Any]], tmp: str, *,
     sd = FakeSystemd(daemon, fdstore_max=fdstore_max)
     try:
         sd.start(timeout=120)
-        sockdir = os.path.join(root, "s")
-        os.makedirs(sockdir)
+        sockdir = daemon.sockets_dir
         t0 = time.perf_counter()
         for i, vm in enumerate(vms):
             vm["tpm"], vm["var"] = os.path.join(sockdir, f"{i}.t"), os.path.join(sockdir, f"{i}.v")

@@ -222,8 +222,7 @@ async def boot_storm(ctx: Ctx, n: int, design: Sequence[str] = (), *, keep: bool
     d = BenchDaemon(ctx.root("storm"), ctx.xapi, design=design,
                     tree=baseline[1] if baseline else None).start()
     ctl = await clients.amp_connect(reactor, d.control)
-    sockdir = os.path.join(d.root, "s")
-    os.makedirs(sockdir)
+    sockdir = d.sockets_dir
     permall = b64(4096, ctx.rng)
     nvram = b64(32768, ctx.rng).decode()
     lat: dict[str, list[float]] = {"create": [], "swtpm_get": [], "swtpm_put": [],
