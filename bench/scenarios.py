@@ -379,7 +379,7 @@ async def drain(ctx: Ctx, d: BenchDaemon, n: int, design: Sequence[str],
     d.design = tuple(design)
     d.start()
     ctl = await clients.amp_connect(ctx.reactor, d.control)
-    paths = [os.path.join(d.root, "s", f"{i}.t") for i in range(n)]
+    paths = [os.path.join(d.sockets_dir, f"{i}.t") for i in range(n)]
     sim.set_mode("up")
     warm = await _put_all(ctx, d, paths, [0], {0: b64(4096, ctx.rng)})
     sim.set_mode("refuse")
