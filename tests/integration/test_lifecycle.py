@@ -28,6 +28,7 @@ from tests.integration.harness import (
     rpc,
     vtpm_fields,
 )
+from xguard.testing.daemon import wait_for
 from xguard.testing.simclient import SimProcess
 from xguard.testing.unixhttp import UnixTransport, request
 
@@ -235,13 +236,16 @@ def test_stop_while_xapi_answers_drops_the_copy(hosts: Callable[..., Host],
     host = hosts()
     vm = start_vm(host, sim_up, b64("p"), b64("nv"))
     destroy_sockets(host.control, vm)
+    kept = os.path.join(host.state_dir, "known", vm["vm_uuid"])
+    # The copies go once xapi answers a call made after the destroy (the
+    # daemon makes one at once): a fact, so wait for it, not a belief.
+    wait_for(lambda: not os.path.isdir(kept), timeout=10, what="the copies to be dropped")
     create_sockets(host.control, vm)
     sim_up.client.set_mode("refuse")
     assert rpc(vm["var"], "VM.get_NVRAM", "s", "vm")["Status"] == "Failure"
     assert get(vm["tpm"], 0)[0] == 503
     assert "UPSTREAM_UNAVAILABLE" in control_error(
         host.control, "VtpmGetContents", dbg="x", vtpm_uuid=vm["vtpm_uuid"])
-    kept = os.path.join(host.state_dir, "known", vm["vm_uuid"])
     # Only the vTPM's handle was learnt again at the create; no copy is left.
     assert set(os.listdir(kept) if os.path.isdir(kept) else []) <= {"handle"}
 

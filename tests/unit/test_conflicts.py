@@ -320,3 +320,69 @@ class NvramTests(Base):
         self.env.settle()
         (item,) = self.aside()
         self.assertEqual(item.kind, "refused")
+
+
+class GateRunner:
+    """Runs blocking work inline, except a write's files while ``hold`` is
+    set: those wait until :meth:`release` (a write on its way to disk)."""
+
+    def __init__(self) -> None:
+        self.hold = False
+        self.held: list[tuple[Any, Any, Any, Any]] = []
+
+    def __call__(self, f: Any, *args: Any, **kwargs: Any) -> Any:
+        from twisted.internet.defer import Deferred
+
+        from tests.fakes import sync_runner
+
+        if self.hold and getattr(f, "__name__", "") == "write_all":
+            d: Deferred[Any] = Deferred()
+            self.held.append((d, f, args, kwargs))
+            return d
+        return sync_runner(f, *args, **kwargs)
+
+    def release(self) -> None:
+        from tests.fakes import sync_runner
+
+        self.hold = False
+        held, self.held = self.held, []
+        for d, f, args, kwargs in held:
+            sync_runner(f, *args, **kwargs).chainDeferred(d)
+
+
+class OwnWritesTests(Base):
+    """xguard's own deliveries are never taken for another writer's."""
+
+    def test_a_delivery_that_succeeds_while_a_write_goes_to_disk(self) -> None:
+        """The race the kill -9 test found: v3's base is taken (the chain's:
+        p2 s2 v, and p3, sent once) before the flusher sends the chain
+        p3 s3; that delivery succeeds while v3 is still on its way to disk.
+        Forgetting then what it sent made upstream's s3 another writer's."""
+        gate = GateRunner()
+        self.successResultOf(self.cache.stop())
+        self.cache = self.start(self._with(gate))
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.successResultOf(self.cache.write(VM1, 1, b"s2"))
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p3"))
+        self.successResultOf(self.cache.write(VM1, 1, b"s3"))  # never sent before the chain
+        self.up.down = False
+        gate.hold = True
+        acknowledged = self.cache.write(VM1, 2, b"v3")
+        self.assertNoResult(acknowledged)  # on its way to disk
+        self.env.settle()  # the flusher delivers the chain meanwhile
+        self.assertEqual(self.env.tpm(VM1), "p3 s3 v")
+        gate.release()
+        self.successResultOf(acknowledged)
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p3 s3 v3")
+        self.assertEqual(self.aside(), [])
+
+    def _with(self, runner: Any) -> Any:
+        self.env.kwargs["runner"] = runner
+        return self.env.build()

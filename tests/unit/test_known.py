@@ -241,3 +241,22 @@ class KnownTests(SynchronousTestCase):
         os.utime(path, (1, 1))
         self.successResultOf(self.known.record_tpm(VM, TpmState("p")))
         self.assertEqual(os.stat(path).st_mtime, 1)
+
+
+class SentTests(SynchronousTestCase):
+    setUp = KnownTests.setUp
+    open = KnownTests.open
+
+    def test_what_is_in_flight_survives_a_restart_and_is_checked(self) -> None:
+        self.assertTrue(self.known.record_sent(VM, "Swtpm", {0: ["d1", "d2"], 2: []}))
+        self.assertEqual(self.known.sent(VM, "Swtpm"), {0: frozenset({"d1", "d2"})})
+        self.assertEqual(self.known.sent(VM, "Varstored"), {})
+        again = self.open()  # a kill: the page cache kept the file
+        self.assertEqual(again.sent(VM, "Swtpm"), {0: frozenset({"d1", "d2"})})
+        self.assertTrue(again.record_sent(VM, "Swtpm", {}))
+        self.assertEqual(again.sent(VM, "Swtpm"), {})
+        path = os.path.join(self.root, KNOWN, VM, "sent-Swtpm")
+        with open(path, "wb") as f:
+            f.write(b"xguard copy 1 99 0\n{}")  # torn
+        self.assertEqual(self.open().sent(VM, "Swtpm"), {})
+        self.assertFalse(os.path.exists(path))  # moved aside, reported

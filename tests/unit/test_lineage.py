@@ -54,3 +54,38 @@ class LineageTests(SynchronousTestCase):
         self.assertEqual(union([]), {})
         self.assertEqual(union([{0: frozenset("a")}, {0: frozenset("b"), 1: frozenset("c")}]),
                          {0: {"a", "b"}, 1: {"c"}})
+
+
+class SentRecordsTests(SynchronousTestCase):
+    """What is in flight survives a kill: the next process still counts the
+    values its predecessor sent as its own."""
+
+    def setUp(self) -> None:
+        self.records: dict[str, dict[int, set[str]]] = {}
+
+        class Records:
+            def load(_, vm: str) -> dict[int, set[str]]:
+                return {k: set(v) for k, v in self.records.get(vm, {}).items()}
+
+            def save(_, vm: str, sent: object) -> None:
+                self.records[vm] = {k: set(v) for k, v in sent.items()}  # type: ignore[attr-defined]
+
+        self.store = Records()
+
+    def lineage(self) -> Lineage:
+        return Lineage(Service.SWTPM, lambda vm: succeed({0: digest("p")}), self.store)
+
+    def test_recorded_before_sending_and_loaded_by_the_next_process(self) -> None:
+        self.lineage().sending(VM, {0: b"p2"})
+        self.assertEqual(self.records[VM], {0: {digest("p2")}})
+        after_a_kill = self.lineage()
+        self.assertEqual(after_a_kill.in_flight(VM), {0: frozenset({digest("p2")})})
+        self.assertEqual(self.successResultOf(after_a_kill.base_for(VM, [])),
+                         {0: {digest("p"), digest("p2")}})
+
+    def test_settled_clears_the_record(self) -> None:
+        lineage = self.lineage()
+        lineage.sending(VM, {0: b"p2"})
+        lineage.settled(VM)
+        self.assertEqual(self.records[VM], {})
+        self.assertEqual(self.lineage().in_flight(VM), {})

@@ -53,7 +53,7 @@ from .delivery import STUCK_AFTER, Deliveries
 from .entry import Entry
 from .flusher import Flusher, default_backoff
 from .layout import KEYS, Batch, Item, Version
-from .lineage import Lineage
+from .lineage import Lineage, SentRecords
 from .machine import CacheModes, _CacheCore
 from .pending import PendingVersions
 
@@ -71,14 +71,15 @@ class WriteBackCache:
                  enabled: Callable[[], bool] = lambda: True, interval: float = 0.5,
                  coalesce: bool = True, is_live: Callable[[str], bool] = lambda vm: False,
                  stuck_after: float = STUCK_AFTER,
-                 make_room: Callable[[int], "Deferred[int]"] | None = None) -> None:
+                 make_room: Callable[[int], "Deferred[int]"] | None = None,
+                 sent_records: SentRecords | None = None) -> None:
         self.sink = sink
         self.service = sink.service
         self.clock = clock
         self.monotonic_ns = monotonic_ns
         self.enabled = enabled
         self.vm_locks = KeyedLocks()
-        self.lineage = Lineage(self.service, sink.last_seen)
+        self.lineage = Lineage(self.service, sink.last_seen, sent_records)
         self.aside = SetAsideStore(root, self.service, runner=runner, clock=clock,
                                    is_live=is_live)
         self.versions = PendingVersions(root, self.service, clock=clock, runner=runner,

@@ -12,7 +12,10 @@ Per key of the service's items, a set of digests (:data:`~xguard.model.Accept`):
   write past its deadline, a delivery that timed out): upstream may hold
   any of them. A file written while such a send is in flight records it;
   a file written before it holds the sent value itself, which the check
-  accepts as ours.
+  accepts as ours. They are recorded (:class:`SentRecords`) before they
+  are sent, so that a daemon killed before the answer still counts them
+  as its own when it starts again: a Direct write upstream took just
+  before the kill is not another writer's.
 
 Once a delivery succeeds and nothing is pending, upstream holds a state
 xguard knows (the sink recorded it): the sent values are forgotten, and
@@ -30,12 +33,22 @@ last socket; a version records the life it was written in.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, ensureDeferred
 
 from ..model import Accept, NvramWrite, Service, digest
 
-__all__ = ["Lineage", "union", "upstream_value"]
+__all__ = ["Lineage", "SentRecords", "union", "upstream_value"]
+
+
+class SentRecords(Protocol):
+    """Where a service's values in flight are kept across a kill
+    (:meth:`xguard.state.known.KnownState.sent` and ``record_sent``)."""
+
+    def load(self, vm: str) -> Mapping[int, Iterable[str]]: ...
+
+    def save(self, vm: str, sent: Mapping[int, Iterable[str]]) -> object: ...
 
 
 def union(accepts: Iterable[Accept | None]) -> Accept | None:
@@ -66,11 +79,22 @@ class Lineage:
     """
 
     def __init__(self, service: Service,
-                 last_seen: Callable[[str], "Deferred[Mapping[int, str] | None]"]) -> None:
+                 last_seen: Callable[[str], "Deferred[Mapping[int, str] | None]"],
+                 records: SentRecords | None = None) -> None:
         self.service = service
         self._last_seen = last_seen
+        self._records = records
         self._sent: dict[str, dict[int, set[str]]] = {}
         self._lives: dict[str, int] = {}
+
+    def _sent_of(self, vm: str) -> dict[int, set[str]]:
+        """``vm``'s values in flight; on first use, what an earlier process
+        recorded and never saw answered."""
+        sent = self._sent.get(vm)
+        if sent is None:
+            earlier = self._records.load(vm) if self._records is not None else {}
+            sent = self._sent[vm] = {key: set(d) for key, d in earlier.items() if d}
+        return sent
 
     def life(self, vm: str) -> int:
         """How many times ``vm`` lost its last socket here since the start."""
@@ -83,22 +107,25 @@ class Lineage:
     def sending(self, vm: str, contents: Mapping[int, bytes]) -> None:
         """``contents`` is about to be sent upstream for ``vm``: until a
         delivery is confirmed, upstream may hold it."""
-        sent = self._sent.setdefault(vm, {})
+        sent = self._sent_of(vm)
         for key, content in contents.items():
             try:
                 value = upstream_value(self.service, content)
             except ValueError:
                 continue  # not deliverable at all: upstream cannot hold it
             sent.setdefault(key, set()).add(digest(value))
+        if self._records is not None:
+            self._records.save(vm, sent)  # before the call goes out
 
     def settled(self, vm: str) -> None:
         """A delivery of ``vm`` succeeded and nothing of it is pending:
         upstream holds the state the sink just recorded."""
-        self._sent.pop(vm, None)
+        if self._sent.pop(vm, None) and self._records is not None:
+            self._records.save(vm, {})
 
     def in_flight(self, vm: str) -> Accept:
         """Values sent for ``vm`` whose outcome is unknown."""
-        return {key: frozenset(digests) for key, digests in self._sent.get(vm, {}).items()}
+        return {key: frozenset(digests) for key, digests in self._sent_of(vm).items()}
 
     def base_for(self, vm: str, pending: list[Accept | None]) -> "Deferred[Accept | None]":
         """The base a new write of ``vm`` records: its chain's (the bases

@@ -33,7 +33,7 @@ from . import recovery
 from .aside import SetAsideStore
 from .entry import Damaged, Entry, decode
 from .files import BatchWriteError, VersionFiles
-from .layout import Batch, Item, Version, service_dir
+from .layout import KEYS, Batch, Item, Version, service_dir
 from .lineage import Lineage
 
 __all__ = ["PendingVersions"]
@@ -72,6 +72,8 @@ class PendingVersions:
         self.disk_error: str | None = None
         self.disk_error_since: float | None = None
         self._last_ts: dict[Item, int] = {}
+        #: Writes on their way to disk, per VM (see _persist).
+        self._persisting: dict[str, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
         self._done: list[Version] = []  # delivered this round, files to delete
 
@@ -131,8 +133,16 @@ class PendingVersions:
         """Every item with a pending version."""
         return sorted(self.index)
 
+    def _items_of(self, vm: str) -> list[Item]:
+        """``vm``'s items with a pending version: looked up by its keys (at
+        most three), never by a scan of every VM's (a storm caches
+        thousands, and each write asks)."""
+        return [item for item in (Item(vm, key) for key in sorted(KEYS[self.service]))
+                if item in self.index]
+
     def has_pending(self, vm: str) -> bool:
-        return any(item.vm == vm for item in self.index)
+        """Whether ``vm`` has a version pending, or one being written."""
+        return bool(self._items_of(vm)) or vm in self._persisting
 
     def vms(self) -> set[str]:
         return {item.vm for item in self.index}
@@ -173,6 +183,20 @@ class PendingVersions:
         return ensureDeferred(self._persist(batch))
 
     async def _persist(self, batch: Batch) -> None:
+        # Pending from now on (has_pending): a delivery of this VM that
+        # succeeds while this write is on its way to disk must not forget
+        # what it sent (Lineage.settled), or this write, whose base was
+        # taken before that send, would take our own delivery for another
+        # writer's once upstream holds it.
+        self._persisting[batch.vm] = self._persisting.get(batch.vm, 0) + 1
+        try:
+            await self._persist_counted(batch)
+        finally:
+            left = self._persisting.pop(batch.vm) - 1
+            if left:
+                self._persisting[batch.vm] = left
+
+    async def _persist_counted(self, batch: Batch) -> None:
         accept = await self.lineage.base_for(batch.vm, self.accepts_of(batch.vm))
         todo = [(version, Entry(content, accept)) for version, content in batch.entries
                 # a newer version already acknowledged supersedes it
@@ -197,8 +221,8 @@ class PendingVersions:
 
     def accepts_of(self, vm: str) -> list[Accept | None]:
         """The bases ``vm``'s pending versions record."""
-        return [self.accepts.get(Version(item, ts)) for item, stamps in self.index.items()
-                if item.vm == vm for ts in stamps]
+        return [self.accepts.get(Version(item, ts)) for item in self._items_of(vm)
+                for ts in self.index[item]]
 
     async def _write_all(self, todo: list[tuple[Version, Entry]], older: list[Version],
                          written: list[Version]) -> None:

@@ -14,6 +14,9 @@ Layout, beside the cache's service trees::
     STATE_DIR/known/<vm-uuid>/nvram    the NVRAM map, JSON
     STATE_DIR/known/<vm-uuid>/sb       the secure-boot certificates state
     STATE_DIR/known/<vm-uuid>/handle   {"ref": vTPM handle, "uuid": vTPM uuid}
+    STATE_DIR/known/<vm-uuid>/sent-Swtpm, sent-Varstored
+                                       digests of values sent upstream whose
+                                       outcome is not known yet (see below)
     STATE_DIR/known/.boot              "clean", or "dirty <boot id>"
 
 When a copy may be served (the staleness argument is in doc/cache.md):
@@ -37,6 +40,14 @@ When a copy may be served (the staleness argument is in doc/cache.md):
 - Anything that cannot be recorded (disk full, a value over
   :data:`MAX_COPY_BYTES`) removes the older copy rather than leave it stale.
 
+The ``sent-*`` records say what a write in flight may have left upstream
+holding (:mod:`xguard.cache.lineage`): written before the call goes out,
+emptied once upstream's answer is recorded, so that a daemon killed in
+between does not take its own last write, which upstream may hold, for
+another writer's (a false conflict after every kill -9 during Direct
+writes). Like the copies they survive a kill, not a host crash (then every
+copy is dropped, as above, and writes start with an unknown base).
+
 Opening and closing (a directory listing, fsyncs) run through the injected
 runner. The copies themselves are small files read and written without
 fsync, on the reactor thread: a thread hop would cost more than the I/O
@@ -50,7 +61,7 @@ import json
 import os
 import shutil
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
@@ -61,14 +72,14 @@ from ..util.checked import Damaged, digest, seal, unseal
 from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..util.threads import Runner
 
-__all__ = ["KnownState", "KNOWN", "MAX_COPY_BYTES", "read_boot_id"]
+__all__ = ["KnownState", "ServiceSent", "KNOWN", "MAX_COPY_BYTES", "read_boot_id"]
 
 KNOWN = "known"
 MARKER = ".boot"
 #: A copy larger than this is not kept (xapi's largest values, a vTPM's
 #: contents or an NVRAM map, are a few hundred KiB).
 MAX_COPY_BYTES = 4 * 1024 * 1024
-_NAMES = ("vtpm", "nvram", "sb", "handle")
+_NAMES = ("vtpm", "nvram", "sb", "handle", "sent-Swtpm", "sent-Varstored")
 
 
 def read_boot_id() -> str:
@@ -326,6 +337,31 @@ class KnownState:
             lambda data: None if data is None else data.decode("utf-8", "replace"))
 
     # -- which VM a vTPM belongs to ------------------------------------------------
+    # -- values sent without an answer yet ---------------------------------------
+    def sent(self, vm: str, service: str) -> dict[int, frozenset[str]]:
+        """Digests, per key, of the values of ``service`` (``Swtpm``,
+        ``Varstored``) sent upstream for ``vm`` whose outcome is not
+        recorded: by this process, or by one killed before the answer. An
+        unreadable or damaged record reads as none (and is moved aside)."""
+        if vm not in self._kept:
+            return {}
+        doc = _parse_json(self._read_file(vm, "sent-" + service))
+        if not isinstance(doc, dict):
+            return {}
+        out: dict[int, frozenset[str]] = {}
+        for key, digests in doc.items():
+            if isinstance(key, str) and key.isdigit() and isinstance(digests, list):
+                out[int(key)] = frozenset(d for d in digests if isinstance(d, str))
+        return out
+
+    def record_sent(self, vm: str, service: str,
+                    sent: Mapping[int, Iterable[str]]) -> bool:
+        """Say durably enough to survive a kill (no fsync: see the module
+        doc) what may be in flight for ``vm``'s ``service``; an empty
+        ``sent`` says nothing is. False when it could not be written."""
+        doc = {str(key): sorted(digests) for key, digests in sorted(sent.items()) if digests}
+        return self._write(vm, "sent-" + service, _json(doc))
+
     def vtpm_of_vm(self, vm: str) -> str | None:
         """The handle of ``vm``'s vTPM, if seen."""
         return self._vtpm_ref.get(vm)
@@ -435,6 +471,21 @@ class KnownState:
         self.log.error("last known state: the {name} copy of VM {vm} is damaged ({why}); it is "
                        "never served, and is set aside as {aside}", name=name, vm=vm, why=why,
                        aside=aside)
+
+
+class ServiceSent:
+    """One service's records of values in flight, as a cache's lineage
+    keeps them (:class:`xguard.cache.lineage.SentRecords`)."""
+
+    def __init__(self, known: KnownState, service: str) -> None:
+        self.known = known
+        self.service = service
+
+    def load(self, vm: str) -> dict[int, frozenset[str]]:
+        return self.known.sent(vm, self.service)
+
+    def save(self, vm: str, sent: Mapping[int, Iterable[str]]) -> bool:
+        return self.known.record_sent(vm, self.service, sent)
 
 
 #: Copies are checked files (xguard.util.checked) of this kind.
