@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.harness import Host
+from tests.integration.harness import Host, finish_all
 from xguard.testing.daemon import Daemon
 from xguard.testing.simclient import SimProcess
 
@@ -83,10 +83,4 @@ def hosts(sim_up: SimProcess) -> Iterator[Callable[..., Host]]:
         return host
 
     yield make
-    errors = []
-    for host in made:
-        try:
-            host.finish()
-        except AssertionError as e:
-            errors.append(str(e))
-    assert not errors, errors
+    finish_all(made)

@@ -217,6 +217,18 @@ class Host:
             d.cleanup()
 
 
+def finish_all(hosts: list[Host]) -> None:
+    """Teardown of a fixture's daemons: every one is finished (stopped,
+    exit 0 checked, removed), then any failure is reported."""
+    errors = []
+    for host in hosts:
+        try:
+            host.finish()
+        except AssertionError as e:
+            errors.append(str(e))
+    assert not errors, errors
+
+
 def only_latest_left(item: str) -> list[str]:
     """The item directory once superseded versions are gone: they are
     deleted after the new version is durable (after its acknowledgement),

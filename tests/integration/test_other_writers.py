@@ -23,7 +23,15 @@ from typing import Any
 
 import pytest
 
-from tests.integration.harness import Host, get, put, rpc, set_nvram, vtpm_fields
+from tests.integration.harness import (
+    Host,
+    finish_all,
+    get,
+    put,
+    rpc,
+    set_nvram,
+    vtpm_fields,
+)
 from tests.integration.test_lifecycle import (
     boot_reads,
     create_sockets,
@@ -67,13 +75,7 @@ def hosts(peer_sim: SimProcess) -> Iterator[Callable[..., Host]]:
 
     yield make
     peer_sim.client.set_mode("up")
-    errors = []
-    for host in made:
-        try:
-            host.finish()
-        except AssertionError as e:
-            errors.append(str(e))
-    assert not errors, errors
+    finish_all(made)
 
 
 def running_vm(host: Host, sim: SimProcess, contents: str, nvram: str) -> dict[str, str]:
