@@ -159,6 +159,37 @@ class SignalTests(SynchronousTestCase):
         # A second signal while stopping is not an error.
         signals.handlers[signal.SIGINT](signal.SIGINT, None)
 
+    def test_handlers_only_hand_the_signal_to_the_reactor(self) -> None:
+        """A signal handler runs between any two bytecodes of the main
+        thread, possibly inside a log observer's write: logging from it can
+        re-enter that write (a deadlocked or broken log, a daemon that never
+        stops). So the handlers only schedule; the reactor logs and acts."""
+        scheduled: list[tuple[Any, tuple[Any, ...]]] = []
+
+        class Deferring(MemoryReactorClock):
+            def callFromThread(self, f: Any, *args: Any) -> None:
+                scheduled.append((f, args))
+
+        reactor, signals, calls = Deferring(), FakeSignals(), []
+        status = ExitStatus(reactor, signals=signals,  # type: ignore[arg-type]
+                            on_hangup=lambda: calls.append("hup"),
+                            on_stop=lambda: calls.append("stop"))
+        status._install()
+        reactor.running = True
+        with capturedLogs() as events:
+            signals.handlers[signal.SIGHUP](signal.SIGHUP, None)
+            signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
+        self.assertEqual(events, [])
+        self.assertEqual(calls, [])
+        self.assertEqual(len(scheduled), 2)
+        with capturedLogs() as events:
+            for f, args in scheduled:
+                f(*args)
+        self.assertEqual(calls, ["hup", "stop"])
+        self.assertTrue(reactor.hasStopped)
+        self.assertEqual([e["log_format"].split(":")[0].split(",")[0] for e in events],
+                         ["received SIGHUP", "received signal {signum}"])
+
     def test_without_a_restart_sighup_keeps_its_default(self) -> None:
         signals = FakeSignals()
         status = ExitStatus(InlineReactor(), signals=signals)  # type: ignore[arg-type]

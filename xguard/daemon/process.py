@@ -199,11 +199,16 @@ class ExitStatus:
         if self._on_hangup is not None:
             self._signals.signal(self._signals.SIGHUP, self._hangup)
 
+    # The handlers run between any two bytecodes of the main thread,
+    # possibly inside a log observer's write or a lock's critical section:
+    # they only hand the signal to the reactor (callFromThread is safe
+    # there), which logs and acts. Logging from the handler itself once
+    # left a daemon that never stopped after SIGTERM.
     def _stop(self, signum: int, frame: object) -> None:
-        self.log.info("received signal {signum}, shutting down", signum=signum)
-        self._reactor.callFromThread(self._stop_reactor)
+        self._reactor.callFromThread(self._stop_reactor, signum)
 
-    def _stop_reactor(self) -> None:
+    def _stop_reactor(self, signum: int) -> None:
+        self.log.info("received signal {signum}, shutting down", signum=signum)
         if self._on_stop is not None:
             self._on_stop()
         try:
@@ -212,9 +217,12 @@ class ExitStatus:
             pass  # already stopping (a second signal, or a restart under way)
 
     def _hangup(self, signum: int, frame: object) -> None:
+        self._reactor.callFromThread(self._restart)
+
+    def _restart(self) -> None:
         self.log.info("received SIGHUP: restarting in place")
         assert self._on_hangup is not None
-        self._reactor.callFromThread(self._on_hangup)
+        self._on_hangup()
 
     def exit_after_shutdown(self, code: int) -> None:
         """Exit with ``code`` as soon as the reactor has shut down (every

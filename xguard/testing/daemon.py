@@ -107,7 +107,12 @@ class Daemon:
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(timeout)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # The log is gone with the temp directory once the test ends.
+            raise AssertionError(f"xguard still running {timeout}s after signal {sig}:\n"
+                                 f"{self.log()}") from None
         self.exit_codes.append(code)
         return code
 
