@@ -147,6 +147,102 @@ class TwistedUnixAdoptionTests(SynchronousTestCase):
         self.assertEqual(port.socket.getsockname(), self.path)
 
 
+class QuietPortTests(SynchronousTestCase):
+    """xguard._internals.twisted_unix.QuietPort: what it takes from
+    ``unix.Port`` (accepting, closing, the file's removal) still works with
+    its own start, and it logs nothing per socket."""
+
+    def setUp(self) -> None:
+        import os
+        import shutil
+        import tempfile
+
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.dir = tempfile.mkdtemp(prefix="xgq")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.path = os.path.join(self.dir, "s")
+        self.reactor = MemoryReactorClock()
+
+    def factory(self) -> object:
+        from twisted.internet.protocol import Factory, Protocol
+
+        factory = Factory.forProtocol(Protocol)
+        factory.noisy = False
+        return factory
+
+    def listen(self, **kwargs: object) -> object:
+        from xguard._internals.twisted_unix import listen_unix
+
+        return listen_unix(self.reactor, self.path, self.factory(),  # type: ignore[arg-type]
+                           mode=0o640, backlog=3, **kwargs)  # type: ignore[arg-type]
+
+    def test_listens_with_mode_and_owner_set_before(self) -> None:
+        import os
+        import socket
+        import stat
+
+        from twisted.logger import capturedLogs
+
+        seen = []
+
+        def prepare(path: str) -> None:
+            # Bound, not yet listening: nobody can connect yet.
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with probe, self.assertRaises(ConnectionRefusedError):
+                probe.connect(path)
+            seen.append(stat.S_IMODE(os.stat(path).st_mode))
+
+        with capturedLogs() as events:
+            port = self.listen(prepare=prepare)
+        self.assertEqual(events, [])
+        self.assertEqual(seen, [0o640])
+        self.assertIn(port, self.reactor.readers)
+        self.assertEqual(port.getHost().name, os.fsencode(self.path))  # type: ignore[attr-defined]
+        self.assertEqual(port.backlog, 3)  # type: ignore[attr-defined]
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with client:
+            client.connect(self.path)  # the kernel queues it: listening
+        with capturedLogs() as events:
+            port.stopListening()  # type: ignore[attr-defined]
+            self.reactor.advance(0)
+        self.assertEqual(events, [])
+        self.assertFalse(os.path.exists(self.path))
+        self.assertNotIn(port, self.reactor.readers)
+
+    def test_keep_file_closes_without_removing_it(self) -> None:
+        import os
+        import socket
+        import stat
+
+        port = self.listen()
+        port.keep_file = True  # type: ignore[attr-defined]
+        port.stopListening()  # type: ignore[attr-defined]
+        self.reactor.advance(0)
+        self.assertTrue(stat.S_ISSOCK(os.stat(self.path).st_mode))
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with client, self.assertRaises(ConnectionRefusedError):
+            client.connect(self.path)
+
+    def test_failures_leave_nothing_bound(self) -> None:
+        import os
+
+        from twisted.internet.error import CannotListenError
+
+        def refuse(path: str) -> None:
+            raise PermissionError(path)
+
+        with self.assertRaises(PermissionError):
+            self.listen(prepare=refuse)
+        self.assertFalse(os.path.exists(self.path))
+        self.assertEqual(self.reactor.readers, set())
+        with open(self.path, "w"):
+            pass
+        with self.assertRaises(CannotListenError):
+            self.listen()
+        self.assertTrue(os.path.isfile(self.path))  # not ours: left alone
+
+
 class TwistedSystemdTests(SynchronousTestCase):
     """xguard._internals.twisted_systemd: importing twisted.internet.endpoints
     still takes LISTEN_PID/LISTEN_FDS from the environment, and what it

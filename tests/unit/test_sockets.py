@@ -28,7 +28,7 @@ from tests.shorttmp import short_tmp
 from xguard.domain import activefile
 from xguard.domain.activefile import Entry
 from xguard.domain.site import DomainSite
-from xguard.domain.sockets import BACKLOG, KEEP_SUFFIX, SocketRegistry, listen_backlog
+from xguard.domain.sockets import BACKLOG, SocketRegistry, listen_backlog
 from xguard.errors import InvalidPath, InvalidUUID, PathInUse, SocketMismatch
 from xguard.interfaces import ISocketRegistry
 from xguard.model import Service
@@ -416,13 +416,14 @@ class ResumeTests(RealSocketTestCase):
         for p in paths:
             await registry.create(Service.SWTPM, VM1, GID, p)
         before = read_file(env.active)
+        files = {p: os.stat(p).st_ino for p in paths}
         await registry.stop_accepting()
         for p in paths:
             st = os.stat(p)
             self.assertTrue(stat.S_ISSOCK(st.st_mode))
             self.assertEqual(stat.S_IMODE(st.st_mode), 0o660)
+            self.assertEqual(st.st_ino, files[p])  # the same file, kept
             self.assertFalse(accepts(p))
-            self.assertFalse(os.path.exists(p + KEEP_SUFFIX))
         self.assertEqual(read_file(env.active), before)
         with self.assertRaises(RuntimeError):
             await registry.create(Service.SWTPM, VM2, GID, env.path("late.sock"))

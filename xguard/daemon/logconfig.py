@@ -24,8 +24,9 @@ twistd's ``AppLogger.start`` uses instead of its own (an explicit
 
 Every observer is behind the ``--log-level`` filter (a public
 :class:`~twisted.logger.FilteringLogObserver`), and Twisted's per-socket
-"starting on" / "Port Closed" lines are demoted to debug: a restart of a
-host with 2,000 sockets would otherwise log 4,000 of them. The filter's
+"starting on" / "Port Closed" lines are demoted to debug (the control
+socket's and the metrics port's; the domain sockets' ports,
+:class:`xguard._internals.twisted_unix.QuietPort`, log none). The filter's
 level is a :class:`LogLevels`, which ``xguard-ctl log-level`` changes while
 the daemon runs (the configured level is back at the next start).
 

@@ -14,11 +14,10 @@ over. Stopping with a successor (the fd store, or a re-exec) only stops
 reading from the sockets: they stay open, with their files, until the
 process exits or execs, so connections wait in the kernel's backlog.
 
-Stopping without a successor closes them. Twisted's UNIX ``Port`` unlinks
-its socket file when it stops listening; :meth:`SocketRegistry.stop_accepting`
-keeps the file by holding a second hard link to it across
-``stopListening`` and renaming it back afterwards. The kept file is stale
-(nobody listens on it), which resume replaces.
+Stopping without a successor closes them and keeps their files (the
+ports are :class:`xguard._internals.twisted_unix.QuietPort`, which can
+close without unlinking); a kept file is stale (nobody listens on it),
+which resume replaces. A destroy closes and unlinks.
 """
 
 from __future__ import annotations
@@ -39,7 +38,6 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
-from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
@@ -47,7 +45,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .._internals.twisted_unix import adopt_unix_port
+from .._internals.twisted_unix import QuietPort, adopt_unix_port, listen_unix
 from ..errors import InvalidPath, PathInUse, SocketMismatch
 from ..interfaces import IServerReactor, ISocketRegistry
 from ..model import MAX_SOCKET_PATH_BYTES, Service
@@ -88,8 +86,6 @@ ANSWER_GRACE = 5.0
 #: connections waiting are served: a request takes several turns, so the
 #: busy sockets' requests progress while the others are adopted.
 RESUME_TURN = 25
-#: Suffix of the temporary second link that keeps a socket file on shutdown.
-KEEP_SUFFIX = ".xg-keep"
 
 #: Builds the site serving one socket (from its service and VM uuid); the
 #: registry drains its connections when the daemon stops.
@@ -239,20 +235,16 @@ class SocketRegistry:
             # stale until resumed (2,000 lines, even filtered, cost start-up).
             safe_unlink(entry.path)
         factory = self._site_factory(entry.service, entry.vm_uuid)
-        endpoint = UNIXServerEndpoint(self._reactor, entry.path, backlog=self._backlog,
-                                      mode=SOCKET_MODE, wantPID=False)
         try:
-            sock.port = await endpoint.listen(factory)
+            # Mode and owner are set before it listens: no client ever
+            # finds it connectable with other rights.
+            sock.port = listen_unix(self._reactor, entry.path, factory, mode=SOCKET_MODE,
+                                    backlog=self._backlog,
+                                    prepare=lambda path: self._chown(path, entry.gid))
             sock.factory = factory
         except CannotListenError as e:
             if getattr(e.socketError, "errno", None) == errno.EADDRINUSE:
                 raise PathInUse(f"socket path {entry.path} is already in use") from e
-            raise
-        try:
-            os.chmod(entry.path, SOCKET_MODE)
-            self._chown(entry.path, entry.gid)
-        except BaseException:
-            await self._close(sock)
             raise
         sock.state = "open"
         if self._handover is not None:
@@ -274,7 +266,6 @@ class SocketRegistry:
         finally:
             os.close(claimed.fd)
         sock.name, sock.factory = claimed.name, factory
-        os.chmod(entry.path, SOCKET_MODE)
         self._chown(entry.path, entry.gid)
         sock.state = "open"
 
@@ -514,28 +505,15 @@ class SocketRegistry:
                 if s.port is not None and s.name is not None]
 
     async def _stop_keeping_file(self, sock: _Socket) -> None:
-        path = sock.entry.path
         port, sock.port = sock.port, None
         if port is None:
             return
-        keep: str | None = path + KEEP_SUFFIX
-        try:
-            safe_unlink(path + KEEP_SUFFIX)
-            os.link(path, path + KEEP_SUFFIX)
-        except OSError as e:
-            self.log.warn("socket file {path} will be recreated on restart, not kept: {error}",
-                          path=path, error=str(e))
-            keep = None
+        if isinstance(port, QuietPort):
+            port.keep_file = True
         try:
             await maybeDeferred(port.stopListening)
         except Exception:
-            self.log.failure("closing socket {path} failed", path=path)
-        if keep is not None:
-            try:
-                os.rename(keep, path)
-            except OSError as e:
-                self.log.warn("cannot restore socket file {path}: {error}",
-                              path=path, error=str(e))
+            self.log.failure("closing socket {path} failed", path=sock.entry.path)
 
 
 def _fileno(port: IListeningPort | None) -> int:
