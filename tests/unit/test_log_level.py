@@ -57,6 +57,14 @@ class LogLevelsTests(SynchronousTestCase):
         self.assertEqual(self.passed(), ["error", "critical"])
         self.assertEqual((self.levels.level, self.levels.configured), ("error", "info"))
 
+    def test_debugging_follows_the_level(self) -> None:
+        """What the domain sockets ask before making a debug line."""
+        self.assertFalse(self.levels.debugging())
+        self.levels.set("debug", "d1")
+        self.assertTrue(self.levels.debugging())
+        self.levels.set("warn", "d2")
+        self.assertFalse(self.levels.debugging())
+
     def test_every_change_is_in_the_log(self) -> None:
         """Said at the more verbose of the two levels (info at least) while
         that level filters, so it passes whichever way the level goes."""

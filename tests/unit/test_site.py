@@ -507,6 +507,56 @@ class LingerTests(SynchronousTestCase):
         wire.lose()
 
 
+class _Chatty(_Echo):
+    """Answers as _Echo, and logs at debug through the socket's logger;
+    records whether the request said it came over TLS."""
+
+    secure: list[bool] = []
+
+    def render_POST(self, request: object) -> bytes:
+        site = request.channel.site  # type: ignore[attr-defined]
+        site.logger("test").debug("a routine detail")
+        self.secure.append(request.isSecure())  # type: ignore[attr-defined]
+        return super().render_POST(request)
+
+
+class DebugGateTests(SynchronousTestCase):
+    """Debug lines cost a request an event each even when the level drops
+    them: with debugging off they are not made at all."""
+
+    def served(self, debugging: bool) -> list[dict[str, object]]:
+        from twisted.logger import LogLevel, capturedLogs
+
+        socket_events: list[dict[str, object]] = []
+        wire = Wire(_Chatty(), events=socket_events, debugging=lambda: debugging)
+        with capturedLogs() as events:
+            wire.send(http_request(b"POST", b"/", b"x"))
+        self.assertEqual(codes(wire), [200])
+        wire.lose()
+        return [e for e in [*events, *socket_events] if e["log_level"] == LogLevel.debug]
+
+    def test_debug_lines_only_while_debugging(self) -> None:
+        self.assertEqual(self.served(False), [])
+        formats = {e["log_format"] for e in self.served(True)}
+        self.assertEqual(formats, {"a routine detail", "VM {vm}: {method} {path} -> {code}"})
+
+
+class SecureTests(SynchronousTestCase):
+    def test_a_domain_request_is_never_secure(self) -> None:
+        """A UNIX socket: no TLS to ask the transport about (Klein asks on
+        every request, and the adaptation lookup was 1.5% of a cached
+        write's CPU), even from a transport that says otherwise."""
+        from twisted.internet.interfaces import ISSLTransport
+        from zope.interface import directlyProvides
+
+        _Chatty.secure = []
+        wire = Wire(_Chatty())
+        directlyProvides(wire.transport, ISSLTransport)
+        wire.send(http_request(b"POST", b"/", b"x"))
+        wire.lose()
+        self.assertEqual(_Chatty.secure, [False])
+
+
 class LogLimitTests(SynchronousTestCase):
     """A guest flooding its socket with bad requests writes a bounded
     number of lines, then one with the count; never any content."""

@@ -127,6 +127,10 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
     nvram = VmNvram(nvram_writer, nvram_sink, known, clock=reactor,
                        deadline=cfg.direct_deadline)
 
+    # The log filter's level: --log-level, changed by xguard-ctl log-level
+    # until the next start (tap.py puts the filter in front of the log).
+    log_levels = LogLevels(cfg.log_level)
+
     activity = Activity()
 
     def site_for(kind: Kind, vm_uuid: str) -> DomainSite:
@@ -136,7 +140,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             resource = VarstoredSocket(vm_uuid, nvram).resource()
         return DomainSite(resource, reactor=reactor, timeout=cfg.request_timeout,
                           on_connection=activity.connection,
-                          on_response=lambda code, seconds: answered(kind, code, seconds))
+                          on_response=lambda code, seconds: answered(kind, code, seconds),
+                          debugging=log_levels.debugging)
 
     #: What hears of every answered domain request (the metrics, if any).
     domain_requests: list[Callable[[str, int, float | None], None]] = []
@@ -213,10 +218,6 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             upstream=upstream.status(), sockets=registry.count_by_service(),
             services=services, known_state_vms=len(known.kept()),
             log_level=log_levels.level, fault_file=cfg.fault_file)
-
-    # The log filter's level: --log-level, changed by xguard-ctl log-level
-    # until the next start (tap.py puts the filter in front of the log).
-    log_levels = LogLevels(cfg.log_level)
 
     def set_log_level(level: str, dbg: str) -> tuple[str, str]:
         return log_levels.set(level, dbg), log_levels.configured

@@ -237,6 +237,11 @@ class LogLevels:
         self.level = level
         self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
 
+    def debugging(self) -> bool:
+        """Whether debug lines pass the filter now (callers skip making
+        ones that would be dropped)."""
+        return self.level == "debug"
+
     def set(self, level: str, dbg: str = "") -> str:
         """Filter at ``level`` from now on; returns the level it was.
 
