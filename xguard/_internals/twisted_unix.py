@@ -51,8 +51,7 @@ class QuietPort(unix.Port):
     @property
     def socket_path(self) -> str:
         """The path the socket is bound to."""
-        path = self._bindPath
-        return os.fsdecode(path)
+        return os.fsdecode(self._bindPath)
 
     def startListening(self) -> None:
         tcp._reservedFD.reserve()

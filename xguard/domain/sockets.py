@@ -219,8 +219,9 @@ class SocketRegistry:
                       gid=entry.gid)
 
     async def _open(self, sock: _Socket) -> None:
-        """Listen on the slot's path (replacing a stale socket file), then
-        set its mode and owner; undo the listen if that fails."""
+        """Listen on the slot's path (replacing a stale socket file), with
+        its mode and owner set before it listens; nothing is left bound if
+        that fails."""
         entry = sock.entry
         found = probe(entry.path)
         if found is Found.LIVE:
