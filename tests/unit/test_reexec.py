@@ -142,15 +142,23 @@ class ReexecTests(SynchronousTestCase):
         self.assertIn("still starting", events[-1]["reason"])
 
 
+def _installed(reactor: MemoryReactorClock) -> tuple[FakeSignals, list[str]]:
+    """An ExitStatus's handlers installed on ``reactor`` (running), and the
+    list its restart and stop callbacks append to."""
+    signals, calls = FakeSignals(), []
+    status = ExitStatus(reactor, signals=signals,  # type: ignore[arg-type]
+                        on_hangup=lambda: calls.append("hup"),
+                        on_stop=lambda: calls.append("stop"))
+    status.install()
+    reactor.running = True
+    status._install()
+    return signals, calls
+
+
 class SignalTests(SynchronousTestCase):
     def test_sighup_restarts_sigterm_cancels(self) -> None:
-        reactor, signals, calls = InlineReactor(), FakeSignals(), []
-        status = ExitStatus(reactor, signals=signals,  # type: ignore[arg-type]
-                            on_hangup=lambda: calls.append("hup"),
-                            on_stop=lambda: calls.append("stop"))
-        status.install()
-        reactor.running = True
-        status._install()
+        reactor = InlineReactor()
+        signals, calls = _installed(reactor)
         signals.handlers[signal.SIGHUP](signal.SIGHUP, None)
         self.assertEqual(calls, ["hup"])
         signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
@@ -170,12 +178,8 @@ class SignalTests(SynchronousTestCase):
             def callFromThread(self, f: Any, *args: Any) -> None:
                 scheduled.append((f, args))
 
-        reactor, signals, calls = Deferring(), FakeSignals(), []
-        status = ExitStatus(reactor, signals=signals,  # type: ignore[arg-type]
-                            on_hangup=lambda: calls.append("hup"),
-                            on_stop=lambda: calls.append("stop"))
-        status._install()
-        reactor.running = True
+        reactor = Deferring()
+        signals, calls = _installed(reactor)
         with capturedLogs() as events:
             signals.handlers[signal.SIGHUP](signal.SIGHUP, None)
             signals.handlers[signal.SIGTERM](signal.SIGTERM, None)
