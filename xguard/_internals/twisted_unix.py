@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from typing import Any
 
 from twisted.internet import tcp, unix
 from twisted.internet.error import CannotListenError
@@ -48,10 +49,16 @@ class QuietPort(unix.Port):
 
     keep_file = False
 
+    def __init__(self, fileName: bytes, *args: Any, **kwargs: Any) -> None:
+        super().__init__(fileName, *args, **kwargs)
+        # Our own record of the path (``_fromListeningDescriptor`` passes a
+        # str): Twisted keeps it as ``port`` up to 25.5, ``_bindPath`` after.
+        self._path: str | bytes = fileName
+
     @property
     def socket_path(self) -> str:
         """The path the socket is bound to."""
-        return os.fsdecode(self._bindPath)
+        return os.fsdecode(self._path)
 
     def startListening(self) -> None:
         tcp._reservedFD.reserve()
@@ -71,7 +78,7 @@ class QuietPort(unix.Port):
     def connectionLost(self, reason: Failure) -> None:
         if not self.keep_file:
             try:
-                os.unlink(self._bindPath)
+                os.unlink(self._path)
             except FileNotFoundError:
                 pass
         tcp.Port.connectionLost(self, reason)
