@@ -53,6 +53,8 @@ class FakeUpstream:
         self.down = False
         self.hold = False
         self._held: list[tuple[Deferred[Any], Callable[[], Any]]] = []
+        #: (method, args) of each held call, in the same order.
+        self._held_calls: list[tuple[str, tuple[Any, ...]]] = []
         self._failures: list[UpstreamError] = []
         self._refs = itertools.count()
         self.closed = False
@@ -82,6 +84,7 @@ class FakeUpstream:
     def release(self) -> None:
         """Answer every held call, in order."""
         held, self._held = self._held, []
+        self._held_calls = []
         for d, run in held:
             try:
                 result = run()
@@ -94,6 +97,15 @@ class FakeUpstream:
     def held(self) -> int:
         return len(self._held)
 
+    def holds_a_call_for(self, *uuids: str) -> bool:
+        """Whether a held call (received, not yet applied or answered)
+        names any of ``uuids`` (a VM's, its vTPM's)."""
+        return any(arg in uuids for _, args in self._held_calls for arg in args)
+
+    def drop_held(self) -> None:
+        """The client died: its held calls never land."""
+        self._held, self._held_calls = [], []
+
     def _call(self, name: str, args: tuple[Any, ...], run: Callable[[], Any]) -> "Deferred[Any]":
         self.calls.append((name, args))
         ticket = self.reachability.call_started()
@@ -104,6 +116,7 @@ class FakeUpstream:
         if self.hold:
             d: Deferred[Any] = Deferred()
             self._held.append((d, run))
+            self._held_calls.append((name, args))
             return self._note(d, ticket)
         try:
             return self._note(succeed(run()), ticket)

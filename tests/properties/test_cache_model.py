@@ -220,9 +220,16 @@ class CacheModel(RuleBasedStateMachine):
     def other_host_writes(self, vm: str, runs_there: bool) -> None:
         """HA restarted the VM on another host, or it migrated: that host
         writes the whole vTPM. Only a VM not running here, with nothing of
-        it in flight (a VM runs on one host at a time)."""
+        it in flight (a VM runs on one host at a time): no write of it
+        waiting for its answer, and no call of it that upstream received
+        and has not applied yet (a write acknowledged from the cache past
+        its deadline leaves its Direct call in flight). xapi has no
+        compare-and-set: a call it applies after another host's write
+        cannot be checked by anyone (doc/cache.md, "Other writers")."""
         if vm in self.env.live or any(i.vm == vm for items in self.outstanding.values()
                                       for i in items):
+            return
+        if self.env.upstream.holds_a_call_for(vm, self.vtpm[vm]):
             return
         seq = next(self.values)
         self.foreign[vm] = seq
@@ -274,7 +281,7 @@ class CacheModel(RuleBasedStateMachine):
         for seq in self.control_calls & set(self.outstanding):
             del self.outstanding[seq]
         assert not self.outstanding, "stop() persists every write in flight"
-        self.env.upstream._held.clear()  # the process died: its calls never land
+        self.env.upstream.drop_held()  # the process died: its calls never land
         if reboot or crash:
             self.env.ticks = itertools.count(1, 1000)
         if crash:
