@@ -7,6 +7,7 @@ import shutil
 import signal
 import tempfile
 import uuid as _uuid
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -246,6 +247,8 @@ class StoreKit:
                  live: Callable[[str], bool] = lambda vm: True, deadline: float = 3.0) -> None:
         self.clock = clock or Clock()
         self.root = tempfile.mkdtemp(prefix="xgk")
+        # Removed with this object, or at exit, if no test calls cleanup().
+        self._remove = weakref.finalize(self, shutil.rmtree, self.root, True)
         self.known = KnownState(self.root, runner=sync_runner, is_live=live,
                                 boot_id=lambda: "boot")
         self.known.open()
@@ -268,7 +271,7 @@ class StoreKit:
                             candidates=candidates, clock=self.clock, deadline=3.0)
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._remove()
 
 
 @implementer(IItemWriter)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
+import weakref
 from typing import Any
 
 from twisted.internet.task import Clock
@@ -30,6 +31,8 @@ class Env:
             self.upstream.add_vm(vm)
         self.locks = KeyedLocks()
         self.root = tempfile.mkdtemp(prefix="xgc")
+        # Removed with this object, or at exit, if no test calls cleanup().
+        self._remove = weakref.finalize(self, shutil.rmtree, self.root, True)
         #: VMs with a socket (the known state keeps copies of these).
         self.live: set[str] = {VM1, VM2, VM3}
         self.boot_id = "boot-1"
@@ -70,4 +73,4 @@ class Env:
             self.clock.advance(last - self.clock.seconds())
 
     def cleanup(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        self._remove()

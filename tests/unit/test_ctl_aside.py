@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import tempfile
 
@@ -57,7 +58,9 @@ class SetAsideCtlTests(CtlTestCase):
                          (self.item_id, [0, 1, 2], True))
 
     def test_export_writes_ours_and_keeps_upstream_s(self) -> None:
-        path = os.path.join(tempfile.mkdtemp(prefix="xgx"), "vm1.json")
+        directory = tempfile.mkdtemp(prefix="xgx")
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "vm1.json")
         code, out, err = self.ctl("resolve", self.item_id, "export", path)
         self.assertEqual((code, err), (0, ""), out)
         self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)

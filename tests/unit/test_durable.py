@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 
@@ -14,6 +15,7 @@ from xguard.util.durable import atomic_write, makedirs, safe_unlink
 class DurableTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="xgd")
+        self.addCleanup(shutil.rmtree, self.dir, True)
         os.umask(0o022)
 
     def test_write_replaces_and_leaves_no_temp(self) -> None:
