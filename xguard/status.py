@@ -18,9 +18,16 @@ import attrs
 
 __all__ = ["UpstreamStatus", "SetAside", "Drain", "CacheStatus", "Reason", "Health",
            "DaemonStatus", "assess", "to_json", "from_json", "HEALTHY", "DEGRADED", "FAILED",
-           "VERDICTS", "REASONS"]
+           "VERDICTS", "REASONS", "LOG_LEVELS", "FAULT_FILE"]
 
 T = TypeVar("T")
+
+#: The levels the daemon logs at (``--log-level``, ``xguard-ctl
+#: log-level``, :attr:`DaemonStatus.log_level`), most verbose first.
+LOG_LEVELS = ("debug", "info", "warn", "error")
+#: The upstream daemon's fault switch, ``--fault-file``'s default: while it
+#: exists the cache is off (:attr:`DaemonStatus.fault_file`).
+FAULT_FILE = "/tmp/fist_disable_xapi_guard_cache"
 
 
 @attrs.frozen

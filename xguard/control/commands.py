@@ -19,6 +19,7 @@ from ..errors import (
     SocketMismatch,
     TransientUpstreamError,
 )
+from ..status import LOG_LEVELS
 from .bigvalue import BigAmpList, BigUnicode
 
 __all__ = [
@@ -172,10 +173,6 @@ class SetAsideResolve(Command):
     arguments = [(b"dbg", Unicode()), (b"id", Unicode()), (b"action", Unicode())]
     response = []
     errors = ERRORS
-
-
-#: The levels SetLogLevel takes (those of --log-level).
-LOG_LEVELS = ("debug", "info", "warn", "error")
 
 
 class SetLogLevel(Command):

@@ -42,6 +42,7 @@ from ..interfaces import IClientReactor
 from ..status import (
     DEGRADED,
     FAILED,
+    FAULT_FILE,
     HEALTHY,
     CacheStatus,
     DaemonStatus,
@@ -73,9 +74,6 @@ __all__ = ["main", "run", "DEFAULT_CONTROL", "format_status", "format_sockets",
            "format_set_aside"]
 
 DEFAULT_CONTROL = "/run/xguard/control.sock"
-#: The daemon's default --fault-file, for a Status document that does not
-#: name it (an older daemon).
-FAULT_FILE = "/tmp/fist_disable_xapi_guard_cache"
 SERVICES = ("Swtpm", "Varstored")
 #: ``xguard-ctl status``'s exit status per health verdict (1: no answer, or
 #: an error; 2: usage).

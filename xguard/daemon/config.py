@@ -22,12 +22,11 @@ from typing import Any
 
 import attrs
 
+from ..status import FAULT_FILE, LOG_LEVELS
+
 __all__ = ["Config", "LOG_LEVELS", "FAULT_FILE", "DEFAULT_CONFIG_FILE", "INT_OPTIONS",
            "NUMBER_OPTIONS", "UPSTREAM_OPTIONS", "read_config_file"]
 
-LOG_LEVELS = ("debug", "info", "warn", "error")
-#: The upstream daemon's fault switch: while it exists the cache is off.
-FAULT_FILE = "/tmp/fist_disable_xapi_guard_cache"
 DEFAULT_STATE_DIR = "/var/lib/xapi-guard"
 DEFAULT_SOCKETS_FILE = "/run/nonpersistent/varstored-guard-active.json"
 DEFAULT_CONTROL = "unix:/run/xguard/control.sock"

@@ -59,6 +59,8 @@ from twisted.python.components import Componentized
 from twisted.python.logfile import LogFile
 from zope.interface import implementer
 
+from ..status import LOG_LEVELS
+
 __all__ = [
     "LEVELS",
     "SEVERITY",
@@ -71,12 +73,7 @@ __all__ = [
     "stream_is_journal",
 ]
 
-LEVELS = {
-    "debug": LogLevel.debug,
-    "info": LogLevel.info,
-    "warn": LogLevel.warn,
-    "error": LogLevel.error,
-}
+LEVELS = {name: LogLevel.levelWithName(name) for name in LOG_LEVELS}
 
 #: syslog(3) severities; journald's ``<N>`` prefixes use the same numbers.
 SEVERITY = {
