@@ -50,6 +50,7 @@ class PendingVersions:
                  make_room: Callable[[int], "Deferred[int]"] | None = None) -> None:
         self.root = root
         self.service = service
+        self._keys = tuple(sorted(KEYS[service]))  # each item's keys, in order
         self.clock = clock
         self.runner = runner
         self.monotonic_ns = monotonic_ns
@@ -137,7 +138,7 @@ class PendingVersions:
         """``vm``'s items with a pending version: looked up by its keys (at
         most three), never by a scan of every VM's (a storm caches
         thousands, and each write asks)."""
-        return [item for item in (Item(vm, key) for key in sorted(KEYS[self.service]))
+        return [item for item in (Item(vm, key) for key in self._keys)
                 if item in self.index]
 
     def has_pending(self, vm: str) -> bool:

@@ -228,8 +228,7 @@ class LogLevels:
     log = Logger(namespace="xguard.daemon.logconfig")
 
     def __init__(self, level: str) -> None:
-        if level not in LEVELS:
-            raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+        _check_level(level)
         self.configured = level
         self.level = level
         self.predicate = LogLevelFilterPredicate(defaultLogLevel=LEVELS[level])
@@ -247,8 +246,7 @@ class LogLevels:
 
         :raises ValueError: ``level`` is not one of :data:`LEVELS`.
         """
-        if level not in LEVELS:
-            raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+        _check_level(level)
         previous = self.level
         verbose = min(LEVELS[level], LEVELS[previous])
         say = max(verbose, LogLevel.info)
@@ -265,6 +263,11 @@ class LogLevels:
     def _switch(self, level: str) -> None:
         self.level = level
         self.predicate.setLogLevelForNamespace("", LEVELS[level])
+
+
+def _check_level(level: str) -> None:
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
 
 
 def level_filter(observer: ILogObserver, level: "str | LogLevels") -> ILogObserver:

@@ -323,14 +323,15 @@ class SocketRegistry:
                     self.log.failure("forgetting VM {vm_uuid} failed", vm_uuid=entry.vm_uuid)
 
     async def _close(self, sock: _Socket, *, unlink: bool = False) -> None:
-        """Stop listening, then unlink the file if we were listening on it
-        (or ``unlink``): a path we never bound may be someone else's.
-        Unlinking only after the port has closed matters: Twisted's port
-        unlinks the path itself on close and fails if it is already gone."""
+        """Stop listening: the port removes its own file as it closes (and
+        if closing fails, the file is removed here). Without a port, the
+        file is removed only when asked (``unlink``): a path we never bound
+        may be someone else's."""
         port, sock.port = sock.port, None
         if port is not None:
             try:
                 await maybeDeferred(port.stopListening)
+                return
             except Exception:
                 self.log.failure("closing socket {path} failed", path=sock.entry.path)
         elif not unlink:

@@ -336,7 +336,6 @@ class KnownState:
         return self._read(vm, "sb").addCallback(
             lambda data: None if data is None else data.decode("utf-8", "replace"))
 
-    # -- which VM a vTPM belongs to ------------------------------------------------
     # -- values sent without an answer yet ---------------------------------------
     def sent(self, vm: str, service: str) -> dict[int, frozenset[str]]:
         """Digests, per key, of the values of ``service`` (``Swtpm``,
@@ -362,6 +361,7 @@ class KnownState:
         doc = {str(key): sorted(digests) for key, digests in sorted(sent.items()) if digests}
         return self._write(vm, "sent-" + service, _json(doc))
 
+    # -- which VM a vTPM belongs to ------------------------------------------------
     def vtpm_of_vm(self, vm: str) -> str | None:
         """The handle of ``vm``'s vTPM, if seen."""
         return self._vtpm_ref.get(vm)
