@@ -1,7 +1,10 @@
 # -*- test-case-name: tests.unit.test_tap -*-
 """twistd glue: option parsing and ``makeService``. No side effects here:
 everything that touches the system happens when the service starts (the
-configuration file is read while the options are parsed).
+configuration file is read while the options are parsed), but for one:
+parsed for twistd (``xguard`` or ``twistd xguard``), just before twistd
+imports its reactor, the options keep TLS out of the process when no
+endpoint needs it (:mod:`xguard._internals.twisted_tls`).
 
 Options come from the command line and from a TOML file
 (``/etc/xguard/xguard.toml`` when it exists, or ``--config PATH``; see
@@ -16,6 +19,7 @@ from typing import Any, cast
 from twisted.application.service import IService
 from twisted.python import usage
 
+from ._internals.twisted_tls import leave_tls_out
 from .daemon.config import (
     DEFAULT_CONFIG_FILE,
     DEFAULT_CONTROL,
@@ -130,6 +134,9 @@ class Options(usage.Options):
             self.config = Config.from_options(self)
         except (ValueError, usage.UsageError) as e:
             raise usage.UsageError(self._where(str(e))) from None
+        if getattr(self, "parent", None) is not None and not self.config.uses_tls:
+            # twistd's options are parsed and its reactor not yet imported.
+            leave_tls_out()
 
     def _where(self, message: str) -> str:
         """``message`` naming the configuration file when one of its options

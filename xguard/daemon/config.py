@@ -215,6 +215,11 @@ class Config:
         return unix_endpoint_path(self.control)
 
     @property
+    def uses_tls(self) -> bool:
+        """Whether an endpoint needs TLS (only an ``https`` xapi can)."""
+        return self.xapi is not None and self.xapi.startswith("https:")
+
+    @property
     def store_path(self) -> str | None:
         """The SQLite file when the embedded store is the upstream."""
         if self.xapi is not None:
