@@ -48,6 +48,17 @@ class Version:
     ts: int
 
 
+# Sort keys in the order attrs gives Item and Version. attrs compares by
+# building both objects' field tuples on every comparison; a flusher round
+# sorts thousands of versions (6% of a drain's reactor time went there).
+def item_order(item: Item) -> tuple[str, int]:
+    return item.vm, item.key
+
+
+def version_order(version: Version) -> tuple[str, int, int]:
+    return version.item.vm, version.item.key, version.ts
+
+
 @attrs.frozen
 class Batch:
     """One write, acknowledged as a whole: new versions of items of one VM

@@ -33,7 +33,7 @@ from . import recovery
 from .aside import SetAsideStore
 from .entry import Damaged, Entry, decode
 from .files import BatchWriteError, VersionFiles
-from .layout import KEYS, Batch, Item, Version, service_dir
+from .layout import KEYS, Batch, Item, Version, item_order, service_dir, version_order
 from .lineage import Lineage
 
 __all__ = ["PendingVersions"]
@@ -116,7 +116,7 @@ class PendingVersions:
         for a in actions:
             if isinstance(a, (recovery.Keep, recovery.Move)):
                 entries[a.version] = valid[a.path if isinstance(a, recovery.Keep) else a.src]
-        versions = sorted(entries)
+        versions = sorted(entries, key=version_order)
         sizes = await self.runner(self.files.sizes, versions)
         for v in versions:
             self._record(v, sizes[v], entries[v].accept)
@@ -132,7 +132,7 @@ class PendingVersions:
     # -- queries ---------------------------------------------------------------
     def items(self) -> list[Item]:
         """Every item with a pending version."""
-        return sorted(self.index)
+        return sorted(self.index, key=item_order)
 
     def _items_of(self, vm: str) -> list[Item]:
         """``vm``'s items with a pending version: looked up by its keys (at
@@ -203,7 +203,8 @@ class PendingVersions:
                 # a newer version already acknowledged supersedes it
                 if self._newest.get(version.item, -1) <= version.ts]
         older = sorted({Version(version.item, ts) for version, _ in todo
-                        for ts in self.index.get(version.item, ()) if ts < version.ts})
+                        for ts in self.index.get(version.item, ()) if ts < version.ts},
+                       key=version_order)
         written: list[Version] = []
         try:
             await self._write_all(todo, older, written)
@@ -343,7 +344,7 @@ class PendingVersions:
                 for ts in stamps:
                     if ts not in self.index.get(item, []):
                         self._record(Version(item, ts), 0)
-            return sorted(on_disk)
+            return sorted(on_disk, key=item_order)
         return self.runner(self.files.scan).addCallback(found)
 
     # -- delivered ---------------------------------------------------------------
@@ -361,7 +362,7 @@ class PendingVersions:
         one go. Awaited before the next round and before the mode changes,
         so no newer version of these items reaches upstream before their
         deletion is durable (else a crash could bring an old file back)."""
-        done, self._done = sorted(self._done), []
+        done, self._done = sorted(self._done, key=version_order), []
         if not done:
             return succeed(None)
 
