@@ -285,9 +285,9 @@ def plots(results: dict[str, Any], out_dir: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(7, 4))
         for r in drains:
             curve = r["curve"]
-            ax.plot([c[0] for c in curve], [c[1] for c in curve],
+            ax.plot([c[0] for c in curve], [c[-1] for c in curve],
                     label=",".join(r["design"]) or "xguard")
-        ax.set(xlabel="seconds since the simulator came back", ylabel="items pending in cache",
+        ax.set(xlabel="seconds since the simulator came back", ylabel="upstream calls",
                title=f"3/6. drain of {drains[0]['items']} cached items")
         written.append(_finish(plt, fig, [ax], out_dir, "perf-drain.png", from_origin=False))
     return written
