@@ -11,8 +11,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from tests.unit.cachehelpers import VM1, VM2, Env
+from xguard.cache import files as files_module
 from xguard.cache.files import VersionFiles
-from xguard.cache.layout import Version
+from xguard.cache.layout import Item, Version, item_dir
 from xguard.errors import CacheUnavailable, PermanentUpstreamError, TransientUpstreamError
 from xguard.interfaces import IItemWriter, IStatusSource
 from xguard.model import NvramWrite
@@ -300,6 +301,45 @@ class DeliveredDeletionTests(CacheTestCase):
         self.assertEqual(batches, [6])
         self.assertEqual(os.listdir(os.path.join(self.env.root, "Swtpm")), [])
 
+    def test_a_round_syncs_each_directory_left_once(self) -> None:
+        """Every VM's directory goes with its last key: what records those
+        removals (and every file's in them) is the service directory, synced
+        once, not once per VM (a 1000-VM drain made 1000 fsyncs of it)."""
+        synced: list[str] = []
+        self.patch(files_module, "fsync_dir", synced.append)
+        self.env.upstream.down = True
+        vms = [VM1, VM2, "00000000-0000-4000-8000-000000000003"]
+        for vm in vms:
+            for key in (0, 1, 2):
+                self.successResultOf(self.cache.write(vm, key, b"v"))
+        synced.clear()  # the writes' own syncs
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(files(self.env.root), [])
+        self.assertEqual(synced, [os.path.join(self.env.root, "Swtpm")])
+
+    def test_a_directory_still_standing_is_synced_itself(self) -> None:
+        """A VM directory that keeps an entry records the removal of the
+        delivered versions in it: it is the one synced."""
+        synced: list[str] = []
+        self.patch(files_module, "fsync_dir", synced.append)
+        self.env.upstream.down = True
+        for key in (0, 1):
+            self.successResultOf(self.cache.write(VM1, key, b"v"))
+        store = self.cache.versions.files
+        vm_dir = os.path.dirname(item_dir(self.env.root, store.service, Item(VM1, 0)))
+        delete_many = store.delete_many
+
+        def write_first(versions: list[Version]) -> None:
+            os.mkdir(os.path.join(vm_dir, "other"))  # what keeps it standing
+            synced.clear()
+            delete_many(versions)
+
+        store.delete_many = write_first  # type: ignore[method-assign]
+        self.env.upstream.down = False
+        self.env.settle()
+        self.assertEqual(synced, [vm_dir])
+
     def test_a_failed_deletion_keeps_the_items_pending(self) -> None:
         self.env.upstream.down = True
         self.successResultOf(self.cache.write(VM1, 0, b"v"))
@@ -324,8 +364,6 @@ class SupersededDeletionTests(CacheTestCase):
     nothing (recovery keeps the newest)."""
 
     def test_superseded_file_goes_unsynced(self) -> None:
-        from xguard.cache import files as files_module
-
         self.env.upstream.down = True
         self.successResultOf(self.cache.write(VM1, 0, b"v1"))
         synced: list[str] = []

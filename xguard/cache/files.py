@@ -49,6 +49,13 @@ def sync_removal(directory: str, root: str) -> None:
             directory = os.path.dirname(directory)
 
 
+def _nearest_standing(directory: str, root: str) -> str:
+    """``directory``, or its nearest ancestor that exists (up to ``root``)."""
+    while not os.path.isdir(directory) and os.path.normpath(directory) != os.path.normpath(root):
+        directory = os.path.dirname(directory)
+    return directory
+
+
 class BatchWriteError(Exception):
     """A batch's write failed after ``written`` of its versions were made
     durable (``error`` says why)."""
@@ -159,7 +166,11 @@ class VersionFiles:
                         break
                     raise
                 parents.add(os.path.dirname(d))
-        for d in sorted(parents, key=len, reverse=True):
+        # A directory this removed is recorded in its parent (also synced):
+        # the nearest one still standing stands for it, synced once. A
+        # drain of 1000 VMs made 1000 fsyncs of the service directory here.
+        standing = {_nearest_standing(d, self.root) for d in parents}
+        for d in sorted(standing, key=len, reverse=True):
             sync_removal(d, self.root)
 
     def _prune(self, directory: str) -> None:
