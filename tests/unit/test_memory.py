@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -100,6 +101,33 @@ class FreezeStartupTests(SynchronousTestCase):
         frozen = freeze_startup()
         self.assertGreaterEqual(frozen, len(kept))
         self.assertEqual(frozen, gc.get_freeze_count())
+
+    def test_young_garbage_collected_without_a_full_collection(self) -> None:
+        """A full collection at start-up walked every object (40-55 ms with
+        2,000 sockets) to find the same few import-time cycles each time:
+        only the young generations are collected before the freeze."""
+        self.addCleanup(gc.unfreeze)
+        gc.collect()
+
+        class Cycle:
+            pass
+
+        garbage = Cycle()
+        garbage.me = garbage  # type: ignore[attr-defined]
+        gone = weakref.ref(garbage)
+        del garbage
+        generations: list[int] = []
+
+        def seen(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                generations.append(info["generation"])
+
+        gc.callbacks.append(seen)
+        self.addCleanup(gc.callbacks.remove, seen)
+        freeze_startup()
+        self.assertIsNone(gone())  # collected, not frozen
+        self.assertTrue(generations)
+        self.assertLess(max(generations), 2)
 
 
 class TuneCollectorTests(SynchronousTestCase):
