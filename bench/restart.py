@@ -38,7 +38,7 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's code, whatever is installed
 
-from bench.procs import BenchDaemon, rss_mb  # noqa: E402
+from bench.procs import BenchDaemon, compile_tree, rss_mb  # noqa: E402
 from xguard.control.commands import Status, VarstoreCreate, VtpmCreate  # noqa: E402
 from xguard.testing.daemon import wait_for  # noqa: E402
 from xguard.testing.fakesystemd import FakeSystemd  # noqa: E402
@@ -192,6 +192,7 @@ def main() -> None:
     sockets = args.sockets or (200 if args.quick else 2000)
     writers = args.writers or (10 if args.quick else 50)
     restarts = args.restarts or (2 if args.quick else 3)
+    compile_tree()
     tmp = tempfile.mkdtemp(prefix="xr")
     sim = SimProcess(os.path.join(tmp, "xapi"), os.path.join(tmp, "admin"),
                      log_file=os.path.join(tmp, "sim.log"))

@@ -254,6 +254,7 @@ if __name__ == "__main__":
     from bench import procs
 
     procs.DAEMON_ARGS[:] = shlex.split(arguments.daemon_args)
+    procs.compile_tree()
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
 
