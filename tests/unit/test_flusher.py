@@ -180,6 +180,32 @@ class FlusherTests(SynchronousTestCase):
         self.assertEqual(self.env.tpm(VM2), "a")
         self.assertEqual(self.cache.status().pending, {})
 
+    def test_a_round_with_some_deliveries_failing_says_so_once(self) -> None:
+        """Upstream took one VM's writes and failed another's transiently:
+        the round backs off for the one, and the operator reads one line
+        for the round (an outage, where every delivery fails, is the
+        reachability's to log)."""
+        up = self.env.upstream
+        up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"a"))
+        self.successResultOf(self.cache.write(VM2, 0, b"b"))
+        self.env.clock.advance(0.5)  # a round during the outage
+        self.assertEqual(self.messages("failed transiently"), [])
+        up.down = False
+        self.successResultOf(up.get_nvram(VM3))  # upstream answers: the backoff ends
+        up.fail_next(TransientUpstreamError(["HOST_STILL_BOOTING"]))
+        self.env.clock.advance(up.reachability.settle)
+        self.env.clock.advance(0.5)
+        lines = self.messages("failed transiently")
+        self.assertEqual(len(lines), 1)
+        text = formatEvent(lines[0])
+        self.assertIn("1 of 2 VMs", text)
+        self.assertIn("HOST_STILL_BOOTING", text)
+        self.assertEqual(lines[0]["log_level"], LogLevel.warn)
+        self.env.settle()
+        self.assertEqual((self.env.tpm(VM1), self.env.tpm(VM2)), ("a", "b"))
+        self.assertEqual(len(self.messages("failed transiently")), 1)
+
     def test_default_backoff_is_capped(self) -> None:
         policy = default_backoff()
         self.assertLessEqual(policy(100), 61.0)

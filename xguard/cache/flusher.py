@@ -326,15 +326,23 @@ class Flusher:
             groups = [(vm, {key}) for vm, keys in groups for key in sorted(keys)]
         ds = [self.semaphore.run(self._deliver, vm, keys) for vm, keys in groups]
         results = await DeferredList(ds, consumeErrors=True)
-        retry = False
+        failed: set[str] = set()
         for (vm, keys), (ok, value) in zip(groups, results):
             if not ok:  # pragma: no cover - Deliveries catches everything
                 self.log.failure("cache delivery of {vm} failed", cast(Failure, value), vm=vm)
                 value = Result.RETRY
             if value is Result.RETRY:
                 self.retry.update(Item(vm, k) for k in keys)
-                retry = True
-        return retry
+                failed.add(vm)
+        if failed and len(failed) < len(per_vm):
+            # Upstream took the others: not an outage (the reachability
+            # logs those), yet the whole flusher now backs off for these.
+            self.log.warn("{service} cache: the deliveries of {failed} of {total} VMs failed "
+                          "transiently while upstream took the others ({error}); they are "
+                          "retried after a backoff", service=self.deliveries.service,
+                          failed=len(failed), total=len(per_vm),
+                          error=self.deliveries.last_error)
+        return bool(failed)
 
     def _deliver(self, vm: str, keys: set[int]) -> "Deferred[Result]":
         began = self.clock.seconds()
