@@ -279,10 +279,17 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
         # Stops after the caches answered what was in flight: every answer
         # is flushed before the process exits (or execs).
         Stage("the domain connections", lambda: None, registry.wait_closed),
-        *[Stage(f"the {kind.value} cache", _recover_and_start(cache), cache.stop)
+        # Recovery before anything listens (SPEC §6, "Start-up").
+        *[Stage(f"the {kind.value} cache", cache.recover, cache.stop)
           for kind, cache in caches.items()],
         Stage("the domain sockets", registry.resume, registry.stop_accepting),
         Stage("what stopped VMs left", sockets_resumed, None),
+        # Deliveries only once every VM of the active file is served again:
+        # whether a VM runs here decides what becomes of its recovered
+        # writes (a base nobody recorded, a residence to ask). They stop
+        # with their cache.
+        *[Stage(f"the {kind.value} deliveries", cache.start, None)
+          for kind, cache in caches.items()],
         Stage("the control channel", control.listen, control.stop),
         *([Stage("the metrics endpoint", metrics_listener.listen, metrics_listener.stop)]
           if metrics_listener is not None else []),
@@ -338,9 +345,3 @@ def _upstream(cfg: Config, reactor: IDaemonReactor,
         return ensureDeferred(run())
 
     return store, Stage("the upstream", open_store, close_store), None
-
-
-def _recover_and_start(cache: WriteBackCache) -> Callable[[], "Deferred[None]"]:
-    def run() -> "Deferred[None]":
-        return cache.recover().addCallback(lambda _: cache.start())
-    return run

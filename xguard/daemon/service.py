@@ -7,12 +7,13 @@ module is only the lifecycle, testable with fakes.
 
 Start runs the stages in order (the instance lock, the I/O threads, the
 upstream, the last known state, the caches' recovery, the domain sockets,
-the control channel …); a stage that fails stops the start. A cause the
-operator can fix (another xguard on the state directory, a socket path in
-use, permission denied: :func:`~xguard.daemon.process.known_start_failure`)
-is one error line and its own exit status; anything else is logged with
-its traceback and exits 1. Readiness (``READY=1``) is only told once every
-stage started.
+the caches' deliveries, the control channel …); a stage that fails stops
+the start. A cause the operator can fix (another xguard on the state
+directory, a socket path in use, permission denied:
+:func:`~xguard.daemon.process.known_start_failure`) is one error line and
+its own exit status; anything else is logged with its traceback and the
+process exits 1. Readiness (``READY=1``) is only told once every stage
+started.
 
 Stop runs the ``stop`` of every started stage in reverse order (so the
 control channel and the domain sockets stop accepting before in-flight
