@@ -35,7 +35,9 @@ class FakeUpstream:
 
     - ``down = True``: every call fails with TransientUpstreamError.
     - ``fail_next(exc, n)``: the next ``n`` calls fail with ``exc``.
-    - ``hold = True``: calls wait until ``release()`` (answers in order).
+    - ``hold = True``: calls wait until ``release()`` (answers in order);
+      a client that dies meanwhile: ``drop_held()`` (they never land) or
+      ``land_held()`` (they land, unanswered).
     - ``calls``: (method, args) of every call, for assertions.
     - ``residence[vm] = Residence("Running", "host-b", here=False)``: where
       ``vm_residence`` says the VM is (absent: halted, nowhere).
@@ -106,6 +108,17 @@ class FakeUpstream:
     def drop_held(self) -> None:
         """The client died: its held calls never land."""
         self._held, self._held_calls = [], []
+
+    def land_held(self) -> None:
+        """The client died, but upstream still applies what it had
+        received, in order (xapi finishes a call whose caller went away):
+        its held calls land, and nobody hears the answers."""
+        held, self._held, self._held_calls = self._held, [], []
+        for _, run in held:
+            try:
+                run()
+            except UpstreamError:
+                pass
 
     def _call(self, name: str, args: tuple[Any, ...], run: Callable[[], Any]) -> "Deferred[Any]":
         self.calls.append((name, args))

@@ -3,7 +3,8 @@ deletes and reads of several VMs' keys by their swtpm sockets, the
 orchestrator's VtpmSetContents/VtpmGetContents, sockets destroyed and
 created again (a reboot), upstream going down, coming back, holding
 answers, failing transiently (INTERNAL_ERROR, HOST_STILL_BOOTING, a
-time-out), the daemon restarting over the same directory (kill -9) or the
+time-out), the daemon restarting over the same directory (kill -9: the
+calls upstream held then land later, or never) or the
 host crashing (kill -9 and the loss of /run: no socket comes back, the
 last known state is not trusted), and another host writing a stopped VM's
 vTPM (HA restarting it elsewhere, a migration), running it there or not.
@@ -265,11 +266,13 @@ class CacheModel(RuleBasedStateMachine):
         """One call fails with no proof that anything can never succeed."""
         self.env.upstream.fail_next(error)
 
-    @rule(reboot=st.booleans(), crash=st.booleans())
-    def restart(self, reboot: bool, crash: bool) -> None:
+    @rule(reboot=st.booleans(), crash=st.booleans(), land=st.booleans())
+    def restart(self, reboot: bool, crash: bool, land: bool) -> None:
         """kill -9 and a new daemon over the same directory; ``crash``: the
         host crashed, so /run is gone (no socket comes back) and the last
-        known state is not trusted (another boot)."""
+        known state is not trusted (another boot); ``land``: the calls
+        upstream held when the daemon died are applied before the new one
+        starts (a stalled xapi that recovers), else they never land."""
         self.cache.stop()
         self.env.upstream.new_client()
         # Deadlines of reads still waiting for upstream die with the process.
@@ -281,7 +284,10 @@ class CacheModel(RuleBasedStateMachine):
         for seq in self.control_calls & set(self.outstanding):
             del self.outstanding[seq]
         assert not self.outstanding, "stop() persists every write in flight"
-        self.env.upstream.drop_held()  # the process died: its calls never land
+        if land:
+            self.env.upstream.land_held()
+        else:
+            self.env.upstream.drop_held()
         if reboot or crash:
             self.env.ticks = itertools.count(1, 1000)
         if crash:
