@@ -207,6 +207,22 @@ class OtherWriterTests(Base):
         self.assertEqual(self.env.tpm(VM2), "cDI=")
         self.assertIn("did not record their base", self.logged())
 
+    def test_own_writes_of_unknown_base_are_not_called_earlier_formats(self) -> None:
+        """Writes xguard made before it ever saw its VM's state record an
+        unknown base: after a restart they are delivered only if the VM is
+        served here again, and the log says so (not that another daemon
+        made them, nor that they go unchecked)."""
+        self.up.down = True  # the VM's state was never read
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        self.restart()
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1).split(" ")[0], "p2")
+        logged = self.logged()
+        self.assertNotIn("did not record their base", logged)
+        self.assertIn("1 VMs' pending writes were made before xguard saw their VM's state",
+                      logged)
+
 
 class HeldTests(Base):
     def conflict(self) -> Any:

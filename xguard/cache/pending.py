@@ -121,11 +121,18 @@ class PendingVersions:
         for v in versions:
             self._record(v, sizes[v], entries[v].accept)
         self.recovered = set(versions)
-        unknown = sorted({v.item.vm for v in versions if entries[v].accept is None})
-        if unknown:
+        legacy = {v.item.vm for v in versions if entries[v].legacy}
+        if legacy:
             self.log.info("{service} cache: {n} VMs' pending writes were made by the upstream "
                           "daemon or an earlier xguard, which did not record their base: they "
-                          "are delivered without checking for other writers", n=len(unknown),
+                          "are delivered without checking for other writers", n=len(legacy),
+                          service=self.service.value)
+        unknown = {v.item.vm for v in versions
+                   if entries[v].accept is None and not entries[v].legacy} - legacy
+        if unknown:
+            self.log.info("{service} cache: {n} VMs' pending writes were made before xguard saw "
+                          "their VM's state, so their base is unknown: each is delivered if its "
+                          "VM is served here, else set aside", n=len(unknown),
                           service=self.service.value)
         return versions
 
