@@ -412,6 +412,30 @@ class RecoveryTests(SynchronousTestCase):
         self.successResultOf(env.cache.stop())
         self.assertEqual(env.clock.getDelayedCalls(), [])
 
+    def test_nothing_is_delivered_before_the_cache_starts(self) -> None:
+        """Recovery runs before anything listens, deliveries only once the
+        daemon starts the cache (after the sockets are served again: a
+        recovered write is judged by whether its VM runs here)."""
+        env = Env()
+        self.addCleanup(env.cleanup)
+        env.upstream.down = True
+        self.successResultOf(env.cache.recover())
+        env.cache.start()
+        self.successResultOf(env.cache.write(VM1, 0, b"cached"))
+        self.successResultOf(env.cache.stop())
+        env.upstream.down = False
+        env.upstream.calls.clear()
+        restarted = env.build()
+        self.successResultOf(restarted.recover())
+        self.assertEqual(restarted.status().mode, "Engaged")
+        env.settle()
+        self.assertEqual(env.upstream.calls, [])  # not even a read: still not started
+        self.assertEqual(env.tpm(VM1), "")
+        restarted.start()
+        env.settle()
+        self.assertEqual(env.tpm(VM1).split(" ")[0], "cached")
+        self.successResultOf(restarted.stop())
+
     def test_unacknowledged_pre_files_are_removed_with_one_line(self) -> None:
         env = Env()
         self.addCleanup(env.cleanup)

@@ -193,7 +193,7 @@ class _State(enum.Enum):
     IDLE = "idle"                # Direct: the loop is stopped
     RUNNING = "running"          # rounds at the interval
     BACKING_OFF = "backing off"  # a round failed transiently; waiting to retry
-    STOPPED = "stopped"
+    STOPPED = "stopped"          # not started yet, or stopped: no rounds
 
 
 class Flusher:
@@ -213,7 +213,10 @@ class Flusher:
         self.interval = interval
         self.backoff = backoff
         self.semaphore = DeferredSemaphore(max_concurrency)
-        self.state = _State.IDLE
+        # No round before resume(): the cache's recovery queues what it
+        # found (and wakes the flusher) before the daemon serves the
+        # sockets that say which VMs run here.
+        self.state = _State.STOPPED
         #: Consecutive rounds that had to be retried (drives the backoff).
         self.attempt = 0
         self.retry: set[Item] = set()
@@ -249,6 +252,7 @@ class Flusher:
         self.progress.finished(self.deliveries.delivered, stopped=True)
 
     def resume(self) -> None:
+        """Rounds may run (from the next :meth:`wake`)."""
         if self.state is _State.STOPPED:
             self.state = _State.IDLE
 
