@@ -139,6 +139,35 @@ class OtherWriterTests(Base):
         self.assertEqual(self.env.tpm(VM1), "p2 s v")
         self.assertEqual(self.up.count("set_vtpm_contents"), 0)
 
+    def test_a_crash_midway_through_the_deletions_is_no_conflict(self) -> None:
+        """A round delivered all three keys together, the VM had nothing
+        else pending (what was in flight is forgotten), and the daemon was
+        killed while the round deleted the files: only key 2's is left,
+        with the base of its chain. Upstream holds our key 2 already, and
+        keys 0 and 1 of that same delivery, which that base predates: done,
+        not a conflict (seen in the kill -9 integration test)."""
+        import os
+        import shutil
+
+        self.seen(contents="p s v")
+        self.up.down = True
+        for key, value in enumerate((b"p2", b"s2", b"v2")):
+            self.successResultOf(self.cache.write(VM1, key, value))
+        key2 = os.path.join(self.env.root, "Swtpm", VM1, "2")
+        (name,) = os.listdir(key2)
+        kept = os.path.join(self.env.root, "kept")
+        shutil.copy(os.path.join(key2, name), kept)
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v2")
+        os.makedirs(key2)
+        os.rename(kept, os.path.join(key2, name))  # its deletion never happened
+        self.restart(live={VM1})
+        self.env.settle()
+        self.assertEqual(self.aside(), [])
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v2")
+        self.assertEqual(self.cache.status().pending, {})
+
     def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
         self.seen(contents="p s v")
         self.up.down = True

@@ -121,6 +121,14 @@ class VtpmSink:
                            "format", _ours(before, changes, base.accept))
         if await self.known.record_tpm(vm_uuid, now):
             self.confirmed.add(vtpm)
+        state = now.update(changes)
+        if state == now:
+            # Upstream holds our values already: a crash between a delivery
+            # and the deletion of its files, which may have left only some
+            # of that delivery's keys on disk, with a base older than the
+            # others it delivered. Nothing is written, so nothing can be
+            # overwritten, whoever wrote the keys this write does not hold.
+            return ALREADY
         unverified = _unverified(self.known, vm_uuid, base)
         if unverified is not None:
             return Outcome("unverified", unverified, _ours(before, changes, base.accept))
@@ -132,9 +140,6 @@ class VtpmSink:
                 return Outcome("conflict", "upstream's " + ", ".join(foreign) + " changed "
                                "since this write's base (another writer)",
                                _ours(before, changes, base.accept))
-        state = now.update(changes)
-        if state == now:
-            return ALREADY
         await self._write(vm_uuid, vtpm, state)
         return DELIVERED
 
