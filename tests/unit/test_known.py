@@ -260,3 +260,18 @@ class SentTests(SynchronousTestCase):
             f.write(b"xguard copy 1 99 0\n{}")  # torn
         self.assertEqual(self.open().sent(VM, "Swtpm"), {})
         self.assertFalse(os.path.exists(path))  # moved aside, reported
+
+    def test_a_stopped_vm_s_record_survives_a_kill_without_keeping_copies(self) -> None:
+        """Pending writes of a VM with no socket here (a host crash, then
+        its cache is delivered) are sent too: what is in flight must
+        survive a kill, or the next process takes its predecessor's
+        delivery for another writer's. No copy is kept for it for that."""
+        self.live.clear()
+        self.assertTrue(self.known.record_sent(VM2, "Swtpm", {1: ["d1"]}))
+        self.assertEqual(self.known.sent(VM2, "Swtpm"), {1: frozenset({"d1"})})
+        self.assertFalse(self.successResultOf(self.known.record_tpm(VM2, TpmState("p"))))
+        again = self.open()
+        self.assertEqual(again.sent(VM2, "Swtpm"), {1: frozenset({"d1"})})
+        self.assertIsNone(self.successResultOf(again.tpm(VM2)))
+        self.assertTrue(again.record_sent(VM2, "Swtpm", {}))
+        self.assertEqual(again.sent(VM2, "Swtpm"), {})

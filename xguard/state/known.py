@@ -118,6 +118,9 @@ class KnownState:
         self._ref_vm: dict[str, str] = {}     # vTPM handle -> vm
         self._uuid_ref: dict[str, str] = {}   # vTPM uuid -> handle
         self._dirty: set[str] = set()         # files written since the last sync
+        #: VMs neither live nor kept whose record of what is in flight is
+        #: written all the same (see record_sent).
+        self._sent_only: set[str] = set()
         self._failing = False
         #: VMs without sockets, and the last call ticket before they lost them.
         self._gone: dict[str, int] = {}
@@ -342,7 +345,7 @@ class KnownState:
         ``Varstored``) sent upstream for ``vm`` whose outcome is not
         recorded: by this process, or by one killed before the answer. An
         unreadable or damaged record reads as none (and is moved aside)."""
-        if vm not in self._kept:
+        if vm not in self._kept and vm not in self._sent_only:
             return {}
         doc = _parse_json(self._read_file(vm, "sent-" + service))
         if not isinstance(doc, dict):
@@ -359,7 +362,17 @@ class KnownState:
         doc) what may be in flight for ``vm``'s ``service``; an empty
         ``sent`` says nothing is. False when it could not be written."""
         doc = {str(key): sorted(digests) for key, digests in sorted(sent.items()) if digests}
-        return self._write(vm, "sent-" + service, _json(doc))
+        if self._is_live(vm) or vm in self._kept:
+            return self._write(vm, "sent-" + service, _json(doc))
+        # A VM with no socket and no copies here still has its pending
+        # writes delivered (after a host crash, say): what it sent must
+        # survive a kill as well. Recorded without keeping copies for it;
+        # a later start finds its directory and treats it as a stopped
+        # VM's (dropped once upstream answers and nothing is pending).
+        if not doc and vm not in self._sent_only:
+            return True  # nothing in flight, nothing recorded
+        self._sent_only.add(vm)
+        return self._write(vm, "sent-" + service, _json(doc), keep=False)
 
     # -- which VM a vTPM belongs to ------------------------------------------------
     def vtpm_of_vm(self, vm: str) -> str | None:
@@ -405,11 +418,12 @@ class KnownState:
     def _record(self, vm: str, name: str, data: bytes) -> "Deferred[bool]":
         return succeed(self._write(vm, name, data))
 
-    def _write(self, vm: str, name: str, data: bytes) -> bool:
+    def _write(self, vm: str, name: str, data: bytes, *, keep: bool = True) -> bool:
         """True when the copy holds ``data``. Never raises: a copy that
         cannot be written is removed instead (a stale one must not be
-        served)."""
-        if not (self._is_live(vm) or vm in self._kept):
+        served). ``keep`` False: the file is written whatever the VM is,
+        and it does not make the VM's copies kept."""
+        if keep and not (self._is_live(vm) or vm in self._kept):
             return False  # a stopped VM: nothing to keep
         checksum = digest(data)  # compared here, and written in the file's header
         if self._digests.get((vm, name)) == checksum:
@@ -423,7 +437,8 @@ class KnownState:
             self._digests.pop((vm, name), None)
             self._discard(vm, name, path, e)
             return False
-        self._kept.add(vm)
+        if keep:
+            self._kept.add(vm)
         self._digests[(vm, name)] = checksum
         if not name.startswith("sent-"):
             # A sent record is not synced at a clean stop: lost or older
