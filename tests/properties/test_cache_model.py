@@ -4,7 +4,8 @@ orchestrator's VtpmSetContents/VtpmGetContents, sockets destroyed and
 created again (a reboot), upstream going down, coming back, holding
 answers, failing transiently (INTERNAL_ERROR, HOST_STILL_BOOTING, a
 time-out), the daemon restarting over the same directory (kill -9: the
-calls upstream held then land later, or never) or the
+calls upstream held then land later, or never; a kill in the middle of a
+round's deletions leaves some of its delivered files) or the
 host crashing (kill -9 and the loss of /run: no socket comes back, the
 last known state is not trusted), and another host writing a stopped VM's
 vTPM (HA restarting it elsewhere, a migration), running it there or not.
@@ -41,7 +42,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.cachehelpers import VM1, VM2, Env
-from xguard.cache.layout import Item
+from xguard.cache.files import VersionFiles
+from xguard.cache.layout import Item, Version, version_path
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.model import Residence, TpmKey, TpmState
 from xguard.state.contents import VtpmContents
@@ -79,6 +81,13 @@ class CacheModel(RuleBasedStateMachine):
         self.control_calls: set[int] = set()
         #: VM -> the number of the last write another host made of it.
         self.foreign: dict[str, int] = {}
+        #: Changes of the cache's files so far, and what the last round
+        #: deleted: (changes then, xguard's upstream writes then, the files
+        #: in the order they were deleted, with their bytes, and the records
+        #: of what was sent as they were while it deleted them).
+        self.file_changes = 0
+        self.last_round: tuple[int, int, list[tuple[str, bytes]],
+                               list[tuple[str, bytes]]] | None = None
         self.start()
         for vm in self.vtpm:  # the VMs booted: their helpers read their state
             self.env.sink.read_contents(vm)
@@ -86,6 +95,7 @@ class CacheModel(RuleBasedStateMachine):
     def start(self) -> None:
         env = self.env
         self.cache = env.cache
+        self.watch(self.cache.versions.files)
         self.cache.recover()
         self.cache.start()
         self.vtpms = VtpmContents(env.sink, self.cache, env.known,
@@ -95,6 +105,45 @@ class CacheModel(RuleBasedStateMachine):
         # As the composition root wires it: facts about upstream's answers.
         env.upstream.reachability.subscribe_answered_call(
             lambda ticket: env.known.upstream_answered(ticket, self.cache.has_pending))
+
+    def xguard_writes(self) -> int:
+        return sum(1 for *_, who in self.env.upstream.history if who != "other")
+
+    def watch(self, files: VersionFiles) -> None:
+        """Count every change of the cache's files, and keep what the last
+        round deleted, so that a restart can be a kill in the middle of
+        that round's deletions (they run one file at a time)."""
+        def counting(original: Any) -> Any:
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                self.file_changes += 1
+                return original(*args, **kwargs)
+            return counted
+
+        for name in ("write", "write_all", "delete", "discard", "quarantine"):
+            setattr(files, name, counting(getattr(files, name)))
+        delete_many = files.delete_many
+
+        def deleting(versions: list[Version]) -> None:
+            deleted = []
+            for version in versions:
+                path = version_path(files.root, files.service, version)
+                if os.path.exists(path):
+                    with open(path, "rb") as f:
+                        deleted.append((path, f.read()))
+            # What the known state says meanwhile (the records of what was
+            # sent are only emptied once the round's deletions are done).
+            known = os.path.join(self.env.root, "known")
+            records = [os.path.join(top, name) for top, _, names in os.walk(known)
+                       for name in names if name.startswith("sent-")]
+            sent = []
+            for path in records:
+                with open(path, "rb") as f:
+                    sent.append((path, f.read()))
+            delete_many(versions)
+            self.file_changes += 1
+            self.last_round = (self.file_changes, self.xguard_writes(), deleted, sent)
+
+        files.delete_many = deleting  # type: ignore[method-assign]
 
     def teardown(self) -> None:
         self.settle()
@@ -266,13 +315,25 @@ class CacheModel(RuleBasedStateMachine):
         """One call fails with no proof that anything can never succeed."""
         self.env.upstream.fail_next(error)
 
-    @rule(reboot=st.booleans(), crash=st.booleans(), land=st.booleans())
-    def restart(self, reboot: bool, crash: bool, land: bool) -> None:
+    @rule(reboot=st.booleans(), crash=st.booleans(), land=st.booleans(),
+          torn=st.integers(min_value=0, max_value=8))
+    def restart(self, reboot: bool, crash: bool, land: bool, torn: int) -> None:
         """kill -9 and a new daemon over the same directory; ``crash``: the
         host crashed, so /run is gone (no socket comes back) and the last
         known state is not trusted (another boot); ``land``: the calls
         upstream held when the daemon died are applied before the new one
-        starts (a stalled xapi that recovers), else they never land."""
+        starts (a stalled xapi that recovers), else they never land;
+        ``torn``: when nothing changed since the last round, the kill came
+        in the middle of its deletions and that many of its last files are
+        still there."""
+        if torn and self.last_round is not None:
+            changes, writes, deleted, sent = self.last_round
+            if changes == self.file_changes and writes == self.xguard_writes():
+                for path, data in [*deleted[-torn:], *sent]:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+        self.last_round = None
         self.cache.stop()
         self.env.upstream.new_client()
         # Deadlines of reads still waiting for upstream die with the process.

@@ -168,6 +168,36 @@ class OtherWriterTests(Base):
         self.assertEqual(self.env.tpm(VM1), "p2 s2 v2")
         self.assertEqual(self.cache.status().pending, {})
 
+    def test_a_kill_during_a_round_s_deletions_keeps_what_was_sent(self) -> None:
+        """The daemon dies while a round deletes the files it delivered
+        (two of three are gone): the next process must still count that
+        delivery as its own when a new write of the VM goes out over it."""
+        from twisted.internet.defer import Deferred
+
+        self.seen(contents="p s v")
+        self.up.down = True
+        for key, value in enumerate((b"p2", b"s2", b"v2")):
+            self.successResultOf(self.cache.write(VM1, key, value))
+        versions = self.cache.versions
+        run = versions.runner
+
+        def killed_midway(f: Any, *args: Any, **kwargs: Any) -> Any:
+            if f == versions.files.delete_many:
+                versions.files.delete_many(args[0][:2])
+                return Deferred()  # the rest never happens: the process dies
+            return run(f, *args, **kwargs)
+
+        versions.runner = killed_midway
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v2")
+        self.restart(live={VM1})
+        self.successResultOf(self.cache.write(VM1, 1, b"s3"))  # cached: v2's file is back
+        self.env.settle()
+        self.assertEqual(self.aside(), [])
+        self.assertEqual(self.env.tpm(VM1), "p2 s3 v2")
+        self.assertEqual(self.cache.status().pending, {})
+
     def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
         self.seen(contents="p s v")
         self.up.down = True

@@ -65,11 +65,11 @@ class DirectAttempts:
                  clock: IReactorTime, deadline: float,
                  give_up: Callable[[Batch], "Deferred[None]"],
                  delivered: Callable[[Iterable[Version]], "Deferred[None]"],
-                 has_pending: Callable[[str], bool]) -> None:
+                 settles: Callable[[str], bool]) -> None:
         self.sink = sink
         self.vm_locks = vm_locks
         self.lineage = lineage
-        self._has_pending = has_pending
+        self._settles = settles
         self.clock = clock
         self.deadline = deadline
         self._give_up_to_disk = give_up
@@ -119,7 +119,7 @@ class DirectAttempts:
                 self.log.info("late failure of an abandoned write of VM {vm}: {error}",
                               vm=batch.vm, error=str(e))
             return
-        if not self._has_pending(batch.vm):
+        if self._settles(batch.vm):
             self.lineage.settled(batch.vm)
         if attempt.state is AttemptState.SENDING:
             self._to(attempt, AttemptState.ANSWERED)

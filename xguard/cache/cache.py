@@ -89,7 +89,7 @@ class WriteBackCache:
                                        deadline=direct_deadline,
                                        give_up=lambda batch: self.modes.failed_transient(batch),
                                        delivered=self.versions.superseded_by,
-                                       has_pending=self.versions.has_pending)
+                                       settles=self.versions.settles)
         self.queue: DeferredQueue[Version] = DeferredQueue(size=queue_size)
         self.modes = CacheModes(_CacheCore(
             self.service.value, self.queue, self.attempts, self.versions,

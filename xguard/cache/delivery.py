@@ -65,6 +65,7 @@ class _Versions(Protocol):
                        keys: Iterable[int]) -> dict[int, tuple[Version, Entry]]: ...
     async def delivered(self, version: Version) -> None: ...
     def has_pending(self, vm: str) -> bool: ...
+    def settles(self, vm: str) -> bool: ...
 
 
 class Deliveries:
@@ -90,6 +91,8 @@ class Deliveries:
         #: VMs whose writes fail now, since when; and those alerted about.
         self.failing: dict[str, float] = {}
         self.stuck: dict[str, float] = {}
+        #: VMs delivered (or found already there) in the current round.
+        self._delivered_vms: set[str] = set()
 
     def deliver(self, vm: str, keys: set[int]) -> "Deferred[Result]":
         """Deliver the latest pending version of each of ``keys`` of ``vm``,
@@ -144,10 +147,18 @@ class Deliveries:
                                   outcome.ours or contents)
             return Result.DONE
         await self._done(vm, versions)
-        if not self.versions.has_pending(vm):
-            self.lineage.settled(vm)
+        self._delivered_vms.add(vm)  # settled once the round's files are gone
         self.delivered += len(versions)
         return Result.DONE
+
+    def round_done(self) -> None:
+        """The round's delivered files are deleted (or pending again): what
+        was sent for its VMs is forgotten where nothing else of them is
+        pending (:meth:`_Versions.settles` says why not before)."""
+        vms, self._delivered_vms = self._delivered_vms, set()
+        for vm in vms:
+            if self.versions.settles(vm):
+                self.lineage.settled(vm)
 
     async def _done(self, vm: str, versions: list[Version]) -> None:
         for version in versions:

@@ -99,6 +99,9 @@ class FlushDeliveries(Protocol):
     def deliver(self, vm: str, keys: set[int]) -> "Deferred[Result]":
         "Deliver (or set aside) the latest pending version of ``keys`` of ``vm``."
 
+    def round_done(self) -> None:
+        "The round's deletions are over: settle the VMs it delivered."
+
 
 class DrainProgress:
     """A backlog being delivered: from the start of the first delivery
@@ -294,6 +297,7 @@ class Flusher:
             self.log.failure("{service}: deleting the delivered versions failed; they stay "
                              "pending", service=self.deliveries.service)
             retry = True
+        self.deliveries.round_done()
         if retry:
             self.attempt += 1
             self.state = _State.BACKING_OFF

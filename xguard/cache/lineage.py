@@ -17,9 +17,10 @@ Per key of the service's items, a set of digests (:data:`~xguard.model.Accept`):
   as its own when it starts again: a Direct write upstream took just
   before the kill is not another writer's.
 
-Once a delivery succeeds and nothing is pending, upstream holds a state
-xguard knows (the sink recorded it): the sent values are forgotten, and
-the next chain starts from that state. A delivery is checked against the
+Once a delivery succeeds and nothing is pending (nor any delivered file
+left to delete), upstream holds a state xguard knows (the sink recorded
+it): the sent values are forgotten, and the next chain starts from that
+state. A delivery is checked against the
 union of what its files recorded and what is in flight now; whatever else
 upstream holds was written by someone else.
 
@@ -118,8 +119,10 @@ class Lineage:
             self._records.save(vm, sent)  # before the call goes out
 
     def settled(self, vm: str) -> None:
-        """A delivery of ``vm`` succeeded and nothing of it is pending:
-        upstream holds the state the sink just recorded."""
+        """A delivery of ``vm`` succeeded and nothing of it is pending,
+        not even a delivered file waiting for its deletion
+        (:meth:`~xguard.cache.pending.PendingVersions.settles`): upstream
+        holds the state the sink just recorded."""
         if self._sent.pop(vm, None) and self._records is not None:
             self._records.save(vm, {})
 

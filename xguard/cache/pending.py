@@ -17,6 +17,7 @@ inline in tests).
 
 from __future__ import annotations
 
+import collections
 import errno
 import os
 from collections.abc import Callable, Iterable
@@ -77,6 +78,8 @@ class PendingVersions:
         self._persisting: dict[str, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
         self._done: list[Version] = []  # delivered this round, files to delete
+        #: Per VM, delivered versions whose files are not durably gone yet.
+        self._undeleted: collections.Counter[str] = collections.Counter()
 
     # -- start / stop ----------------------------------------------------------
     def recover(self) -> "Deferred[list[Version]]":
@@ -151,6 +154,15 @@ class PendingVersions:
     def has_pending(self, vm: str) -> bool:
         """Whether ``vm`` has a version pending, or one being written."""
         return bool(self._items_of(vm)) or vm in self._persisting
+
+    def settles(self, vm: str) -> bool:
+        """Whether what was sent upstream for ``vm`` may be forgotten
+        (:meth:`Lineage.settled`): nothing of it is pending or being
+        written, and no delivered version's file is still on disk. A kill
+        before a round's deletions are done brings such files back, with
+        the base of their chain, which predates what was delivered with
+        them: only what was sent says that upstream's state is ours."""
+        return not self.has_pending(vm) and not self._undeleted[vm]
 
     def vms(self) -> set[str]:
         return {item.vm for item in self.index}
@@ -362,6 +374,7 @@ class PendingVersions:
         self._newest[item] = max(self._newest.get(item, -1), version.ts)
         for ts in [t for t in self.index.get(item, []) if t <= version.ts]:
             self._done.append(Version(item, ts))
+            self._undeleted[item.vm] += 1
             self._unindex(Version(item, ts))
 
     def round_done(self) -> "Deferred[None]":
@@ -381,7 +394,15 @@ class PendingVersions:
                 self._record(version, 0)
             return failure
 
-        return self.runner(self.files.delete_many, done).addErrback(failed)
+        def counted(result: object) -> object:
+            for version in done:
+                self._undeleted[version.item.vm] -= 1
+                if not self._undeleted[version.item.vm]:
+                    del self._undeleted[version.item.vm]
+            return result
+
+        d = self.runner(self.files.delete_many, done).addErrback(failed)
+        return d.addBoth(counted)
 
     # -- the index ---------------------------------------------------------------
     def _record(self, version: Version, size: int, accept: Accept | None = None) -> None:
