@@ -325,8 +325,11 @@ class CacheModel(RuleBasedStateMachine):
         starts (a stalled xapi that recovers), else they never land;
         ``torn``: when nothing changed since the last round, the kill came
         in the middle of its deletions and that many of its last files are
-        still there."""
-        if torn and self.last_round is not None:
+        still there. Not with ``crash``: after a host crash the records of
+        what was sent are not trusted, by design (doc/cache.md, "Other
+        writers"), so a write built on such a file may be set aside as a
+        conflict (never delivered over upstream's state)."""
+        if torn and not crash and self.last_round is not None:
             changes, writes, deleted, sent = self.last_round
             if changes == self.file_changes and writes == self.xguard_writes():
                 for path, data in [*deleted[-torn:], *sent]:
