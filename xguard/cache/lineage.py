@@ -20,9 +20,9 @@ Per key of the service's items, a set of digests (:data:`~xguard.model.Accept`):
 Once a delivery succeeds and nothing is pending (nor any delivered file
 left to delete), upstream holds a state xguard knows (the sink recorded
 it): the sent values are forgotten, and the next chain starts from that
-state. A delivery is checked against the
-union of what its files recorded and what is in flight now; whatever else
-upstream holds was written by someone else.
+state. A delivery is checked against the union of what its files
+recorded and what is in flight now; whatever else upstream holds was
+written by someone else.
 
 When xguard never saw the VM's state (its last known state was not kept),
 a write's base is unknown. Such a write can only be delivered while no
