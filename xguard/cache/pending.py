@@ -130,8 +130,7 @@ class PendingVersions:
                           "daemon or an earlier xguard, which did not record their base: they "
                           "are delivered without checking for other writers", n=len(legacy),
                           service=self.service.value)
-        unknown = {v.item.vm for v in versions
-                   if entries[v].accept is None and not entries[v].legacy} - legacy
+        unknown = {v.item.vm for v in versions if entries[v].accept is None} - legacy
         if unknown:
             self.log.info("{service} cache: {n} VMs' pending writes were made before xguard saw "
                           "their VM's state, so their base is unknown: each is delivered if its "
@@ -395,10 +394,7 @@ class PendingVersions:
             return failure
 
         def counted(result: object) -> object:
-            for version in done:
-                self._undeleted[version.item.vm] -= 1
-                if not self._undeleted[version.item.vm]:
-                    del self._undeleted[version.item.vm]
+            self._undeleted -= collections.Counter(v.item.vm for v in done)
             return result
 
         d = self.runner(self.files.delete_many, done).addErrback(failed)

@@ -362,17 +362,17 @@ class KnownState:
         doc) what may be in flight for ``vm``'s ``service``; an empty
         ``sent`` says nothing is. False when it could not be written."""
         doc = {str(key): sorted(digests) for key, digests in sorted(sent.items()) if digests}
-        if self._is_live(vm) or vm in self._kept:
-            return self._write(vm, "sent-" + service, _json(doc))
-        # A VM with no socket and no copies here still has its pending
-        # writes delivered (after a host crash, say): what it sent must
-        # survive a kill as well. Recorded without keeping copies for it;
-        # a later start finds its directory and treats it as a stopped
-        # VM's (dropped once upstream answers and nothing is pending).
-        if not doc and vm not in self._sent_only:
-            return True  # nothing in flight, nothing recorded
-        self._sent_only.add(vm)
-        return self._write(vm, "sent-" + service, _json(doc), keep=False)
+        keep = self._is_live(vm) or vm in self._kept
+        if not keep:
+            # A VM with no socket and no copies here still has its pending
+            # writes delivered (after a host crash, say): what it sent must
+            # survive a kill as well. Recorded without keeping copies for
+            # it; a later start finds its directory and treats it as a
+            # stopped VM's (dropped once upstream answers, nothing pending).
+            if not doc and vm not in self._sent_only:
+                return True  # nothing in flight, nothing recorded
+            self._sent_only.add(vm)
+        return self._write(vm, "sent-" + service, _json(doc), keep=keep)
 
     # -- which VM a vTPM belongs to ------------------------------------------------
     def vtpm_of_vm(self, vm: str) -> str | None:
