@@ -21,6 +21,7 @@ from twisted.python import usage
 
 from ._internals.twisted_tls import leave_tls_out
 from .daemon.config import (
+    DEFAULT_ACTIVE_REQUESTS,
     DEFAULT_CONFIG_FILE,
     DEFAULT_CONTROL,
     DEFAULT_SOCKETS_FILE,
@@ -80,6 +81,9 @@ class Options(usage.Options):
          "is disconnected."],
         ["fault-file", None, FAULT_FILE, "While this file exists the cache is disabled."],
         ["flush-concurrency", None, "8", "Deliveries the cache flusher runs at once."],
+        ["active-requests", None, str(DEFAULT_ACTIVE_REQUESTS), "Requests of each service's "
+         "domain sockets served at once, one per socket in turn; the others wait, received "
+         "(0: no limit)."],
         ["metrics", None, None, "Serve Prometheus metrics at /metrics on this endpoint: "
          "unix:PATH or tcp:PORT:interface=ADDRESS (off by default)."],
         ["unresponsive-after", None, "5", "Seconds an upstream call may wait for its answer "

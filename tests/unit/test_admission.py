@@ -1,5 +1,5 @@
-"""The admission gate of a service's sockets (xguard.domain.admission),
-on a Clock."""
+"""The admission gate of a service's sockets (xguard.domain.admission):
+alone on a Clock, then through DomainSite on in-memory connections."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
 
+from tests.unit.test_site import Wire, http_request
 from xguard.domain.admission import Admission
 
 STALL = 0.5
@@ -188,3 +191,105 @@ class FairnessTests(SynchronousTestCase):
         bound = 2 * median + service
         self.assertTrue(all(w <= bound for w in worst.values()),
                         (sorted(worst.values())[-3:], median))
+
+
+class Answered(Resource):
+    """Answers each PUT when the test says so."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: list[Any] = []
+
+    def render_PUT(self, request: Any) -> object:
+        self.pending.append(request)
+        return NOT_DONE_YET
+
+    def answer(self, i: int = 0) -> None:
+        request = self.pending.pop(i)
+        request.setHeader(b"content-length", b"2")
+        request.write(b"ok")
+        request.finish()
+
+
+PUT = http_request(b"PUT", b"/k", b"data")
+
+
+class SiteAdmissionTests(SynchronousTestCase):
+    """Sockets of one service share a gate; a request waits received."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gate = Admission(self.clock, limit=1, stall_after=STALL)
+        self.apps = [Answered(), Answered()]
+        self.wires = [Wire(app, clock=self.clock, admission=self.gate, timeout=60)
+                      for app in self.apps]
+
+    def codes(self, wire: Wire) -> list[int]:
+        return [r[0] for r in wire.responses()]
+
+    def test_a_request_waits_for_its_turn(self) -> None:
+        a, b = self.wires
+        a.send(PUT)
+        b.send(PUT)
+        self.assertEqual([len(app.pending) for app in self.apps], [1, 0])
+        self.assertEqual(self.gate.waiting, 1)
+        self.apps[0].answer()
+        self.assertEqual(self.codes(a), [200])
+        self.assertEqual([len(app.pending) for app in self.apps], [0, 1])
+        self.apps[1].answer()
+        self.assertEqual(self.codes(b), [200])
+        self.assertEqual(self.gate.counted, 0)
+
+    def test_a_client_gone_while_waiting_is_not_served(self) -> None:
+        a, b = self.wires
+        a.send(PUT)
+        b.send(PUT)
+        b.lose()
+        self.apps[0].answer()
+        self.assertEqual(self.apps[1].pending, [])
+        self.assertEqual((self.gate.counted, self.gate.waiting), (0, 0))
+
+    def test_a_client_gone_in_the_apps_frees_its_place(self) -> None:
+        a, b = self.wires
+        a.send(PUT)
+        b.send(PUT)
+        a.lose()
+        self.assertEqual(len(self.apps[1].pending), 1)
+
+    def test_drain_lets_waiting_requests_in(self) -> None:
+        """The drain says a request is in hand: the caches' stop must find
+        it in the apps."""
+        a, b = self.wires
+        a.send(PUT)
+        b.send(PUT)
+        drained = b.site.drain(2.0)
+        self.assertEqual(len(self.apps[1].pending), 1)
+        self.assertEqual(self.successResultOf(drained), 0)
+        self.apps[1].answer()
+        [(code, headers, _)] = b.responses()
+        self.assertEqual((code, headers[b"connection"]), (200, b"close"))
+        self.apps[0].answer()
+        self.assertEqual(self.codes(a), [200])
+
+    def test_a_draining_socket_does_not_ask(self) -> None:
+        a, b = self.wires
+        a.send(PUT)
+        drained = b.site.drain(2.0)
+        b.send(PUT)
+        self.assertEqual(self.successResultOf(drained), 0)
+        self.assertEqual(len(self.apps[1].pending), 1)
+        self.apps[1].answer()
+        self.apps[0].answer()
+        self.assertEqual((self.codes(a), self.codes(b)), ([200], [200]))
+
+    def test_a_stalled_request_lets_the_next_socket_in(self) -> None:
+        a, b = self.wires
+        a.send(PUT)
+        b.send(PUT)
+        self.clock.advance(STALL)
+        self.assertEqual(len(self.apps[1].pending), 1)
+        self.apps[1].answer()
+        self.apps[0].answer()
+        self.assertEqual((self.codes(a), self.codes(b)), ([200], [200]))

@@ -9,7 +9,7 @@ import sys
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from xguard.daemon.config import Config
+from xguard.daemon.config import INT_OPTIONS, NUMBER_OPTIONS, Config
 from xguard.tap import Options
 
 
@@ -184,10 +184,7 @@ class ConfigFileTests(SynchronousTestCase):
             [f[0] for f in Options.optFlags]
         lines = []
         for name in names:
-            value = values.get(name, "3" if name in ("queue-size", "flush-concurrency",
-                                                     "listen-backlog", "xapi-timeout",
-                                                     "direct-deadline", "request-timeout",
-                                                     "unresponsive-after", "stuck-after")
+            value = values.get(name, "3" if name in INT_OPTIONS + NUMBER_OPTIONS
                                else f'"/p/{name}"')
             if value is not None:
                 lines.append(f"{name} = {value}")

@@ -35,6 +35,7 @@ from .. import __version__
 from ..cache.cache import WriteBackCache
 from ..control.listener import ControlListener
 from ..control.server import control_factory
+from ..domain.admission import Admission
 from ..domain.site import DomainSite
 from ..domain.sockets import SocketRegistry
 from ..domain.swtpm import SwtpmSocket
@@ -133,6 +134,9 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
 
     activity = Activity()
 
+    #: One gate per service: a storm of one does not wait for the other.
+    admissions = {kind: Admission(reactor, cfg.active_requests) for kind in Kind}
+
     def site_for(kind: Kind, vm_uuid: str) -> DomainSite:
         if kind is Kind.SWTPM:
             resource = SwtpmSocket(vm_uuid, tpm).resource()
@@ -141,7 +145,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
         return DomainSite(resource, reactor=reactor, timeout=cfg.request_timeout,
                           on_connection=activity.connection,
                           on_response=lambda code, seconds: answered(kind, code, seconds),
-                          debugging=log_levels.debugging)
+                          debugging=log_levels.debugging,
+                          admission=admissions[kind] if cfg.active_requests else None)
 
     #: What hears of every answered domain request (the metrics, if any).
     domain_requests: list[Callable[[str, int, float | None], None]] = []

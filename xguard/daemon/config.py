@@ -22,10 +22,11 @@ from typing import Any
 
 import attrs
 
+from ..domain import admission
 from ..status import FAULT_FILE, LOG_LEVELS
 
-__all__ = ["Config", "LOG_LEVELS", "FAULT_FILE", "DEFAULT_CONFIG_FILE", "INT_OPTIONS",
-           "NUMBER_OPTIONS", "UPSTREAM_OPTIONS", "read_config_file"]
+__all__ = ["Config", "LOG_LEVELS", "FAULT_FILE", "DEFAULT_CONFIG_FILE", "DEFAULT_ACTIVE_REQUESTS",
+           "INT_OPTIONS", "NUMBER_OPTIONS", "UPSTREAM_OPTIONS", "read_config_file"]
 
 DEFAULT_STATE_DIR = "/var/lib/xapi-guard"
 DEFAULT_SOCKETS_FILE = "/run/nonpersistent/varstored-guard-active.json"
@@ -34,8 +35,10 @@ DEFAULT_CONTROL = "unix:/run/xguard/control.sock"
 MAX_SOCKET_PATH = 107
 #: Read when it exists, unless --config names another file (or none).
 DEFAULT_CONFIG_FILE = "/etc/xguard/xguard.toml"
+#: Requests of each service's domain sockets in the apps at once.
+DEFAULT_ACTIVE_REQUESTS = admission.DEFAULT_LIMIT
 #: Options whose value is an integer, and a number (seconds).
-INT_OPTIONS = ("queue-size", "flush-concurrency", "listen-backlog")
+INT_OPTIONS = ("queue-size", "flush-concurrency", "listen-backlog", "active-requests")
 NUMBER_OPTIONS = ("xapi-timeout", "direct-deadline", "request-timeout", "unresponsive-after",
                   "stuck-after")
 #: One choice, the upstream: either on the command line overrides both in
@@ -114,6 +117,11 @@ def read_config_file(path: str, *, flags: Collection[str],
 def _positive(_: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"--{attribute.name.replace('_', '-')} must be positive, got {value}")
+
+
+def _not_negative(_: object, attribute: attrs.Attribute[Any], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"--{attribute.name.replace('_', '-')} must be 0 or more, got {value}")
 
 
 def _upstream_target(_: object, __: attrs.Attribute[Any], value: str | None) -> None:
@@ -196,6 +204,9 @@ class Config:
     metrics: str | None = attrs.field(default=None, validator=_metrics_endpoint)
     #: A call in flight this long marks upstream unresponsive.
     unresponsive_after: float = attrs.field(default=5.0, validator=_positive)
+    #: Requests of each service's sockets in the apps at once (0: no
+    #: limit; see xguard.domain.admission).
+    active_requests: int = attrs.field(default=DEFAULT_ACTIVE_REQUESTS, validator=_not_negative)
     #: Listen backlog of each domain socket (capped by SOMAXCONN).
     listen_backlog: int = attrs.field(default=128, validator=_positive)
     #: A VM whose cached writes keep failing this long raises one alert.
@@ -246,6 +257,7 @@ class Config:
             metrics=options["metrics"],
             unresponsive_after=float(options["unresponsive-after"]),
             listen_backlog=int(options.get("listen-backlog", 128)),
+            active_requests=int(options.get("active-requests", DEFAULT_ACTIVE_REQUESTS)),
             stuck_after=float(options.get("stuck-after", 600)),
             config_file=options.get("config") or None,
             from_file=tuple(getattr(options, "from_file", ())),

@@ -34,6 +34,9 @@ reactor work for long on its behalf.
   iteration (:mod:`xguard.domain.turns`), whatever the number of
   connections; the apps cut their work on large bodies into steps and
   give the reactor a turn between two (:func:`next_turn`).
+- **Admission**: a request received in full goes into the apps when its
+  service's gate lets it (:mod:`xguard.domain.admission`): a few at a
+  time across the service's sockets, one per socket, sockets in turn.
 
 Twisted's ``HTTPChannel`` has no public hook for framing, so the channel
 overrides a few of its private methods (``_maybeChooseTransferDecoder``,
@@ -63,6 +66,7 @@ from twisted.web.server import Request, Site
 from werkzeug.exceptions import MethodNotAllowed
 
 from .._internals.twisted_web import ChannelBase, set_logger
+from .admission import Admission
 from .drain import Connections
 from .framing import ChunkedDecoder, FramingError, body_length, origin_form
 from .loglimit import RateLimitedObserver
@@ -155,6 +159,25 @@ class _LimitedRequest(Request):
         if isinstance(site, DomainSite):
             self.received_at = site.reactor.seconds()
         super().requestReceived(command, path, version)
+
+    def process(self) -> None:
+        """Into the apps when the socket's service admits it
+        (:mod:`xguard.domain.admission`), at once while the socket drains."""
+        site = getattr(self.channel, "site", None)
+        if (not isinstance(site, DomainSite) or site.admission is None
+                or site.connections.draining):
+            super().process()
+            return
+        site.admission.enter(site, self._admitted)
+
+    def _admitted(self) -> "Deferred[None] | None":
+        """Processed now; what fires once the answer is finished (or the
+        client gone), or None if it went while it waited."""
+        if self.channel is None:
+            return None  # the client went while it waited: nothing was promised
+        finished = self.notifyFinish()
+        super().process()  # its own failures are answered (processingFailed)
+        return finished
 
     def getRequestHostname(self) -> bytes:
         """Host means nothing on a UNIX socket (and HTTP/1.0 has none):
@@ -451,6 +474,8 @@ class DomainSite(Site):
     :param linger_bytes: after a refusal, bytes read and discarded at most.
     :param linger_timeout: after a refusal, seconds before the connection
         is closed anyway.
+    :param admission: the gate of this socket's service, shared with its
+        other sockets (None: every request goes in at once).
     """
 
     noisy = False
@@ -471,7 +496,10 @@ class DomainSite(Site):
         linger_bytes: int = LINGER_BYTES,
         linger_timeout: float = LINGER_TIMEOUT,
         debugging: Callable[[], bool] = lambda: True,
+        admission: Admission | None = None,
     ) -> None:
+        #: The gate of this socket's service (None: requests go in at once).
+        self.admission = admission
         self._on_connection = on_connection
         self._debugging = debugging
         self._on_response = on_response
@@ -527,8 +555,13 @@ class DomainSite(Site):
 
     def drain(self, grace: float) -> "Deferred[int]":
         """Take no new request (see :mod:`xguard.domain.drain`); fires
-        with how many silent connections were cut after ``grace``."""
-        return self.connections.drain(grace)
+        with how many silent connections were cut after ``grace``. The
+        requests waiting for admission go in now: the drain says they are
+        in hand, and the caches' stop must find them in the apps."""
+        drained = self.connections.drain(grace)
+        if self.admission is not None:
+            self.admission.release(self)
+        return drained
 
     def closed(self, timeout: float, *, cut: bool = True) -> "Deferred[int]":
         """Fires once every connection is closed (answers flushed); after
