@@ -195,6 +195,9 @@ class DaemonStatus:
     #: The fault switch file (``--fault-file``): while it exists the cache
     #: is off; None from an older daemon.
     fault_file: str | None = None
+    #: Requests received and waiting for their service's admission, per
+    #: service name (xguard.domain.admission; empty from an older daemon).
+    requests_waiting: Mapping[str, int] = attrs.field(factory=dict)
     #: Computed from the rest (:func:`assess`), never given: the daemon's
     #: document carries it, and a reader computes it again from the document.
     health: Health = attrs.field(init=False)
@@ -299,6 +302,8 @@ def from_json(doc: Mapping[str, Any]) -> DaemonStatus:
         known_state_vms=int(doc.get("known_state_vms", 0) or 0),
         log_level=_text_or_none(doc.get("log_level")),
         fault_file=_text_or_none(doc.get("fault_file")),
+        requests_waiting={str(k): int(v) for k, v in _mapping(doc.get("requests_waiting")).items()
+                          if isinstance(v, int)},
     )
 
 

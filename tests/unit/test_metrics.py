@@ -50,7 +50,7 @@ class MetricsTests(SynchronousTestCase):
                                       complete=False, file="/q"),),
                 deadline_fallbacks=2, disk_error="No space left on device",
                 stuck={VM: 900.0}, set_aside_total={"conflict": 4})},
-            sockets={"Swtpm": 4, "Varstored": 4})
+            sockets={"Swtpm": 4, "Varstored": 4}, requests_waiting={"Swtpm": 0, "Varstored": 9})
         self.metrics = Metrics(lambda: self.status, self.clock)
 
     def scrape(self) -> str:
@@ -84,6 +84,7 @@ class MetricsTests(SynchronousTestCase):
                                service="Swtpm"), 2)
         self.assertEqual(value(m, "xguard_cache_disk_error", service="Swtpm"), 1)
         self.assertEqual(value(m, "xguard_domain_sockets", service="Varstored"), 4)
+        self.assertEqual(value(m, "xguard_domain_requests_waiting", service="Varstored"), 9)
         self.assertNotIn(VM, text)  # no per-VM label, ever
         # The health verdict: failed (the disk refuses writes during the outage).
         self.assertEqual(value(m, "xguard_health", verdict="failed"), 1)

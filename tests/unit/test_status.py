@@ -50,7 +50,9 @@ statuses = st.builds(
                        unresponsive_since=maybe_time),
     services=st.dictionaries(st.sampled_from(["Swtpm", "Varstored"]), caches).map(
         lambda d: {k: attrs.evolve(v, service=k) for k, v in d.items()}),
-    sockets=st.dictionaries(st.sampled_from(["Swtpm", "Varstored"]), st.integers(0, 2000)))
+    sockets=st.dictionaries(st.sampled_from(["Swtpm", "Varstored"]), st.integers(0, 2000)),
+    requests_waiting=st.dictionaries(st.sampled_from(["Swtpm", "Varstored"]),
+                                     st.integers(0, 2000)))
 
 
 class StatusTests(SynchronousTestCase):

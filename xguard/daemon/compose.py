@@ -222,7 +222,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             cache_enabled=not cfg.no_cache and not os.path.exists(cfg.fault_file),
             upstream=upstream.status(), sockets=registry.count_by_service(),
             services=services, known_state_vms=len(known.kept()),
-            log_level=log_levels.level, fault_file=cfg.fault_file)
+            log_level=log_levels.level, fault_file=cfg.fault_file,
+            requests_waiting={kind.value: gate.waiting for kind, gate in admissions.items()})
 
     def set_log_level(level: str, dbg: str) -> tuple[str, str]:
         return log_levels.set(level, dbg), log_levels.configured

@@ -194,6 +194,12 @@ class _StatusCollector(Collector):
         for service, n in sorted(status.sockets.items()):
             sockets.add_metric([service], n)
         yield sockets
+        waiting = GaugeMetricFamily("xguard_domain_requests_waiting", "Requests received and "
+                                    "waiting for their service's admission (--active-requests).",
+                                    labels=["service"])
+        for service, n in sorted(status.requests_waiting.items()):
+            waiting.add_metric([service], n)
+        yield waiting
 
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "mode": GaugeMetricFamily("xguard_cache_mode", "The cache's mode (1 for the "
