@@ -57,7 +57,8 @@ def exported() -> set[str]:
     status = DaemonStatus(
         version="1", ready=True, cache_enabled=True,
         upstream=UpstreamStatus(kind="xapi", target="t", reachable=False, down_since=1.0),
-        services={"Swtpm": CacheStatus(service="Swtpm")}, sockets={"Swtpm": 1})
+        services={"Swtpm": CacheStatus(service="Swtpm")}, sockets={"Swtpm": 1},
+        requests_waiting={"Swtpm": 0})
     metrics = Metrics(lambda: status, Clock())
     metrics.upstream_call("VTPM.set_contents", "ok", 0.01)
     metrics.domain_request("Swtpm", 204, 0.01)
