@@ -15,7 +15,6 @@ iteration, like its apps cost one step (the VM's queue).
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -39,8 +38,10 @@ class ReadTurns:
     def __init__(self, clock: IReactorTime) -> None:
         self._clock = clock
         self._taken = False
-        self._waiting: deque[TurnTaker] = deque()
-        self._queued: set[int] = set()
+        #: The connections waiting for a turn, in order (an ordered dict
+        #: by identity: an empty one is 64 bytes, where a deque and a set
+        #: were 976, for each of a host's thousands of sockets).
+        self._waiting: dict[int, TurnTaker] = {}
         self._next: IDelayedCall | None = None
 
     def take(self, reader: TurnTaker) -> bool:
@@ -51,23 +52,18 @@ class ReadTurns:
             if self._next is None:
                 self._next = self._clock.callLater(0, self._new_iteration)
             return True
-        if id(reader) not in self._queued:
-            self._queued.add(id(reader))
-            self._waiting.append(reader)
+        self._waiting.setdefault(id(reader), reader)
         return False
 
     def forget(self, reader: TurnTaker) -> None:
         """``reader`` is gone: it will not be given a turn."""
-        if id(reader) in self._queued:
-            self._queued.discard(id(reader))
-            self._waiting.remove(reader)
+        self._waiting.pop(id(reader), None)
 
     def _new_iteration(self) -> None:
         self._next = None
         self._taken = False
         while self._waiting and not self._taken:
-            reader = self._waiting.popleft()
-            self._queued.discard(id(reader))
+            reader = self._waiting.pop(next(iter(self._waiting)))
             reader.resume_reading()
 
     def stop(self) -> None:
@@ -76,4 +72,3 @@ class ReadTurns:
             self._next.cancel()
         self._next = None
         self._waiting.clear()
-        self._queued.clear()
