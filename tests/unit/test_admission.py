@@ -11,10 +11,9 @@ from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET
 
-from tests.unit.test_site import Wire, http_request
+from tests.unit.test_drain import PUT, Held
+from tests.unit.test_site import Wire
 from xguard.domain.admission import Admission
 
 STALL = 0.5
@@ -193,36 +192,13 @@ class FairnessTests(SynchronousTestCase):
                         (sorted(worst.values())[-3:], median))
 
 
-class Answered(Resource):
-    """Answers each PUT when the test says so."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.pending: list[Any] = []
-
-    def render_PUT(self, request: Any) -> object:
-        self.pending.append(request)
-        return NOT_DONE_YET
-
-    def answer(self, i: int = 0) -> None:
-        request = self.pending.pop(i)
-        request.setHeader(b"content-length", b"2")
-        request.write(b"ok")
-        request.finish()
-
-
-PUT = http_request(b"PUT", b"/k", b"data")
-
-
 class SiteAdmissionTests(SynchronousTestCase):
     """Sockets of one service share a gate; a request waits received."""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.gate = Admission(self.clock, limit=1, stall_after=STALL)
-        self.apps = [Answered(), Answered()]
+        self.apps = [Held(), Held()]
         self.wires = [Wire(app, clock=self.clock, admission=self.gate, timeout=60)
                       for app in self.apps]
 
@@ -235,10 +211,10 @@ class SiteAdmissionTests(SynchronousTestCase):
         b.send(PUT)
         self.assertEqual([len(app.pending) for app in self.apps], [1, 0])
         self.assertEqual(self.gate.waiting, 1)
-        self.apps[0].answer()
+        self.apps[0].release()
         self.assertEqual(self.codes(a), [200])
         self.assertEqual([len(app.pending) for app in self.apps], [0, 1])
-        self.apps[1].answer()
+        self.apps[1].release()
         self.assertEqual(self.codes(b), [200])
         self.assertEqual(self.gate.counted, 0)
 
@@ -247,7 +223,7 @@ class SiteAdmissionTests(SynchronousTestCase):
         a.send(PUT)
         b.send(PUT)
         b.lose()
-        self.apps[0].answer()
+        self.apps[0].release()
         self.assertEqual(self.apps[1].pending, [])
         self.assertEqual((self.gate.counted, self.gate.waiting), (0, 0))
 
@@ -267,10 +243,10 @@ class SiteAdmissionTests(SynchronousTestCase):
         drained = b.site.drain(2.0)
         self.assertEqual(len(self.apps[1].pending), 1)
         self.assertEqual(self.successResultOf(drained), 0)
-        self.apps[1].answer()
+        self.apps[1].release()
         [(code, headers, _)] = b.responses()
         self.assertEqual((code, headers[b"connection"]), (200, b"close"))
-        self.apps[0].answer()
+        self.apps[0].release()
         self.assertEqual(self.codes(a), [200])
 
     def test_a_draining_socket_does_not_ask(self) -> None:
@@ -280,8 +256,8 @@ class SiteAdmissionTests(SynchronousTestCase):
         b.send(PUT)
         self.assertEqual(self.successResultOf(drained), 0)
         self.assertEqual(len(self.apps[1].pending), 1)
-        self.apps[1].answer()
-        self.apps[0].answer()
+        self.apps[1].release()
+        self.apps[0].release()
         self.assertEqual((self.codes(a), self.codes(b)), ([200], [200]))
 
     def test_a_stalled_request_lets_the_next_socket_in(self) -> None:
@@ -290,6 +266,6 @@ class SiteAdmissionTests(SynchronousTestCase):
         b.send(PUT)
         self.clock.advance(STALL)
         self.assertEqual(len(self.apps[1].pending), 1)
-        self.apps[1].answer()
-        self.apps[0].answer()
+        self.apps[1].release()
+        self.apps[0].release()
         self.assertEqual((self.codes(a), self.codes(b)), ([200], [200]))
