@@ -86,6 +86,25 @@ class SinkTests(SynchronousTestCase):
         self.successResultOf(self.sink.deliver(VM, {0: b"P"}))
         self.assertEqual(self.upstream.vtpms[self.vtpm], "P reverted v")
 
+    def test_a_delivery_after_the_vm_stopped_does_not_confirm_it(self) -> None:
+        """A stopped VM's cached write delivered later (its copy still kept
+        until upstream answers): the VM may start on another host, which
+        writes; when it comes back here, its next write must read that
+        lineage, not the copy this delivery recorded."""
+        live = {VM}
+        kit = StoreKit(self.upstream, live=lambda vm: vm in live)
+        self.addCleanup(kit.cleanup)
+        sink = kit.vtpm_sink
+        self.upstream.vtpms[self.vtpm] = "p s v"
+        self.successResultOf(sink.read(VM, TpmKey.PERMALL))
+        live.clear()
+        sink.forget(VM)  # its sockets were destroyed
+        self.successResultOf(sink.deliver(VM, {0: b"P"}))  # a cached write, flushed
+        self.upstream.vtpms[self.vtpm] = "x y z"  # another host's lineage
+        live.add(VM)  # back here
+        self.successResultOf(sink.deliver(VM, {1: b"S"}))
+        self.assertEqual(self.upstream.vtpms[self.vtpm], "x S z")
+
     def test_failed_delivery_is_not_copied(self) -> None:
         self.upstream.vtpms[self.vtpm] = "p"
         self.successResultOf(self.sink.read(VM, TpmKey.PERMALL))

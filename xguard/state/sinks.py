@@ -65,9 +65,12 @@ class VtpmSink:
     - a vTPM *confirmed* in this process: its last known copy holds exactly
       what upstream holds, because this sink read it or wrote it, under the
       vTPM's lock, and every write of a running VM's vTPM goes through this
-      sink (doc/cache.md gives the argument). A write whose outcome is
-      unknown (an error, a timeout) unconfirms it, and so does a copy that
-      could not be recorded; the next delivery reads again.
+      sink (doc/cache.md gives the argument). Only a VM that runs here is
+      confirmed (a stopped VM's vTPM is another host's to change, even
+      while its cached writes are still delivered from here). A write
+      whose outcome is unknown (an error, a timeout) unconfirms it, and so
+      does a copy that could not be recorded; the next delivery reads
+      again.
     """
 
     service = Service.SWTPM
@@ -103,6 +106,15 @@ class VtpmSink:
         self.confirmed.discard(vtpm)  # until upstream says it took it
         await self.upstream.set_vtpm_contents(vtpm, state.serialize())
         if await self.known.record_tpm(vm_uuid, state):
+            self._confirm(vm_uuid, vtpm)
+
+    def _confirm(self, vm_uuid: str, vtpm: str) -> None:
+        """The copy just recorded is upstream's state: trusted for the next
+        write only while the VM runs here. A stopped VM's vTPM is another
+        host's to change (a delivery of its cached writes after it stopped
+        must not confirm it: when the VM comes back, that copy may be
+        another host's lineage behind)."""
+        if self.known.is_live(vm_uuid):
             self.confirmed.add(vtpm)
 
     async def _checked(self, vm_uuid: str, vtpm: str, changes: Mapping[TpmKey, str],
@@ -120,7 +132,7 @@ class VtpmSink:
             return Outcome("conflict", "upstream holds vTPM contents that are not xapi's "
                            "format", _ours(before, changes, base.accept))
         if await self.known.record_tpm(vm_uuid, now):
-            self.confirmed.add(vtpm)
+            self._confirm(vm_uuid, vtpm)
         state = now.update(changes)
         if state == now:
             # Upstream holds our values already: a crash between a delivery
@@ -170,7 +182,7 @@ class VtpmSink:
                 self.confirmed.discard(vtpm)
                 return contents  # not ours to judge here; readers of keys refuse it
             if await self.known.record_tpm(vm_uuid, state):
-                self.confirmed.add(vtpm)
+                self._confirm(vm_uuid, vtpm)
             else:
                 self.confirmed.discard(vtpm)
             return contents
