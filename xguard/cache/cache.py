@@ -80,6 +80,7 @@ class WriteBackCache:
         self.enabled = enabled
         self.vm_locks = KeyedLocks()
         self.lineage = Lineage(self.service, sink.last_seen, sent_records)
+        self._is_live = is_live
         self.aside = SetAsideStore(root, self.service, runner=runner, clock=clock,
                                    is_live=is_live)
         self.versions = PendingVersions(root, self.service, clock=clock, runner=runner,
@@ -115,7 +116,13 @@ class WriteBackCache:
 
     def sockets_resumed(self) -> "Deferred[None]":
         """The sockets of the active file are served again: writes set
-        aside for VMs that did not come back are no longer held."""
+        aside for VMs that did not come back are no longer held, and the
+        recovered writes of those VMs are of a life that ended (if the VM
+        starts here again, another host may have written meanwhile: their
+        unknown bases no longer let them through)."""
+        for vm in self.versions.vms():
+            if not self._is_live(vm):
+                self.lineage.vm_gone(vm)
         return self.aside.release_unserved()
 
     def vm_gone(self, vm: str) -> "Deferred[None]":
