@@ -203,6 +203,31 @@ def test_a_migrated_vm_s_stale_writes_are_set_aside(hosts: Callable[..., Host],
     assert upstream(peer_sim, vm)[0] == theirs
 
 
+def test_a_write_of_unknown_base_stays_of_the_life_that_ended(
+        hosts: Callable[..., Host], peer_sim: SimProcess) -> None:
+    """xguard never saw the VM's state (xapi refused from the start), so
+    its write's base is unknown: deliverable only while the VM runs here
+    without a break. The VM stops, HA has another host write, the VM starts
+    here again, and the daemon is killed: the next process must not take
+    the new life for the one the write was made in."""
+    host = hosts()
+    peer_sim.client.set_mode("refuse")
+    vm = host.vm(contents=f"{b64('v1')} {b64('s1')} {b64('o1')}")
+    assert put(vm["tpm"], 0, b64("v2").encode())[0] == 204  # cached, base unknown
+    destroy_sockets(host.control, vm)
+    assert peer_sim.peer is not None
+    theirs = f"{b64('v3')} {b64('s3')} {b64('o3')}"
+    peer_sim.peer.set_vtpm_contents(vm["vm_uuid"], theirs)
+    create_sockets(host.control, vm)  # back here
+    host.daemon.kill()
+    host.daemon.start()
+    peer_sim.client.set_mode("up")
+    (item,) = wait_for(lambda: set_aside(host), what="the write set aside")
+    assert (item["kind"], item["keys"]) == ("unverified", [0])
+    host.wait_drained()
+    assert upstream(peer_sim, vm)[0] == theirs  # never mixed with the old lineage
+
+
 def test_a_crash_between_delivery_and_deletion_is_no_conflict(
         hosts: Callable[..., Host], peer_sim: SimProcess) -> None:
     host = hosts()

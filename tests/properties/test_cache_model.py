@@ -503,3 +503,23 @@ class CacheModelTests(SynchronousTestCase):
             lambda m: m.create_sockets(vm=VM1),
             lambda m: m.settle(),
         ])
+
+    def test_a_life_that_ended_stays_ended_across_a_restart(self) -> None:
+        """The VM stops with a write of unknown base pending, the daemon is
+        killed (the write's Direct call never lands), another host writes,
+        the VM starts here again, and the daemon is killed once more: the
+        next process must still know that the write belongs to the life
+        that ended (kept in memory only, it was judged continuous)."""
+        self.replay([
+            lambda m: m.hold(),
+            lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
+            lambda m: m.create_sockets(vm=VM1),
+            lambda m: m.put(key=0, vm=VM1),
+            lambda m: m.advance(seconds=10.0),  # past its deadline: cached
+            lambda m: m.destroy_sockets(vm=VM1),
+            lambda m: m.restart(crash=False, land=False, reboot=False, torn=0),
+            lambda m: m.other_host_writes(runs_there=False, vm=VM1),
+            lambda m: m.create_sockets(vm=VM1),
+            lambda m: m.restart(crash=False, land=False, reboot=False, torn=0),
+            lambda m: m.settle(),
+        ])

@@ -12,7 +12,7 @@ from twisted.internet.task import Clock
 
 from tests.fakes import FakeUpstream, sync_runner
 from xguard.cache.cache import WriteBackCache
-from xguard.state.known import KnownState, ServiceSent
+from xguard.state.known import KnownState, ServiceRecords
 from xguard.state.sinks import NvramSink, VtpmSink
 from xguard.util.locks import KeyedLocks
 
@@ -56,7 +56,7 @@ class Env:
         cache = WriteBackCache(self.sink, self.root, clock=self.clock,
                                monotonic_ns=lambda: next(self.ticks),
                                # as the daemon wires it (xguard.daemon.compose)
-                               sent_records=ServiceSent(self.known, self.sink.service.value),
+                               records=ServiceRecords(self.known, self.sink.service.value),
                                **kwargs)
         # As the service wires it: upstream answering again ends a backoff.
         self.upstream.reachability.subscribe(lambda up: up and cache.upstream_answers())

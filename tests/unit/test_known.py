@@ -275,3 +275,23 @@ class SentTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(again.tpm(VM2)))
         self.assertTrue(again.record_sent(VM2, "Swtpm", {}))
         self.assertEqual(again.sent(VM2, "Swtpm"), {})
+
+    def test_a_life_s_end_survives_a_kill_with_or_without_copies(self) -> None:
+        """When a VM's life here ended, while its writes are pending: read
+        back by the next process of the boot, per service; a torn record
+        reads as none (moved aside); after a host crash, nothing."""
+        self.live.clear()
+        self.assertIsNone(self.known.ended(VM2, "Swtpm"))
+        self.assertTrue(self.known.record_ended(VM2, "Swtpm", 123456789))
+        self.assertFalse(self.successResultOf(self.known.record_tpm(VM2, TpmState("p"))))
+        again = self.open()
+        self.assertEqual(again.ended(VM2, "Swtpm"), 123456789)
+        self.assertIsNone(again.ended(VM2, "Varstored"))
+        path = os.path.join(self.root, KNOWN, VM2, "ended-Swtpm")
+        with open(path, "wb") as f:
+            f.write(b"xguard copy 1 99 0\n{}")  # torn
+        self.assertIsNone(self.open().ended(VM2, "Swtpm"))
+        self.assertFalse(os.path.exists(path))
+        self.assertTrue(again.record_ended(VM2, "Swtpm", 5))
+        self.boot = "boot-b"  # a host crash: not trusted
+        self.assertIsNone(self.open().ended(VM2, "Swtpm"))

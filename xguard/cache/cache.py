@@ -53,7 +53,7 @@ from .delivery import STUCK_AFTER, Deliveries
 from .entry import Entry
 from .flusher import Flusher, default_backoff
 from .layout import KEYS, Batch, Item, Version
-from .lineage import Lineage, SentRecords
+from .lineage import Lineage, LineageRecords
 from .machine import CacheModes, _CacheCore
 from .pending import PendingVersions
 
@@ -72,14 +72,15 @@ class WriteBackCache:
                  coalesce: bool = True, is_live: Callable[[str], bool] = lambda vm: False,
                  stuck_after: float = STUCK_AFTER,
                  make_room: Callable[[int], "Deferred[int]"] | None = None,
-                 sent_records: SentRecords | None = None) -> None:
+                 records: LineageRecords | None = None) -> None:
         self.sink = sink
         self.service = sink.service
         self.clock = clock
         self.monotonic_ns = monotonic_ns
         self.enabled = enabled
         self.vm_locks = KeyedLocks()
-        self.lineage = Lineage(self.service, sink.last_seen, sent_records)
+        self.lineage = Lineage(self.service, sink.last_seen, records,
+                               monotonic_ns=monotonic_ns)
         self._is_live = is_live
         self.aside = SetAsideStore(root, self.service, runner=runner, clock=clock,
                                    is_live=is_live)
@@ -122,14 +123,14 @@ class WriteBackCache:
         unknown bases no longer let them through)."""
         for vm in self.versions.vms():
             if not self._is_live(vm):
-                self.lineage.vm_gone(vm)
+                self.lineage.vm_gone(vm, pending=True)
         return self.aside.release_unserved()
 
     def vm_gone(self, vm: str) -> "Deferred[None]":
         """``vm``'s last socket was destroyed: what was set aside for it is
         no longer read (a VM started again reads upstream's state), and its
         writes whose base is unknown can no longer be delivered blindly."""
-        self.lineage.vm_gone(vm)
+        self.lineage.vm_gone(vm, pending=self.versions.has_pending(vm))
         return self.aside.release(vm)
 
     def start(self) -> None:

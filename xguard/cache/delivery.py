@@ -59,7 +59,6 @@ class _Versions(Protocol):
     """The versions on disk (:class:`~xguard.cache.pending.PendingVersions`)."""
 
     recovered: set[Version]
-    lives: dict[Version, int]
 
     async def snapshot(self, vm: str,
                        keys: Iterable[int]) -> dict[int, tuple[Version, Entry]]: ...
@@ -121,13 +120,13 @@ class Deliveries:
                                  complete=False)
             await self._done(vm, versions)
             return Result.DONE
-        base = Base(check=True,
-                    accept=self.lineage.for_delivery(
-                        vm, [entry.accept for _, entry in snapshot.values()]),
+        accept = self.lineage.for_delivery(vm, [entry.accept for _, entry in snapshot.values()])
+        base = Base(check=True, accept=accept,
                     recovered=any(v in self.versions.recovered for v in versions),
                     legacy=any(entry.legacy for _, entry in snapshot.values()),
-                    continuous=all(self.versions.lives.get(v, 0) == self.lineage.life(vm)
-                                   for v in versions))
+                    # only an unknown base asks (a lookup of the VM's record)
+                    continuous=accept is not None or all(
+                        self.lineage.continuous(vm, v.ts) for v in versions))
         self.lineage.sending(vm, contents)
         try:
             outcome = await maybeDeferred(self.sink.deliver, vm, contents, base)

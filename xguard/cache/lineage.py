@@ -27,8 +27,13 @@ written by someone else.
 When xguard never saw the VM's state (its last known state was not kept),
 a write's base is unknown. Such a write can only be delivered while no
 other host can have written since: while its VM has run here without a
-break since the write. Each VM's *life* here counts the times it lost its
-last socket; a version records the life it was written in.
+break since the write. A VM's *life* here ends when it loses its last
+socket (or its socket does not come back after a restart); the time of
+that end (``CLOCK_MONOTONIC``, the clock versions are stamped with) is
+kept per VM, and a version stamped before it belongs to a life that
+ended. While such a version is pending the time is recorded as well
+(:class:`LineageRecords`), so that a daemon killed after the VM started
+here again does not take the new life for the old one.
 """
 
 from __future__ import annotations
@@ -37,19 +42,25 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.logger import Logger
 
 from ..model import Accept, NvramWrite, Service, digest
 
-__all__ = ["Lineage", "SentRecords", "union", "upstream_value"]
+__all__ = ["Lineage", "LineageRecords", "union", "upstream_value"]
 
 
-class SentRecords(Protocol):
-    """Where a service's values in flight are kept across a kill
-    (:meth:`xguard.state.known.KnownState.sent` and ``record_sent``)."""
+class LineageRecords(Protocol):
+    """What a service's lineage keeps across a kill
+    (:class:`xguard.state.known.ServiceRecords`): the values in flight, and
+    when a VM's last life here ended."""
 
     def load(self, vm: str) -> Mapping[int, Iterable[str]]: ...
 
     def save(self, vm: str, sent: Mapping[int, Iterable[str]]) -> object: ...
+
+    def ended(self, vm: str) -> int | None: ...
+
+    def save_ended(self, vm: str, at: int) -> bool: ...
 
 
 def union(accepts: Iterable[Accept | None]) -> Accept | None:
@@ -77,16 +88,26 @@ class Lineage:
 
     :param last_seen: the digests, per key, of the VM's state as upstream
         last showed it (the sink's last known state; None: never seen).
+    :param monotonic_ns: the clock versions are stamped with.
     """
+
+    log = Logger()
 
     def __init__(self, service: Service,
                  last_seen: Callable[[str], "Deferred[Mapping[int, str] | None]"],
-                 records: SentRecords | None = None) -> None:
+                 records: LineageRecords | None = None, *,
+                 monotonic_ns: Callable[[], int]) -> None:
         self.service = service
         self._last_seen = last_seen
         self._records = records
+        self._monotonic_ns = monotonic_ns
         self._sent: dict[str, dict[int, set[str]]] = {}
-        self._lives: dict[str, int] = {}
+        #: Per VM, when its last life here ended (-1: not that this
+        #: process knows of); filled lazily from the records.
+        self._ended: dict[str, int] = {}
+        #: VMs whose end is not recorded (no version of the ended life was
+        #: pending then).
+        self._unrecorded: set[str] = set()
 
     def _sent_of(self, vm: str) -> dict[int, set[str]]:
         """``vm``'s values in flight; on first use, what an earlier process
@@ -97,13 +118,46 @@ class Lineage:
             sent = self._sent[vm] = {key: set(d) for key, d in earlier.items() if d}
         return sent
 
-    def life(self, vm: str) -> int:
-        """How many times ``vm`` lost its last socket here since the start."""
-        return self._lives.get(vm, 0)
+    def _ended_at(self, vm: str) -> int:
+        at = self._ended.get(vm)
+        if at is None:
+            recorded = self._records.ended(vm) if self._records is not None else None
+            # A time later than now is another boot's clock: that boot's
+            # end ended every life (no socket survives a reboot).
+            if recorded is None or recorded > self._monotonic_ns():
+                recorded = -1
+            at = self._ended[vm] = recorded
+        return at
 
-    def vm_gone(self, vm: str) -> None:
-        """``vm``'s last socket was destroyed: a new life starts."""
-        self._lives[vm] = self.life(vm) + 1
+    def vm_gone(self, vm: str, *, pending: bool) -> None:
+        """``vm``'s life here ended (its last socket was destroyed, or did
+        not come back after a restart); ``pending``: versions of it are
+        pending or on their way to disk, so the end is recorded now."""
+        self._ended[vm] = self._monotonic_ns()
+        self._unrecorded.add(vm)
+        if pending:
+            self._record_end(vm)
+
+    def continuous(self, vm: str, ts: int) -> bool:
+        """Whether a version of ``vm`` stamped ``ts`` was written in the
+        VM's current life here (if it has one: the caller asks
+        whether it is live)."""
+        return ts > self._ended_at(vm)
+
+    def written(self, vm: str, ts: int) -> None:
+        """A version of ``vm`` stamped ``ts`` is durable. Written after its
+        life ended (a Direct write cached past its deadline after the VM
+        stopped), it needs that end recorded too."""
+        if vm in self._unrecorded and not self.continuous(vm, ts):
+            self._record_end(vm)
+
+    def _record_end(self, vm: str) -> None:
+        self._unrecorded.discard(vm)
+        if self._records is not None and not self._records.save_ended(vm, self._ended[vm]):
+            self.log.error("{service}: cannot record that VM {vm} stopped; if xguard is "
+                           "killed before its pending writes are delivered, a write whose "
+                           "base is unknown may be delivered over another host's state",
+                           service=self.service.value, vm=vm)
 
     def sending(self, vm: str, contents: Mapping[int, bytes]) -> None:
         """``contents`` is about to be sent upstream for ``vm``: until a

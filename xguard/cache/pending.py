@@ -67,9 +67,6 @@ class PendingVersions:
         self.accepts: dict[Version, Accept | None] = {}
         #: Versions found at start-up: written before this process started.
         self.recovered: set[Version] = set()
-        #: The life of its VM each version was written in (lineage.life;
-        #: recovered ones: the first life of this process).
-        self.lives: dict[Version, int] = {}
         #: Why the disk refuses writes, and since when (None: it takes them).
         self.disk_error: str | None = None
         self.disk_error_since: float | None = None
@@ -235,7 +232,8 @@ class PendingVersions:
             self.disk_error = self.disk_error_since = None
         for version, entry in todo:
             self._record(version, len(entry.content), accept)
-            self.lives[version] = self.lineage.life(batch.vm)
+        if todo:
+            self.lineage.written(batch.vm, min(version.ts for version, _ in todo))
         for version in older:
             self._unindex(version)
 
@@ -416,7 +414,6 @@ class PendingVersions:
         self.sizes.pop(version, None)
         self.accepts.pop(version, None)
         self.recovered.discard(version)
-        self.lives.pop(version, None)
         versions = self.index.get(version.item)
         if versions is not None and version.ts in versions:
             versions.remove(version.ts)

@@ -49,7 +49,7 @@ from ..restart.reexec import Launch, Reexec
 from ..state.aside import SetAsideOps
 from ..state.contents import VtpmContents
 from ..state.direct import DirectWriter
-from ..state.known import KnownState, ServiceSent
+from ..state.known import KnownState, ServiceRecords
 from ..state.sinks import NvramSink, VtpmSink
 from ..state.views import TpmKeys, VmNvram
 from ..status import CacheStatus, DaemonStatus
@@ -119,7 +119,7 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             # A full disk: pending writes come first, copies are a read cache.
             make_room=known.make_room,
             # What a write in flight may leave upstream holding, across a kill.
-            sent_records=ServiceSent(known, sink.service.value))
+            records=ServiceRecords(known, sink.service.value))
 
     swtpm_writer, nvram_writer = writer(vtpm_sink), writer(nvram_sink)
     writers = {Kind.SWTPM: swtpm_writer, Kind.VARSTORED: nvram_writer}

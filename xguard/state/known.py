@@ -17,6 +17,9 @@ Layout, beside the cache's service trees::
     STATE_DIR/known/<vm-uuid>/sent-Swtpm, sent-Varstored
                                        digests of values sent upstream whose
                                        outcome is not known yet (see below)
+    STATE_DIR/known/<vm-uuid>/ended-Swtpm, ended-Varstored
+                                       when the VM's last life here ended,
+                                       while writes of it are pending
     STATE_DIR/known/.boot              "clean", or "dirty <boot id>"
 
 When a copy may be served (the staleness argument is in doc/cache.md):
@@ -48,6 +51,15 @@ another writer's (a false conflict after every kill -9 during Direct
 writes). Like the copies they survive a kill, not a host crash (then every
 copy is dropped, as above, and writes start with an unknown base).
 
+The ``ended-*`` records say when the VM last lost its last socket here
+(``CLOCK_MONOTONIC`` ns), written when writes of the life that ended are
+pending: a write whose base is unknown is delivered only if its VM has run
+here without a break since (:mod:`xguard.cache.lineage`), and a daemon
+killed after the VM started here again must not take the new life for the
+old one. They too survive a kill, which is all they need: a host crash
+loses /run and with it the active sockets, so every VM's life ends at the
+next start anyway.
+
 Opening and closing (a directory listing, fsyncs) run through the injected
 runner. The copies themselves are small files read and written without
 fsync, on the reactor thread: a thread hop would cost more than the I/O
@@ -72,14 +84,18 @@ from ..util.checked import Damaged, digest, seal, unseal
 from ..util.durable import atomic_write, fsync_dir, makedirs, safe_unlink
 from ..util.threads import Runner
 
-__all__ = ["KnownState", "ServiceSent", "KNOWN", "MAX_COPY_BYTES", "read_boot_id"]
+__all__ = ["KnownState", "ServiceRecords", "KNOWN", "MAX_COPY_BYTES", "read_boot_id"]
 
 KNOWN = "known"
 MARKER = ".boot"
 #: A copy larger than this is not kept (xapi's largest values, a vTPM's
 #: contents or an NVRAM map, are a few hundred KiB).
 MAX_COPY_BYTES = 4 * 1024 * 1024
-_NAMES = ("vtpm", "nvram", "sb", "handle", "sent-Swtpm", "sent-Varstored")
+_NAMES = ("vtpm", "nvram", "sb", "handle", "sent-Swtpm", "sent-Varstored",
+          "ended-Swtpm", "ended-Varstored")
+#: Records of what a cache's lineage needs across a kill, not across a
+#: host crash: written for a VM with or without copies, never synced.
+_LINEAGE = ("sent-", "ended-")
 
 
 def read_boot_id() -> str:
@@ -118,8 +134,9 @@ class KnownState:
         self._ref_vm: dict[str, str] = {}     # vTPM handle -> vm
         self._uuid_ref: dict[str, str] = {}   # vTPM uuid -> handle
         self._dirty: set[str] = set()         # files written since the last sync
-        #: VMs neither live nor kept whose record of what is in flight is
-        #: written all the same (see record_sent).
+        #: VMs neither live nor kept whose lineage records (what is in
+        #: flight, when their life ended) are written all the same (see
+        #: record_sent).
         self._sent_only: set[str] = set()
         self._failing = False
         #: VMs without sockets, and the last call ticket before they lost them.
@@ -362,17 +379,35 @@ class KnownState:
         doc) what may be in flight for ``vm``'s ``service``; an empty
         ``sent`` says nothing is. False when it could not be written."""
         doc = {str(key): sorted(digests) for key, digests in sorted(sent.items()) if digests}
+        return self._write_lineage(vm, "sent-" + service, doc)
+
+    def ended(self, vm: str, service: str) -> int | None:
+        """When ``vm``'s last life here ended (``CLOCK_MONOTONIC`` ns), as
+        recorded for ``service``'s pending writes; None: not recorded
+        (or unreadable: moved aside)."""
+        if vm not in self._kept and vm not in self._sent_only:
+            return None
+        doc = _parse_json(self._read_file(vm, "ended-" + service))
+        at = doc.get("at") if isinstance(doc, dict) else None
+        return at if isinstance(at, int) and not isinstance(at, bool) else None
+
+    def record_ended(self, vm: str, service: str, at: int) -> bool:
+        """Say durably enough to survive a kill that ``vm``'s life here
+        ended at ``at`` while writes of ``service`` were pending."""
+        return self._write_lineage(vm, "ended-" + service, {"at": at})
+
+    def _write_lineage(self, vm: str, name: str, doc: dict[str, Any]) -> bool:
         keep = self._is_live(vm) or vm in self._kept
         if not keep:
             # A VM with no socket and no copies here still has its pending
-            # writes delivered (after a host crash, say): what it sent must
-            # survive a kill as well. Recorded without keeping copies for
-            # it; a later start finds its directory and treats it as a
-            # stopped VM's (dropped once upstream answers, nothing pending).
+            # writes delivered (after a host crash, say): what its lineage
+            # needs must survive a kill as well. Recorded without keeping
+            # copies for it; a later start finds its directory and treats it
+            # as a stopped VM's (dropped once upstream answers, nothing pending).
             if not doc and vm not in self._sent_only:
-                return True  # nothing in flight, nothing recorded
+                return True  # nothing to say, nothing recorded
             self._sent_only.add(vm)
-        return self._write(vm, "sent-" + service, _json(doc), keep=keep)
+        return self._write(vm, name, _json(doc), keep=keep)
 
     # -- which VM a vTPM belongs to ------------------------------------------------
     def vtpm_of_vm(self, vm: str) -> str | None:
@@ -440,12 +475,13 @@ class KnownState:
         if keep:
             self._kept.add(vm)
         self._digests[(vm, name)] = checksum
-        if not name.startswith("sent-"):
-            # A sent record is not synced at a clean stop: lost or older
-            # after a power cut, it only makes a later check stricter
-            # (fewer values taken as ours: a conflict reported, never an
-            # overwrite), and a restart under load would pay an fsync per
-            # writing VM for it.
+        if not name.startswith(_LINEAGE):
+            # A lineage record is not synced at a clean stop: a sent record
+            # lost or older after a power cut only makes a later check
+            # stricter (fewer values taken as ours: a conflict reported,
+            # never an overwrite), an ended one is not needed then (no
+            # socket survives it), and a restart under load would pay an
+            # fsync per writing VM for it.
             self._dirty.add(path)
         if self._failing:
             self._failing = False
@@ -494,9 +530,9 @@ class KnownState:
                        aside=aside)
 
 
-class ServiceSent:
-    """One service's records of values in flight, as a cache's lineage
-    keeps them (:class:`xguard.cache.lineage.SentRecords`)."""
+class ServiceRecords:
+    """One service's lineage records: values in flight and ended lives, as
+    a cache's lineage keeps them (:class:`xguard.cache.lineage.LineageRecords`)."""
 
     def __init__(self, known: KnownState, service: str) -> None:
         self.known = known
@@ -507,6 +543,12 @@ class ServiceSent:
 
     def save(self, vm: str, sent: Mapping[int, Iterable[str]]) -> bool:
         return self.known.record_sent(vm, self.service, sent)
+
+    def ended(self, vm: str) -> int | None:
+        return self.known.ended(vm, self.service)
+
+    def save_ended(self, vm: str, at: int) -> bool:
+        return self.known.record_ended(vm, self.service, at)
 
 
 #: Copies are checked files (xguard.util.checked) of this kind.
