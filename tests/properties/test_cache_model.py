@@ -47,7 +47,9 @@ from xguard.cache.layout import Item, Version, version_path
 from xguard.errors import PermanentUpstreamError, TransientUpstreamError
 from xguard.model import Residence, TpmKey, TpmState
 from xguard.state.contents import VtpmContents
+from xguard.state.sinks import VtpmSink
 from xguard.state.views import TpmKeys
+from xguard.util.locks import KeyedLocks
 
 VMX = "99999999-9999-4999-8999-999999999999"  # unknown upstream: refused (proof)
 TRANSIENT = [TransientUpstreamError(["INTERNAL_ERROR", "db"]),
@@ -257,6 +259,8 @@ class CacheModel(RuleBasedStateMachine):
         """The VM stops, or reboots (a create follows)."""
         env = self.env
         env.live.discard(vm)
+        # In the composition root's order (xguard.daemon.compose).
+        env.sink.forget(vm)
         env.known.vm_gone(vm, after=env.upstream.reachability.last_ticket)
         self.cache.vm_gone(vm)
         env.upstream.confirm(vm).addErrback(lambda f: None)
@@ -363,7 +367,9 @@ class CacheModel(RuleBasedStateMachine):
                 if where.here:
                     self.env.upstream.residence[vm] = Residence("Halted")
         self.env.known = self.env.build_known()
-        self.env.sink.known = self.env.known
+        # A new process: nothing confirmed, no lock held.
+        self.env.locks = KeyedLocks()
+        self.env.sink = VtpmSink(self.env.upstream, self.env.locks, self.env.known)
         self.env.cache = self.env.build()
         self.start()
         self.cache.sockets_resumed()
@@ -502,6 +508,22 @@ class CacheModelTests(SynchronousTestCase):
             lambda m: m.other_host_writes(runs_there=False, vm=VM1),
             lambda m: m.create_sockets(vm=VM1),
             lambda m: m.settle(),
+        ])
+
+    def test_a_vm_back_after_another_host_wrote_reads_before_writing(self) -> None:
+        """The VM stops (its vTPM no longer confirmed), another host writes
+        its vTPM, the VM starts here again and deletes a key: the Direct
+        write reads upstream first, never builds on the old copy. (Found
+        when the model kept the sink's confirmed set across a stop and a
+        restart, which the daemon does not.)"""
+        self.replay([
+            lambda m: m.put(key=1, vm=VM1),
+            # no answer after the stop: the copy is kept (as for a reboot)
+            lambda m: m.fail_next(error=TransientUpstreamError(["INTERNAL_ERROR", "db"])),
+            lambda m: m.destroy_sockets(vm=VM1),
+            lambda m: m.other_host_writes(runs_there=False, vm=VM1),
+            lambda m: m.create_sockets(vm=VM1),
+            lambda m: m.delete(key=0, vm=VM1),
         ])
 
     def test_a_life_that_ended_stays_ended_across_a_restart(self) -> None:
