@@ -214,18 +214,22 @@ def test_a_write_of_unknown_base_stays_of_the_life_that_ended(
     peer_sim.client.set_mode("refuse")
     vm = host.vm(contents=f"{b64('v1')} {b64('s1')} {b64('o1')}")
     assert put(vm["tpm"], 0, b64("v2").encode())[0] == 204  # cached, base unknown
+    assert set_nvram(vm["var"], b64("n2").encode(), "no")[0]["Status"] == "Success"
     destroy_sockets(host.control, vm)
     assert peer_sim.peer is not None
     theirs = f"{b64('v3')} {b64('s3')} {b64('o3')}"
     peer_sim.peer.set_vtpm_contents(vm["vm_uuid"], theirs)
+    peer_sim.peer.set_efi_variables(vm["vm_uuid"], b64("n3"))
     create_sockets(host.control, vm)  # back here
     host.daemon.kill()
     host.daemon.start()
     peer_sim.client.set_mode("up")
-    (item,) = wait_for(lambda: set_aside(host), what="the write set aside")
-    assert (item["kind"], item["keys"]) == ("unverified", [0])
+    items = wait_for(lambda: len(set_aside(host)) == 2 and set_aside(host),
+                     what="both writes set aside")
+    assert {(i["service"], i["kind"]) for i in items} == {("Swtpm", "unverified"),
+                                                         ("Varstored", "unverified")}
     host.wait_drained()
-    assert upstream(peer_sim, vm)[0] == theirs  # never mixed with the old lineage
+    assert upstream(peer_sim, vm) == (theirs, b64("n3"))  # never mixed with the old lineage
 
 
 def test_a_crash_between_delivery_and_deletion_is_no_conflict(
