@@ -130,9 +130,9 @@ class PendingVersions:
         unknown = {v.item.vm for v in versions if entries[v].accept is None} - legacy
         if unknown:
             self.log.info("{service} cache: {n} VMs' pending writes were made before xguard saw "
-                          "their VM's state, so their base is unknown: each is delivered if its "
-                          "VM is served here, else set aside", n=len(unknown),
-                          service=self.service.value)
+                          "their VM's state, so their base is unknown: each is delivered only if "
+                          "its VM has run here without a break since, else set aside",
+                          n=len(unknown), service=self.service.value)
         return versions
 
     # -- queries ---------------------------------------------------------------
