@@ -327,13 +327,11 @@ class CacheModel(RuleBasedStateMachine):
         known state is not trusted (another boot); ``land``: the calls
         upstream held when the daemon died are applied before the new one
         starts (a stalled xapi that recovers), else they never land;
-        ``torn``: when nothing changed since the last round, the kill came
-        in the middle of its deletions and that many of its last files are
-        still there. Not with ``crash``: after a host crash the records of
-        what was sent are not trusted, by design (doc/cache.md, "Other
-        writers"), so a write built on such a file may be set aside as a
-        conflict (never delivered over upstream's state)."""
-        if torn and not crash and self.last_round is not None:
+        ``torn``: when nothing changed since the last round, the kill (or
+        the crash) came in the middle of its deletions and that many of its
+        last files are still there (a crash keeps the unlinks of a prefix,
+        in order); with ``crash`` no record says what was sent."""
+        if torn and self.last_round is not None:
             changes, writes, deleted, sent = self.last_round
             if changes == self.file_changes and writes == self.xguard_writes():
                 for path, data in [*deleted[-torn:], *sent]:
@@ -524,6 +522,40 @@ class CacheModelTests(SynchronousTestCase):
             lambda m: m.other_host_writes(runs_there=False, vm=VM1),
             lambda m: m.create_sockets(vm=VM1),
             lambda m: m.delete(key=0, vm=VM1),
+        ])
+
+    def test_a_crash_in_a_round_s_deletions_leaves_no_conflict(self) -> None:
+        """A kill in the middle of a round's deletions brings back its last
+        file, then a host crash drops the records of what was sent: a write
+        built on that file does not take the values of the file's chain,
+        written before it and delivered with it, for another writer's."""
+        self.replay([
+            lambda m: m.upstream_down(),
+            lambda m: m.put(key=1, vm=VM1),
+            lambda m: m.put(key=0, vm=VM1),
+            lambda m: m.release(),
+            lambda m: m.settle(),
+            lambda m: m.restart(crash=False, land=False, reboot=False, torn=1),
+            lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
+            lambda m: m.create_sockets(vm=VM1),
+            lambda m: m.put(key=0, vm=VM1),
+            lambda m: m.settle(),
+        ])
+
+    def test_a_crash_in_a_round_s_deletions_leaves_no_conflict_in_a_batch(self) -> None:
+        """The same, with the crash itself in the middle of the deletions:
+        nor the other values of the file's own batch (the orchestrator's
+        VtpmSetContents writes the three keys as one)."""
+        self.replay([
+            lambda m: m.orchestrator_get(vm=VM1),
+            lambda m: m.upstream_down(),
+            lambda m: m.orchestrator_set(vm=VM1),
+            lambda m: m.orchestrator_set(vm=VM1),
+            lambda m: m.settle(),
+            lambda m: m.restart(crash=True, land=False, reboot=False, torn=1),
+            lambda m: m.create_sockets(vm=VM1),
+            lambda m: m.delete(key=0, vm=VM1),
+            lambda m: m.settle(),
         ])
 
     def test_a_life_that_ended_stays_ended_across_a_restart(self) -> None:

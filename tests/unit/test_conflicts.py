@@ -198,6 +198,40 @@ class OtherWriterTests(Base):
         self.assertEqual(self.env.tpm(VM1), "p2 s3 v2")
         self.assertEqual(self.cache.status().pending, {})
 
+    def test_a_host_crash_during_a_round_s_deletions_is_no_conflict(self) -> None:
+        """The host crashes while a round deletes the files it delivered:
+        one file is back, and no record says what was sent (a host crash
+        drops them). A write of the VM, started here again, built on that
+        file must not take the round's other values for another writer's:
+        the newest file is the one left (each VM's oldest go first), and
+        its base holds the values written before it in its chain."""
+        from twisted.internet.defer import Deferred
+
+        self.seen(contents="p s v")
+        self.up.down = True
+        for key, value in ((1, b"s2"), (0, b"p2")):  # s2 first, p2 the newest
+            self.successResultOf(self.cache.write(VM1, key, value))
+        versions = self.cache.versions
+        run = versions.runner
+
+        def crashed_midway(f: Any, *args: Any, **kwargs: Any) -> Any:
+            if f == versions.files.delete_many:
+                versions.files.delete_many(args[0][:-1])
+                return Deferred()  # the host went down
+            return run(f, *args, **kwargs)
+
+        versions.runner = crashed_midway
+        self.up.down = False
+        self.env.clock.advance(0.5)
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v")
+        self.env.boot_id += "+"  # another boot: the records of what was sent are dropped
+        self.restart(live={VM1})  # started here again after the reboot
+        self.successResultOf(self.cache.write(VM1, 2, b"v3"))  # cached: a file is back
+        self.env.settle()
+        self.assertEqual(self.aside(), [])
+        self.assertEqual(self.env.tpm(VM1), "p2 s2 v3")
+        self.assertEqual(self.cache.status().pending, {})
+
     def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
         self.seen(contents="p s v")
         self.up.down = True

@@ -28,14 +28,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from ..errors import CacheUnavailable
-from ..model import Accept, Service
+from ..model import Accept, Service, digest
 from ..util.threads import Runner, run_acknowledging
 from . import recovery
 from .aside import SetAsideStore
 from .entry import Damaged, Entry, decode
 from .files import BatchWriteError, VersionFiles
 from .layout import KEYS, Batch, Item, Version, item_order, service_dir, version_order
-from .lineage import Lineage
+from .lineage import Lineage, union, upstream_value
 
 __all__ = ["PendingVersions"]
 
@@ -65,6 +65,8 @@ class PendingVersions:
         self.sizes: dict[Version, int] = {}
         #: The base each version's file records (None: unknown).
         self.accepts: dict[Version, Accept | None] = {}
+        #: What upstream holds once each version is delivered (its digest).
+        self.values: dict[Version, str] = {}
         #: Versions found at start-up: written before this process started.
         self.recovered: set[Version] = set()
         #: Why the disk refuses writes, and since when (None: it takes them).
@@ -120,6 +122,7 @@ class PendingVersions:
         sizes = await self.runner(self.files.sizes, versions)
         for v in versions:
             self._record(v, sizes[v], entries[v].accept)
+            self._value(v, entries[v].content)
         self.recovered = set(versions)
         legacy = {v.item.vm for v in versions if entries[v].legacy}
         if legacy:
@@ -213,7 +216,13 @@ class PendingVersions:
                 self._persisting[batch.vm] = left
 
     async def _persist_counted(self, batch: Batch) -> None:
-        accept = await self.lineage.base_for(batch.vm, self.accepts_of(batch.vm))
+        chain = await self.lineage.base_for(batch.vm, self.accepts_of(batch.vm))
+        # A batch is one write, delivered whole: each of its files accepts
+        # upstream holding any of its values (a crash during the deletions
+        # of the round that delivered it may leave only one of them).
+        accept = union([chain, {version.item.key: frozenset({value})
+                                for version, content in batch.entries
+                                if (value := self._holds(content)) is not None}])
         todo = [(version, Entry(content, accept)) for version, content in batch.entries
                 # a newer version already acknowledged supersedes it
                 if self._newest.get(version.item, -1) <= version.ts]
@@ -232,15 +241,37 @@ class PendingVersions:
             self.disk_error = self.disk_error_since = None
         for version, entry in todo:
             self._record(version, len(entry.content), accept)
+            self._value(version, entry.content)
         if todo:
             self.lineage.written(batch.vm, min(version.ts for version, _ in todo))
         for version in older:
             self._unindex(version)
 
     def accepts_of(self, vm: str) -> list[Accept | None]:
-        """The bases ``vm``'s pending versions record."""
-        return [self.accepts.get(Version(item, ts)) for item in self._items_of(vm)
-                for ts in self.index[item]]
+        """The bases ``vm``'s pending versions record, and their own
+        values: a pending version may have been delivered already (a kill
+        during the deletions of its round brings its file back, and after
+        a host crash no record says what was sent), so a write superseding
+        it accepts upstream holding it — a value of its own chain, not
+        another writer's."""
+        versions = [Version(item, ts) for item in self._items_of(vm) for ts in self.index[item]]
+        bases = [self.accepts.get(version) for version in versions]
+        values: list[Accept | None] = [{version.item.key: frozenset({self.values[version]})}
+                                       for version in versions if version in self.values]
+        return bases + values
+
+    def _value(self, version: Version, content: bytes) -> None:
+        value = self._holds(content)
+        if value is not None:
+            self.values[version] = value
+
+    def _holds(self, content: bytes) -> str | None:
+        """The digest of what upstream holds once ``content`` is delivered
+        (None: never deliverable, upstream cannot hold it)."""
+        try:
+            return digest(upstream_value(self.service, content))
+        except ValueError:
+            return None
 
     async def _write_all(self, todo: list[tuple[Version, Entry]], older: list[Version],
                          written: list[Version]) -> None:
@@ -379,7 +410,10 @@ class PendingVersions:
         one go. Awaited before the next round and before the mode changes,
         so no newer version of these items reaches upstream before their
         deletion is durable (else a crash could bring an old file back)."""
-        done, self._done = sorted(self._done, key=version_order), []
+        # Each VM's oldest first: a crash in the middle leaves the newest,
+        # whose base holds the values of the older ones (accepts_of), so a
+        # write built on what is left takes none of them for another writer's.
+        done, self._done = sorted(self._done, key=_oldest_first), []
         if not done:
             return succeed(None)
 
@@ -413,12 +447,17 @@ class PendingVersions:
     def _unindex(self, version: Version) -> None:
         self.sizes.pop(version, None)
         self.accepts.pop(version, None)
+        self.values.pop(version, None)
         self.recovered.discard(version)
         versions = self.index.get(version.item)
         if versions is not None and version.ts in versions:
             versions.remove(version.ts)
             if not versions:
                 del self.index[version.item]
+
+
+def _oldest_first(version: Version) -> tuple[str, int, int]:
+    return version.item.vm, version.ts, version.item.key
 
 
 def _read_entry(path: str) -> Entry:
