@@ -232,6 +232,28 @@ class OtherWriterTests(Base):
         self.assertEqual(self.env.tpm(VM1), "p2 s2 v3")
         self.assertEqual(self.cache.status().pending, {})
 
+    def test_a_long_chain_records_a_bounded_base(self) -> None:
+        """swtpm rewrites one key back to back through an outage: each file
+        records its chain's base and the values still pending, not every
+        value the chain ever had (its header would grow with the outage)."""
+        from xguard.cache.entry import decode
+        from xguard.model import digest
+
+        self.seen(contents="p s v")
+        self.up.down = True
+        for n in range(50):
+            self.successResultOf(self.cache.write(VM1, 0, b"p%d" % n))
+        versions = self.cache.versions
+        (version,) = [v for v in versions.sizes]
+        accept = decode(versions.files.read(version)).accept
+        assert accept is not None
+        # The chain's base ("p", and "p0", sent by the Direct attempt that
+        # met the outage), the previous write's value, its own.
+        self.assertEqual(accept[0], {digest(v) for v in ("p", "p0", "p48", "p49")})
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "p49 s v")
+
     def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
         self.seen(contents="p s v")
         self.up.down = True

@@ -63,7 +63,9 @@ class PendingVersions:
         self.files = VersionFiles(root, service)
         self.index: dict[Item, list[int]] = {}
         self.sizes: dict[Version, int] = {}
-        #: The base each version's file records (None: unknown).
+        #: The base of each version's chain (None: unknown): what its file
+        #: records, without the values of the chain (accepts_of); for a
+        #: version found at start-up, all its file records.
         self.accepts: dict[Version, Accept | None] = {}
         #: What upstream holds once each version is delivered (its digest).
         self.values: dict[Version, str] = {}
@@ -220,9 +222,10 @@ class PendingVersions:
         # A batch is one write, delivered whole: each of its files accepts
         # upstream holding any of its values (a crash during the deletions
         # of the round that delivered it may leave only one of them).
-        accept = union([chain, {version.item.key: frozenset({value})
-                                for version, content in batch.entries
-                                if (value := self._holds(content)) is not None}])
+        accept = union([chain, *self.values_of(batch.vm),
+                        {version.item.key: frozenset({value})
+                         for version, content in batch.entries
+                         if (value := self._holds(content)) is not None}])
         todo = [(version, Entry(content, accept)) for version, content in batch.entries
                 # a newer version already acknowledged supersedes it
                 if self._newest.get(version.item, -1) <= version.ts]
@@ -240,7 +243,10 @@ class PendingVersions:
                           service=self.service.value)
             self.disk_error = self.disk_error_since = None
         for version, entry in todo:
-            self._record(version, len(entry.content), accept)
+            # The chain's base, not its values: they are those still pending
+            # when the next write comes (a chain of thousands of rewrites of
+            # one key would otherwise record them all).
+            self._record(version, len(entry.content), chain)
             self._value(version, entry.content)
         if todo:
             self.lineage.written(batch.vm, min(version.ts for version, _ in todo))
@@ -248,17 +254,19 @@ class PendingVersions:
             self._unindex(version)
 
     def accepts_of(self, vm: str) -> list[Accept | None]:
-        """The bases ``vm``'s pending versions record, and their own
-        values: a pending version may have been delivered already (a kill
-        during the deletions of its round brings its file back, and after
-        a host crash no record says what was sent), so a write superseding
-        it accepts upstream holding it — a value of its own chain, not
-        another writer's."""
-        versions = [Version(item, ts) for item in self._items_of(vm) for ts in self.index[item]]
-        bases = [self.accepts.get(version) for version in versions]
-        values: list[Accept | None] = [{version.item.key: frozenset({self.values[version]})}
-                                       for version in versions if version in self.values]
-        return bases + values
+        """The chain bases of ``vm``'s pending versions."""
+        return [self.accepts.get(Version(item, ts)) for item in self._items_of(vm)
+                for ts in self.index[item]]
+
+    def values_of(self, vm: str) -> list[Accept]:
+        """The values of ``vm``'s pending versions: one may have been
+        delivered already (a crash during the deletions of its round brings
+        its file back, and after a host crash no record says what was
+        sent), so a write after it accepts upstream holding it — a value of
+        its own chain, not another writer's."""
+        return [{item.key: frozenset({self.values[Version(item, ts)]})}
+                for item in self._items_of(vm) for ts in self.index[item]
+                if Version(item, ts) in self.values]
 
     def _value(self, version: Version, content: bytes) -> None:
         value = self._holds(content)
