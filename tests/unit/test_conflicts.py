@@ -254,6 +254,27 @@ class OtherWriterTests(Base):
         self.env.settle()
         self.assertEqual(self.env.tpm(VM1), "p49 s v")
 
+    def test_a_failed_deletion_keeps_the_base(self) -> None:
+        """A round's deletion fails (EIO): its versions are pending again
+        with the base their files record, not an unknown one (a later write
+        would have carried it on, and after the VM stopped, been set aside
+        as unverified)."""
+        self.seen(contents="p s v")
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))
+        files = self.cache.versions.files
+        delete_many = files.delete_many
+        files.delete_many = lambda versions: (_ for _ in ()).throw(  # type: ignore[method-assign]
+            OSError(5, "Input/output error"))
+        self.up.down = False
+        self.env.clock.advance(0.5)
+        self.flushLoggedErrors(OSError)
+        self.assertEqual(self.cache.status().pending, {VM1: 1})
+        self.assertNotIn(None, self.cache.versions.accepts_of(VM1))
+        files.delete_many = delete_many  # type: ignore[method-assign]
+        self.env.settle()
+        self.assertEqual(self.cache.status().pending, {})
+
     def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
         self.seen(contents="p s v")
         self.up.down = True

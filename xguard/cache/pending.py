@@ -78,7 +78,9 @@ class PendingVersions:
         #: Writes on their way to disk, per VM (see _persist).
         self._persisting: dict[str, int] = {}
         self._newest: dict[Item, int] = {}  # newest version acknowledged or durable
-        self._done: list[Version] = []  # delivered this round, files to delete
+        #: Delivered this round, files to delete: with their size, chain
+        #: base and value, pending again if the deletion fails.
+        self._done: dict[Version, tuple[int, Accept | None, str | None]] = {}
         #: Per VM, delivered versions whose files are not durably gone yet.
         self._undeleted: collections.Counter[str] = collections.Counter()
 
@@ -409,9 +411,11 @@ class PendingVersions:
         item = version.item
         self._newest[item] = max(self._newest.get(item, -1), version.ts)
         for ts in [t for t in self.index.get(item, []) if t <= version.ts]:
-            self._done.append(Version(item, ts))
+            done = Version(item, ts)
+            self._done[done] = (self.sizes.get(done, 0), self.accepts.get(done),
+                                self.values.get(done))
             self._undeleted[item.vm] += 1
-            self._unindex(Version(item, ts))
+            self._unindex(done)
 
     def round_done(self) -> "Deferred[None]":
         """The flusher's round ended: delete what it delivered, durably, in
@@ -419,18 +423,23 @@ class PendingVersions:
         so no newer version of these items reaches upstream before their
         deletion is durable (else a crash could bring an old file back)."""
         # Each VM's oldest first: a crash in the middle leaves the newest,
-        # whose base holds the values of the older ones (accepts_of), so a
+        # whose base holds the values of the older ones (values_of), so a
         # write built on what is left takes none of them for another writer's.
-        done, self._done = sorted(self._done, key=_oldest_first), []
+        kept, self._done = self._done, {}
+        done = sorted(kept, key=_oldest_first)
         if not done:
             return succeed(None)
 
         def failed(failure: Failure) -> Failure:
-            # Files that may still be there are pending again: delivered
-            # again (the same content upstream has) or superseded by a newer
-            # version, and deleted in a later round.
+            # Files that may still be there are pending again, with the base
+            # they record (not an unknown one): delivered again (the same
+            # content upstream has) or superseded by a newer version, and
+            # deleted in a later round.
             for version in done:
-                self._record(version, 0)
+                size, accept, value = kept[version]
+                self._record(version, size, accept)
+                if value is not None:
+                    self.values[version] = value
             return failure
 
         def counted(result: object) -> object:

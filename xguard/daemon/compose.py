@@ -118,7 +118,8 @@ def build_service(config: Config, reactor: IDaemonReactor, *, design: Design = D
             is_live=lambda vm: registry.serves(vm), stuck_after=cfg.stuck_after,
             # A full disk: pending writes come first, copies are a read cache.
             make_room=known.make_room,
-            # What a write in flight may leave upstream holding, across a kill.
+            # What a write in flight may leave upstream holding, and when a
+            # VM's life here ended: across a kill.
             records=ServiceRecords(known, sink.service.value))
 
     swtpm_writer, nvram_writer = writer(vtpm_sink), writer(nvram_sink)
