@@ -238,7 +238,7 @@ class PendingVersions:
         try:
             await self._write_all(todo, older, written)
         except OSError as e:
-            await self._refused_by_disk(written, e)
+            await self._refused_by_disk(written, e, chain)
             raise CacheUnavailable(e.strerror or str(e)) from e
         if self.disk_error is not None:
             self.log.info("{service} cache: the disk takes writes again",
@@ -304,9 +304,11 @@ class PendingVersions:
                         or not await self.make_room(size + 8192)):  # the file, its metadata
                     raise e.error from None
 
-    async def _refused_by_disk(self, written: list[Version], error: OSError) -> None:
+    async def _refused_by_disk(self, written: list[Version], error: OSError,
+                               chain: Accept | None) -> None:
         """One log line per episode; the part of the batch already written
-        goes (it was never acknowledged)."""
+        goes (it was never acknowledged); a file that cannot go stays
+        pending, with its chain's base."""
         if self.disk_error is None:
             self.disk_error_since = self.clock.seconds()
             self.log.error("{service} cache: cannot write to {root}: {error}; VM writes fail "
@@ -318,7 +320,7 @@ class PendingVersions:
             try:
                 await self.runner(self.files.delete, version)
             except OSError:
-                self._record(version, 0)  # still on disk: it will be delivered
+                self._record(version, 0, chain)  # still on disk: it will be delivered
 
     def superseded_by(self, versions: Iterable[Version]) -> "Deferred[None]":
         """``versions`` reached upstream directly: older files of their
