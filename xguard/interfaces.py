@@ -228,7 +228,8 @@ class IItemWriter(Interface):
         delivered upstream, or None."""
 
     def has_pending(vm_uuid: str) -> bool:
-        """bool: whether any write of the VM awaits delivery."""
+        """bool: whether any write of the VM awaits delivery (or a delivered
+        one may still come back after a crash)."""
 
     def pending_vms() -> set[str]:
         """set[str]: the VMs with writes awaiting delivery."""

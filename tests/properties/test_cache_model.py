@@ -133,10 +133,11 @@ class CacheModel(RuleBasedStateMachine):
                     with open(path, "rb") as f:
                         deleted.append((path, f.read()))
             # What the known state says meanwhile (the records of what was
-            # sent are only emptied once the round's deletions are done).
+            # sent are only emptied, and those of lives that ended only
+            # dropped, once the round's deletions are done).
             known = os.path.join(self.env.root, "known")
             records = [os.path.join(top, name) for top, _, names in os.walk(known)
-                       for name in names if name.startswith("sent-")]
+                       for name in names if name.startswith(("sent-", "ended-"))]
             sent = []
             for path in records:
                 with open(path, "rb") as f:
@@ -555,6 +556,27 @@ class CacheModelTests(SynchronousTestCase):
             lambda m: m.restart(crash=True, land=False, reboot=False, torn=1),
             lambda m: m.create_sockets(vm=VM1),
             lambda m: m.delete(key=0, vm=VM1),
+            lambda m: m.settle(),
+        ])
+
+    def test_a_torn_round_brings_back_the_record_of_a_life_s_end(self) -> None:
+        """A write of unknown base is set aside (its VM stopped), another
+        host writes, the VM starts here again, and a kill in the middle of
+        the round's deletions brings the write's file back: the record of
+        the life's end, there while the file was, is back with it."""
+        self.replay([
+            lambda m: m.hold(),
+            lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
+            lambda m: m.create_sockets(vm=VM2),
+            lambda m: m.put(key=0, vm=VM2),
+            lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
+            lambda m: m.create_sockets(vm=VM1),
+            lambda m: m.restart(crash=False, land=False, reboot=False, torn=0),
+            lambda m: m.settle(),
+            lambda m: m.get(key=0, vm=VM1),
+            lambda m: m.other_host_writes(runs_there=False, vm=VM2),
+            lambda m: m.create_sockets(vm=VM2),
+            lambda m: m.restart(crash=False, land=False, reboot=False, torn=1),
             lambda m: m.settle(),
         ])
 

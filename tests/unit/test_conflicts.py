@@ -275,6 +275,41 @@ class OtherWriterTests(Base):
         self.env.settle()
         self.assertEqual(self.cache.status().pending, {})
 
+    def test_a_stopped_vm_s_records_outlive_its_delivered_files(self) -> None:
+        """A stopped VM's lineage records (what was sent, when its life
+        ended) go once upstream answers after the stop and nothing of it is
+        left — not while its delivered files are still being deleted: a
+        kill then brings them back, and the records must be there to judge
+        them. Another VM's call answered in the same round must not drop
+        them."""
+        import os
+
+        self.up.reachability.subscribe_answered_call(
+            lambda ticket: self.env.known.upstream_answered(ticket, self.cache.has_pending))
+        self.seen(VM1)
+        self.seen(VM2)
+        self.up.down = True
+        for vm in (VM1, VM2):
+            self.successResultOf(self.cache.write(vm, 0, b"p2"))
+        self.env.live.discard(VM1)  # VM1 stops (as compose's vm_gone)
+        self.env.known.vm_gone(VM1, after=self.up.reachability.last_ticket)
+        self.successResultOf(self.cache.vm_gone(VM1))
+        ended = os.path.join(self.env.root, "known", VM1, "ended-Swtpm")
+        self.assertTrue(os.path.exists(ended))
+        at_deletion: list[bool] = []
+        files = self.cache.versions.files
+        delete_many = files.delete_many
+
+        def deleting(versions: list[Any]) -> None:
+            at_deletion.append(os.path.exists(ended))
+            delete_many(versions)
+
+        files.delete_many = deleting  # type: ignore[method-assign]
+        self.up.down = False
+        self.env.settle()
+        self.assertEqual(at_deletion, [True])
+        self.assertEqual(self.env.tpm(VM1), "p2 s v")
+
     def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
         self.seen(contents="p s v")
         self.up.down = True

@@ -130,7 +130,7 @@ class WriteBackCache:
         """``vm``'s last socket was destroyed: what was set aside for it is
         no longer read (a VM started again reads upstream's state), and its
         writes whose base is unknown can no longer be delivered blindly."""
-        self.lineage.vm_gone(vm, pending=self.versions.has_pending(vm))
+        self.lineage.vm_gone(vm, pending=self.versions.holds(vm))
         return self.aside.release(vm)
 
     def start(self) -> None:
@@ -183,7 +183,9 @@ class WriteBackCache:
         return self.versions.latest(Item(vm_uuid, key)).addCallback(found)
 
     def has_pending(self, vm_uuid: str) -> bool:
-        return self.versions.has_pending(vm_uuid)
+        """Also while a delivered version's file is not durably gone: the
+        VM's lineage records (xguard.state.known) must outlive it."""
+        return self.versions.holds(vm_uuid)
 
     def pending_vms(self) -> set[str]:
         return self.versions.vms()

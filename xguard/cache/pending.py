@@ -158,6 +158,12 @@ class PendingVersions:
         """Whether ``vm`` has a version pending, or one being written."""
         return bool(self._items_of(vm)) or vm in self._persisting
 
+    def holds(self, vm: str) -> bool:
+        """Whether anything of ``vm`` is on disk or on its way: a version
+        pending or being written, or a delivered (or set aside) one whose
+        file is not durably gone yet — a crash brings it back."""
+        return self.has_pending(vm) or bool(self._undeleted[vm])
+
     def settles(self, vm: str) -> bool:
         """Whether what was sent upstream for ``vm`` may be forgotten
         (:meth:`Lineage.settled`): nothing of it is pending or being
@@ -165,7 +171,7 @@ class PendingVersions:
         before a round's deletions are done brings such files back, with
         the base of their chain, which predates what was delivered with
         them: only what was sent says that upstream's state is ours."""
-        return not self.has_pending(vm) and not self._undeleted[vm]
+        return not self.holds(vm)
 
     def vms(self) -> set[str]:
         return {item.vm for item in self.index}
