@@ -310,6 +310,38 @@ class OtherWriterTests(Base):
         self.assertEqual(at_deletion, [True])
         self.assertEqual(self.env.tpm(VM1), "p2 s v")
 
+    def test_a_stop_while_the_deletions_run_ends_the_life_for_good(self) -> None:
+        """A write of unknown base is delivered; its VM stops while the
+        round still deletes its file, another host writes, the VM starts
+        here again, and a kill leaves the file on disk: the stop recorded
+        the end of the VM's life (its file was not gone), so the next
+        process does not deliver the write over the other host's state."""
+        from twisted.internet.defer import Deferred
+
+        self.up.down = True
+        self.successResultOf(self.cache.write(VM1, 0, b"p2"))  # never seen: base unknown
+        versions = self.cache.versions
+        run = versions.runner
+
+        def slow_deletions(f: Any, *args: Any, **kwargs: Any) -> Any:
+            if f == versions.files.delete_many:
+                return Deferred()  # still running when the kill comes
+            return run(f, *args, **kwargs)
+
+        versions.runner = slow_deletions
+        self.up.down = False
+        self.env.clock.advance(0.5)
+        self.assertEqual(self.env.tpm(VM1).split()[0], "p2")
+        self.env.live.discard(VM1)  # the VM stops
+        self.successResultOf(self.cache.vm_gone(VM1))
+        self.up.vtpms[self.vtpm(VM1)] = "x y z"  # another host
+        self.env.live.add(VM1)  # back here
+        self.restart(live={VM1})
+        self.env.settle()
+        self.assertEqual(self.env.tpm(VM1), "x y z")
+        (item,) = self.aside()
+        self.assertEqual(item.kind, "unverified")
+
     def test_after_a_restart_a_vm_running_elsewhere_is_left_alone(self) -> None:
         self.seen(contents="p s v")
         self.up.down = True
