@@ -328,9 +328,12 @@ class CacheModel(RuleBasedStateMachine):
     @rule(reboot=st.booleans(), crash=st.booleans(), land=st.booleans(),
           torn=st.integers(min_value=0, max_value=8))
     def restart(self, reboot: bool, crash: bool, land: bool, torn: int) -> None:
-        """kill -9 and a new daemon over the same directory; ``crash``: the
-        host crashed, so /run is gone (no socket comes back) and the last
-        known state is not trusted (another boot); ``land``: the calls
+        """kill -9 and a new daemon over the same directory; ``reboot``: the
+        host restarted (after a clean stop of xguard: its last known state
+        is trusted), so /run is gone (no socket comes back) and the
+        monotonic clock starts again; ``crash``: the same after a host
+        crash, so the last known state is not trusted (another boot);
+        ``land``: the calls
         upstream held when the daemon died are applied before the new one
         starts (a stalled xapi that recovers), else they never land;
         ``torn``: when nothing changed since the last round, the kill (or
@@ -365,15 +368,17 @@ class CacheModel(RuleBasedStateMachine):
         else:
             self.env.upstream.drop_held()
         if reboot or crash:
+            # The monotonic clock starts again, and no VM survives: /run is
+            # gone (no socket comes back), and by the time xapi answers
+            # again it has noticed that what ran here is halted (what runs
+            # elsewhere still does).
             self.env.ticks = itertools.count(1, 1000)
-        if crash:
             self.env.live.clear()
-            self.env.boot_id += "+"
-            # By the time xapi answers again, it has noticed: what ran here
-            # is halted (what runs elsewhere still does).
             for vm, where in list(self.env.upstream.residence.items()):
                 if where.here:
                     self.env.upstream.residence[vm] = Residence("Halted")
+        if crash:
+            self.env.boot_id += "+"
         self.env.known = self.env.build_known()
         # A new process: nothing confirmed, no lock held.
         self.env.locks = KeyedLocks()
