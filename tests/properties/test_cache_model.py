@@ -470,6 +470,19 @@ class CacheModel(RuleBasedStateMachine):
                         vtpm, key, before, after, last_other[vtpm])
 
 
+def unknown_base_write(vm: str) -> list[Any]:
+    """Replay steps leaving ``vm`` with a cached write whose base is
+    unknown: upstream holds every call, the host crashes (the last known
+    state is dropped), the VM starts here and writes; the write's call is
+    held, so its deadline or the next restart caches it."""
+    return [
+        lambda m: m.hold(),
+        lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
+        lambda m: m.create_sockets(vm=vm),
+        lambda m: m.put(key=0, vm=vm),
+    ]
+
+
 class CacheModelTests(SynchronousTestCase):
     """A test method, not Hypothesis's ``CacheModel.TestCase``: trial
     collects only methods named ``test*``, and that class has ``runTest``."""
@@ -513,10 +526,7 @@ class CacheModelTests(SynchronousTestCase):
         sockets were not resumed: when the VM starts here again after
         another host's write, it is not delivered blindly over it."""
         self.replay([
-            lambda m: m.hold(),
-            lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
-            lambda m: m.create_sockets(vm=VM1),
-            lambda m: m.put(key=0, vm=VM1),
+            *unknown_base_write(VM1),
             lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
             lambda m: m.other_host_writes(runs_there=False, vm=VM1),
             lambda m: m.create_sockets(vm=VM1),
@@ -579,10 +589,7 @@ class CacheModelTests(SynchronousTestCase):
         the round's deletions brings the write's file back: the record of
         the life's end, there while the file was, is back with it."""
         self.replay([
-            lambda m: m.hold(),
-            lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
-            lambda m: m.create_sockets(vm=VM2),
-            lambda m: m.put(key=0, vm=VM2),
+            *unknown_base_write(VM2),
             lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
             lambda m: m.create_sockets(vm=VM1),
             lambda m: m.restart(crash=False, land=False, reboot=False, torn=0),
@@ -601,10 +608,7 @@ class CacheModelTests(SynchronousTestCase):
         next process must still know that the write belongs to the life
         that ended (kept in memory only, it was judged continuous)."""
         self.replay([
-            lambda m: m.hold(),
-            lambda m: m.restart(crash=True, land=False, reboot=False, torn=0),
-            lambda m: m.create_sockets(vm=VM1),
-            lambda m: m.put(key=0, vm=VM1),
+            *unknown_base_write(VM1),
             lambda m: m.advance(seconds=10.0),  # past its deadline: cached
             lambda m: m.destroy_sockets(vm=VM1),
             lambda m: m.restart(crash=False, land=False, reboot=False, torn=0),

@@ -227,13 +227,14 @@ class PendingVersions:
 
     async def _persist_counted(self, batch: Batch) -> None:
         chain = await self.lineage.base_for(batch.vm, self.accepts_of(batch.vm))
+        # Computed once per write (an NVRAM record is decoded for it).
+        holds = {version: value for version, content in batch.entries
+                 if (value := self._holds(content)) is not None}
         # A batch is one write, delivered whole: each of its files accepts
         # upstream holding any of its values (a crash during the deletions
         # of the round that delivered it may leave only one of them).
         accept = union([chain, *self.values_of(batch.vm),
-                        {version.item.key: frozenset({value})
-                         for version, content in batch.entries
-                         if (value := self._holds(content)) is not None}])
+                        {version.item.key: frozenset({value}) for version, value in holds.items()}])
         todo = [(version, Entry(content, accept)) for version, content in batch.entries
                 # a newer version already acknowledged supersedes it
                 if self._newest.get(version.item, -1) <= version.ts]
@@ -255,7 +256,8 @@ class PendingVersions:
             # when the next write comes (a chain of thousands of rewrites of
             # one key would otherwise record them all).
             self._record(version, len(entry.content), chain)
-            self._value(version, entry.content)
+            if version in holds:
+                self.values[version] = holds[version]
         if todo:
             self.lineage.written(batch.vm, min(version.ts for version, _ in todo))
         for version in older:
