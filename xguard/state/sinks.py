@@ -119,20 +119,25 @@ class VtpmSink:
 
     async def _checked(self, vm_uuid: str, vtpm: str, changes: Mapping[TpmKey, str],
                        base: Base) -> Outcome:
-        """A cached write: delivered only over a state of xguard's lineage."""
-        before = await self.known.tpm(vm_uuid)  # what upstream last showed
+        """A cached write: delivered only over a state of xguard's lineage.
+
+        A write set aside keeps our whole state when it is known (``_ours``,
+        from the copy of what upstream last showed, read before upstream's
+        answer replaces it); a delivery never needs that copy, so it is
+        read only for a write set aside."""
+        async def ours() -> dict[int, bytes]:
+            return _ours(await self.known.tpm(vm_uuid), changes, base.accept)
+
         elsewhere = await _elsewhere(self.upstream, self.known, vm_uuid, base)
         if elsewhere is not None:
-            return Outcome("elsewhere", elsewhere, _ours(before, changes, base.accept))
+            return Outcome("elsewhere", elsewhere, await ours())
         contents = await self.upstream.get_vtpm_contents(vtpm)
         try:
             now = TpmState.deserialize(contents)
         except ValueError:
             self.confirmed.discard(vtpm)
             return Outcome("conflict", "upstream holds vTPM contents that are not xapi's "
-                           "format", _ours(before, changes, base.accept))
-        if await self.known.record_tpm(vm_uuid, now):
-            self._confirm(vm_uuid, vtpm)
+                           "format", await ours())
         state = now.update(changes)
         if state == now:
             # Upstream holds our values already: a crash between a delivery
@@ -140,20 +145,28 @@ class VtpmSink:
             # of that delivery's keys on disk, with a base older than the
             # others it delivered. Nothing is written, so nothing can be
             # overwritten, whoever wrote the keys this write does not hold.
+            await self._seen(vm_uuid, vtpm, now)
             return ALREADY
-        unverified = _unverified(self.known, vm_uuid, base)
-        if unverified is not None:
-            return Outcome("unverified", unverified, _ours(before, changes, base.accept))
-        if base.accept is not None:
+        kind, why = "unverified", _unverified(self.known, vm_uuid, base)
+        if base.accept is not None:  # then never unverified
             foreign = [key.name.lower() for key in TpmKey
                        if now.get(key) != changes.get(key)
                        and digest(now.get(key)) not in base.accept.get(key, ())]
             if foreign:
-                return Outcome("conflict", "upstream's " + ", ".join(foreign) + " changed "
-                               "since this write's base (another writer)",
-                               _ours(before, changes, base.accept))
+                kind, why = "conflict", ("upstream's " + ", ".join(foreign) + " changed "
+                                         "since this write's base (another writer)")
+        if why is not None:
+            aside = Outcome(kind, why, await ours())
+            await self._seen(vm_uuid, vtpm, now)
+            return aside
+        await self._seen(vm_uuid, vtpm, now)
         await self._write(vm_uuid, vtpm, state)
         return DELIVERED
+
+    async def _seen(self, vm_uuid: str, vtpm: str, now: TpmState) -> None:
+        """Upstream showed ``now``: the copy holds it from here on."""
+        if await self.known.record_tpm(vm_uuid, now):
+            self._confirm(vm_uuid, vtpm)
 
     def last_seen(self, vm_uuid: str) -> "Deferred[Mapping[int, str] | None]":
         return self.known.tpm(vm_uuid).addCallback(
