@@ -29,7 +29,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,15 +39,11 @@ from twisted.internet.defer import ensureDeferred  # noqa: E402
 
 from bench import scenarios  # noqa: E402
 from bench.procs import compile_tree, export_tree  # noqa: E402
+from bench.report import progress  # noqa: E402
 from xguard.testing.simclient import SimProcess  # noqa: E402
 
 #: What each drain reports here (see bench.scenarios.drain).
 FIELDS = ("deliver_s", "time_to_direct_s", "daemon_cpu_s", "upstream_calls")
-
-
-def log(text: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
-    sys.stderr.flush()
 
 
 async def compare(reactor: Any, rev: str, vms: int, rounds: int) -> dict[str, Any]:
@@ -62,7 +57,7 @@ async def compare(reactor: Any, rev: str, vms: int, rounds: int) -> dict[str, An
         compile_tree()
         tree = os.path.join(tmp, "baseline")
         commit = export_tree(rev, tree)
-        log(f"baseline: commit {commit} in {tree}")
+        progress(f"baseline: commit {commit} in {tree}")
         ctx.seed(vms)
         _, daemon = await scenarios.boot_storm(ctx, vms, keep=True)
         assert daemon is not None

@@ -1,11 +1,22 @@
-"""Printing, plots and profile summaries for bench/run.py's results."""
+"""Printing, plots and profile summaries for bench/run.py's results, and
+the progress lines of the standalone scripts."""
 
 from __future__ import annotations
 
 import os
 import re
+import sys
+import time
 from collections import Counter
 from typing import Any
+
+
+def progress(text: str) -> None:
+    """A timestamped progress line on stderr, for the standalone scripts
+    whose stdout is their report (bench/restart.py, bench/drain_ab.py)."""
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+    sys.stderr.flush()
+
 
 # The targets (issue 19, the third performance step; issue 11's that were
 # met stay), checked against one run's results. "≥" targets are listed in

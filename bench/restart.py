@@ -39,6 +39,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the repository's code, whatever is installed
 
 from bench.procs import BenchDaemon, compile_tree, rss_mb  # noqa: E402
+from bench.report import progress  # noqa: E402
 from xguard.control.commands import Status, VarstoreCreate, VtpmCreate  # noqa: E402
 from xguard.testing.daemon import wait_for  # noqa: E402
 from xguard.testing.fakesystemd import FakeSystemd  # noqa: E402
@@ -49,11 +50,6 @@ from xguard.testing.simclient import SimProcess  # noqa: E402
 #: way -> (fd store size of the unit, what restarts it)
 WAYS = {"fd-store": (16384, "restart"), "re-exec": (0, "reload"),
         "no-handover": (0, "restart")}
-
-
-def log(text: str) -> None:
-    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
-    sys.stderr.flush()
 
 
 def status(control: str) -> dict[str, Any]:
@@ -91,7 +87,7 @@ def one_way(way: str, sim: SimProcess, vms: list[dict[str, Any]], tmp: str, *,
                          gid=0, path=vm["var"])
         created = time.perf_counter() - t0
         sd.sync()
-        log(f"{way}: {2 * len(vms)} sockets created in {created:.1f}s, "
+        progress(f"{way}: {2 * len(vms)} sockets created in {created:.1f}s, "
             f"{len(sd.names())} in the fd store")
         writing = vms[:writers]
         load = Load([("varstored", vm["var"], vm["vm_uuid"]) for vm in writing]
@@ -107,7 +103,7 @@ def one_way(way: str, sim: SimProcess, vms: list[dict[str, Any]], tmp: str, *,
             else:
                 sd.restart(timeout=120)
             durations.append(time.perf_counter() - started)
-            log(f"{way}: restart {n + 1}/{restarts} took {durations[-1]:.2f}s "
+            progress(f"{way}: restart {n + 1}/{restarts} took {durations[-1]:.2f}s "
                 f"(signal to READY=1)")
             time.sleep(settle)
         last = time.perf_counter()
@@ -199,17 +195,17 @@ def main() -> None:
     sim.start()
     results = []
     try:
-        log(f"seeding {sockets // 2} VMs in the simulator")
+        progress(f"seeding {sockets // 2} VMs in the simulator")
         vms = [sim.client.seed_vm() for _ in range(sockets // 2)]
         for way in args.ways.split(","):
-            log(f"{way}: {sockets} sockets, {writers} VMs writing, {restarts} restarts")
+            progress(f"{way}: {sockets} sockets, {writers} VMs writing, {restarts} restarts")
             results.append(one_way(way, sim, [dict(vm) for vm in vms], tmp, writers=writers,
                                    restarts=restarts, pause=args.pause, settle=args.settle,
                                    keep=args.keep))
     finally:
         sim.stop()
         if args.keep:
-            log(f"kept {tmp}")
+            progress(f"kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
     command = "python bench/restart.py " + " ".join(sys.argv[1:])
