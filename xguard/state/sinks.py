@@ -139,34 +139,40 @@ class VtpmSink:
             return Outcome("conflict", "upstream holds vTPM contents that are not xapi's "
                            "format", await ours())
         state = now.update(changes)
+        # Upstream holds our values already when state == now: a crash
+        # between a delivery and the deletion of its files, which may have
+        # left only some of that delivery's keys on disk, with a base older
+        # than the others it delivered. Nothing is written, so nothing can
+        # be overwritten, whoever wrote the keys this write does not hold.
+        reason = None if state == now else self._set_aside_why(vm_uuid, now, changes, base)
+        aside = None if reason is None else Outcome(*reason, await ours())
+        # What upstream showed is the copy from here on (after ``ours``
+        # read the one it replaces).
+        if await self.known.record_tpm(vm_uuid, now):
+            self._confirm(vm_uuid, vtpm)
         if state == now:
-            # Upstream holds our values already: a crash between a delivery
-            # and the deletion of its files, which may have left only some
-            # of that delivery's keys on disk, with a base older than the
-            # others it delivered. Nothing is written, so nothing can be
-            # overwritten, whoever wrote the keys this write does not hold.
-            await self._seen(vm_uuid, vtpm, now)
             return ALREADY
-        kind, why = "unverified", _unverified(self.known, vm_uuid, base)
-        if base.accept is not None:  # then never unverified
-            foreign = [key.name.lower() for key in TpmKey
-                       if now.get(key) != changes.get(key)
-                       and digest(now.get(key)) not in base.accept.get(key, ())]
-            if foreign:
-                kind, why = "conflict", ("upstream's " + ", ".join(foreign) + " changed "
-                                         "since this write's base (another writer)")
-        if why is not None:
-            aside = Outcome(kind, why, await ours())
-            await self._seen(vm_uuid, vtpm, now)
+        if aside is not None:
             return aside
-        await self._seen(vm_uuid, vtpm, now)
         await self._write(vm_uuid, vtpm, state)
         return DELIVERED
 
-    async def _seen(self, vm_uuid: str, vtpm: str, now: TpmState) -> None:
-        """Upstream showed ``now``: the copy holds it from here on."""
-        if await self.known.record_tpm(vm_uuid, now):
-            self._confirm(vm_uuid, vtpm)
+    def _set_aside_why(self, vm_uuid: str, now: TpmState, changes: Mapping[TpmKey, str],
+                       base: Base) -> tuple[str, str] | None:
+        """The kind and reason for setting aside a change of upstream's
+        ``now``, or None: deliver it."""
+        why = _unverified(self.known, vm_uuid, base)
+        if why is not None:
+            return "unverified", why
+        if base.accept is None:
+            return None
+        foreign = [key.name.lower() for key in TpmKey
+                   if now.get(key) != changes.get(key)
+                   and digest(now.get(key)) not in base.accept.get(key, ())]
+        if not foreign:
+            return None
+        return "conflict", ("upstream's " + ", ".join(foreign) + " changed since this "
+                            "write's base (another writer)")
 
     def last_seen(self, vm_uuid: str) -> "Deferred[Mapping[int, str] | None]":
         return self.known.tpm(vm_uuid).addCallback(
